@@ -1,0 +1,44 @@
+# Two commands matter on a fresh clone: `make run` and `make test` (see README.md).
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test lint bench chaos simulate demo clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+.env: | $(STAMP)
+	$(BIN)/python -m listener.devenv .env
+
+# Runs the daemon with ./config.yaml; development secrets are generated into .env once.
+run: $(STAMP) .env
+	@set -a && . ./.env && set +a && exec $(BIN)/listener run --config config.yaml
+
+# The whole suite. Under CI=true a test that needs RabbitMQ fails when none is reachable.
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -m 'not chaos'
+
+chaos: $(STAMP)
+	$(BIN)/python -m pytest -q -m chaos
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check listener handlers
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	$(BIN)/python -m bench
+
+simulate: $(STAMP)
+	$(BIN)/listener simulate layerx402 --port 8765
+
+demo: $(STAMP) .env
+	@set -a && . ./.env && set +a && exec $(BIN)/listener demo --config config.yaml
+
+clean:
+	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

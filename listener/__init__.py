@@ -1,0 +1,1 @@
+"""listener: third-party feeds into reliable CloudEvents on RabbitMQ."""

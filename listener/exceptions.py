@@ -1,0 +1,91 @@
+"""
+The listener's exceptions. One root, a shallow tree::
+
+    ListenerError
+    ├── ConfigError            the configuration cannot be used (exit 2)
+    ├── JournalError           the local journal cannot take or give events
+    │   └── JournalFull        over journal.max_size / max_pending: shed load (503)
+    ├── PublishError           the broker did not confirm a message
+    │   ├── PublishReturned    unroutable: returned by the broker (mandatory)
+    │   ├── PublishNacked      the broker refused it (nack)
+    │   └── PublishTimeout     no confirm within broker.publish_timeout
+    └── SignatureError         a webhook failed verification (401)
+        └── TimestampOutOfRange
+
+Each error keeps its context in attributes and says what to do in its message.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "JournalError",
+    "JournalFull",
+    "ListenerError",
+    "PublishError",
+    "PublishNacked",
+    "PublishReturned",
+    "PublishTimeout",
+    "SignatureError",
+    "TimestampOutOfRange",
+]
+
+
+class ListenerError(Exception):
+    """Root of every error the listener raises on purpose."""
+
+
+class ConfigError(ListenerError):
+    """
+    The configuration is invalid. ``problems`` holds one line per problem, each
+    naming the key path (``sources[1].api_key``) or the missing variable.
+    """
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+class JournalError(ListenerError):
+    """The journal failed; the event was not accepted."""
+
+
+class JournalFull(JournalError):
+    """The journal is over its limit; retry after ``retry_after`` seconds."""
+
+    def __init__(self, *, retry_after: int, reason: str) -> None:
+        self.retry_after = retry_after
+        self.reason = reason
+        super().__init__(f"journal over its limit ({reason}); retry after {retry_after}s")
+
+
+class PublishError(ListenerError):
+    """The broker did not confirm a message; it stays in the journal and is retried."""
+
+    def __init__(self, message: str, *, message_id: str) -> None:
+        self.message_id = message_id
+        super().__init__(message)
+
+
+class PublishReturned(PublishError):
+    """The broker returned the message as unroutable: check the exchange's bindings."""
+
+
+class PublishNacked(PublishError):
+    """The broker nacked the message (a queue refused it or an internal error)."""
+
+
+class PublishTimeout(PublishError):
+    """No confirm arrived within the deadline (broker blocked, slow or unreachable)."""
+
+
+class SignatureError(ListenerError):
+    """A webhook signature did not verify. ``code`` is the contract's error code."""
+
+    code = "INVALID_SIGNATURE"
+
+
+class TimestampOutOfRange(SignatureError):
+    """The webhook timestamp is outside the configured tolerance."""
+
+    code = "TIMESTAMP_OUT_OF_RANGE"

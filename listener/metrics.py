@@ -1,0 +1,81 @@
+"""
+Prometheus metrics (CONTRACT §7), on a registry owned by the running service rather
+than the process-global default, so tests and several services in one process never
+share counters.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+__all__ = ["Metrics"]
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    """Every metric the listener exports, registered on one registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.events_received = Counter(
+            "listener_events_received", "Events accepted into the journal.", ["source", "type"],
+            registry=r,
+        )
+        self.events_published = Counter(
+            "listener_events_published", "Events confirmed by the broker.", ["source", "type"],
+            registry=r,
+        )
+        self.events_quarantined = Counter(
+            "listener_events_quarantined", "Inputs quarantined.", ["source", "reason"], registry=r
+        )
+        self.events_duplicate = Counter(
+            "listener_events_duplicate", "Events already journaled.", ["source"], registry=r
+        )
+        self.webhook_rejected = Counter(
+            "listener_webhook_rejected", "Webhook requests refused.", ["source", "reason"],
+            registry=r,
+        )
+        self.publish_failures = Counter(
+            "listener_publish_failures",
+            "Publishes not confirmed (returned, nacked, timed out, connection lost).",
+            ["reason"],
+            registry=r,
+        )
+        self.journal_pending = Gauge(
+            "listener_journal_pending", "Journal entries not yet confirmed.", registry=r
+        )
+        self.journal_bytes = Gauge(
+            "listener_journal_bytes", "Bytes of the journal database in use.", registry=r
+        )
+        self.broker_connected = Gauge(
+            "listener_broker_connected", "1 while the broker connection is up.", registry=r
+        )
+        self.source_connected = Gauge(
+            "listener_source_connected", "1 while a source is connected/listening.", ["source"],
+            registry=r,
+        )
+        self.source_reconnects = Counter(
+            "listener_source_reconnects", "Stream reconnections.", ["source"], registry=r
+        )
+        self.stream_gaps = Counter(
+            "listener_stream_gaps", "Sequence numbers the server could not resend.",
+            ["source", "subscription"], registry=r,
+        )
+        self.subscription_failed = Gauge(
+            "listener_subscription_failed", "1 for a subscription the server refused.",
+            ["source", "subscription"], registry=r,
+        )
+        self.publish_seconds = Histogram(
+            "listener_publish_seconds", "Publish to broker confirm.", buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.event_lag_seconds = Histogram(
+            "listener_event_lag_seconds", "Receipt to broker confirm.", buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)

@@ -1,0 +1,178 @@
+"""
+The webhook receiver: aiohttp on the public port, one route per webhook source
+(CONTRACT §5).
+
+Per request, in this order: shutting down → 503; body over ``http.max_body`` → 413
+(from ``Content-Length`` before reading, and while reading for chunked bodies);
+signature → 401; journal over its limit → 503 + ``Retry-After``; parse; append to
+the journal (durable) → 200. The 200 is sent only after the journal commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+import structlog
+from aiohttp import web
+
+from handlers import Event, WebhookProvider, load_provider
+from listener.config import HttpConfig, WebhookSourceConfig
+from listener.envelope import Entry, event_entry, quarantine_entry
+from listener.exceptions import JournalError, JournalFull, SignatureError
+from listener.journal import Journal
+from listener.metrics import Metrics
+from listener.signatures import Verifier
+
+__all__ = ["WebhookApp", "error_response"]
+
+log = structlog.get_logger("listener.webhooks")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json(status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=status, body=orjson.dumps(payload), content_type="application/json", headers=headers
+    )
+
+
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    """The contract's error body: ``{"success": false, "error": {"code", "message"}}``."""
+    return _json(status, {"success": False, "error": {"code": code, "message": message}}, headers)
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Answer aiohttp's own errors (404, 405, ...) with the contract's JSON error body."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "PAYLOAD_TOO_LARGE"}.get(
+            exc.status, "BAD_REQUEST"
+        )
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return error_response(exc.status, code, exc.reason, headers)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class WebhookApp:
+    """The public aiohttp application; one instance per service."""
+
+    def __init__(
+        self,
+        *,
+        http: HttpConfig,
+        sources: tuple[WebhookSourceConfig, ...],
+        journal: Journal,
+        metrics: Metrics,
+    ) -> None:
+        self._http = http
+        self._journal = journal
+        self._metrics = metrics
+        self.accepting = True
+        self.app = web.Application(
+            client_max_size=http.max_body, middlewares=[_json_errors], handler_args={}
+        )
+        for source in sources:
+            provider = load_provider(source.provider)
+            assert isinstance(provider, WebhookProvider)  # checked when the config loaded
+            self.app.router.add_post(source.path, self._endpoint(source, provider))
+
+    def _endpoint(self, source: WebhookSourceConfig, provider: WebhookProvider) -> Handler:
+        verifier = Verifier(source.signature)
+        retry_after = str(self._http.retry_after)
+        name = source.name
+        rejected = self._metrics.webhook_rejected
+        quarantined = self._metrics.events_quarantined
+        received = self._metrics.events_received
+
+        async def receive(request: web.Request) -> web.StreamResponse:
+            if not self.accepting:
+                rejected.labels(name, "shutting_down").inc()
+                return error_response(
+                    503, "UNAVAILABLE", "shutting down; retry later", {"Retry-After": retry_after}
+                )
+            try:
+                body = await self._read_body(request)
+            except _BodyTooLarge:
+                rejected.labels(name, "too_large").inc()
+                return error_response(
+                    413, "PAYLOAD_TOO_LARGE", f"body over {self._http.max_body} bytes"
+                )
+            except TimeoutError:
+                rejected.labels(name, "read_timeout").inc()
+                return error_response(408, "REQUEST_TIMEOUT", "body not received in time")
+            now = time.time()
+            try:
+                verifier.verify(request.headers, body, now=now)
+            except SignatureError as exc:
+                rejected.labels(name, exc.code.lower()).inc()
+                return error_response(401, exc.code, "signature verification failed")
+            if (reason := self._journal.over_limit()) is not None:
+                rejected.labels(name, "journal_full").inc()
+                return error_response(
+                    503, "UNAVAILABLE", f"journal over its limit ({reason}); retry later",
+                    {"Retry-After": retry_after},
+                )
+            result = provider.parse(
+                body, environment=source.environment, unknown_types=source.unknown_types
+            )
+            entry: Entry
+            if isinstance(result, Event):
+                entry = event_entry(source=name, provider=provider.name, event=result, received_at=now)
+            else:
+                entry = quarantine_entry(source=name, payload=body, verdict=result, received_at=now)
+            try:
+                (new,) = await self._journal.append([entry])
+            except JournalFull as exc:
+                rejected.labels(name, "journal_full").inc()
+                return error_response(
+                    503, "UNAVAILABLE", str(exc), {"Retry-After": str(exc.retry_after)}
+                )
+            except JournalError as exc:
+                rejected.labels(name, "journal_error").inc()
+                log.error("journal_append_failed", source=name, error=str(exc))
+                return error_response(
+                    503, "UNAVAILABLE", "journal unavailable; retry later",
+                    {"Retry-After": retry_after},
+                )
+            data: dict[str, Any] = {"id": entry.event_id, "duplicate": not new}
+            if entry.kind == "quarantine":
+                data["quarantined"] = True
+                data["reason"] = entry.reason
+                if new:
+                    quarantined.labels(name, entry.reason).inc()
+                    log.info(
+                        "webhook_quarantined", source=name, reason=entry.reason,
+                        detail=entry.detail, id=entry.event_id,
+                    )
+            elif new:
+                received.labels(name, entry.routing_key).inc()
+            else:
+                self._metrics.events_duplicate.labels(name).inc()
+            return _json(200, {"success": True, "data": data})
+
+        return receive
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        limit = self._http.max_body
+        if request.content_length is not None and request.content_length > limit:
+            raise _BodyTooLarge
+        body = bytearray()
+        async with asyncio.timeout(self._http.read_timeout):
+            while chunk := await request.content.readany():
+                body += chunk
+                if len(body) > limit:
+                    raise _BodyTooLarge
+        return bytes(body)
