@@ -23,7 +23,12 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    # The stream frame vocabulary lives with its first provider for now; only types
+    # are needed here, so there is no import cycle at run time.
+    from handlers.layerx402 import ServerFrame
 
 __all__ = [
     "Event",
@@ -80,10 +85,48 @@ class WebhookProvider(Protocol):
 
 @runtime_checkable
 class StreamProvider(Protocol):
-    """A provider that streams frames over a WebSocket (see ``handlers/layerx402.py``)."""
+    """
+    A provider that streams frames over a WebSocket (see ``handlers/layerx402.py``).
+
+    It builds the frames the listener sends and turns every frame it receives into
+    one ``ServerFrame`` (auth ok, error, subscribed, unsubscribed, event, ping, or
+    unparseable), so the runtime holds no provider knowledge. ``channels`` maps each
+    channel to the params a subscription needs.
+    """
 
     name: str
     kind: Literal["websocket"]
+    channels: Mapping[str, tuple[str, ...]]
+
+    def auth_frame(self, api_key: str) -> str:
+        """The first frame on every connection."""
+        ...
+
+    def subscribe_frame(
+        self,
+        request_id: str,
+        channel: str,
+        params: Mapping[str, str],
+        since_seq: int | None = None,
+    ) -> str:
+        """A subscribe request; ``since_seq`` asks for every held event after it."""
+        ...
+
+    def unsubscribe_frame(self, request_id: str, subscription: str) -> str:
+        """An unsubscribe request for a server subscription id."""
+        ...
+
+    def pong_frame(self, ts: int) -> str:
+        """The answer to an application-level ping."""
+        ...
+
+    def subscription_key(self, channel: str, params: Mapping[str, str]) -> str:
+        """The stable name a ``seq`` cursor is kept under (channel + sorted params)."""
+        ...
+
+    def parse_frame(self, raw: str | bytes) -> ServerFrame:
+        """Turn one received frame into a typed frame; never raises."""
+        ...
 
 
 _PROVIDER_NAME = re.compile(r"^[a-z][a-z0-9_]*$")

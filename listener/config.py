@@ -294,7 +294,13 @@ def load_config(path: Path, *, environ: Mapping[str, str] | None = None) -> Conf
     try:
         config = Config.model_validate(resolved)
     except ValidationError as exc:
-        problems.extend(_describe(exc))
+        # A key whose variable is missing fails validation too; report the cause only.
+        unresolved = [p.split(": ", 1)[0] for p in problems]
+        problems.extend(
+            line
+            for line in _describe(exc)
+            if not any(_related(line.split(": ", 1)[0], key) for key in unresolved)
+        )
         raise ConfigError(problems) from None
     problems.extend(_check_providers(config))
     if problems:
@@ -327,13 +333,17 @@ def _key_path(loc: tuple[str | int, ...]) -> str:
     return out or "(top level)"
 
 
+def _related(a: str, b: str) -> bool:
+    return a == b or a.startswith((b + ".", b + "[")) or b.startswith((a + ".", a + "["))
+
+
 def _describe(exc: ValidationError) -> Iterator[str]:
     for error in exc.errors(include_url=False, include_input=False):
         loc = list(error["loc"])
         # Drop the discriminator tag pydantic inserts after sources[i].
         if len(loc) >= 3 and loc[0] == "sources" and loc[2] in {"webhook", "websocket"}:
             del loc[2]
-        message = error["msg"]
+        message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = "unknown key"
         elif error["type"] == "union_tag_invalid":

@@ -92,7 +92,7 @@ def properties_for(stored: StoredEntry, headers: dict[str, Any] | None = None) -
             content_type=CONTENT_TYPE,
             delivery_mode=2,
             message_id=entry.event_id,
-            type=entry.routing_key,
+            message_type=entry.routing_key,
             timestamp=moment,
             app_id=APP_ID,
             headers=headers,
@@ -101,7 +101,7 @@ def properties_for(stored: StoredEntry, headers: dict[str, Any] | None = None) -
         content_type=QUARANTINE_CONTENT_TYPE,
         delivery_mode=2,
         message_id=entry.event_id,
-        type="quarantine",
+        message_type="quarantine",
         timestamp=moment,
         app_id=APP_ID,
         headers={
@@ -328,6 +328,10 @@ class Publisher:
             settled(stored, exc)
             return
         except PublishError as exc:
+            settled(stored, exc)
+            return
+        except Exception as exc:  # a bug must not stop the drain: count, log, retry later
+            log.exception("publish_crashed", message_id=entry.event_id)
             settled(stored, exc)
             return
         now = time.time()

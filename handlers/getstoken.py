@@ -1,0 +1,250 @@
+"""
+Get Smart Token webhooks (CONTRACT §5): payload models and the parse function.
+
+A verified body is the envelope::
+
+    {"id": "evt_...", "type": "badge.issued", "created_at": "<RFC 3339>",
+     "environment": "production", "data": {...}}
+
+and becomes an :class:`~handlers.Event` with the payload's ``id``, the type
+``getstoken.<type>``, the time ``created_at`` and ``data`` exactly as sent (extra
+fields kept; amounts stay decimal strings). Input that does not fit becomes a
+:class:`~handlers.Quarantine` with one of these reasons:
+
+* ``invalid_json`` - not JSON (or not UTF-8);
+* ``schema_violation`` - the envelope or a known type's ``data`` does not fit;
+  the detail names the fields, never their values;
+* ``environment_mismatch`` - ``environment`` is not the source's;
+* ``unknown_type`` - a type not in the table, when the source says to quarantine.
+
+Pure: no I/O, no logging, no clock.
+"""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    StringConstraints,
+    ValidationError,
+)
+
+from handlers import Event, Quarantine
+
+__all__ = [
+    "DATA_MODELS",
+    "PROVIDER",
+    "AchievementCompleted",
+    "AchievementProgressed",
+    "BadgeData",
+    "Envelope",
+    "GetSmartToken",
+    "TokenMinted",
+    "TokenTransferred",
+    "UserData",
+]
+
+NAME = "getstoken"
+
+# RFC 3339 §5.6 date-time, "T" or space (its note) and any fraction length. Checked
+# before pydantic parses it, because pydantic would also take Unix times and dates.
+_RFC3339 = re.compile(
+    r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:[Zz]|[+-]\d{2}:\d{2})",
+    re.ASCII,
+)
+# Decimal strings as the provider sends amounts: no sign, exponent or float
+# spelling; they stay strings end to end so no precision is lost.
+_DECIMAL = r"^[0-9]+(?:\.[0-9]+)?$"
+_DECIMAL_RE = re.compile(_DECIMAL, re.ASCII)
+# At most this many problems are named in a schema_violation detail.
+_MAX_ERRORS = 5
+
+
+def _rfc3339(value: object) -> object:
+    if not isinstance(value, str) or not _RFC3339.fullmatch(value):
+        raise ValueError("expected an RFC 3339 date-time such as 2026-11-22T10:00:00Z")
+    return value
+
+
+def _progress(value: object) -> Decimal:
+    # A fraction 0..1, as a JSON number or a decimal string. bool is an int in
+    # Python; true/false are not progress.
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError("expected a number or decimal string from 0 to 1")  # noqa: TRY004 - pydantic reports ValueError, not TypeError
+    if isinstance(value, str):
+        if not _DECIMAL_RE.match(value):
+            raise ValueError("expected a number or decimal string from 0 to 1")
+        number = Decimal(value)
+    else:
+        number = Decimal(value)  # exact, also for floats
+    if not number.is_finite() or not 0 <= number <= 1:
+        raise ValueError("must be from 0 to 1")
+    return number
+
+
+# Ids are non-empty text; numbers are refused (pydantic does not coerce them to str).
+Id = Annotated[str, StringConstraints(min_length=1)]
+Amount = Annotated[str, StringConstraints(pattern=_DECIMAL)]
+Progress = Annotated[Decimal, BeforeValidator(_progress)]
+Rfc3339 = Annotated[AwareDatetime, BeforeValidator(_rfc3339)]
+
+
+class _Data(BaseModel):
+    """Base of the ``data`` models: extra fields are allowed and kept."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+class UserData(_Data):
+    """``user.created``, ``user.updated``."""
+
+    user_id: Id
+
+
+class TokenMinted(_Data):
+    """``token.minted``."""
+
+    tx_id: Id
+    user_id: Id
+    amount: Amount
+
+
+class TokenTransferred(_Data):
+    """``token.transferred``."""
+
+    tx_id: Id
+    from_user_id: Id
+    to_user_id: Id
+    amount: Amount
+
+
+class BadgeData(_Data):
+    """``badge.issued``, ``badge.revoked``."""
+
+    badge_id: Id
+    user_id: Id
+    badge_type: Id
+
+
+class AchievementProgressed(_Data):
+    """``achievement.progressed``."""
+
+    achievement_id: Id
+    user_id: Id
+    progress: Progress
+
+
+class AchievementCompleted(_Data):
+    """``achievement.completed``."""
+
+    achievement_id: Id
+    user_id: Id
+
+
+# The table of CONTRACT §5: a known type → the model of its data.
+DATA_MODELS: dict[str, type[_Data]] = {
+    "user.created": UserData,
+    "user.updated": UserData,
+    "token.minted": TokenMinted,
+    "token.transferred": TokenTransferred,
+    "badge.issued": BadgeData,
+    "badge.revoked": BadgeData,
+    "achievement.progressed": AchievementProgressed,
+    "achievement.completed": AchievementCompleted,
+}
+
+
+class Envelope(BaseModel):
+    """The payload around every event's ``data``."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    # The id becomes the AMQP message_id, a shortstr of at most 255 bytes
+    # (AMQP 0-9-1 §4.2.5.3): printable ASCII keeps bytes = characters.
+    id: Annotated[str, StringConstraints(pattern=r"^[!-~]{1,255}$")]
+    # The type becomes the routing key "getstoken.<type>": dot-separated words
+    # (RabbitMQ topic exchanges), the whole at most 255 bytes.
+    type: Annotated[
+        str, StringConstraints(pattern=r"^[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*$", max_length=245)
+    ]
+    created_at: Rfc3339
+    environment: Literal["production", "sandbox"]
+    data: dict[str, Any]
+
+
+def _describe(exc: ValidationError, prefix: str) -> str:
+    """Name the failing fields and why, without their values (they may be large)."""
+    errors = exc.errors(include_url=False, include_input=False, include_context=False)
+    parts = []
+    for error in errors[:_MAX_ERRORS]:
+        loc = ".".join(str(part) for part in (prefix, *error["loc"]) if part != "")
+        parts.append(f"{loc or '(payload)'}: {error['msg']}")
+    if len(errors) > _MAX_ERRORS:
+        parts.append(f"and {len(errors) - _MAX_ERRORS} more")
+    return "; ".join(parts)
+
+
+class GetSmartToken:
+    """The Get Smart Token webhook provider (satisfies :class:`handlers.WebhookProvider`)."""
+
+    name: str = NAME
+    kind: Literal["webhook"] = "webhook"
+
+    def parse(
+        self,
+        body: bytes,
+        *,
+        environment: str,
+        unknown_types: Literal["publish", "quarantine"],
+    ) -> Event | Quarantine:
+        """
+        Turn a verified webhook body into an event or a quarantine verdict.
+
+        Args:
+            body: the raw request body.
+            environment: the source's environment; other events are quarantined.
+            unknown_types: publish types outside the table as they are, or quarantine them.
+        """
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            return Quarantine("invalid_json", f"not JSON: {exc}")
+        if not isinstance(payload, dict):
+            return Quarantine("schema_violation", "(payload): expected a JSON object")
+        try:
+            envelope = Envelope.model_validate(payload)
+        except ValidationError as exc:
+            return Quarantine("schema_violation", _describe(exc, ""))
+        if envelope.environment != environment:
+            return Quarantine(
+                "environment_mismatch",
+                f"event environment {envelope.environment!r} differs from the "
+                f"source's {environment!r}",
+            )
+        # The raw object, not the validated copy: Event.data is the data as sent.
+        data: dict[str, Any] = payload["data"]
+        model = DATA_MODELS.get(envelope.type)
+        if model is None:
+            if unknown_types == "quarantine":
+                return Quarantine("unknown_type", f"unknown event type {envelope.type!r}")
+        else:
+            try:
+                model.model_validate(data)
+            except ValidationError as exc:
+                return Quarantine("schema_violation", _describe(exc, "data"))
+        return Event(
+            id=envelope.id,
+            type=f"{NAME}.{envelope.type}",
+            time=envelope.created_at,
+            data=data,
+        )
+
+
+PROVIDER = GetSmartToken()

@@ -1,0 +1,504 @@
+"""
+Layerx402 streams (CONTRACT §6): frame builders, payload models and the frame parser.
+
+The listener speaks JSON text frames. It sends
+
+* ``{"type": "auth", "api_key": "<key>"}`` (:func:`auth_frame`),
+* ``{"type": "subscribe", "id": ..., "channel": ..., "params": {...}, "since_seq": n}``
+  (:func:`subscribe_frame`), ``{"type": "unsubscribe", "id": ..., "subscription": ...}``
+  (:func:`unsubscribe_frame`) and ``{"type": "pong", "ts": <ms>}`` (:func:`pong_frame`);
+
+and :func:`parse_frame` turns whatever the server sends into one :data:`ServerFrame`:
+:class:`AuthOk`, :class:`ErrorFrame`, :class:`Subscribed`, :class:`Unsubscribed`,
+:class:`EventFrame`, :class:`Ping`, or :class:`Unparseable` for a frame that is not
+JSON or not a frame this contract knows. :func:`parse_frame` never raises.
+
+An event frame with a usable ``seq`` always yields an :class:`EventFrame`, whose
+``result`` is an :class:`~handlers.Event` or a :class:`~handlers.Quarantine`, so the
+runtime can journal the verdict and still advance its ``seq`` cursor (CONTRACT §8).
+Quarantine reasons:
+
+* ``invalid_json`` - not JSON, or not UTF-8;
+* ``schema_violation`` - not a known frame, or the channel's ``data`` does not fit;
+  the detail names the fields, never their values;
+* ``unknown_channel`` - an event on a channel not in the table.
+
+Pure: no I/O, no logging, no clock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Final, Literal
+from urllib.parse import urlencode
+
+import orjson
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    TypeAdapter,
+    ValidationError,
+)
+
+from handlers import Event, Quarantine
+
+__all__ = [
+    "CHANNELS",
+    "EVENT_TYPES",
+    "NAMESPACE",
+    "PROVIDER",
+    "AuthOk",
+    "ErrorFrame",
+    "EventFrame",
+    "Layerx402",
+    "Ping",
+    "PortfolioData",
+    "ServerFrame",
+    "Subscribed",
+    "TokenData",
+    "TradeData",
+    "Unparseable",
+    "Unsubscribed",
+    "auth_frame",
+    "event_id",
+    "parse_frame",
+    "pong_frame",
+    "subscribe_frame",
+    "subscription_key",
+    "unsubscribe_frame",
+]
+
+NAME: Final = "layerx402"
+
+# Fixed forever: every event id is a UUIDv5 in this namespace (RFC 9562 §5.5), so the
+# same provider event gets the same id across reconnects, restarts and replays
+# (CONTRACT §4). Changing it changes every id; tests pin a known answer.
+NAMESPACE: Final = uuid.uuid5(uuid.NAMESPACE_URL, "https://api.layerx402.dev/ws#event-id")
+_NAMESPACE_BYTES: Final = NAMESPACE.bytes
+
+# CONTRACT §6 table: channel → the params a subscription needs.
+CHANNELS: Final[Mapping[str, tuple[str, ...]]] = {
+    "token": ("mint",),
+    "trades": ("mint",),
+    "portfolio": ("wallet",),
+}
+# CONTRACT §6 table: channel → CloudEvent type (also the routing key, CONTRACT §4).
+EVENT_TYPES: Final[Mapping[str, str]] = {
+    "token": "layerx402.token",
+    "trades": "layerx402.trade",
+    "portfolio": "layerx402.portfolio",
+}
+
+# A decimal string is a JSON number (RFC 8259 §6) spelled as a string: no leading
+# "+", no leading zeros, no NaN/Infinity. It stays a string end to end, so no
+# precision is lost; a JSON number where one is required is a schema_violation.
+_DECIMAL: Final = r"^-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?$"
+# Milliseconds since the epoch, up to 9999-12-31T23:59:59.999Z (the last instant a
+# datetime can hold), so converting it to Event.time cannot overflow.
+_MAX_MS: Final = 253_402_300_799_999
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+# At most this many problems are named in a schema_violation detail.
+_MAX_ERRORS: Final = 5
+
+DecimalStr = Annotated[StrictStr, Field(pattern=_DECIMAL)]
+Millis = Annotated[StrictInt, Field(ge=0, le=_MAX_MS)]
+Ident = Annotated[StrictStr, Field(min_length=1)]
+
+
+class _Data(BaseModel):
+    # Extra fields are allowed and kept (CONTRACT §6); strict, so "12" is not an int
+    # and 12.5 is not a decimal string.
+    model_config = ConfigDict(extra="allow", frozen=True, strict=True)
+
+
+class TokenData(_Data):
+    """``data`` of the ``token`` channel: a token's price at ``updated_at`` (ms)."""
+
+    mint: Ident
+    price_usd: DecimalStr
+    updated_at: Millis
+
+
+class TradeData(_Data):
+    """``data`` of the ``trades`` channel: one swap of ``mint`` by ``wallet`` at ``ts`` (ms)."""
+
+    signature: Ident
+    mint: Ident
+    side: Literal["buy", "sell"]
+    amount: DecimalStr
+    price_usd: DecimalStr
+    wallet: Ident
+    ts: Millis
+
+
+class PortfolioData(_Data):
+    """``data`` of the ``portfolio`` channel: the ``balance`` of ``mint`` in ``wallet`` at ``ts``."""
+
+    wallet: Ident
+    mint: Ident
+    balance: DecimalStr
+    ts: Millis
+
+
+# One adapter per channel, built once at import (pydantic builds its validator then).
+_ADAPTERS: Final[Mapping[str, TypeAdapter[Any]]] = {
+    "token": TypeAdapter(TokenData),
+    "trades": TypeAdapter(TradeData),
+    "portfolio": TypeAdapter(PortfolioData),
+}
+
+
+# --- frames the server sends ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AuthOk:
+    """``{"type": "auth_ok"}``: the key was accepted; subscribe now."""
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorFrame:
+    """
+    ``{"type": "error", ...}``.
+
+    ``id`` is the request id of the subscribe it answers (``None`` for connection
+    errors such as ``UNAUTHORIZED``). ``retry_after`` (seconds) is set when the server
+    gave one: after a close 4029, reconnect no sooner (CONTRACT §6).
+    """
+
+    id: str | None
+    code: str
+    message: str
+    retry_after: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribed:
+    """``{"type": "subscribed", ...}``: request ``id`` is now subscription ``subscription``."""
+
+    id: str
+    channel: str
+    subscription: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribed:
+    """``{"type": "unsubscribed", ...}``: the server stopped sending ``subscription``."""
+
+    id: str | None
+    subscription: str
+
+
+@dataclass(frozen=True, slots=True)
+class EventFrame:
+    """
+    ``{"type": "event", ...}`` with a usable ``seq``.
+
+    ``result`` is the validated event, or the verdict on its ``data``
+    (``schema_violation``, ``unknown_channel``): either way ``seq`` may advance once
+    the result is journaled (CONTRACT §8).
+    """
+
+    subscription: str
+    channel: str
+    seq: int
+    result: Event | Quarantine
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """``{"type": "ping", "ts": <ms>}``: answer with :func:`pong_frame` (same ``ts``)."""
+
+    ts: int
+
+
+@dataclass(frozen=True, slots=True)
+class Unparseable:
+    """A frame that is not JSON or not a frame of CONTRACT §6: quarantine it raw."""
+
+    verdict: Quarantine
+
+
+ServerFrame = AuthOk | ErrorFrame | Subscribed | Unsubscribed | EventFrame | Ping | Unparseable
+
+
+# --- frames the listener sends -------------------------------------------------------
+
+
+def auth_frame(api_key: str) -> str:
+    """``{"type": "auth", "api_key": ...}``, the first frame on every connection."""
+    return orjson.dumps({"type": "auth", "api_key": api_key}).decode()
+
+
+def subscribe_frame(
+    request_id: str, channel: str, params: Mapping[str, str], since_seq: int | None = None
+) -> str:
+    """
+    A subscribe request; ``since_seq`` asks for every held event after it (CONTRACT §6).
+
+    ``since_seq`` is left out when ``None`` (a first subscription: live events only).
+    """
+    frame: dict[str, Any] = {
+        "type": "subscribe",
+        "id": request_id,
+        "channel": channel,
+        "params": dict(params),
+    }
+    if since_seq is not None:
+        frame["since_seq"] = since_seq
+    return orjson.dumps(frame).decode()
+
+
+def unsubscribe_frame(request_id: str, subscription: str) -> str:
+    """An unsubscribe request for the server's subscription id (used on shutdown, CONTRACT §8)."""
+    return orjson.dumps(
+        {"type": "unsubscribe", "id": request_id, "subscription": subscription}
+    ).decode()
+
+
+def pong_frame(ts: int) -> str:
+    """The answer to a :class:`Ping`, echoing its ``ts`` (CONTRACT §6)."""
+    return orjson.dumps({"type": "pong", "ts": ts}).decode()
+
+
+def subscription_key(channel: str, params: Mapping[str, str]) -> str:
+    """
+    The stable name of a subscription: ``channel`` plus its params, sorted.
+
+    ``seq`` rises per key (CONTRACT §6), so this is what a ``seq`` cursor is stored
+    under, e.g. ``trades?mint=So11111111111111111111111111111111111111112``.
+    """
+    if not params:
+        return channel
+    return f"{channel}?{urlencode(sorted(params.items()))}"
+
+
+# --- ids -----------------------------------------------------------------------------
+
+
+def event_id(channel: str, *fields: str | int) -> str:
+    """
+    The stable id of a provider event: ``uuid5(NAMESPACE, '["<channel>", <fields>...]')``.
+
+    The name is a JSON array, so no field value can make two events collide. The
+    fields per channel are CONTRACT §6's "id from" column. Equal to
+    ``str(uuid.uuid5(NAMESPACE, name))``, computed without building a UUID object.
+    """
+    name = orjson.dumps([channel, *fields])
+    # RFC 9562 §5.5: SHA-1 over namespace + name, first 16 bytes, version 5, variant 10.
+    raw = bytearray(hashlib.sha1(_NAMESPACE_BYTES + name, usedforsecurity=False).digest()[:16])
+    raw[6] = (raw[6] & 0x0F) | 0x50
+    raw[8] = (raw[8] & 0x3F) | 0x80
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def _id_fields(channel: str, data: Mapping[str, Any]) -> tuple[str | int, ...]:
+    # CONTRACT §6 "id from": token mint + updated_at; trades signature + mint;
+    # portfolio wallet + mint + ts.
+    if channel == "token":
+        return (data["mint"], data["updated_at"])
+    if channel == "trades":
+        return (data["signature"], data["mint"])
+    return (data["wallet"], data["mint"], data["ts"])
+
+
+# --- parsing -------------------------------------------------------------------------
+
+
+def _violation(detail: str) -> Quarantine:
+    return Quarantine(reason="schema_violation", detail=detail)
+
+
+def _describe(exc: ValidationError) -> str:
+    # Names fields and what was expected, never the values (they may be large or private).
+    errors = exc.errors(include_url=False, include_input=False, include_context=False)
+    parts = [
+        f"{'.'.join(str(part) for part in error['loc']) or '(data)'}: {error['msg']}"
+        for error in errors[:_MAX_ERRORS]
+    ]
+    if len(errors) > _MAX_ERRORS:
+        parts.append(f"and {len(errors) - _MAX_ERRORS} more")
+    return "; ".join(parts)
+
+
+def _is_int(value: object) -> bool:
+    # bool is an int in Python; true/false are not a seq or a timestamp.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _event_result(channel: str, data: object) -> Event | Quarantine:
+    adapter = _ADAPTERS.get(channel)
+    if adapter is None:
+        return Quarantine(reason="unknown_channel", detail=f"unknown channel {channel!r}")
+    if not isinstance(data, dict):
+        return _violation(f"{channel} event: data must be an object")
+    try:
+        adapter.validate_python(data)
+    except ValidationError as exc:
+        return _violation(f"{channel} data: {_describe(exc)}")
+    ms: int = data["updated_at"] if channel == "token" else data["ts"]
+    return Event(
+        id=event_id(channel, *_id_fields(channel, data)),
+        type=EVENT_TYPES[channel],
+        time=_EPOCH + timedelta(milliseconds=ms),
+        data=data,
+    )
+
+
+def _parse_event(frame: dict[str, Any]) -> ServerFrame:
+    subscription = frame.get("subscription")
+    channel = frame.get("channel")
+    seq = frame.get("seq")
+    if not isinstance(subscription, str) or not isinstance(channel, str):
+        return Unparseable(_violation("event frame: subscription and channel must be strings"))
+    if not _is_int(seq) or seq < 0:
+        return Unparseable(_violation("event frame: seq must be a non-negative integer"))
+    return EventFrame(
+        subscription=subscription,
+        channel=channel,
+        seq=seq,
+        result=_event_result(channel, frame.get("data")),
+    )
+
+
+def _parse_error(frame: dict[str, Any]) -> ServerFrame:
+    code = frame.get("code")
+    if not isinstance(code, str):
+        return Unparseable(_violation("error frame: code must be a string"))
+    request_id = frame.get("id")
+    message = frame.get("message")
+    retry_after = frame.get("retry_after")
+    # An error frame is control-plane: keep its code even when the optional fields
+    # are off-spec, rather than lose a RATE_LIMITED or UNAUTHORIZED.
+    return ErrorFrame(
+        id=request_id if isinstance(request_id, str) else None,
+        code=code,
+        message=message if isinstance(message, str) else "",
+        retry_after=(
+            float(retry_after)
+            if isinstance(retry_after, int | float)
+            and not isinstance(retry_after, bool)
+            and 0 <= retry_after < float("inf")
+            else None
+        ),
+    )
+
+
+def _parse_subscribed(frame: dict[str, Any]) -> ServerFrame:
+    request_id = frame.get("id")
+    channel = frame.get("channel")
+    subscription = frame.get("subscription")
+    if not (
+        isinstance(request_id, str) and isinstance(channel, str) and isinstance(subscription, str)
+    ):
+        return Unparseable(
+            _violation("subscribed frame: id, channel and subscription must be strings")
+        )
+    return Subscribed(id=request_id, channel=channel, subscription=subscription)
+
+
+def _parse_unsubscribed(frame: dict[str, Any]) -> ServerFrame:
+    request_id = frame.get("id")
+    subscription = frame.get("subscription")
+    if not isinstance(subscription, str):
+        return Unparseable(_violation("unsubscribed frame: subscription must be a string"))
+    return Unsubscribed(
+        id=request_id if isinstance(request_id, str) else None, subscription=subscription
+    )
+
+
+def _parse_ping(frame: dict[str, Any]) -> ServerFrame:
+    ts = frame.get("ts")
+    if not _is_int(ts):
+        return Unparseable(_violation("ping frame: ts must be an integer"))
+    return Ping(ts=ts)
+
+
+def parse_frame(raw: str | bytes) -> ServerFrame:
+    """
+    Turn one frame from the server into a :data:`ServerFrame`. Never raises.
+
+    Args:
+        raw: the frame as received (text frames as ``str``, binary ones as ``bytes``).
+
+    Returns:
+        The typed frame, or :class:`Unparseable` with an ``invalid_json`` or
+        ``schema_violation`` verdict.
+    """
+    try:
+        frame = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        return Unparseable(Quarantine(reason="invalid_json", detail=f"not JSON: {exc}"))
+    if not isinstance(frame, dict):
+        return Unparseable(_violation("a frame must be a JSON object"))
+    kind = frame.get("type")
+    # Ordered by frequency: events dominate a busy stream.
+    if kind == "event":
+        return _parse_event(frame)
+    if kind == "ping":
+        return _parse_ping(frame)
+    if kind == "subscribed":
+        return _parse_subscribed(frame)
+    if kind == "error":
+        return _parse_error(frame)
+    if kind == "auth_ok":
+        return AuthOk()
+    if kind == "unsubscribed":
+        return _parse_unsubscribed(frame)
+    if isinstance(kind, str):
+        return Unparseable(_violation(f"unknown frame type {kind[:64]!r}"))
+    return Unparseable(_violation("a frame needs a string type"))
+
+
+class Layerx402:
+    """
+    The Layerx402 stream provider: what the runtime needs to speak CONTRACT §6.
+
+    Stateless; the module-level :data:`PROVIDER` is the one instance, found by
+    :func:`handlers.load_provider` for ``provider: layerx402``.
+    """
+
+    name: str = NAME
+    kind: Literal["websocket"] = "websocket"
+    channels: Mapping[str, tuple[str, ...]] = CHANNELS
+
+    def auth_frame(self, api_key: str) -> str:
+        """See :func:`auth_frame`."""
+        return auth_frame(api_key)
+
+    def subscribe_frame(
+        self,
+        request_id: str,
+        channel: str,
+        params: Mapping[str, str],
+        since_seq: int | None = None,
+    ) -> str:
+        """See :func:`subscribe_frame`."""
+        return subscribe_frame(request_id, channel, params, since_seq)
+
+    def unsubscribe_frame(self, request_id: str, subscription: str) -> str:
+        """See :func:`unsubscribe_frame`."""
+        return unsubscribe_frame(request_id, subscription)
+
+    def pong_frame(self, ts: int) -> str:
+        """See :func:`pong_frame`."""
+        return pong_frame(ts)
+
+    def subscription_key(self, channel: str, params: Mapping[str, str]) -> str:
+        """See :func:`subscription_key`."""
+        return subscription_key(channel, params)
+
+    def parse_frame(self, raw: str | bytes) -> ServerFrame:
+        """See :func:`parse_frame`."""
+        return parse_frame(raw)
+
+
+PROVIDER: Final = Layerx402()

@@ -1,0 +1,187 @@
+"""
+Shared fixtures: a real RabbitMQ on 127.0.0.1:5672 (per-test exchange names), a tap
+queue that reads back what reached the exchange, and the real service in-process.
+
+Under ``CI=true`` a test that needs the broker fails when none is reachable;
+elsewhere it is skipped with one line saying how to start one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import pytest
+
+from listener.config import Config
+from listener.service import Service
+
+BROKER_HOST = "127.0.0.1"
+BROKER_PORT = 5672
+BROKER_URL = f"amqp://guest:guest@{BROKER_HOST}:{BROKER_PORT}/"
+# One scalable time unit for every timeout in the suite (slow machines: raise it).
+UNIT = float(os.environ.get("LISTENER_TEST_UNIT", "1.0"))
+
+
+def broker_reachable() -> bool:
+    try:
+        with socket.create_connection((BROKER_HOST, BROKER_PORT), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def broker_available() -> bool:
+    return broker_reachable()
+
+
+@pytest.fixture
+def broker_url(broker_available: bool) -> str:
+    """The real broker's URL; fails under CI=true when it is down, else skips."""
+    if not broker_available:
+        message = "RabbitMQ not reachable on 127.0.0.1:5672; start one with: rabbitmq-server -detached"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return BROKER_URL
+
+
+@pytest.fixture
+def exchange_name() -> str:
+    """A fresh exchange name per test so tests never collide."""
+    return f"t.{uuid.uuid4().hex[:12]}"
+
+
+async def wait_for(
+    predicate: Callable[[], bool | Awaitable[bool]], *, timeout: float = 10.0, what: str = ""
+) -> None:
+    """Wait until ``predicate`` holds, polling, with a deadline (never a bare sleep)."""
+    deadline = time.monotonic() + timeout * UNIT
+    while True:
+        result = predicate()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout * UNIT:.1f}s waiting for {what or predicate}")
+        await asyncio.sleep(0.02)
+
+
+class Tap:
+    """An exclusive queue bound ``#`` to an exchange, collecting every message."""
+
+    def __init__(self) -> None:
+        self.messages: list[aio_pika.abc.AbstractIncomingMessage] = []
+
+    @property
+    def ids(self) -> list[str]:
+        return [m.message_id or "" for m in self.messages]
+
+    async def wait_count(self, n: int, timeout: float = 15.0) -> None:
+        await wait_for(lambda: len(self.messages) >= n, timeout=timeout, what=f"{n} messages")
+
+    async def wait_ids(self, ids: set[str], timeout: float = 30.0) -> None:
+        await wait_for(lambda: ids <= set(self.ids), timeout=timeout, what=f"{len(ids)} ids")
+
+
+@contextlib.asynccontextmanager
+async def tap(url: str, exchange: str, routing_key: str = "#") -> AsyncIterator[Tap]:
+    """Declare ``exchange`` (topic) and tap it for the duration of the block."""
+    connection = await aio_pika.connect(url)
+    try:
+        channel = await connection.channel()
+        ex = await channel.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+        queue = await channel.declare_queue("", exclusive=True)
+        await queue.bind(ex, routing_key)
+        result = Tap()
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            result.messages.append(message)
+            await message.ack()
+
+        await queue.consume(on_message)
+        yield result
+    finally:
+        await connection.close()
+
+
+async def delete_topology(url: str, exchange: str) -> None:
+    """Remove what a test's service declared (exchange, quarantine, archive)."""
+    connection = await aio_pika.connect(url)
+    try:
+        channel = await connection.channel()
+        for queue in (f"{exchange}.quarantine", f"{exchange}.archive"):
+            await channel.queue_delete(queue)
+        for name in (exchange, f"{exchange}.quarantine"):
+            await channel.exchange_delete(name)
+    finally:
+        await connection.close()
+
+
+@pytest.fixture
+async def cleanup_topology(broker_url: str, exchange_name: str) -> AsyncIterator[None]:
+    yield
+    with contextlib.suppress(Exception):
+        await delete_topology(broker_url, exchange_name)
+
+
+def make_config(
+    tmp_path: Path,
+    *,
+    broker_url: str = BROKER_URL,
+    exchange: str = "events",
+    sources: list[dict[str, Any]] | None = None,
+    **overrides: Any,
+) -> Config:
+    """A service configuration on ephemeral ports with a journal under ``tmp_path``."""
+    raw: dict[str, Any] = {
+        "http": {"host": "127.0.0.1", "port": 0},
+        "admin": {"host": "127.0.0.1", "port": 0},
+        "broker": {
+            "url": broker_url,
+            "exchange": exchange,
+            "heartbeat": "2s",
+            "publish_timeout": "3s",
+            "retry_initial": "100ms",
+            "retry_max": "1s",
+            "connect_timeout": "2s",
+        },
+        "journal": {"path": str(tmp_path / "journal.db")},
+        "sources": sources or [],
+        "shutdown_timeout": "5s",
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    return Config.model_validate(raw)
+
+
+@contextlib.asynccontextmanager
+async def running(config: Config) -> AsyncIterator[Service]:
+    """Run the real service in this loop for the duration of the block."""
+    service = Service(config)
+    task = asyncio.create_task(service.run())
+    try:
+        async with asyncio.timeout(10 * UNIT):
+            waiter = asyncio.create_task(service.started.wait())
+            done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            if task in done:
+                waiter.cancel()
+                task.result()
+        yield service
+    finally:
+        service.stop()
+        async with asyncio.timeout(30 * UNIT):
+            await task

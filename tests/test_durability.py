@@ -1,0 +1,177 @@
+"""Nothing acknowledged is lost: broker outages, SIGKILL, SIGTERM; and no secret in logs."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from listener.config import secret_values
+from listener.logs import configure_logging
+from tests.conftest import BROKER_HOST, BROKER_PORT, make_config, running, tap, wait_for
+from tests.faults import proxy
+from tests.process import ListenerProcess
+from tests.test_webhooks import gst_source
+from tests.webhook_sender import WHSEC, Sender, gst_event
+
+pytestmark = pytest.mark.usefixtures("cleanup_topology")
+
+
+async def post_many(sender: Sender, ids: list[str], concurrency: int = 16) -> set[str]:
+    """Post every id; return the ids answered 2xx (the ledger of acknowledged events)."""
+    acknowledged: set[str] = set()
+    queue = list(ids)
+
+    async def worker() -> None:
+        while queue:
+            event_id = queue.pop()
+            try:
+                status, _, _ = await sender.post(gst_event(event_id))
+            except (aiohttp.ClientError, OSError):
+                continue
+            if 200 <= status < 300:
+                acknowledged.add(event_id)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return acknowledged
+
+
+async def test_broker_cut_loses_nothing(
+    tmp_path: Path, broker_url: str, exchange_name: str
+) -> None:
+    """Cutting the broker connection mid-load loses no acknowledged event; they arrive after."""
+    async with proxy(BROKER_HOST, BROKER_PORT) as p, tap(broker_url, exchange_name) as t:
+        config = make_config(
+            tmp_path, broker_url=p.url("amqp", "/", "guest:guest"), exchange=exchange_name,
+            sources=[gst_source()],
+        )
+        async with running(config) as service, aiohttp.ClientSession() as session:
+            sender = Sender(session, f"http://127.0.0.1:{service.public_port}/webhooks/gst")
+            first = await post_many(sender, [f"evt_a{i}" for i in range(150)])
+            p.refuse()
+            during = await post_many(sender, [f"evt_b{i}" for i in range(150)])
+            assert service.publisher is not None
+            await wait_for(lambda: not service.publisher.connected, what="disconnect")  # type: ignore[union-attr]
+            p.restore()
+            after = await post_many(sender, [f"evt_c{i}" for i in range(50)])
+            acknowledged = first | during | after
+            assert len(acknowledged) == 350
+            await t.wait_ids(acknowledged, timeout=60)
+            assert service.journal is not None
+            await wait_for(lambda: service.journal.pending_count == 0, what="journal drained")  # type: ignore[union-attr]
+
+
+async def test_blackholed_broker_fails_publishes_within_deadline(
+    tmp_path: Path, broker_url: str, exchange_name: str
+) -> None:
+    """A broker that stops answering fails publishes within the deadline; all arrive after."""
+    async with proxy(BROKER_HOST, BROKER_PORT) as p, tap(broker_url, exchange_name) as t:
+        config = make_config(
+            tmp_path, broker_url=p.url("amqp", "/", "guest:guest"), exchange=exchange_name,
+            sources=[gst_source()], broker={"publish_timeout": "1s", "heartbeat": "1s"},
+        )
+        async with running(config) as service, aiohttp.ClientSession() as session:
+            sender = Sender(session, f"http://127.0.0.1:{service.public_port}/webhooks/gst")
+            assert service.publisher is not None
+            await wait_for(lambda: service.publisher.connected, what="connected")  # type: ignore[union-attr]
+            p.blackhole()
+            acknowledged = await post_many(sender, [f"evt_h{i}" for i in range(40)])
+            assert len(acknowledged) == 40
+            failures = service.metrics.publish_failures
+            await wait_for(
+                lambda: sum(s.value for m in failures.collect() for s in m.samples if s.name.endswith("_total")) > 0,
+                timeout=10, what="a publish failure",
+            )
+            p.cut()
+            p.restore()
+            await t.wait_ids(acknowledged, timeout=60)
+
+
+async def test_sigkill_with_backlog_then_restart_delivers_everything(
+    tmp_path: Path, broker_url: str, exchange_name: str
+) -> None:
+    """SIGKILL of a real listener holding a backlog loses nothing it answered 2xx."""
+    async with proxy(BROKER_HOST, BROKER_PORT) as p, tap(broker_url, exchange_name) as t:
+        p.refuse()
+        raw: dict[str, Any] = {
+            "broker": {
+                "url": p.url("amqp", "/", "guest:guest"), "exchange": exchange_name,
+                "retry_initial": "100ms", "retry_max": "500ms",
+            },
+            "journal": {"path": str(tmp_path / "journal.db")},
+            "sources": [gst_source()],
+        }
+        listener = ListenerProcess(tmp_path, raw)
+        try:
+            await listener.start()
+            async with aiohttp.ClientSession() as session:
+                sender = Sender(session, f"{listener.webhook_url}/webhooks/gst")
+                acknowledged = await post_many(sender, [f"evt_k{i}" for i in range(200)])
+                # Kill while more requests are in flight: only 2xx'd ids are owed.
+                racing = asyncio.create_task(post_many(sender, [f"evt_r{i}" for i in range(200)]))
+                await asyncio.sleep(0.05)
+                listener.kill()
+                acknowledged |= await racing
+                await listener.wait()
+            assert len(acknowledged) >= 200
+            p.restore()
+            await listener.start()
+            await t.wait_ids(acknowledged, timeout=60)
+            assert await listener.terminate() == 0
+        finally:
+            await listener.stop()
+
+
+async def test_sigterm_drains_and_exits_zero(
+    tmp_path: Path, broker_url: str, exchange_name: str
+) -> None:
+    """SIGTERM publishes what the journal holds and exits 0."""
+    async with tap(broker_url, exchange_name) as t:
+        raw: dict[str, Any] = {
+            "broker": {"url": broker_url, "exchange": exchange_name},
+            "journal": {"path": str(tmp_path / "journal.db")},
+            "sources": [gst_source()],
+            "shutdown_timeout": "10s",
+        }
+        listener = ListenerProcess(tmp_path, raw)
+        try:
+            await listener.start()
+            async with aiohttp.ClientSession() as session:
+                sender = Sender(session, f"{listener.webhook_url}/webhooks/gst")
+                acknowledged = await post_many(sender, [f"evt_t{i}" for i in range(100)])
+            assert await listener.terminate() == 0
+            await t.wait_ids(acknowledged, timeout=15)
+            lines = [json.loads(line) for line in listener.logs().splitlines() if line.startswith("{")]
+            assert any(line["event"] == "shutdown_complete" and line["pending"] == 0 for line in lines)
+        finally:
+            await listener.stop()
+
+
+async def test_no_secret_in_logs(tmp_path: Path, exchange_name: str) -> None:
+    """Secrets never reach log output, even when an error message carries them."""
+    password = "hunter2-very-secret-password"
+    config = make_config(
+        tmp_path, broker_url=f"amqp://guest:{password}@127.0.0.1:1/", exchange=exchange_name,
+        sources=[gst_source()],
+    )
+    out = io.StringIO()
+    configure_logging(level="debug", fmt="json", secrets=secret_values(config), stream=out)
+    try:
+        async with running(config) as service, aiohttp.ClientSession() as session:
+            sender = Sender(session, f"http://127.0.0.1:{service.public_port}/webhooks/gst")
+            await sender.post(gst_event())
+            await sender.post(b"garbage")
+            import structlog
+
+            structlog.get_logger("test").error("oops", url=config.broker.url.get_secret_value(), key=WHSEC)
+            await wait_for(lambda: "broker_connect_failed" in out.getvalue(), what="a connect failure log")
+    finally:
+        configure_logging(level="warning", fmt="json")
+    text = out.getvalue()
+    assert password not in text and WHSEC not in text
+    assert '"oops"' in text and "***" in text
