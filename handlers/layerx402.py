@@ -33,7 +33,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, TypeGuard
 from urllib.parse import urlencode
 
 import orjson
@@ -139,7 +139,7 @@ class TradeData(_Data):
 
 
 class PortfolioData(_Data):
-    """``data`` of the ``portfolio`` channel: the ``balance`` of ``mint`` in ``wallet`` at ``ts``."""
+    """``data`` of the ``portfolio`` channel: ``wallet`` holds ``balance`` of ``mint`` at ``ts``."""
 
     wallet: Ident
     mint: Ident
@@ -329,7 +329,7 @@ def _describe(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     # bool is an int in Python; true/false are not a seq or a timestamp.
     return isinstance(value, int) and not isinstance(value, bool)
 

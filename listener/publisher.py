@@ -29,7 +29,7 @@ import structlog
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from pamqp.commands import Basic
 
-from listener.config import BrokerConfig
+from listener.config import BrokerConfig, mask_url
 from listener.envelope import APP_ID, CONTENT_TYPE
 from listener.exceptions import PublishError, PublishNacked, PublishReturned, PublishTimeout
 from listener.journal import Journal, StoredEntry
@@ -166,7 +166,9 @@ class Publisher:
     async def _connect(self) -> None:
         delays = backoff(self._config.retry_initial, self._config.retry_max)
         url = self._config.url.get_secret_value()
+        first = True
         while True:
+            connection: AbstractRobustConnection | None = None
             try:
                 async with asyncio.timeout(self._config.connect_timeout * 2):
                     connection = await aio_pika.connect_robust(
@@ -176,13 +178,25 @@ class Publisher:
                         reconnect_interval=self._config.retry_initial,
                         client_properties={"connection_name": "listener"},
                     )
-                channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-                assert isinstance(channel, AbstractRobustChannel)  # a robust connection's channel
-                await declare_topology(channel, self._config)
-            except (OSError, TimeoutError, aiormq.exceptions.AMQPError, ConnectionError) as exc:
+                    channel = await connection.channel(
+                        publisher_confirms=True, on_return_raises=True
+                    )
+                    assert isinstance(channel, AbstractRobustChannel)  # a robust connection's
+                    await declare_topology(channel, self._config)
+            except Exception as exc:  # any failure to connect is retried (aiormq raises many kinds)
                 self._last_error = f"{type(exc).__name__}: {exc}"
+                if connection is not None:
+                    await self._close_quietly(connection)
                 delay = next(delays)
-                log.warning("broker_connect_failed", error=self._last_error, retry_in=round(delay, 2))
+                log.warning(
+                    "broker_connect_failed",
+                    error=self._last_error,
+                    retry_in=round(delay, 2),
+                    note="events are journaled and published when the broker is reachable",
+                )
+                if first:
+                    first = False
+                    log.warning("broker_unreachable_journaling_only", url=mask_url(url))
                 await asyncio.sleep(delay)
                 continue
             self._connection, self._channel = connection, channel
@@ -205,11 +219,15 @@ class Publisher:
         self._metrics.broker_connected.set(0)
         if self._connection is not None:
             connection, self._connection = self._connection, None
-            try:
-                async with asyncio.timeout(5):
-                    await connection.close()
-            except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
-                log.warning("broker_close_failed", error=str(exc))
+            await self._close_quietly(connection)
+
+    @staticmethod
+    async def _close_quietly(connection: AbstractRobustConnection) -> None:
+        try:
+            async with asyncio.timeout(5):
+                await connection.close()
+        except Exception as exc:  # closing a broken connection may fail in many ways; it is gone
+            log.warning("broker_close_failed", error=f"{type(exc).__name__}: {exc}")
 
     # -- one session: publish until something fails ----------------------------------
 
