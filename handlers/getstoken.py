@@ -77,7 +77,7 @@ def _progress(value: object) -> Decimal:
     # A fraction 0..1, as a JSON number or a decimal string. bool is an int in
     # Python; true/false are not progress.
     if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ValueError("expected a number or decimal string from 0 to 1")  # noqa: TRY004 - pydantic reports ValueError, not TypeError
+        raise ValueError("expected a number or decimal string from 0 to 1")
     if isinstance(value, str):
         if not _DECIMAL_RE.match(value):
             raise ValueError("expected a number or decimal string from 0 to 1")

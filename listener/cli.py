@@ -77,9 +77,7 @@ def run(config_file: Path | None) -> None:
     from listener.service import Service  # noqa: PLC0415 - keeps check-config light
 
     config = load_or_exit(config_file)
-    configure_logging(
-        level=config.log.level, fmt=config.log.format, secrets=secret_values(config)
-    )
+    configure_logging(level=config.log.level, fmt=config.log.format, secrets=secret_values(config))
     service = Service(config)
 
     async def serve() -> None:
@@ -97,7 +95,12 @@ def _register_optional_commands() -> None:
     # Commands that live in their own modules; absent until those modules exist.
     import importlib  # noqa: PLC0415
 
-    for module_name in ("listener.demo", "listener.replay", "listener.quarantine", "listener.simulate"):
+    for module_name in (
+        "listener.demo",
+        "listener.replay",
+        "listener.quarantine",
+        "listener.simulate",
+    ):
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:

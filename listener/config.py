@@ -365,7 +365,9 @@ def _resolve(
             if key_s.endswith("_file") and key_s != "_file":
                 target = key_s.removesuffix("_file")
                 if target in value:
-                    problems.append(f"{_key_path((*loc, key_s))}: give {target} or {key_s}, not both")
+                    problems.append(
+                        f"{_key_path((*loc, key_s))}: give {target} or {key_s}, not both"
+                    )
                     continue
                 file_name = _resolve(item, (*loc, key_s), env, base, problems)
                 out[target] = _read_secret_file(file_name, (*loc, key_s), base, problems)

@@ -33,7 +33,7 @@ def main(argv: list[str]) -> int:
     """Entry point: ``python -m listener.devenv [PATH]``."""
     path = Path(argv[1] if len(argv) > 1 else ".env")
     if write_dev_env(path):
-        print(f"listener: generated development secrets in {path.resolve()}")  # noqa: T201
+        print(f"listener: generated development secrets in {path.resolve()}")
     return 0
 
 

@@ -73,6 +73,7 @@ _CURSOR = (
     " ON CONFLICT (source, key) DO UPDATE SET seq = max(seq, excluded.seq),"
     " updated_at = excluded.updated_at"
 )
+_MARK = "UPDATE events SET status = 1, published_at = ? WHERE seq = ? AND status = 0"
 _COLUMNS = "seq, source, event_id, kind, routing_key, body, time, received_at, reason, detail"
 
 
@@ -290,7 +291,9 @@ class Journal:
             except Exception as exc:  # the whole transaction rolled back: fail every waiter
                 self._failed = exc
                 self._failed_until = time.monotonic() + self._retry_after
-                error = JournalError(f"journal write failed: {exc}; check disk space and {self._path}")
+                error = JournalError(
+                    f"journal write failed: {exc}; check disk space and {self._path}"
+                )
                 for op in ops:
                     if op.done is not None and not op.done.done():
                         op.done.set_exception(error)
@@ -339,7 +342,7 @@ class Journal:
                     results.append(flags)
                 else:
                     cur.executemany(
-                        "UPDATE events SET status = 1, published_at = ? WHERE seq = ? AND status = 0",
+                        _MARK,
                         ((op.at, seq) for seq in op.seqs),
                     )
                     marked += cur.rowcount
@@ -367,10 +370,10 @@ class Journal:
 
     # -- reads --------------------------------------------------------------------
 
-    async def wait_appended(self, timeout: float | None = None) -> None:
-        """Wait until something new was committed (or ``timeout`` passes)."""
+    async def wait_appended(self, max_wait: float | None = None) -> None:
+        """Wait until something new was committed (or ``max_wait`` passes)."""
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(max_wait):
                 await self._appended.wait()
         except TimeoutError:
             pass
@@ -399,7 +402,7 @@ class Journal:
         rows = await self._on_reader(
             lambda: self._query("SELECT key, seq FROM cursors WHERE source = ?", (source,))
         )
-        return {key: seq for key, seq in rows}
+        return dict(rows)
 
     async def status_of(self, source: str, event_ids: Iterable[str]) -> dict[str, int]:
         """Journal status (0 pending, 1 published) of the given events that exist."""
@@ -411,7 +414,7 @@ class Journal:
                 (source, *ids),
             )
         )
-        return {event_id: status for event_id, status in rows}
+        return dict(rows)
 
     def _query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         conn = self._reader

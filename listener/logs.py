@@ -101,4 +101,3 @@ def configure_logging(
     # Libraries are chatty at debug; keep their warnings and errors.
     for name in ("aio_pika", "aiormq", "websockets", "aiohttp.access"):
         logging.getLogger(name).setLevel(max(logging.INFO, root.level))
-

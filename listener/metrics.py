@@ -20,11 +20,15 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.events_received = Counter(
-            "listener_events_received", "Events accepted into the journal.", ["source", "type"],
+            "listener_events_received",
+            "Events accepted into the journal.",
+            ["source", "type"],
             registry=r,
         )
         self.events_published = Counter(
-            "listener_events_published", "Events confirmed by the broker.", ["source", "type"],
+            "listener_events_published",
+            "Events confirmed by the broker.",
+            ["source", "type"],
             registry=r,
         )
         self.events_quarantined = Counter(
@@ -34,7 +38,9 @@ class Metrics:
             "listener_events_duplicate", "Events already journaled.", ["source"], registry=r
         )
         self.webhook_rejected = Counter(
-            "listener_webhook_rejected", "Webhook requests refused.", ["source", "reason"],
+            "listener_webhook_rejected",
+            "Webhook requests refused.",
+            ["source", "reason"],
             registry=r,
         )
         self.publish_failures = Counter(
@@ -53,26 +59,36 @@ class Metrics:
             "listener_broker_connected", "1 while the broker connection is up.", registry=r
         )
         self.source_connected = Gauge(
-            "listener_source_connected", "1 while a source is connected/listening.", ["source"],
+            "listener_source_connected",
+            "1 while a source is connected/listening.",
+            ["source"],
             registry=r,
         )
         self.source_reconnects = Counter(
             "listener_source_reconnects", "Stream reconnections.", ["source"], registry=r
         )
         self.stream_gaps = Counter(
-            "listener_stream_gaps", "Sequence numbers the server could not resend.",
-            ["source", "subscription"], registry=r,
+            "listener_stream_gaps",
+            "Sequence numbers the server could not resend.",
+            ["source", "subscription"],
+            registry=r,
         )
         self.subscription_failed = Gauge(
-            "listener_subscription_failed", "1 for a subscription the server refused.",
-            ["source", "subscription"], registry=r,
+            "listener_subscription_failed",
+            "1 for a subscription the server refused.",
+            ["source", "subscription"],
+            registry=r,
         )
         self.publish_seconds = Histogram(
-            "listener_publish_seconds", "Publish to broker confirm.", buckets=_LATENCY_BUCKETS,
+            "listener_publish_seconds",
+            "Publish to broker confirm.",
+            buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.event_lag_seconds = Histogram(
-            "listener_event_lag_seconds", "Receipt to broker confirm.", buckets=_LATENCY_BUCKETS,
+            "listener_event_lag_seconds",
+            "Receipt to broker confirm.",
+            buckets=_LATENCY_BUCKETS,
             registry=r,
         )
 

@@ -271,7 +271,7 @@ class Publisher:
                         await self._flush_confirmed()
                         if self._journal.pending_count == 0:
                             self._drained.set()
-                        await self._journal.wait_appended(timeout=1.0)
+                        await self._journal.wait_appended(max_wait=1.0)
                         continue
                     for stored in batch:
                         await window.acquire()
@@ -389,4 +389,3 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, PublishTimeout):
         return "timeout"
     return "connection"
-

@@ -62,7 +62,7 @@ async def _site(app: web.Application, host: str, port: int) -> AsyncIterator[int
     try:
         site = web.TCPSite(runner, host, port, reuse_address=True)
         await site.start()
-        server = site._server  # noqa: SLF001 - aiohttp exposes the bound port only here
+        server = site._server  # aiohttp exposes the bound port only here
         sockets = getattr(server, "sockets", None) or []
         yield sockets[0].getsockname()[1] if sockets else port
     finally:
@@ -124,9 +124,7 @@ class Service:
             publisher = Publisher(config=config.broker, journal=journal, metrics=self.metrics)
             self.publisher = publisher
             self.streams = self._make_streams(journal)
-            webhook_sources = tuple(
-                s for s in config.sources if isinstance(s, WebhookSourceConfig)
-            )
+            webhook_sources = tuple(s for s in config.sources if isinstance(s, WebhookSourceConfig))
             webhooks = WebhookApp(
                 http=config.http, sources=webhook_sources, journal=journal, metrics=self.metrics
             )
@@ -139,7 +137,9 @@ class Service:
             )
             async with asyncio.TaskGroup() as tasks:
                 publishing = tasks.create_task(publisher.run(), name="publisher")
-                streaming = [tasks.create_task(s.run(), name=f"source:{s.name}") for s in self.streams]
+                streaming = [
+                    tasks.create_task(s.run(), name=f"source:{s.name}") for s in self.streams
+                ]
                 upkeep = tasks.create_task(self._maintenance(journal), name="maintenance")
                 async with (
                     _site(self.admin.app, config.admin.host, config.admin.port) as admin_port,

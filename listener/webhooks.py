@@ -34,7 +34,9 @@ log = structlog.get_logger("listener.webhooks")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _json(status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> web.Response:
+def _json(
+    status: int, payload: dict[str, Any], headers: dict[str, str] | None = None
+) -> web.Response:
     return web.Response(
         status=status, body=orjson.dumps(payload), content_type="application/json", headers=headers
     )
@@ -122,7 +124,9 @@ class WebhookApp:
             if (reason := self._journal.over_limit()) is not None:
                 rejected.labels(name, "journal_full").inc()
                 return error_response(
-                    503, "UNAVAILABLE", f"journal over its limit ({reason}); retry later",
+                    503,
+                    "UNAVAILABLE",
+                    f"journal over its limit ({reason}); retry later",
                     {"Retry-After": retry_after},
                 )
             result = provider.parse(
@@ -130,7 +134,9 @@ class WebhookApp:
             )
             entry: Entry
             if isinstance(result, Event):
-                entry = event_entry(source=name, provider=provider.name, event=result, received_at=now)
+                entry = event_entry(
+                    source=name, provider=provider.name, event=result, received_at=now
+                )
             else:
                 entry = quarantine_entry(source=name, payload=body, verdict=result, received_at=now)
             try:
@@ -140,11 +146,13 @@ class WebhookApp:
                 return error_response(
                     503, "UNAVAILABLE", str(exc), {"Retry-After": str(exc.retry_after)}
                 )
-            except JournalError as exc:
+            except JournalError:
                 rejected.labels(name, "journal_error").inc()
-                log.error("journal_append_failed", source=name, error=str(exc))
+                log.exception("journal_append_failed", source=name)
                 return error_response(
-                    503, "UNAVAILABLE", "journal unavailable; retry later",
+                    503,
+                    "UNAVAILABLE",
+                    "journal unavailable; retry later",
                     {"Retry-After": retry_after},
                 )
             data: dict[str, Any] = {"id": entry.event_id, "duplicate": not new}
@@ -154,8 +162,11 @@ class WebhookApp:
                 if new:
                     quarantined.labels(name, entry.reason).inc()
                     log.info(
-                        "webhook_quarantined", source=name, reason=entry.reason,
-                        detail=entry.detail, id=entry.event_id,
+                        "webhook_quarantined",
+                        source=name,
+                        reason=entry.reason,
+                        detail=entry.detail,
+                        id=entry.event_id,
                     )
             elif new:
                 received.labels(name, entry.routing_key).inc()
