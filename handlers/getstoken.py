@@ -61,7 +61,9 @@ _RFC3339 = re.compile(
 )
 # Decimal strings as the provider sends amounts: no sign, exponent or float
 # spelling; they stay strings end to end so no precision is lost.
-_DECIMAL = r"^[0-9]+(?:\.[0-9]+)?$"
+# (pydantic's patterns run on Rust's regex, where "$" is the very end; Python's "$"
+# also matches before a final newline, hence fullmatch on the unanchored form.)
+_DECIMAL = r"[0-9]+(?:\.[0-9]+)?"
 _DECIMAL_RE = re.compile(_DECIMAL, re.ASCII)
 # At most this many problems are named in a schema_violation detail.
 _MAX_ERRORS = 5
@@ -79,7 +81,7 @@ def _progress(value: object) -> Decimal:
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise ValueError("expected a number or decimal string from 0 to 1")
     if isinstance(value, str):
-        if not _DECIMAL_RE.match(value):
+        if not _DECIMAL_RE.fullmatch(value):
             raise ValueError("expected a number or decimal string from 0 to 1")
         number = Decimal(value)
     else:
@@ -91,7 +93,7 @@ def _progress(value: object) -> Decimal:
 
 # Ids are non-empty text; numbers are refused (pydantic does not coerce them to str).
 Id = Annotated[str, StringConstraints(min_length=1)]
-Amount = Annotated[str, StringConstraints(pattern=_DECIMAL)]
+Amount = Annotated[str, StringConstraints(pattern=f"^{_DECIMAL}$")]
 Progress = Annotated[Decimal, BeforeValidator(_progress)]
 Rfc3339 = Annotated[AwareDatetime, BeforeValidator(_rfc3339)]
 

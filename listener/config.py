@@ -231,6 +231,11 @@ class StreamSourceConfig(_SourceBase):
     reconnect: ReconnectConfig = ReconnectConfig()
     # Reconnect a connection that has carried nothing (no event, no ping) for this long.
     stale_after: Duration = 60.0
+    # Also reconnect when one active subscription has had no event this long (off when unset:
+    # a quiet market is normal; set it for channels that always tick).
+    subscription_stale_after: Duration | None = None
+    # Appends in flight at once: many frames share one journal commit.
+    journal_window: int = Field(default=512, ge=1)
     max_size: Size = 1024**2
     ping_interval: Duration = 20.0
     ping_timeout: Duration = 20.0

@@ -261,11 +261,24 @@ class Journal:
             JournalFull: over the size or pending limit; nothing was stored.
             JournalError: the write failed; nothing was stored.
         """
+        return await self.submit(entries, cursors=cursors)
+
+    def submit(
+        self, entries: Sequence[Entry], *, cursors: Sequence[Cursor] = ()
+    ) -> asyncio.Future[list[bool]]:
+        """
+        Queue an append without waiting: the future resolves as :meth:`append` returns.
+
+        Streams keep several appends in flight so one fsync covers many frames.
+
+        Raises:
+            JournalFull: over the size or pending limit; nothing was queued.
+        """
         if (reason := self.over_limit()) is not None:
             raise JournalFull(retry_after=self._retry_after, reason=reason)
         done: asyncio.Future[list[bool]] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Append(entries, cursors, done))
-        return await done
+        return done
 
     async def mark_published(self, seqs: Sequence[int], *, wait: bool = False) -> None:
         """Record broker confirms; batched into the next group commit."""

@@ -126,6 +126,7 @@ class Publisher:
         self._confirmed: list[StoredEntry] = []
         self._last_error: str | None = None
         self._drained = asyncio.Event()
+        self._closing = False
 
     # -- state ------------------------------------------------------------------------
 
@@ -209,7 +210,8 @@ class Publisher:
 
     def _on_lost(self, *_: object) -> None:
         self._metrics.broker_connected.set(0)
-        log.warning("broker_connection_lost")
+        if not self._closing:
+            log.warning("broker_connection_lost")
 
     def _on_reconnect(self, *_: object) -> None:
         self._metrics.broker_connected.set(1)
@@ -217,6 +219,7 @@ class Publisher:
 
     async def _close(self) -> None:
         self._metrics.broker_connected.set(0)
+        self._closing = True
         if self._connection is not None:
             connection, self._connection = self._connection, None
             await self._close_quietly(connection)

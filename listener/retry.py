@@ -6,14 +6,14 @@ capped delays. Callers make a new generator after a healthy period to reset it.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Generator
 
 __all__ = ["backoff"]
 
 
 def backoff(
     initial: float, maximum: float, *, factor: float = 2.0, jitter: float = 0.5
-) -> Iterator[float]:
+) -> Generator[float, None, None]:
     """
     Yield ``initial``, ``initial*factor``, ... capped at ``maximum``, each scaled by a
     random factor in ``[1-jitter, 1]`` so many clients do not retry in lockstep

@@ -311,9 +311,7 @@ class Verifier:
             raise SignatureError("no secret matches the webhook signature")
 
 
-def verify(
-    config: SignatureConfig, headers: Mapping[str, str], body: bytes, *, now: float
-) -> None:
+def verify(config: SignatureConfig, headers: Mapping[str, str], body: bytes, *, now: float) -> None:
     """
     Verify one request against ``config``; see :meth:`Verifier.verify`.
 
