@@ -337,7 +337,7 @@ def _is_int(value: object) -> TypeGuard[int]:
 def _event_result(channel: str, data: object) -> Event | Quarantine:
     adapter = _ADAPTERS.get(channel)
     if adapter is None:
-        return Quarantine(reason="unknown_channel", detail=f"unknown channel {channel!r}")
+        return Quarantine(reason="unknown_channel", detail=f"unknown channel {channel[:64]!r}")
     if not isinstance(data, dict):
         return _violation(f"{channel} event: data must be an object")
     try:

@@ -245,6 +245,8 @@ class Publisher:
         try:
             async with asyncio.timeout(self._config.publish_timeout):
                 underlay = await self._channel.get_underlay_channel()
+            # The concrete channel: its basic_publish takes wait=False (skip the drain wait).
+            assert isinstance(underlay, aiormq.Channel)
         except (TimeoutError, aiormq.exceptions.AMQPError, RuntimeError) as exc:
             self._record_failure("channel_unavailable", exc)
             return False
@@ -301,7 +303,7 @@ class Publisher:
 
     async def _publish(
         self,
-        underlay: aiormq.abc.AbstractChannel,
+        underlay: aiormq.Channel,
         stored: StoredEntry,
         settled: Callable[[StoredEntry, BaseException | None], None],
     ) -> None:

@@ -1,0 +1,248 @@
+"""Helpers shared by the benchmark modules: ports, processes, CPU accounting, output."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psutil
+
+_T = TypeVar("_T")
+
+BROKER_HOST = "127.0.0.1"
+BROKER_PORT = 5672
+BROKER_URL = os.environ.get("BENCH_BROKER_URL", f"amqp://guest:guest@{BROKER_HOST}:{BROKER_PORT}/")
+# The Standard Webhooks known-answer secret (NOTES: webhook verification facts).
+WHSEC = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+WEBHOOK_PATH = "/webhooks/gst"
+CONCURRENCY = 64
+CONFIRM_WINDOW = 256
+# The size of the messages ceiling B publishes; the end-to-end webhook payload is padded
+# so that the CloudEvent the listener publishes is about as large.
+MESSAGE_SIZE = 1024
+
+
+def run_uvloop(main: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
+    """Run ``main`` on uvloop when installed, as ``listener.cli.run_async`` does."""
+    try:
+        import uvloop  # noqa: PLC0415 - optional, as in the listener
+
+        factory: Callable[[], asyncio.AbstractEventLoop] | None = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main())
+
+
+def unique(prefix: str) -> str:
+    """A fresh broker object name, so runs never collide with each other or with tests."""
+    return f"{prefix}.{uuid.uuid4().hex[:10]}"
+
+
+def free_port() -> int:
+    """An ephemeral TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def broker_reachable() -> bool:
+    """Whether something listens on the broker's port."""
+    try:
+        with socket.create_connection((BROKER_HOST, BROKER_PORT), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def wait_port(port: int, *, proc: subprocess.Popen[Any] | None = None, timeout: float = 15.0) -> None:
+    """Wait until 127.0.0.1:``port`` accepts connections (or ``proc`` died)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            pass
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f}s")
+        time.sleep(0.05)
+
+
+def python_module(module: str, *args: str) -> list[str]:
+    """The command line that runs ``python -m module args`` with this interpreter."""
+    return [sys.executable, "-m", module, *args]
+
+
+@contextlib.contextmanager
+def child(
+    argv: Sequence[str], *, log: Path | None = None, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``argv`` for the duration of the block; SIGTERM (then SIGKILL) it afterwards."""
+    out = log.open("wb") if log is not None else subprocess.DEVNULL
+    proc = subprocess.Popen(
+        list(argv), stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+    )
+    try:
+        yield proc
+    finally:
+        stop_child(proc)
+        if log is not None and not isinstance(out, int):
+            out.close()
+
+
+def stop_child(proc: subprocess.Popen[Any], timeout: float = 30.0) -> int | None:
+    """SIGTERM the process we started, wait for it, SIGKILL it if it does not exit."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+def broker_pid() -> int | None:
+    """The RabbitMQ VM's pid (read-only lookup, for CPU accounting), if visible."""
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        try:
+            name = proc.info["name"] or ""
+            cmdline = " ".join(proc.info["cmdline"] or [])
+        except (psutil.Error, TypeError):
+            continue
+        if name.startswith("beam") and "rabbit" in cmdline:
+            return int(proc.pid)
+    return None
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    try:
+        proc = psutil.Process(pid)
+        with proc.oneshot():
+            total = proc.cpu_times()
+            seconds = total.user + total.system
+            for kid in proc.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    kid_times = kid.cpu_times()
+                    seconds += kid_times.user + kid_times.system
+        return float(seconds)
+    except psutil.Error:
+        return None
+
+
+@dataclass
+class CpuMeter:
+    """CPU seconds used by named processes between :meth:`start` and :meth:`stop`."""
+
+    pids: dict[str, int] = field(default_factory=dict)
+    _start: dict[str, float] = field(default_factory=dict)
+    _end: dict[str, float] = field(default_factory=dict)
+    _started_at: float = 0.0
+    _elapsed: float = 0.0
+    _host_start: Any = None
+    _host_end: Any = None
+
+    def add(self, role: str, pid: int | None) -> None:
+        """Account for ``pid`` (and its children) under ``role``; ``None`` is skipped."""
+        if pid is not None:
+            self.pids[role] = pid
+            if self._started_at:
+                seconds = _cpu_seconds(pid)
+                if seconds is not None:
+                    self._start[role] = seconds
+
+    def start(self) -> None:
+        """Take the first sample."""
+        self._started_at = time.monotonic()
+        self._host_start = psutil.cpu_times()
+        for role, pid in self.pids.items():
+            seconds = _cpu_seconds(pid)
+            if seconds is not None:
+                self._start[role] = seconds
+
+    def stop(self) -> None:
+        """Take the last sample (processes still alive)."""
+        self._elapsed = time.monotonic() - self._started_at
+        self._host_end = psutil.cpu_times()
+        for role, pid in self.pids.items():
+            seconds = _cpu_seconds(pid)
+            if seconds is not None:
+                self._end[role] = seconds
+
+    def sample_end(self, role: str) -> None:
+        """Sample ``role`` alone now (a process that is about to exit)."""
+        pid = self.pids.get(role)
+        if pid is not None:
+            seconds = _cpu_seconds(pid)
+            if seconds is not None:
+                self._end[role] = seconds
+
+    def cores(self) -> dict[str, float]:
+        """Average cores busy per role over the measured interval; ``idle`` for the host."""
+        if self._elapsed <= 0:
+            return {}
+        result = {
+            role: (self._end[role] - self._start[role]) / self._elapsed
+            for role in self.pids
+            if role in self._start and role in self._end
+        }
+        if self._host_start is not None and self._host_end is not None:
+            idle = self._host_end.idle - self._host_start.idle
+            result["host idle"] = idle / self._elapsed
+        return result
+
+
+def describe_cores(cores: dict[str, float]) -> str:
+    """``listener 0.93, wrk 0.21, broker 0.55, host idle 0.2`` (cores)."""
+    return ", ".join(f"{role} {value:.2f}" for role, value in cores.items())
+
+
+def fmt_rate(value: float | None) -> str:
+    """A rate per second, or ``-``."""
+    return "-" if value is None else f"{value:,.0f}/s"
+
+
+def fmt_ms(value: float | None) -> str:
+    """Milliseconds with two decimals, or ``-``."""
+    return "-" if value is None else f"{value:.2f} ms"
+
+
+def fmt_ratio(value: float | None) -> str:
+    """A ratio with two decimals, or ``-``."""
+    return "-" if value is None else f"{value:.2f}"
+
+
+def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
+    """A plain-text table with aligned columns (left for text, right for figures)."""
+    widths = [len(h) for h in header]
+    for row in rows:
+        for i, cell in enumerate(row):
+            widths[i] = max(widths[i], len(cell))
+
+    def line(cells: Sequence[str]) -> str:
+        out = []
+        for i, cell in enumerate(cells):
+            out.append(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]))
+        return "  ".join(out).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(header), rule, *(line(r) for r in rows)])
+
+
+def say(message: str) -> None:
+    """Progress on stderr, so the figures on stdout stay clean."""
+    print(f"[bench] {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,246 @@
+"""Layerx402 streams end to end: real simulator, real broker, ledger checks."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from handlers import Event
+from handlers.layerx402 import EventFrame, parse_frame
+from listener.config import Config
+from listener.simulators.layerx402 import Layerx402Simulator
+from listener.streams import StreamSource
+from tests.conftest import make_config, running, tap, wait_for
+from tests.process import ListenerProcess
+
+pytestmark = pytest.mark.usefixtures("cleanup_topology")
+
+MINT = "So11111111111111111111111111111111111111112"
+WALLET = "9xQeWvG816bUx9EPjHmaT23yvVM2ZWbrrpZb9PusVFin"
+SUBS = [
+    {"channel": "trades", "params": {"mint": MINT}},
+    {"channel": "portfolio", "params": {"wallet": WALLET}},
+]
+
+
+def lx_source(url: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "name": "lx",
+        "kind": "websocket",
+        "provider": "layerx402",
+        "url": url,
+        "api_key": "test-key",
+        "subscriptions": extra.pop("subscriptions", SUBS),
+        "reconnect": {"initial": "50ms", "max": "500ms", "healthy_after": "5s"},
+        **extra,
+    }
+
+
+def stream_config(tmp_path: Path, broker_url: str, exchange: str, url: str, **extra: Any) -> Config:
+    journal = extra.pop("journal", {})
+    return make_config(
+        tmp_path, broker_url=broker_url, exchange=exchange, sources=[lx_source(url, **extra)],
+        journal={"path": str(tmp_path / "journal.db"), **journal},
+    )
+
+
+def expected_ids(sim: Layerx402Simulator) -> dict[str, list[str]]:
+    """The stable CloudEvent id of every event the simulator produced, per subscription key."""
+    ids: dict[str, list[str]] = {}
+    for key, events in sim.produced.items():
+        out = []
+        for event in events:
+            frame = parse_frame(orjson.dumps({"type": "event", "subscription": "x", **event}))
+            assert isinstance(frame, EventFrame) and isinstance(frame.result, Event)
+            out.append(frame.result.id)
+        ids[key] = out
+    return ids
+
+
+def stream_source(service: Any) -> StreamSource:
+    source = service.streams[0]
+    assert isinstance(source, StreamSource)
+    return source
+
+
+async def test_resume_across_abrupt_drops_loses_nothing(
+    tmp_path: Path, broker_url: str, exchange_name: str
+) -> None:
+    """Abrupt drops lose nothing: every produced event arrives once resumed, ids stable, order kept."""
+    async with (
+        Layerx402Simulator(rate=400, ping_interval=0.5) as sim,
+        tap(broker_url, exchange_name) as t,
+    ):
+        config = stream_config(tmp_path, broker_url, exchange_name, sim.url)
+        async with running(config) as service:
+            source = stream_source(service)
+            for _ in range(3):
+                await wait_for(lambda: source.status == "connected", what="connected")
+                seen = source.events_received
+                await wait_for(lambda: source.events_received > seen + 50, what="events flowing")
+                await sim.drop_all(None)
+            await wait_for(lambda: source.status == "connected", what="reconnected")
+            await wait_for(lambda: source.connections >= 4, what="4 connections")
+            await wait_for(lambda: bool(sim.pongs), what="app-level pings answered")
+            sim.pause()
+            wanted = expected_ids(sim)
+            every = {i for ids in wanted.values() for i in ids}
+            assert len(every) > 300
+            await t.wait_ids(every, timeout=60)
+            # since_seq was used on reconnects
+            subscribes = [r for r in sim.requests if r.get("type") == "subscribe"]
+            assert any("since_seq" in r for r in subscribes)
+            # order kept within a subscription: first arrivals follow production order
+            arrived: dict[str, list[str]] = defaultdict(list)
+            seen: set[str] = set()
+            owner = {i: key for key, ids in wanted.items() for i in ids}
+            for message_id in t.ids:
+                if message_id in owner and message_id not in seen:
+                    seen.add(message_id)
+                    arrived[owner[message_id]].append(message_id)
+            for key, ids in wanted.items():
+                assert arrived[key] == ids, key
+
+
+async def test_bad_key_backs_off_and_reports_unauthorized(
+    tmp_path: Path, broker_url: str, exchange_name: str
+) -> None:
+    """A refused key shows unauthorized and reconnects with growing delays, not in a hot loop."""
+    async with Layerx402Simulator(api_keys={"other"}) as sim:
+        config = stream_config(
+            tmp_path, broker_url, exchange_name, sim.url,
+            reconnect={"initial": "100ms", "max": "800ms", "healthy_after": "5s"},
+        )
+        async with running(config) as service:
+            source = stream_source(service)
+            await wait_for(lambda: sim.auth_failed >= 4, timeout=20, what="4 refused attempts")
+            assert source.status == "unauthorized"
+            times = sim.connect_times[:4]
+            gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+            assert all(g >= 0.04 for g in gaps), gaps
+            assert sim.auth_failed < 30
+            assert service.admin is not None
+            ready, body = service.admin.readiness()
+            assert not ready and body["sources"]["lx"]["status"] == "unauthorized"
+
+
+async def test_forbidden_channel_is_isolated(
+    tmp_path: Path, broker_url: str, exchange_name: str
+) -> None:
+    """A FORBIDDEN subscription is marked failed while the other keeps delivering."""
+    async with (
+        Layerx402Simulator(rate=200, forbidden={"portfolio"}) as sim,
+        tap(broker_url, exchange_name) as t,
+    ):
+        config = stream_config(tmp_path, broker_url, exchange_name, sim.url)
+        async with running(config) as service:
+            source = stream_source(service)
+            await t.wait_count(20)
+            subs = {s["channel"]: s for s in source.state()["subscriptions"]}
+            assert subs["portfolio"]["state"] == "forbidden"
+            assert subs["trades"]["state"] == "active"
+            assert {m.routing_key for m in t.messages} == {"layerx402.trade"}
+            text = service.metrics.render().decode()
+            assert 'listener_subscription_failed{source="lx",subscription="portfolio?wallet=' in text
+
+
+async def test_malformed_and_oversize_frames_are_quarantined(
+    tmp_path: Path, broker_url: str, exchange_name: str
+) -> None:
+    """Malformed and oversize frames are quarantined with reasons while the stream goes on."""
+    async with (
+        Layerx402Simulator(rate=100) as sim,
+        tap(broker_url, f"{exchange_name}.quarantine") as q,
+        tap(broker_url, exchange_name) as t,
+    ):
+        config = stream_config(tmp_path, broker_url, exchange_name, sim.url, max_size="64KiB")
+        async with running(config) as service:
+            source = stream_source(service)
+            await wait_for(lambda: source.status == "connected", what="connected")
+            sim.send_raw("{not json")
+            sim.send_raw(orjson.dumps({"type": "event", "subscription": "nope", "channel": "trades", "seq": 1, "data": {}}).decode())
+            await q.wait_count(2)
+            sim.inject_oversize(200_000)
+            await q.wait_count(3)
+            reasons = {m.headers["x-quarantine-reason"] for m in q.messages}
+            assert {"invalid_json", "frame_too_large"} <= reasons
+            before = len(t.messages)
+            await wait_for(lambda: source.status == "connected" and len(t.messages) > before + 20, what="stream goes on")
+
+
+async def test_silent_stream_reconnects(
+    tmp_path: Path, broker_url: str, exchange_name: str
+) -> None:
+    """A connection that carries nothing for stale_after is closed and reopened."""
+    async with Layerx402Simulator(rate=50, ping_interval=None) as sim:
+        config = stream_config(tmp_path, broker_url, exchange_name, sim.url, stale_after="700ms")
+        async with running(config) as service:
+            source = stream_source(service)
+            await wait_for(lambda: source.events_received > 5, what="events")
+            sim.pause()
+            await wait_for(lambda: source.connections >= 2, timeout=10, what="a stale reconnect")
+            sim.resume()
+            await wait_for(lambda: source.status == "connected", what="connected again")
+
+
+async def test_backpressure_pauses_reading_and_recovers(
+    tmp_path: Path, broker_url: str, exchange_name: str
+) -> None:
+    """With the broker unreachable and the journal at its limit, reading stops; then all flows."""
+    async with Layerx402Simulator(rate=0, buffer_size=100_000) as sim, tap(broker_url, exchange_name) as t:
+        config = stream_config(
+            tmp_path, "amqp://guest:guest@127.0.0.1:1/", exchange_name, sim.url,
+            journal={"max_pending": 500}, journal_window=64,
+        )
+        async with running(config) as service:
+            source = stream_source(service)
+            assert service.journal is not None
+            journal = service.journal
+            await wait_for(lambda: journal.over_limit() == "max_pending", timeout=20, what="journal full")
+            received = source.events_received
+            await asyncio.sleep(0.5)  # a stopped reader stays stopped: nothing more is taken in
+            assert source.events_received - received <= 64
+            assert journal.pending_count <= 500 + 64
+            sim.pause()
+        produced_before = expected_ids(sim)
+        # Restart against the real broker: the journal drains and the stream resumes via since_seq.
+        config = stream_config(tmp_path, broker_url, exchange_name, sim.url)
+        async with running(config) as service:
+            every = {i for ids in produced_before.values() for i in ids}
+            held = {i for ids in produced_before.values() for i in ids[-90_000:]}
+            await t.wait_ids(held & every, timeout=120)
+
+
+async def test_sigkill_mid_stream_resumes_from_stored_cursor(
+    tmp_path: Path, broker_url: str, exchange_name: str
+) -> None:
+    """SIGKILL of a real listener mid-stream, then restart: it resumes from the stored cursor."""
+    async with (
+        Layerx402Simulator(rate=300, buffer_size=100_000) as sim,
+        tap(broker_url, exchange_name) as t,
+    ):
+        raw = {
+            "broker": {"url": broker_url, "exchange": exchange_name},
+            "journal": {"path": str(tmp_path / "journal.db")},
+            "sources": [lx_source(sim.url)],
+        }
+        listener = ListenerProcess(tmp_path, raw)
+        try:
+            await listener.start()
+            await wait_for(lambda: len(t.messages) > 200, timeout=20, what="events flowing")
+            listener.kill()
+            await listener.wait()
+            await listener.start()
+            await wait_for(lambda: sum(1 for r in sim.requests if r.get("since_seq")) >= 1, what="since_seq resume")
+            await wait_for(lambda: len(t.messages) > 600, timeout=30, what="more events")
+            sim.pause()
+            every = {i for ids in expected_ids(sim).values() for i in ids}
+            await t.wait_ids(every, timeout=60)
+            assert await listener.terminate() == 0
+        finally:
+            await listener.stop()
