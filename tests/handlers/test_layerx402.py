@@ -125,7 +125,13 @@ def event_frame(
     subscription: str = "sub_1",
 ) -> bytes:
     return orjson.dumps(
-        {"type": "event", "subscription": subscription, "channel": channel, "seq": seq, "data": data}
+        {
+            "type": "event",
+            "subscription": subscription,
+            "channel": channel,
+            "seq": seq,
+            "data": data,
+        }
     )
 
 
@@ -324,12 +330,7 @@ def test_missing_required_field_is_schema_violation(channel: str, field: str) ->
 
 @pytest.mark.parametrize(
     ("channel", "field", "number"),
-    [
-        (c, f, n)
-        for c, fields in DECIMALS.items()
-        for f in fields
-        for n in (12, 12.5, 0, 1e20, -3)
-    ],
+    [(c, f, n) for c, fields in DECIMALS.items() for f in fields for n in (12, 12.5, 0, 1e20, -3)],
 )
 def test_number_where_decimal_string_required_is_schema_violation(
     channel: str, field: str, number: float
@@ -340,17 +341,23 @@ def test_number_where_decimal_string_required_is_schema_violation(
     assert field in result.detail
 
 
-@pytest.mark.parametrize("bad", ["", "1,5", "NaN", "Infinity", "0x10", " 1", "1.", ".5", "+1", "01"])
+@pytest.mark.parametrize(
+    "bad", ["", "1,5", "NaN", "Infinity", "0x10", " 1", "1.", ".5", "+1", "01"]
+)
 def test_malformed_decimal_strings_are_schema_violations(bad: str) -> None:
     """A string that is not a decimal number is a schema_violation."""
     result = verdict("trades", {**SAMPLE_DATA["trades"], "amount": bad})
     assert result.reason == "schema_violation"
 
 
-@pytest.mark.parametrize("good", ["0", "0.0", "-1.5", "1e-7", "2.5E+3", "123456789012345678901234567890"])
+@pytest.mark.parametrize(
+    "good", ["0", "0.0", "-1.5", "1e-7", "2.5E+3", "123456789012345678901234567890"]
+)
 def test_decimal_strings_in_json_number_spelling_are_accepted(good: str) -> None:
     """Any JSON-number spelling in a string is a decimal string."""
-    assert isinstance(parsed_event("portfolio", {**SAMPLE_DATA["portfolio"], "balance": good}).result, Event)
+    assert isinstance(
+        parsed_event("portfolio", {**SAMPLE_DATA["portfolio"], "balance": good}).result, Event
+    )
 
 
 @pytest.mark.parametrize(
@@ -497,7 +504,9 @@ def test_unsubscribe_frame() -> None:
 def test_subscription_key_is_stable() -> None:
     """subscription_key is channel?params sorted, whatever the params' order."""
     assert subscription_key("trades", {"mint": SOL}) == f"trades?mint={SOL}"
-    assert subscription_key("x", {"b": "2", "a": "1"}) == subscription_key("x", {"a": "1", "b": "2"})
+    assert subscription_key("x", {"b": "2", "a": "1"}) == subscription_key(
+        "x", {"a": "1", "b": "2"}
+    )
     assert subscription_key("x", {"b": "2", "a": "1"}) == "x?a=1&b=2"
     assert subscription_key("token", {}) == "token"
     assert subscription_key("x", {"a": "1&b=2"}) != subscription_key("x", {"a": "1", "b": "2"})
@@ -511,7 +520,11 @@ def test_provider_is_found_by_name_and_is_a_stream_provider() -> None:
     assert load_provider("layerx402") is PROVIDER
     assert isinstance(PROVIDER, StreamProvider)
     assert (PROVIDER.name, PROVIDER.kind) == ("layerx402", "websocket")
-    assert dict(PROVIDER.channels) == {"token": ("mint",), "trades": ("mint",), "portfolio": ("wallet",)}
+    assert dict(PROVIDER.channels) == {
+        "token": ("mint",),
+        "trades": ("mint",),
+        "portfolio": ("wallet",),
+    }
 
 
 def test_provider_methods_match_the_functions() -> None:
@@ -524,7 +537,9 @@ def test_provider_methods_match_the_functions() -> None:
     )
     assert PROVIDER.unsubscribe_frame("r", "s") == unsubscribe_frame("r", "s")
     assert PROVIDER.pong_frame(5) == pong_frame(5)
-    assert PROVIDER.subscription_key("token", {"mint": SOL}) == subscription_key("token", {"mint": SOL})
+    assert PROVIDER.subscription_key("token", {"mint": SOL}) == subscription_key(
+        "token", {"mint": SOL}
+    )
 
 
 # --- never raises --------------------------------------------------------------------

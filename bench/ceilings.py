@@ -1,0 +1,263 @@
+"""
+The two ceilings, each measured in a process of its own on uvloop.
+
+* A (``python -m bench.ceilings serve --port N``): a bare aiohttp handler that reads
+  the body of any POST and answers 200 with a small JSON body, behind the same
+  ``AppRunner``/``TCPSite`` setup as the listener (no access log). Driven by
+  :func:`bench.loadgen.run_load` with the very requests of the end-to-end run.
+* B (``python -m bench.ceilings publish``): a bare aio-pika publisher. Persistent
+  ~1 KiB messages to a fresh durable topic exchange bound ``#`` to a fresh durable
+  queue, publisher confirms, a sliding window of 256 publishing tasks. ``--mode
+  message`` uses the ordinary API (``exchange.publish(aio_pika.Message(...))``);
+  ``--mode lean`` the path the listener takes (the underlying aiormq channel's
+  ``basic_publish`` with a ``Basic.Properties``, NOTES), shown for reference only.
+  The rate counts from the first publish until the last confirm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from bench.common import (
+    BROKER_URL,
+    CONCURRENCY,
+    CONFIRM_WINDOW,
+    MESSAGE_SIZE,
+    CpuMeter,
+    broker_pid,
+    child,
+    free_port,
+    python_module,
+    run_uvloop,
+    say,
+    unique,
+    wait_port,
+)
+from bench.loadgen import LoadResult, RequestSet, run_load
+
+__all__ = ["PublishResult", "ceiling_a", "ceiling_b"]
+
+
+# -- A: the bare aiohttp handler ---------------------------------------------------------
+
+
+async def _serve(port: int) -> None:
+    from aiohttp import web  # noqa: PLC0415
+
+    body = b'{"success": true}'
+
+    async def ok(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(status=200, body=body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", ok)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", port, reuse_address=True)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    import signal  # noqa: PLC0415
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def ceiling_a(
+    requests: RequestSet, *, seconds: float, concurrency: int = CONCURRENCY
+) -> tuple[LoadResult, dict[str, float]]:
+    """Run the bare server in a subprocess and drive it; the load and the CPU per role."""
+    port = free_port()
+    with child(python_module("bench.ceilings", "serve", "--port", str(port))) as proc:
+        wait_port(port, proc=proc)
+        meter = CpuMeter()
+        meter.add("aiohttp", proc.pid)
+        meter.add("broker", broker_pid())
+        meter.start()
+        result = run_load(
+            f"http://127.0.0.1:{port}", requests, seconds=seconds, concurrency=concurrency, meter=meter
+        )
+        meter.sample_end("wrk")  # gone already: its last sample is its exit
+        meter.stop()
+    return result, meter.cores()
+
+
+# -- B: the bare aio-pika publisher ------------------------------------------------------
+
+
+@dataclass
+class PublishResult:
+    """What the publisher measured."""
+
+    mode: str
+    confirmed: int
+    failed: int
+    seconds: float
+    cores: dict[str, float]
+
+    @property
+    def rate(self) -> float:
+        """Confirmed messages per second, first publish to last confirm."""
+        return self.confirmed / self.seconds if self.seconds > 0 else 0.0
+
+
+async def _publish(
+    seconds: float, window: int, size: int, mode: str, broker: int | None
+) -> dict[str, Any]:
+    import aio_pika  # noqa: PLC0415
+    from pamqp.commands import Basic  # noqa: PLC0415
+
+    exchange_name, queue_name = unique("bench.ceiling-b"), unique("bench.ceiling-b")
+    connection = await aio_pika.connect(BROKER_URL)
+    try:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        exchange = await channel.declare_exchange(
+            exchange_name, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        queue = await channel.declare_queue(queue_name, durable=True)
+        await queue.bind(exchange, "#")
+        underlay = await channel.get_underlay_channel()
+        body = b"x" * size
+        routing_key = "bench.ceiling.b"
+        slots = asyncio.Semaphore(window)
+        tasks: set[asyncio.Task[Any]] = set()
+        counts = {"confirmed": 0, "failed": 0}
+
+        def settled(task: asyncio.Task[Any]) -> None:
+            tasks.discard(task)
+            slots.release()
+            if task.cancelled() or task.exception() is not None:
+                counts["failed"] += 1
+            elif mode == "lean" and not isinstance(task.result(), Basic.Ack):
+                counts["failed"] += 1
+            else:
+                counts["confirmed"] += 1
+
+        def message(n: int) -> Any:
+            now = datetime.now(UTC)
+            if mode == "lean":
+                properties = Basic.Properties(
+                    content_type="application/cloudevents+json",
+                    delivery_mode=2,
+                    message_id=f"m{n}",
+                    message_type=routing_key,
+                    timestamp=now,
+                    app_id="bench",
+                )
+                return underlay.basic_publish(
+                    body,
+                    exchange=exchange_name,
+                    routing_key=routing_key,
+                    properties=properties,
+                    mandatory=True,
+                    wait=False,
+                )
+            return exchange.publish(
+                aio_pika.Message(
+                    body,
+                    content_type="application/cloudevents+json",
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    message_id=f"m{n}",
+                    type=routing_key,
+                    timestamp=now,
+                    app_id="bench",
+                ),
+                routing_key=routing_key,
+            )
+
+        meter = CpuMeter()
+        meter.add("broker", broker)
+        meter.start()
+        cpu = time.process_time()
+        started = time.monotonic()
+        deadline = started + seconds
+        n = 0
+        while time.monotonic() < deadline:
+            await slots.acquire()
+            n += 1
+            task = asyncio.create_task(message(n))
+            tasks.add(task)
+            task.add_done_callback(settled)
+        while tasks:
+            await asyncio.wait(set(tasks))
+        elapsed = time.monotonic() - started
+        cpu = time.process_time() - cpu
+        meter.stop()
+        with contextlib.suppress(Exception):
+            await channel.queue_delete(queue_name)
+            await channel.exchange_delete(exchange_name)
+    finally:
+        await connection.close()
+    cores = {"aio-pika": cpu / elapsed, **meter.cores()}
+    return {**counts, "seconds": elapsed, "cores": cores}
+
+
+def ceiling_b(
+    *, seconds: float, mode: str = "message", window: int = CONFIRM_WINDOW, size: int = MESSAGE_SIZE
+) -> PublishResult:
+    """Run the publisher in a subprocess; confirmed messages/s and CPU per role."""
+    import subprocess  # noqa: PLC0415
+
+    argv = python_module(
+        "bench.ceilings",
+        "publish",
+        "--seconds",
+        str(seconds),
+        "--window",
+        str(window),
+        "--size",
+        str(size),
+        "--mode",
+        mode,
+        "--broker-pid",
+        str(broker_pid() or 0),
+    )
+    out = subprocess.run(argv, stdout=subprocess.PIPE, check=True).stdout
+    data = json.loads(out)
+    return PublishResult(
+        mode=mode,
+        confirmed=data["confirmed"],
+        failed=data["failed"],
+        seconds=data["seconds"],
+        cores=data["cores"],
+    )
+
+
+def main() -> None:
+    """``serve --port N`` (ceiling A) or ``publish ...`` (ceiling B)."""
+    parser = argparse.ArgumentParser(prog="python -m bench.ceilings")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve")
+    serve.add_argument("--port", type=int, required=True)
+    publish = commands.add_parser("publish")
+    publish.add_argument("--seconds", type=float, default=10.0)
+    publish.add_argument("--window", type=int, default=CONFIRM_WINDOW)
+    publish.add_argument("--size", type=int, default=MESSAGE_SIZE)
+    publish.add_argument("--mode", choices=["message", "lean"], default="message")
+    publish.add_argument("--broker-pid", type=int, default=0)
+    args = parser.parse_args()
+    if args.command == "serve":
+        run_uvloop(lambda: _serve(args.port))
+        return
+    result = run_uvloop(
+        lambda: _publish(args.seconds, args.window, args.size, args.mode, args.broker_pid or None)
+    )
+    sys.stdout.write(json.dumps(result))
+    say(f"ceiling B ({args.mode}): {result['confirmed'] / result['seconds']:,.0f} msg/s")
+
+
+if __name__ == "__main__":
+    main()
