@@ -18,6 +18,7 @@ import asyncio
 import json
 import math
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -200,6 +201,7 @@ class LoadResult:
     mean_ms: float
     max_ms: float
     wraps: int = 0
+    cpu_seconds: float | None = None  # the generator's own CPU time, when known
 
     @property
     def rate(self) -> float:
@@ -245,10 +247,12 @@ def _run_wrk(
             script.name,
             url + WEBHOOK_PATH,
         ]
+        # wrk's CPU time: what reaped children used while it ran (it is the only one).
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        if meter is not None:
-            meter.add("wrk", proc.pid)
         out, _ = proc.communicate()
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     finally:
         os.unlink(script.name)
     text = out.decode(errors="replace")
@@ -268,6 +272,7 @@ def _run_wrk(
         mean_ms=data["mean_us"] / 1000,
         max_ms=data["max_us"] / 1000,
         wraps=data["wraps"],
+        cpu_seconds=cpu,
     )
 
 

@@ -299,6 +299,7 @@ async def test_readyz_and_metrics(
         sources=[gst_source()],
     )
     async with running(down) as service:
-        async with session.get(f"http://127.0.0.1:{service.admin_port}/readyz") as response:
+        ready_url = f"http://127.0.0.1:{service.admin_port}/readyz"
+        async with session.get(ready_url) as response:
             assert response.status == 503
             assert (await response.json())["broker"]["status"] == "unavailable"
