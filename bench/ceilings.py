@@ -38,6 +38,7 @@ from bench.common import (
     python_module,
     run_uvloop,
     say,
+    with_loadgen,
     unique,
     wait_port,
 )
@@ -88,11 +89,10 @@ def ceiling_a(
         meter.add("broker", broker_pid())
         meter.start()
         result = run_load(
-            f"http://127.0.0.1:{port}", requests, seconds=seconds, concurrency=concurrency, meter=meter
+            f"http://127.0.0.1:{port}", requests, seconds=seconds, concurrency=concurrency
         )
-        meter.sample_end("wrk")  # gone already: its last sample is its exit
         meter.stop()
-    return result, meter.cores()
+    return result, with_loadgen(meter.cores(), result)
 
 
 # -- B: the bare aio-pika publisher ------------------------------------------------------

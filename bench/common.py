@@ -206,6 +206,16 @@ class CpuMeter:
         return result
 
 
+def with_loadgen(cores: dict[str, float], load: Any) -> dict[str, float]:
+    """``cores`` with the load generator's own (its CPU time over its run), host idle last."""
+    result = {k: v for k, v in cores.items() if k != "host idle"}
+    if load.cpu_seconds is not None and load.seconds > 0:
+        result["loadgen"] = load.cpu_seconds / load.seconds
+    if "host idle" in cores:
+        result["host idle"] = cores["host idle"]
+    return result
+
+
 def describe_cores(cores: dict[str, float]) -> str:
     """``listener 0.93, wrk 0.21, broker 0.55, host idle 0.2`` (cores)."""
     return ", ".join(f"{role} {value:.2f}" for role, value in cores.items())

@@ -35,7 +35,6 @@ from bench.common import (
     MESSAGE_SIZE,
     WEBHOOK_PATH,
     WHSEC,
-    CpuMeter,
     python_module,
     run_uvloop,
     say,
@@ -215,13 +214,12 @@ def run_load(
     *,
     seconds: float,
     concurrency: int,
-    meter: CpuMeter | None = None,
 ) -> LoadResult:
     """Drive ``url`` (scheme://host:port; the path is in the requests) for ``seconds``."""
     wrk = wrk_path()
     if wrk is not None:
-        return _run_wrk(wrk, url, requests, seconds=seconds, concurrency=concurrency, meter=meter)
-    return _run_python(url, requests, seconds=seconds, concurrency=concurrency, meter=meter)
+        return _run_wrk(wrk, url, requests, seconds=seconds, concurrency=concurrency)
+    return _run_python(url, requests, seconds=seconds, concurrency=concurrency)
 
 
 def _run_wrk(
@@ -231,7 +229,6 @@ def _run_wrk(
     *,
     seconds: float,
     concurrency: int,
-    meter: CpuMeter | None,
 ) -> LoadResult:
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(LUA.format(prefix=requests.prefix, header=RECORD_HEADER))
@@ -285,11 +282,11 @@ def _run_python(
     *,
     seconds: float,
     concurrency: int,
-    meter: CpuMeter | None,
 ) -> LoadResult:
     say("wrk not found (apt-get install -y wrk): using the slower Python generator")
     workers = requests.parts
     per_worker = [concurrency // workers + (i < concurrency % workers) for i in range(workers)]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with tempfile.TemporaryDirectory() as tmp:
         procs = []
         for i in range(workers):
@@ -307,15 +304,13 @@ def _run_python(
                 str(Path(tmp) / f"lat{i}"),
             )
             procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE))
-        if meter is not None:
-            for i, proc in enumerate(procs):
-                meter.add(f"loadgen{i}", proc.pid)
         results = []
         for proc in procs:
             out, _ = proc.communicate()
             if proc.returncode != 0:
                 raise RuntimeError(f"load generator failed ({proc.returncode})")
             results.append(json.loads(out))
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
         latencies = array.array("d")
         for i in range(workers):
             with open(Path(tmp) / f"lat{i}", "rb") as f:
@@ -338,6 +333,7 @@ def _run_python(
         mean_ms=(sum(ordered) / len(ordered) * 1000) if ordered else math.nan,
         max_ms=(ordered[-1] * 1000) if ordered else math.nan,
         wraps=sum(r["wraps"] for r in results),
+        cpu_seconds=(after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
     )
 
 

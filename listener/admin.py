@@ -1,5 +1,6 @@
 """
-The admin port (CONTRACT §7): ``/healthz``, ``/readyz``, ``/metrics``.
+The admin port (CONTRACT §7): ``/healthz``, ``/readyz``, ``/metrics``, and the
+Bearer-key guarded ``/v1`` API (see :mod:`listener.adminauth`).
 
 It listens on a private address (``admin.host``, 127.0.0.1 by default), apart from
 the public webhook port, so probes and scrapes never queue behind webhook traffic.
@@ -14,6 +15,8 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from listener.adminauth import ApiAuth, require
+from listener.config import AdminConfig
 from listener.metrics import Metrics
 
 __all__ = ["AdminApp", "Component"]
@@ -29,6 +32,7 @@ class AdminApp:
     def __init__(
         self,
         *,
+        config: AdminConfig,
         metrics: Metrics,
         components: Mapping[str, Component],
         sources: Callable[[], Mapping[str, Mapping[str, Any]]],
@@ -38,10 +42,12 @@ class AdminApp:
         self._components = components
         self._sources = sources
         self._refresh = refresh
-        self.app = web.Application()
+        self.auth = ApiAuth(config.api_keys, rate_limit=config.rate_limit)
+        self.app = web.Application(middlewares=[self.auth.middleware])
         self.app.router.add_get("/healthz", self._healthz)
         self.app.router.add_get("/readyz", self._readyz)
         self.app.router.add_get("/metrics", self._metrics_handler)
+        self.app.router.add_get("/v1/sources", self._v1_sources)
 
     async def _healthz(self, _: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -69,3 +75,10 @@ class AdminApp:
         response = web.Response(body=self._metrics.render())
         response.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return response
+
+    @require("read")
+    async def _v1_sources(self, _: web.Request) -> web.Response:
+        data = [{"name": name, **state} for name, state in self._sources().items()]
+        return web.Response(
+            body=orjson.dumps({"success": True, "data": data}), content_type="application/json"
+        )

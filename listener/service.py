@@ -20,6 +20,7 @@ import contextlib
 import signal
 import time
 from collections.abc import AsyncIterator, Mapping
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import structlog
@@ -27,6 +28,7 @@ from aiohttp import web
 
 from listener.admin import AdminApp
 from listener.config import Config, StreamSourceConfig, WebhookSourceConfig
+from listener.envelope import rfc3339
 from listener.journal import Journal
 from listener.metrics import Metrics
 from listener.publisher import Publisher
@@ -102,10 +104,13 @@ class Service:
         for source in self.config.sources:
             if isinstance(source, WebhookSourceConfig):
                 accepting = self._webhooks is not None and self._webhooks.accepting
+                received, last = self._webhooks.stats(source.name) if self._webhooks else (0, None)
                 states[source.name] = {
                     "kind": "webhook",
                     "status": "listening" if accepting else "stopped",
                     "path": source.path,
+                    "events_received": received,
+                    "last_event_at": rfc3339(datetime.fromtimestamp(last, UTC)) if last else None,
                 }
         for stream in self.streams:
             states[stream.name] = stream.state()
@@ -130,6 +135,7 @@ class Service:
             )
             self._webhooks = webhooks
             self.admin = AdminApp(
+                config=config.admin,
                 metrics=self.metrics,
                 components={"broker": publisher.state, "journal": journal.state},
                 sources=self.source_states,

@@ -83,6 +83,7 @@ class WebhookApp:
         self._journal = journal
         self._metrics = metrics
         self.accepting = True
+        self._received: dict[str, list[float]] = {s.name: [0, 0.0] for s in sources}
         self.app = web.Application(
             client_max_size=http.max_body, middlewares=[_json_errors], handler_args={}
         )
@@ -170,11 +171,19 @@ class WebhookApp:
                     )
             elif new:
                 received.labels(name, entry.routing_key).inc()
+                counts = self._received[name]
+                counts[0] += 1
+                counts[1] = now
             else:
                 self._metrics.events_duplicate.labels(name).inc()
             return _json(200, {"success": True, "data": data})
 
         return receive
+
+    def stats(self, source: str) -> tuple[int, float | None]:
+        """Events received by ``source`` and the Unix time of the last one."""
+        count, last = self._received.get(source, [0, 0.0])
+        return int(count), last or None
 
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self._http.max_body

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -32,7 +33,7 @@ from handlers.layerx402 import (
     subscription_key,
     unsubscribe_frame,
 )
-from listener.simulators.layerx402 import Layerx402Simulator
+from listener.simulators.layerx402 import Layerx402Simulator, serve_forever
 
 # The suite's one scalable time unit (tests/conftest.py reads the same variable).
 UNIT = float(os.environ.get("LISTENER_TEST_UNIT", "1.0"))
@@ -441,3 +442,53 @@ async def test_data_is_a_function_of_key_and_seq() -> None:
         async with Layerx402Simulator(api_keys={KEY}, ping_interval=None) as sim:
             records.append(sim.emit("portfolio", {"wallet": WALLET}, 10))
     assert records[0] == records[1]
+
+
+async def test_freeze_leaves_websocket_pings_unanswered() -> None:
+    """freeze() stops reading sockets, so a client's keepalive ping times out and it closes."""
+    async with Layerx402Simulator(api_keys={KEY}, ping_interval=None) as sim:
+        async with connect(sim.url, ping_interval=0.05, ping_timeout=0.1, close_timeout=0.2) as ws:
+            await ws.send(auth_frame(KEY))
+            assert await recv(ws) == AuthOk()
+            sim.freeze()
+            with pytest.raises(ConnectionClosedError):
+                async with asyncio.timeout(5 * UNIT):
+                    await ws.recv()
+        sim.resume()
+        await sim.wait_until(lambda: sim.connections == 0, timeout=15 * UNIT)
+
+
+async def test_rate_per_channel() -> None:
+    """A per-channel rate paces the channels it names; the others stay manual."""
+    async with (
+        Layerx402Simulator(api_keys={KEY}, ping_interval=None, rate={"token": 100.0}) as sim,
+        session(sim) as ws,
+    ):
+        await subscribe(ws, "trades", TRADES, request_id="r1")
+        await subscribe(ws, "token", {"mint": MINT}, request_id="r2")
+        got = await events(ws, 10)
+        assert {f.channel for f in got} == {"token"}
+        assert sim.last_seq("trades", TRADES) == 0
+
+
+async def test_serve_forever_runs_until_cancelled() -> None:
+    """serve_forever serves paced events with current times until its task is cancelled."""
+    ready: asyncio.Future[Layerx402Simulator] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(
+        serve_forever(port=0, rate=50.0, api_keys=["demo"], on_ready=ready.set_result)
+    )
+    try:
+        async with asyncio.timeout(5 * UNIT):
+            simulator = await ready
+        async with session(simulator, key="demo") as ws:
+            await subscribe(ws)
+            (frame,) = await events(ws, 1)
+        assert isinstance(frame.result, Event)
+        assert frame.result.time is not None
+        age = datetime.now(UTC) - frame.result.time
+        assert abs(age.total_seconds()) < 60
+        assert simulator.produced == {}  # no ledger on long runs
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

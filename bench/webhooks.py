@@ -1,0 +1,322 @@
+"""
+End to end: the real listener in its own process, signed webhooks in, confirmed
+CloudEvents out.
+
+The listener runs as ``python -m listener run --config <tmp yaml>`` (uvloop, as in
+production) with the journal on (``synchronous: full``), one ``getstoken`` webhook
+source (standard-webhooks) and a fresh exchange on the local broker, to which a
+fresh durable queue is bound ``#`` before the listener starts, so every event is
+routed (the stream archive is off unless ``archive=True``, so the broker does the
+same work per message as in ceiling B: one durable queue).
+
+Measured:
+
+* accepted: 2xx answers per second over the load (the generator's count and clock);
+* confirmed: events the broker confirmed, counted from the start of the load until the
+  journal has nothing pending and every received event is published (the listener's
+  own counters, polled on its admin port every 20 ms once the load has stopped),
+  cross-checked with the queue's message count;
+* the generator's p50/p99 response latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import aiohttp
+import yaml
+
+from bench.common import (
+    BROKER_URL,
+    CONCURRENCY,
+    WEBHOOK_PATH,
+    WHSEC,
+    CpuMeter,
+    broker_pid,
+    free_port,
+    python_module,
+    say,
+    stop_child,
+    unique,
+    with_loadgen,
+)
+from bench.loadgen import LoadResult, RequestSet, run_load
+
+__all__ = ["EndToEnd", "end_to_end", "listener_config"]
+
+POLL = 0.02
+
+
+@dataclass
+class EndToEnd:
+    """What one end-to-end run measured."""
+
+    load: LoadResult
+    received: int  # events the listener journaled (its counter)
+    confirmed: int  # events the broker confirmed (its counter)
+    queued: int  # messages in the bound queue afterwards
+    confirm_seconds: float  # start of the load until the last accepted event was confirmed
+    drain_seconds: float  # end of the load until then
+    pending_at_end_of_load: int
+    cores: dict[str, float]
+    counters: dict[str, float] = field(default_factory=dict)
+    exit_code: int | None = None
+    log_tail: str = ""
+
+    @property
+    def accepted_rate(self) -> float:
+        """2xx answers per second, as the generator counted them."""
+        return self.load.rate
+
+    @property
+    def confirmed_rate(self) -> float:
+        """Broker-confirmed events per second, load start to last confirm."""
+        return self.confirmed / self.confirm_seconds if self.confirm_seconds > 0 else 0.0
+
+
+def listener_config(
+    directory: Path, *, http_port: int, admin_port: int, exchange: str, archive: bool
+) -> dict[str, Any]:
+    """The listener's configuration for the run (CONTRACT §3)."""
+    return {
+        "log": {"level": "info", "format": "json"},
+        "http": {"host": "127.0.0.1", "port": http_port},
+        "admin": {"host": "127.0.0.1", "port": admin_port},
+        "broker": {"url": BROKER_URL, "exchange": exchange, "archive": {"enabled": archive}},
+        "journal": {"path": str(directory / "journal.db"), "synchronous": "full"},
+        "shutdown_timeout": "20s",
+        "sources": [
+            {
+                "name": "gst",
+                "kind": "webhook",
+                "provider": "getstoken",
+                "path": WEBHOOK_PATH,
+                "environment": "production",
+                "signature": {"scheme": "standard-webhooks", "secrets": [WHSEC]},
+            }
+        ],
+    }
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text → total per metric name (labels summed)."""
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name_labels, _, value = line.rpartition(" ")
+        name = name_labels.split("{", 1)[0]
+        with contextlib.suppress(ValueError):
+            totals[name] = totals.get(name, 0.0) + float(value)
+    return totals
+
+
+async def _metrics(session: aiohttp.ClientSession, admin: str) -> dict[str, float]:
+    async with session.get(f"{admin}/metrics") as response:
+        return parse_metrics(await response.text())
+
+
+async def _wait_ready(
+    session: aiohttp.ClientSession, admin: str, proc: subprocess.Popen[bytes], timeout: float
+) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the listener exited with {proc.returncode} while starting")
+        with contextlib.suppress(aiohttp.ClientError):
+            async with session.get(f"{admin}/readyz") as response:
+                if response.status == 200:
+                    return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the listener was not ready after {timeout:.0f}s")
+        await asyncio.sleep(0.05)
+
+
+async def _declare(exchange: str, queue: str) -> None:
+    connection = await aio_pika.connect(BROKER_URL)
+    try:
+        channel = await connection.channel()
+        ex = await channel.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+        q = await channel.declare_queue(queue, durable=True)
+        await q.bind(ex, "#")
+    finally:
+        await connection.close()
+
+
+async def _queue_count(queue: str) -> int:
+    connection = await aio_pika.connect(BROKER_URL)
+    try:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, passive=True)
+        return int(declared.declaration_result.message_count or 0)
+    finally:
+        await connection.close()
+
+
+async def _cleanup(exchange: str, queue: str) -> None:
+    """Delete what the run and the listener declared (CONTRACT §4 topology)."""
+    connection = await aio_pika.connect(BROKER_URL)
+    try:
+        for name in (queue, f"{exchange}.quarantine", f"{exchange}.archive"):
+            channel = await connection.channel()  # a failed delete closes its channel
+            with contextlib.suppress(Exception):
+                await channel.queue_delete(name)
+        for name in (exchange, f"{exchange}.quarantine"):
+            channel = await connection.channel()
+            with contextlib.suppress(Exception):
+                await channel.exchange_delete(name)
+    finally:
+        await connection.close()
+
+
+def _py_spy(pid: int, seconds: float, output: Path) -> subprocess.Popen[bytes] | None:
+    py_spy = shutil.which("py-spy") or str(Path(python_module("x")[0]).parent / "py-spy")
+    if not Path(py_spy).exists():
+        say("--profile needs py-spy (pip install py-spy); skipped")
+        return None
+    fmt = "speedscope" if output.suffix == ".json" else "flamegraph"
+    argv = [
+        py_spy,
+        "record",
+        "--pid",
+        str(pid),
+        "--duration",
+        str(max(round(seconds), 1)),
+        "--rate",
+        "250",
+        "--format",
+        fmt,
+        "--threads",
+        "--output",
+        str(output),
+    ]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+async def _run(
+    requests: RequestSet,
+    *,
+    seconds: float,
+    concurrency: int,
+    archive: bool,
+    profile: Path | None,
+    directory: Path,
+) -> EndToEnd:
+    exchange = unique("bench.e2e")
+    queue = f"{exchange}.tap"
+    http_port, admin_port = free_port(), free_port()
+    config = directory / "listener.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            listener_config(
+                directory,
+                http_port=http_port,
+                admin_port=admin_port,
+                exchange=exchange,
+                archive=archive,
+            )
+        )
+    )
+    log_path = directory / "listener.log"
+    admin = f"http://127.0.0.1:{admin_port}"
+    await _declare(exchange, queue)
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                python_module("listener", "run", "--config", str(config)),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        async with aiohttp.ClientSession() as session:
+            await _wait_ready(session, admin, proc, timeout=30.0)
+            meter = CpuMeter()
+            meter.add("listener", proc.pid)
+            meter.add("broker", broker_pid())
+            spy = _py_spy(proc.pid, seconds, profile) if profile is not None else None
+            meter.start()
+            started = time.monotonic()
+            load = await asyncio.to_thread(
+                run_load,
+                f"http://127.0.0.1:{http_port}",
+                requests,
+                seconds=seconds,
+                concurrency=concurrency,
+            )
+            load_ended = time.monotonic()
+            meter.stop()
+            counters = await _metrics(session, admin)
+            pending_at_end = int(counters.get("listener_journal_pending", 0))
+            # Until nothing is pending and every journaled event is confirmed.
+            deadline = load_ended + 120.0
+            while True:
+                counters = await _metrics(session, admin)
+                received = counters.get("listener_events_received_total", 0.0)
+                published = counters.get("listener_events_published_total", 0.0)
+                pending = counters.get("listener_journal_pending", 0.0)
+                if pending == 0 and published >= received:
+                    confirmed_at = time.monotonic()
+                    break
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError(
+                        f"the listener did not drain: pending {pending:.0f}, "
+                        f"received {received:.0f}, published {published:.0f}"
+                    )
+                await asyncio.sleep(POLL)
+            # A request still in the listener when the generator stopped could land just
+            # after the poll: look once more after a short pause.
+            await asyncio.sleep(0.2)
+            counters = await _metrics(session, admin)
+            if counters.get("listener_events_received_total", 0.0) > received:
+                say("late arrivals after the drain; the confirmed count includes them")
+        if spy is not None:
+            spy.wait()
+        queued = await _queue_count(queue)
+    finally:
+        exit_code = stop_child(proc) if proc is not None else None
+        await _cleanup(exchange, queue)
+    log_tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-20:])
+    return EndToEnd(
+        load=load,
+        received=int(counters.get("listener_events_received_total", 0)),
+        confirmed=int(counters.get("listener_events_published_total", 0)),
+        queued=queued,
+        confirm_seconds=confirmed_at - started,
+        drain_seconds=confirmed_at - load_ended,
+        pending_at_end_of_load=pending_at_end,
+        cores=with_loadgen(meter.cores(), load),
+        counters=counters,
+        exit_code=exit_code,
+        log_tail=log_tail,
+    )
+
+
+def end_to_end(
+    requests: RequestSet,
+    *,
+    seconds: float,
+    concurrency: int = CONCURRENCY,
+    archive: bool = False,
+    profile: Path | None = None,
+) -> EndToEnd:
+    """Run the listener and drive it; see the module docstring for what is measured."""
+    with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
+        return asyncio.run(
+            _run(
+                requests,
+                seconds=seconds,
+                concurrency=concurrency,
+                archive=archive,
+                profile=profile,
+                directory=Path(tmp),
+            )
+        )
