@@ -262,7 +262,6 @@ class Layerx402Simulator:
         self._pings_on = True
         self._frozen = False
         self._rate_limited_until = 0.0
-        self._rate_limit_retry_after = 0.0
         self._handshake_status: int | None = None
         self._changed = asyncio.Event()
         self._stopping = asyncio.Event()

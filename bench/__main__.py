@@ -1,0 +1,236 @@
+"""
+``python -m bench`` (``make bench``): ceiling A, ceiling B, then the listener end to end;
+prints a table of figures and ratios. Never asserts a timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.ceilings import PublishResult, ceiling_a, ceiling_b
+from bench.common import (
+    CONCURRENCY,
+    CONFIRM_WINDOW,
+    MESSAGE_SIZE,
+    broker_reachable,
+    describe_cores,
+    fmt_ms,
+    fmt_rate,
+    fmt_ratio,
+    say,
+    table,
+)
+from bench.loadgen import LoadResult, generate, wrk_path
+from bench.webhooks import EndToEnd, end_to_end
+
+TARGET = 0.6
+# Requests signed for ceiling A (replayed in a loop: the bare handler does not care).
+A_REQUESTS = 50_000
+# Headroom over ceiling A's rate when sizing the end-to-end request set, which must not
+# wrap (a replayed id would be answered as a duplicate and never published).
+E2E_HEADROOM = 1.25
+
+
+def _args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description="Listener throughput against its two ceilings."
+    )
+    parser.add_argument(
+        "--seconds", type=float, default=10.0, help="length of each run (default 10)"
+    )
+    parser.add_argument("--quick", action="store_true", help="3 s runs")
+    parser.add_argument("--concurrency", type=int, default=CONCURRENCY, help="connections (64)")
+    parser.add_argument(
+        "--archive",
+        action="store_true",
+        help="keep the listener's stream archive on (a second queue per event; off by default "
+        "so the broker's work per message matches ceiling B)",
+    )
+    parser.add_argument(
+        "--no-lean", action="store_true", help="skip the lean-publisher reference run"
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="py-spy the listener during the end-to-end load into this file "
+        "(.svg flamegraph, .json speedscope); needs py-spy",
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seconds = 3.0
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _args(argv)
+    if not broker_reachable():
+        print("RabbitMQ not reachable on 127.0.0.1:5672; start one with: rabbitmq-server -detached")
+        return 2
+    seconds = args.seconds
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        directory = Path(tmp)
+        say(f"signing {A_REQUESTS:,} webhooks for ceiling A")
+        a_requests = generate(directory, A_REQUESTS, 1, tag="a")
+
+        say(f"ceiling A: bare aiohttp, {seconds:g} s")
+        a_load, a_cores = ceiling_a(a_requests, seconds=seconds, concurrency=args.concurrency)
+        say(f"ceiling A: {a_load.rate:,.0f} req/s")
+
+        say(f"ceiling B: aio-pika publisher, {seconds:g} s")
+        b = ceiling_b(seconds=seconds, mode="message")
+        say(f"ceiling B: {b.rate:,.0f} msg/s")
+        lean: PublishResult | None = None
+        if not args.no_lean:
+            say(f"reference: lean publisher, {seconds:g} s")
+            lean = ceiling_b(seconds=seconds, mode="lean")
+            say(f"reference: {lean.rate:,.0f} msg/s")
+
+        count = max(int(a_load.rate * seconds * E2E_HEADROOM), 20_000)
+        say(f"signing {count:,} unique webhooks for the end-to-end run")
+        e2e_requests = generate(directory, count, 1, tag="e")
+        say(f"end to end: the listener, {seconds:g} s")
+        e2e = end_to_end(
+            e2e_requests,
+            seconds=seconds,
+            concurrency=args.concurrency,
+            archive=args.archive,
+            profile=args.profile,
+        )
+        for path in directory.glob("requests-*"):
+            path.unlink()
+    _report(args, a_load, a_cores, b, lean, e2e, e2e_requests.body_size, e2e_requests.event_size)
+    say(f"done in {time.monotonic() - started:.0f} s")
+    return 0
+
+
+def _report(
+    args: argparse.Namespace,
+    a: LoadResult,
+    a_cores: dict[str, float],
+    b: PublishResult,
+    lean: PublishResult | None,
+    e2e: EndToEnd,
+    body_size: int,
+    event_size: int,
+) -> None:
+    seconds = args.seconds
+    tool = a.tool
+    rows = [
+        [
+            "A   bare aiohttp POST -> 200",
+            fmt_rate(a.rate),
+            fmt_ms(a.p50_ms),
+            fmt_ms(a.p99_ms),
+            describe_cores(a_cores),
+        ],
+        [
+            f"B   aio-pika publish, persistent {MESSAGE_SIZE} B, confirms w={CONFIRM_WINDOW}",
+            fmt_rate(b.rate),
+            "-",
+            "-",
+            describe_cores(b.cores),
+        ],
+    ]
+    if lean is not None:
+        rows.append(
+            [
+                "    (ref) lean: underlay basic_publish, same window",
+                fmt_rate(lean.rate),
+                "-",
+                "-",
+                describe_cores(lean.cores),
+            ]
+        )
+    rows += [
+        [
+            "E2E accepted (2xx)",
+            fmt_rate(e2e.accepted_rate),
+            fmt_ms(e2e.load.p50_ms),
+            fmt_ms(e2e.load.p99_ms),
+            describe_cores(e2e.cores),
+        ],
+        [
+            "E2E confirmed by the broker (load start -> last confirm)",
+            fmt_rate(e2e.confirmed_rate),
+            "-",
+            "-",
+            "",
+        ],
+    ]
+    lower = min(a.rate, b.rate)
+    confirmed = e2e.confirmed_rate
+    accepted = e2e.accepted_rate
+
+    def ratio(x: float, y: float) -> float | None:
+        return x / y if y > 0 else None
+
+    ratios = [
+        ["end to end / ceiling A", fmt_ratio(ratio(confirmed, a.rate)), fmt_ratio(ratio(accepted, a.rate))],
+        ["end to end / ceiling B", fmt_ratio(ratio(confirmed, b.rate)), fmt_ratio(ratio(accepted, b.rate))],
+        [
+            f"end to end / min(A, B) = {'A' if a.rate <= b.rate else 'B'}",
+            fmt_ratio(ratio(confirmed, lower)),
+            fmt_ratio(ratio(accepted, lower)),
+        ],
+    ]
+    score = ratio(confirmed, lower) or 0.0
+    verdict = "PASS" if score >= TARGET else "BELOW"
+
+    print()
+    print(
+        f"listener benchmark: {seconds:g} s per run, {args.concurrency} connections, "
+        f"{os.cpu_count()} CPUs, Python {platform.python_version()}, generator {tool}"
+    )
+    print(
+        f"webhook body {body_size} B -> CloudEvent {event_size} B; journal synchronous=full; "
+        f"stream archive {'on' if args.archive else 'off'}"
+    )
+    print()
+    print(table(rows, ["run", "rate", "p50", "p99", "cores busy (avg over the load)"]))
+    print()
+    print(table(ratios, ["ratio", "confirmed", "accepted"]))
+    print()
+    print(f"target: ≥ {TARGET} of the lower ceiling -> {score:.2f} {verdict}")
+    print()
+    load = e2e.load
+    details = [
+        f"E2E requests {load.requests:,}, 2xx {load.ok:,}, errors {load.errors:,} in {load.seconds:.2f} s",
+        f"listener journaled {e2e.received:,}, broker confirmed {e2e.confirmed:,}, "
+        f"queue holds {e2e.queued:,}",
+        f"pending when the load stopped {e2e.pending_at_end_of_load:,}; drained "
+        f"{e2e.drain_seconds:.2f} s later ({e2e.confirm_seconds:.2f} s from load start)",
+        f"listener exit code {e2e.exit_code}",
+    ]
+    failures = e2e.counters.get("listener_publish_failures_total", 0)
+    duplicates = e2e.counters.get("listener_events_duplicate_total", 0)
+    rejected = e2e.counters.get("listener_webhook_rejected_total", 0)
+    if failures or duplicates or rejected:
+        details.append(
+            f"publish failures {failures:.0f}, duplicates {duplicates:.0f}, rejected {rejected:.0f}"
+        )
+    if load.wraps:
+        details.append("WARNING: the request set wrapped; replayed ids were duplicates")
+    if e2e.queued < e2e.confirmed:
+        details.append("WARNING: the queue holds fewer messages than were confirmed")
+    if b.failed or (lean is not None and lean.failed):
+        details.append(f"ceiling B failures {b.failed}, lean {lean.failed if lean else 0}")
+    if wrk_path() is None:
+        details.append("generator: Python fallback (install wrk for trustworthy ceilings)")
+    for line in details:
+        print(line)
+    if e2e.exit_code not in (0, None):
+        print("listener log (last lines):")
+        print(e2e.log_tail)
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
