@@ -18,6 +18,7 @@ from bench.common import (
     CONCURRENCY,
     CONFIRM_WINDOW,
     MESSAGE_SIZE,
+    background_load,
     broker_reachable,
     describe_cores,
     fmt_ms,
@@ -30,6 +31,8 @@ from bench.loadgen import LoadResult, generate, wrk_path
 from bench.webhooks import EndToEnd, end_to_end
 
 TARGET = 0.6
+# Cores busy elsewhere on the host above which the figures are flagged as noisy.
+BUSY = 0.15
 # Requests signed for ceiling A (replayed in a loop: the bare handler does not care).
 A_REQUESTS = 50_000
 # Headroom over ceiling A's rate when sizing the end-to-end request set, which must not
@@ -75,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     seconds = args.seconds
     started = time.monotonic()
+    background = background_load()
+    if background > BUSY:
+        say(f"the host is busy before the benchmark ({background:.2f} cores): figures will be low")
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         directory = Path(tmp)
         say(f"signing {A_REQUESTS:,} webhooks for ceiling A")
@@ -106,13 +112,24 @@ def main(argv: list[str] | None = None) -> int:
         )
         for path in directory.glob("requests-*"):
             path.unlink()
-    _report(args, a_load, a_cores, b, lean, e2e, e2e_requests.body_size, e2e_requests.event_size)
+    _report(
+        args,
+        background,
+        a_load,
+        a_cores,
+        b,
+        lean,
+        e2e,
+        e2e_requests.body_size,
+        e2e_requests.event_size,
+    )
     say(f"done in {time.monotonic() - started:.0f} s")
     return 0
 
 
 def _report(
     args: argparse.Namespace,
+    background: float,
     a: LoadResult,
     a_cores: dict[str, float],
     b: PublishResult,
@@ -173,8 +190,16 @@ def _report(
         return x / y if y > 0 else None
 
     ratios = [
-        ["end to end / ceiling A", fmt_ratio(ratio(confirmed, a.rate)), fmt_ratio(ratio(accepted, a.rate))],
-        ["end to end / ceiling B", fmt_ratio(ratio(confirmed, b.rate)), fmt_ratio(ratio(accepted, b.rate))],
+        [
+            "end to end / ceiling A",
+            fmt_ratio(ratio(confirmed, a.rate)),
+            fmt_ratio(ratio(accepted, a.rate)),
+        ],
+        [
+            "end to end / ceiling B",
+            fmt_ratio(ratio(confirmed, b.rate)),
+            fmt_ratio(ratio(accepted, b.rate)),
+        ],
         [
             f"end to end / min(A, B) = {'A' if a.rate <= b.rate else 'B'}",
             fmt_ratio(ratio(confirmed, lower)),
@@ -191,7 +216,8 @@ def _report(
     )
     print(
         f"webhook body {body_size} B -> CloudEvent {event_size} B; journal synchronous=full; "
-        f"stream archive {'on' if args.archive else 'off'}"
+        f"stream archive {'on' if args.archive else 'off'}; host busy before start "
+        f"{background:.2f} cores{' (NOISY)' if background > BUSY else ''}"
     )
     print()
     print(table(rows, ["run", "rate", "p50", "p99", "cores busy (avg over the load)"]))
@@ -202,7 +228,8 @@ def _report(
     print()
     load = e2e.load
     details = [
-        f"E2E requests {load.requests:,}, 2xx {load.ok:,}, errors {load.errors:,} in {load.seconds:.2f} s",
+        f"E2E requests {load.requests:,}, 2xx {load.ok:,}, errors {load.errors:,} "
+        f"in {load.seconds:.2f} s",
         f"listener journaled {e2e.received:,}, broker confirmed {e2e.confirmed:,}, "
         f"queue holds {e2e.queued:,}",
         f"pending when the load stopped {e2e.pending_at_end_of_load:,}; drained "

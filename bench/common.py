@@ -66,7 +66,9 @@ def broker_reachable() -> bool:
         return False
 
 
-def wait_port(port: int, *, proc: subprocess.Popen[Any] | None = None, timeout: float = 15.0) -> None:
+def wait_port(
+    port: int, *, proc: subprocess.Popen[Any] | None = None, timeout: float = 15.0
+) -> None:
     """Wait until 127.0.0.1:``port`` accepts connections (or ``proc`` died)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -183,16 +185,12 @@ class CpuMeter:
             if seconds is not None:
                 self._end[role] = seconds
 
-    def sample_end(self, role: str) -> None:
-        """Sample ``role`` alone now (a process that is about to exit)."""
-        pid = self.pids.get(role)
-        if pid is not None:
-            seconds = _cpu_seconds(pid)
-            if seconds is not None:
-                self._end[role] = seconds
-
     def cores(self) -> dict[str, float]:
-        """Average cores busy per role over the measured interval; ``idle`` for the host."""
+        """
+        Average cores busy per role over the measured interval, then ``other`` (busy
+        but in none of the roles: other processes, the kernel's softirq work) and
+        ``idle`` for the host.
+        """
         if self._elapsed <= 0:
             return {}
         result = {
@@ -201,23 +199,39 @@ class CpuMeter:
             if role in self._start and role in self._end
         }
         if self._host_start is not None and self._host_end is not None:
-            idle = self._host_end.idle - self._host_start.idle
-            result["host idle"] = idle / self._elapsed
+            busy = _busy(self._host_end) - _busy(self._host_start)
+            idle = (self._host_end.idle + self._host_end.iowait) - (
+                self._host_start.idle + self._host_start.iowait
+            )
+            result["other"] = max(busy / self._elapsed - sum(result.values()), 0.0)
+            result["idle"] = idle / self._elapsed
         return result
 
 
+def _busy(times: Any) -> float:
+    return float(times.user + times.nice + times.system + times.irq + times.softirq + times.steal)
+
+
+def background_load(seconds: float = 1.0) -> float:
+    """Cores busy on the host while the benchmark does nothing (noise from elsewhere)."""
+    before = psutil.cpu_times()
+    time.sleep(seconds)
+    return (_busy(psutil.cpu_times()) - _busy(before)) / seconds
+
+
 def with_loadgen(cores: dict[str, float], load: Any) -> dict[str, float]:
-    """``cores`` with the load generator's own (its CPU time over its run), host idle last."""
-    result = {k: v for k, v in cores.items() if k != "host idle"}
+    """``cores`` with the load generator's own (its CPU time over its run) added."""
+    result = {k: v for k, v in cores.items() if k not in {"other", "idle"}}
     if load.cpu_seconds is not None and load.seconds > 0:
         result["loadgen"] = load.cpu_seconds / load.seconds
-    if "host idle" in cores:
-        result["host idle"] = cores["host idle"]
+    if "other" in cores:
+        result["other"] = max(cores["other"] - result.get("loadgen", 0.0), 0.0)
+        result["idle"] = cores["idle"]
     return result
 
 
 def describe_cores(cores: dict[str, float]) -> str:
-    """``listener 0.93, wrk 0.21, broker 0.55, host idle 0.2`` (cores)."""
+    """``listener 0.93, broker 0.55, loadgen 0.21, other 0.05, idle 0.2`` (cores)."""
     return ", ".join(f"{role} {value:.2f}" for role, value in cores.items())
 
 

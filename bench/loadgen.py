@@ -165,7 +165,9 @@ def generate(directory: Path, count: int, parts: int, *, tag: str = "") -> Reque
         for i in range(count):
             event_id = f"evt_{run}{i:010d}"
             body = webhook_body(event_id, pad)
-            headers = sign("standard-webhooks", WHSEC, body, msg_id=f"msg_{run}{i:010d}", timestamp=stamp)
+            headers = sign(
+                "standard-webhooks", WHSEC, body, msg_id=f"msg_{run}{i:010d}", timestamp=stamp
+            )
             head = (
                 f"POST {WEBHOOK_PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                 "Content-Type: application/json\r\n"

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -126,9 +127,9 @@ async def _metrics(session: aiohttp.ClientSession, admin: str) -> dict[str, floa
 
 
 async def _wait_ready(
-    session: aiohttp.ClientSession, admin: str, proc: subprocess.Popen[bytes], timeout: float
+    session: aiohttp.ClientSession, admin: str, proc: subprocess.Popen[bytes], within: float
 ) -> None:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     while True:
         if proc.poll() is not None:
             raise RuntimeError(f"the listener exited with {proc.returncode} while starting")
@@ -137,7 +138,7 @@ async def _wait_ready(
                 if response.status == 200:
                     return
         if time.monotonic() > deadline:
-            raise RuntimeError(f"the listener was not ready after {timeout:.0f}s")
+            raise RuntimeError(f"the listener was not ready after {within:.0f}s")
         await asyncio.sleep(0.05)
 
 
@@ -179,7 +180,7 @@ async def _cleanup(exchange: str, queue: str) -> None:
 
 
 def _py_spy(pid: int, seconds: float, output: Path) -> subprocess.Popen[bytes] | None:
-    py_spy = shutil.which("py-spy") or str(Path(python_module("x")[0]).parent / "py-spy")
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(py_spy).exists():
         say("--profile needs py-spy (pip install py-spy); skipped")
         return None
@@ -232,13 +233,14 @@ async def _run(
     proc: subprocess.Popen[bytes] | None = None
     try:
         with log_path.open("wb") as log:
-            proc = subprocess.Popen(
+            # Popen returns at once; the listener's process is what we measure.
+            proc = subprocess.Popen(  # noqa: ASYNC220
                 python_module("listener", "run", "--config", str(config)),
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
         async with aiohttp.ClientSession() as session:
-            await _wait_ready(session, admin, proc, timeout=30.0)
+            await _wait_ready(session, admin, proc, within=30.0)
             meter = CpuMeter()
             meter.add("listener", proc.pid)
             meter.add("broker", broker_pid())

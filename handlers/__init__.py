@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 if TYPE_CHECKING:
     # The stream frame vocabulary lives with its first provider for now; only types
     # are needed here, so there is no import cycle at run time.
-    from handlers.layerx402 import ServerFrame
+    from handlers.frames import ServerFrame
 
 __all__ = [
     "Event",

@@ -31,7 +31,6 @@ from __future__ import annotations
 import hashlib
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Final, Literal, TypeGuard
 from urllib.parse import urlencode
@@ -48,6 +47,16 @@ from pydantic import (
 )
 
 from handlers import Event, Quarantine
+from handlers.frames import (
+    AuthOk,
+    ErrorFrame,
+    EventFrame,
+    Ping,
+    ServerFrame,
+    Subscribed,
+    Unparseable,
+    Unsubscribed,
+)
 
 __all__ = [
     "CHANNELS",
@@ -155,78 +164,7 @@ _ADAPTERS: Final[Mapping[str, TypeAdapter[Any]]] = {
 }
 
 
-# --- frames the server sends ---------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class AuthOk:
-    """``{"type": "auth_ok"}``: the key was accepted; subscribe now."""
-
-
-@dataclass(frozen=True, slots=True)
-class ErrorFrame:
-    """
-    ``{"type": "error", ...}``.
-
-    ``id`` is the request id of the subscribe it answers (``None`` for connection
-    errors such as ``UNAUTHORIZED``). ``retry_after`` (seconds) is set when the server
-    gave one: after a close 4029, reconnect no sooner (CONTRACT §6).
-    """
-
-    id: str | None
-    code: str
-    message: str
-    retry_after: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Subscribed:
-    """``{"type": "subscribed", ...}``: request ``id`` is now subscription ``subscription``."""
-
-    id: str
-    channel: str
-    subscription: str
-
-
-@dataclass(frozen=True, slots=True)
-class Unsubscribed:
-    """``{"type": "unsubscribed", ...}``: the server stopped sending ``subscription``."""
-
-    id: str | None
-    subscription: str
-
-
-@dataclass(frozen=True, slots=True)
-class EventFrame:
-    """
-    ``{"type": "event", ...}`` with a usable ``seq``.
-
-    ``result`` is the validated event, or the verdict on its ``data``
-    (``schema_violation``, ``unknown_channel``): either way ``seq`` may advance once
-    the result is journaled (CONTRACT §8).
-    """
-
-    subscription: str
-    channel: str
-    seq: int
-    result: Event | Quarantine
-
-
-@dataclass(frozen=True, slots=True)
-class Ping:
-    """``{"type": "ping", "ts": <ms>}``: answer with :func:`pong_frame` (same ``ts``)."""
-
-    ts: int
-
-
-@dataclass(frozen=True, slots=True)
-class Unparseable:
-    """A frame that is not JSON or not a frame of CONTRACT §6: quarantine it raw."""
-
-    verdict: Quarantine
-
-
-ServerFrame = AuthOk | ErrorFrame | Subscribed | Unsubscribed | EventFrame | Ping | Unparseable
+# --- frames the server sends: the shared vocabulary of handlers/frames.py -------------
 
 
 # --- frames the listener sends -------------------------------------------------------

@@ -35,7 +35,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from handlers import Event, Quarantine, StreamProvider, load_provider
-from handlers.layerx402 import (
+from handlers.frames import (
     AuthOk,
     ErrorFrame,
     EventFrame,
