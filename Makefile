@@ -34,8 +34,9 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench
 
-simulate: $(STAMP)
-	$(BIN)/listener simulate layerx402 --port 8765
+# A local Layerx402 server for config.yaml's `lx` source, accepting the key in .env.
+simulate: $(STAMP) .env
+	@set -a && . ./.env && set +a && exec $(BIN)/listener simulate layerx402 --port 8765
 
 demo: $(STAMP) .env
 	@set -a && . ./.env && set +a && exec $(BIN)/listener demo --config config.yaml

@@ -326,6 +326,16 @@ def _check_providers(config: Config) -> Iterator[str]:
                 f"sources[{index}].kind: provider {source.provider!r} is a "
                 f"{provider.kind} provider, not {source.kind}"
             )
+            continue
+        if isinstance(source, StreamSourceConfig) and isinstance(provider, StreamProvider):
+            for i, sub in enumerate(source.subscriptions):
+                where = f"sources[{index}].subscriptions[{i}]"
+                needs = provider.channels.get(sub.channel)
+                if needs is None:
+                    known = ", ".join(sorted(provider.channels))
+                    yield f"{where}.channel: unknown channel {sub.channel!r} (known: {known})"
+                elif missing := [p for p in needs if p not in sub.params]:
+                    yield f"{where}.params: missing {', '.join(missing)}"
 
 
 def _key_path(loc: tuple[str | int, ...]) -> str:

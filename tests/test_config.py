@@ -139,3 +139,23 @@ def test_check_config_cli(tmp_path: Path) -> None:
     assert len(bad.stderr.strip().splitlines()) == 1
     run = run_cli("run", "--config", str(path))
     assert run.returncode == 2 and "Traceback" not in run.stderr
+
+
+def test_stream_subscription_checked_against_provider(tmp_path: Path) -> None:
+    """A subscription to an unknown channel or without its params is an error naming it."""
+    text = BASE + """
+  - name: lx
+    kind: websocket
+    provider: layerx402
+    url: ws://127.0.0.1:1/ws
+    api_key: k
+    subscriptions:
+      - {channel: trades, params: {}}
+      - {channel: nope}
+"""
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text), environ={"GST_SECRET": WHSEC})
+    assert caught.value.problems == [
+        "sources[1].subscriptions[0].params: missing mint",
+        "sources[1].subscriptions[1].channel: unknown channel 'nope' (known: portfolio, token, trades)",
+    ]
