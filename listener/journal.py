@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,6 +156,7 @@ class Journal:
         self._appended = asyncio.Event()
         self._capacity = asyncio.Event()
         self._capacity.set()
+        self._listeners: list[Callable[[], None]] = []
         self._failed: BaseException | None = None
         self._failed_until = 0.0
 
@@ -236,8 +237,16 @@ class Journal:
 
     async def wait_for_capacity(self) -> None:
         """Return once the journal is under its limits (streams pause here)."""
-        while not self._capacity.is_set():
-            await self._capacity.wait()
+        while self.over_limit() is not None:
+            self._update_capacity()
+            # Only a commit sets the event, but the shedding after a failed commit ends
+            # with time alone, and a paused stream may be the only writer (the broker
+            # down: nothing to mark published): look again at least once a second.
+            try:
+                async with asyncio.timeout(1.0):
+                    await self._capacity.wait()
+            except TimeoutError:
+                pass
 
     def _update_capacity(self) -> None:
         if self.over_limit() is None:
@@ -320,6 +329,8 @@ class Journal:
                 self._queue.task_done()
             self._update_capacity()
             self._appended.set()
+            for listener in self._listeners:
+                listener()
 
     def _write(self, ops: list[_Append | _Mark]) -> list[Any]:
         conn = self._writer
@@ -380,6 +391,10 @@ class Journal:
         pages = conn.execute("PRAGMA page_count").fetchone()[0]
         free = conn.execute("PRAGMA freelist_count").fetchone()[0]
         self._stats.size = (pages - free) * page_size
+
+    def add_commit_listener(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` after every successful commit (the publisher's wake-up)."""
+        self._listeners.append(listener)
 
     # -- reads --------------------------------------------------------------------
 
@@ -452,8 +467,14 @@ class Journal:
             deleted: int = await self._on_writer(self._prune_batch, cutoff, batch)
             total += deleted
             if deleted < batch:
-                return total
+                break
             await asyncio.sleep(0)
+        if total:
+            # Deleted rows free pages: re-measure now, or a journal held over max_size
+            # would wait for a commit that its own limit refuses.
+            await self._on_writer(self._measure_size)
+            self._update_capacity()
+        return total
 
     def _prune_batch(self, cutoff: float, batch: int) -> int:
         conn = self._writer

@@ -3,9 +3,10 @@ The publisher: drains the journal to RabbitMQ with publisher confirms (CONTRACT 
 
 * One aio-pika robust connection with a short heartbeat and one confirm-mode channel.
 * Lean publishing (NOTES: "where the time goes"): frames go straight to the
-  underlying aiormq channel (``get_underlay_channel().basic_publish``) without
-  building ``aio_pika.Message`` objects, with a sliding window of up to
-  ``broker.confirm_window`` publishes awaiting their confirm; never one at a time.
+  underlying aiormq channel without building ``aio_pika.Message`` objects, many
+  messages per socket write (:func:`_send`), with a sliding window of up to
+  ``broker.confirm_window`` publishes awaiting their confirm; never one at a time,
+  and no task or timer per message: one deadline watches the oldest publish.
 * ``mandatory`` with ``on_return_raises=True``: a returned (unroutable) message fails
   its publish instead of resolving as if confirmed (aio-pika's default).
 * Every publish runs under a deadline of our own, which, unlike aio-pika's
@@ -18,8 +19,9 @@ The publisher: drains the journal to RabbitMQ with publisher confirms (CONTRACT 
 from __future__ import annotations
 
 import asyncio
+import collections
+import functools
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,11 +29,18 @@ import aio_pika
 import aiormq
 import structlog
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
+from aiormq.abc import ChannelFrame
 from pamqp.commands import Basic
+from pamqp.header import ContentHeader
 
 from listener.config import BrokerConfig, mask_url
 from listener.envelope import APP_ID, CONTENT_TYPE
-from listener.exceptions import PublishError, PublishNacked, PublishReturned, PublishTimeout
+from listener.exceptions import (
+    JournalError,
+    PublishNacked,
+    PublishReturned,
+    PublishTimeout,
+)
 from listener.journal import Journal, StoredEntry
 from listener.metrics import Metrics
 from listener.retry import backoff
@@ -127,6 +136,9 @@ class Publisher:
         self._last_error: str | None = None
         self._drained = asyncio.Event()
         self._closing = False
+        # Set by confirms and by journal commits: the drain loop's one wake-up call.
+        self._wake = asyncio.Event()
+        journal.add_commit_listener(self._wake.set)
 
     # -- state ------------------------------------------------------------------------
 
@@ -245,128 +257,112 @@ class Publisher:
         try:
             async with asyncio.timeout(self._config.publish_timeout):
                 underlay = await self._channel.get_underlay_channel()
-            # The concrete channel: its basic_publish takes wait=False (skip the drain wait).
+            # The concrete aiormq channel: _Batch writes frames through it (see there).
             assert isinstance(underlay, aiormq.Channel)
         except (TimeoutError, aiormq.exceptions.AMQPError, RuntimeError) as exc:
             self._record_failure("channel_unavailable", exc)
             return False
 
-        window = asyncio.Semaphore(self._config.confirm_window)
-        in_flight: dict[str, asyncio.Task[None]] = {}
+        window = self._config.confirm_window
+        deadline = self._config.publish_timeout
+        journal = self._journal
+        backlog: collections.deque[StoredEntry] = collections.deque()
+        # Publishes awaiting their confirm, oldest first, with their deadlines.
+        waiting: collections.deque[tuple[float, asyncio.Future[Any], StoredEntry]] = (
+            collections.deque()
+        )
+        in_flight: dict[str, StoredEntry] = {}
         failures: list[BaseException] = []
         confirmed_any = False
         after = 0
+        wake = self._wake
 
-        def settled(stored: StoredEntry, exc: BaseException | None) -> None:
+        def settled(stored: StoredEntry, started: float, future: asyncio.Future[Any]) -> None:
             nonlocal confirmed_any
-            window.release()
-            if exc is None:
+            in_flight.pop(stored.entry.event_id, None)
+            wake.set()
+            error = _outcome(stored, future)
+            if error is None:
                 confirmed_any = True
                 self._confirmed.append(stored)
-            else:
-                failures.append(exc)
+                now = time.monotonic()
+                self._metrics.publish_seconds.observe(now - started)
+                self._metrics.event_lag_seconds.observe(
+                    max(time.time() - stored.entry.received_at, 0.0)
+                )
+            elif not isinstance(error, asyncio.CancelledError):
+                failures.append(error)
 
         try:
-            async with asyncio.TaskGroup() as tasks:
-                while not failures:
-                    batch = await self._journal.pending(
-                        after_seq=after, limit=self._config.confirm_window
-                    )
-                    if not batch:
-                        await self._flush_confirmed()
-                        if self._journal.pending_count == 0:
-                            self._drained.set()
-                        await self._journal.wait_appended(max_wait=1.0)
-                        continue
-                    for stored in batch:
-                        await window.acquire()
-                        if failures:
-                            window.release()
-                            break
-                        after = stored.seq
-                        previous = in_flight.get(stored.entry.event_id)
-                        if previous is not None and not previous.done():
+            while not failures:
+                wake.clear()
+                room = window - len(in_flight)
+                if not backlog and room > 0:
+                    backlog.extend(await journal.pending(after_seq=after, limit=2 * window))
+                    if backlog:
+                        after = backlog[-1].seq
+                # Refill in chunks (not one message per confirm): one socket write per chunk.
+                if backlog and (room >= window // 4 or not in_flight):
+                    batch: list[StoredEntry] = []
+                    while backlog and len(batch) < room:
+                        if backlog[0].entry.event_id in in_flight:
                             # Never two publishes with one message_id in flight on a channel
-                            # (NOTES: a reported aio-pika hang matches returns through it).
-                            await asyncio.wait({previous})
-                        in_flight[stored.entry.event_id] = tasks.create_task(
-                            self._publish(underlay, stored, settled)
+                            # (NOTES: aiormq matches returns by message_id).
+                            break
+                        batch.append(backlog.popleft())
+                    if batch:
+                        started = time.monotonic()
+                        futures = await _send(underlay, batch, self._names)
+                        for stored, future in zip(batch, futures, strict=True):
+                            in_flight[stored.entry.event_id] = stored
+                            future.add_done_callback(functools.partial(settled, stored, started))
+                            waiting.append((started + deadline, future, stored))
+                        continue
+                if len(self._confirmed) >= 64 or (self._confirmed and not in_flight):
+                    await self._flush_confirmed(wait=False)
+                while waiting and waiting[0][1].done():
+                    waiting.popleft()
+                if not in_flight and not backlog and journal.pending_count == 0:
+                    self._drained.set()
+                # Sleep until a confirm, an append or a commit wakes us, or the oldest
+                # publish passes its deadline (one timer for the window, not one each).
+                limit = waiting[0][0] - time.monotonic() if waiting else 1.0
+                try:
+                    async with asyncio.timeout(max(limit, 0.0)):
+                        await wake.wait()
+                except TimeoutError:
+                    if waiting and waiting[0][0] <= time.monotonic():
+                        oldest = waiting[0][2].entry.event_id
+                        failures.append(
+                            PublishTimeout(f"no confirm within {deadline}s", message_id=oldest)
                         )
-                    if len(self._confirmed) >= self._config.confirm_window:
-                        await self._flush_confirmed()
-                    in_flight = {k: t for k, t in in_flight.items() if not t.done()}
         finally:
-            await self._flush_confirmed()
+            # Settle the window: what has no confirm now has an unknown outcome and is
+            # published again next session (consumers deduplicate on message_id).
+            for _, future, _ in waiting:
+                if not future.done():
+                    future.cancel()
+            await asyncio.sleep(0)  # let the cancellations run their callbacks
+            await self._flush_confirmed(wait=True)
         if failures:
             self._record_failure(_reason(failures[0]), failures[0])
         return confirmed_any
 
-    async def _publish(
-        self,
-        underlay: aiormq.Channel,
-        stored: StoredEntry,
-        settled: Callable[[StoredEntry, BaseException | None], None],
-    ) -> None:
-        entry = stored.entry
-        exchange = (
-            self._names.exchange if entry.kind == "event" else self._names.quarantine_exchange
-        )
-        started = time.monotonic()
-        try:
-            async with asyncio.timeout(self._config.publish_timeout):
-                result = await underlay.basic_publish(
-                    entry.body,
-                    exchange=exchange,
-                    routing_key=entry.routing_key,
-                    properties=properties_for(stored),
-                    mandatory=True,
-                    wait=False,
-                )
-            if not isinstance(result, Basic.Ack):
-                raise PublishNacked(f"broker answered {result!r}", message_id=entry.event_id)
-        except TimeoutError as exc:
-            settled(
-                stored,
-                PublishTimeout(
-                    f"no confirm within {self._config.publish_timeout}s", message_id=entry.event_id
-                ),
-            )
-            del exc
-            return
-        except aiormq.exceptions.PublishError as exc:
-            settled(
-                stored,
-                PublishReturned(
-                    f"returned unroutable by the broker (routing key {entry.routing_key!r});"
-                    " check the bindings of the exchange",
-                    message_id=entry.event_id,
-                ),
-            )
-            del exc
-            return
-        except aiormq.exceptions.DeliveryError as exc:
-            settled(stored, PublishNacked(f"nacked: {exc}", message_id=entry.event_id))
-            return
-        except (aiormq.exceptions.AMQPError, ConnectionError, OSError, RuntimeError) as exc:
-            settled(stored, exc)
-            return
-        except PublishError as exc:
-            settled(stored, exc)
-            return
-        except Exception as exc:  # a bug must not stop the drain: count, log, retry later
-            log.exception("publish_crashed", message_id=entry.event_id)
-            settled(stored, exc)
-            return
-        now = time.time()
-        self._metrics.publish_seconds.observe(time.monotonic() - started)
-        self._metrics.event_lag_seconds.observe(max(now - entry.received_at, 0.0))
-        settled(stored, None)
-
-    async def _flush_confirmed(self) -> None:
+    async def _flush_confirmed(self, *, wait: bool) -> None:
         if not self._confirmed:
             return
         confirmed, self._confirmed = self._confirmed, []
-        await self._journal.mark_published([s.seq for s in confirmed], wait=True)
+        try:
+            await self._journal.mark_published([s.seq for s in confirmed], wait=wait)
+        except JournalError as exc:
+            # The journal cannot write (disk full, I/O error). The broker has these
+            # messages: keep them to mark at the next flush instead of letting the error
+            # end the publisher, and with it the whole service. They stay pending on disk
+            # meanwhile, so a restart before then publishes them again (a duplicate).
+            # (The journal's failed commit shows in /readyz as journal status "error".)
+            self._confirmed = confirmed + self._confirmed
+            log.warning("journal_mark_failed", error=str(exc), confirmed=len(self._confirmed))
+            return
         for stored in confirmed:
             if stored.entry.kind == "event":
                 self._metrics.events_published.labels(
@@ -384,6 +380,82 @@ class Publisher:
             message_id=getattr(exc, "message_id", None),
             pending=self._journal.pending_count,
         )
+
+
+async def _send(
+    channel: aiormq.Channel, batch: list[StoredEntry], names: Topology
+) -> list[asyncio.Future[Any]]:
+    """
+    Publish ``batch`` in one socket write; return one confirm future per entry.
+
+    This is aiormq's ``Channel.basic_publish`` for many messages at once (NOTES:
+    "many frames written per socket write" doubles throughput): the same delivery-tag
+    bookkeeping (``confirmations``, ``message_id_delivery_tag`` so a Basic.Return
+    fails the right publish), but every message's frames marshalled into one
+    ``ChannelFrame``. A future resolves to Basic.Ack, or fails with
+    ``aiormq.exceptions.PublishError`` (returned, as the channel has
+    ``on_return_raises``) or ``DeliveryError`` (nacked); all fail if the channel closes.
+    """
+    frames: list[Any] = []
+    futures: list[asyncio.Future[Any]] = []
+    async with channel.lock:
+        first_tag = channel.delivery_tag
+        try:
+            for stored in batch:
+                entry = stored.entry
+                channel.delivery_tag += 1
+                tag = channel.delivery_tag
+                future = channel.create_future()
+                channel.confirmations[tag] = future
+                channel.message_id_delivery_tag[entry.event_id] = tag
+                future.add_done_callback(functools.partial(_forget, channel, entry.event_id, tag))
+                futures.append(future)
+                exchange = names.exchange if entry.kind == "event" else names.quarantine_exchange
+                frames.append(
+                    Basic.Publish(exchange=exchange, routing_key=entry.routing_key, mandatory=True)
+                )
+                frames.append(
+                    ContentHeader(properties=properties_for(stored), body_size=len(entry.body))
+                )
+                frames.extend(channel._split_body(entry.body))
+            await channel.write_queue.put(
+                ChannelFrame.marshall(channel_number=channel.number, frames=frames)
+            )
+        except BaseException:
+            # Nothing reached the broker: give the delivery tags back, as aiormq does.
+            channel.delivery_tag = first_tag
+            for offset, future in enumerate(futures, start=first_tag + 1):
+                channel.confirmations.pop(offset, None)
+                future.cancel()
+            raise
+    return futures
+
+
+def _forget(channel: aiormq.Channel, message_id: str, tag: int, _: object) -> None:
+    if channel.message_id_delivery_tag.get(message_id) == tag:
+        channel.message_id_delivery_tag.pop(message_id, None)
+
+
+def _outcome(stored: StoredEntry, future: asyncio.Future[Any]) -> BaseException | None:
+    """The failure a settled confirm future stands for, or ``None`` for an ack."""
+    entry = stored.entry
+    if future.cancelled():
+        return asyncio.CancelledError()
+    error = future.exception()
+    if error is None:
+        result = future.result()
+        if isinstance(result, Basic.Ack):
+            return None
+        return PublishNacked(f"broker answered {result!r}", message_id=entry.event_id)
+    if isinstance(error, aiormq.exceptions.PublishError):
+        return PublishReturned(
+            f"returned unroutable by the broker (routing key {entry.routing_key!r});"
+            " check the bindings of the exchange",
+            message_id=entry.event_id,
+        )
+    if isinstance(error, aiormq.exceptions.DeliveryError):
+        return PublishNacked(f"nacked: {error}", message_id=entry.event_id)
+    return error
 
 
 def _reason(exc: BaseException) -> str:
