@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import orjson
 import structlog
 from aiohttp import web
@@ -68,6 +69,11 @@ class _BodyTooLarge(Exception):
     pass
 
 
+def _expire(transport: asyncio.BaseTransport | None) -> None:
+    if transport is not None:
+        transport.close()
+
+
 class WebhookApp:
     """The public aiohttp application; one instance per service."""
 
@@ -83,6 +89,7 @@ class WebhookApp:
         self._journal = journal
         self._metrics = metrics
         self.accepting = True
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._received: dict[str, list[float]] = {s.name: [0, 0.0] for s in sources}
         self.app = web.Application(
             client_max_size=http.max_body, middlewares=[_json_errors], handler_args={}
@@ -99,6 +106,7 @@ class WebhookApp:
         rejected = self._metrics.webhook_rejected
         quarantined = self._metrics.events_quarantined
         received = self._metrics.events_received
+        received_by_type: dict[str, Any] = {}  # labelled children, looked up once per type
 
         async def receive(request: web.Request) -> web.StreamResponse:
             if not self.accepting:
@@ -170,7 +178,12 @@ class WebhookApp:
                         id=entry.event_id,
                     )
             elif new:
-                received.labels(name, entry.routing_key).inc()
+                counter = received_by_type.get(entry.routing_key)
+                if counter is None:
+                    counter = received_by_type[entry.routing_key] = received.labels(
+                        name, entry.routing_key
+                    )
+                counter.inc()
                 counts = self._received[name]
                 counts[0] += 1
                 counts[1] = now
@@ -189,10 +202,23 @@ class WebhookApp:
         limit = self._http.max_body
         if request.content_length is not None and request.content_length > limit:
             raise _BodyTooLarge
+        # A slow drip is cut by closing the connection when read_timeout passes: one
+        # timer handle per request, cheaper on this hot path than asyncio.timeout().
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        transport = request.transport
+        expiry = loop.call_later(self._http.read_timeout, _expire, transport)
         body = bytearray()
-        async with asyncio.timeout(self._http.read_timeout):
+        try:
             while chunk := await request.content.readany():
                 body += chunk
                 if len(body) > limit:
                     raise _BodyTooLarge
+        except (ConnectionError, aiohttp.ClientError) as exc:
+            if transport is None or transport.is_closing():
+                raise TimeoutError from exc
+            raise
+        finally:
+            expiry.cancel()
         return bytes(body)

@@ -303,3 +303,28 @@ async def test_readyz_and_metrics(
         async with session.get(ready_url) as response:
             assert response.status == 503
             assert (await response.json())["broker"]["status"] == "unavailable"
+
+
+async def test_slow_drip_body_is_cut_off(
+    tmp_path: Path, broker_url: str, exchange_name: str, session: aiohttp.ClientSession
+) -> None:
+    """A body that does not arrive within read_timeout frees the connection; nothing is accepted."""
+    config = make_config(
+        tmp_path, broker_url=broker_url, exchange=exchange_name, sources=[gst_source()],
+        http={"read_timeout": "300ms"},
+    )
+
+    async def drip() -> AsyncIterator[bytes]:
+        for _ in range(20):
+            yield b" "
+            await asyncio.sleep(0.2)
+
+    async with running(config) as service:
+        started = time.monotonic()
+        with pytest.raises(aiohttp.ClientError):
+            async with session.post(url(service), data=drip()) as response:
+                await response.read()
+        assert time.monotonic() - started < 3
+        assert service.journal is not None and service.journal.pending_count == 0
+        # the service still answers
+        assert (await Sender(session, url(service)).post(gst_event()))[0] == 200
