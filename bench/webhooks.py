@@ -14,8 +14,11 @@ Measured:
 * accepted: 2xx answers per second over the load (the generator's count and clock);
 * confirmed: events the broker confirmed, counted from the start of the load until the
   journal has nothing pending and every received event is published (the listener's
-  own counters, polled on its admin port every 20 ms once the load has stopped),
-  cross-checked with the queue's message count;
+  own counters, polled on its admin port every 20 ms once the load has stopped); this
+  is the figure the ratios use;
+* in queue: the same count, but until the bound queue held every journaled event (the
+  broker's side: it enqueues a persistent message before confirming it); the gap
+  between the two is how long confirms wait before the journal records them;
 * the generator's p50/p99 response latency.
 """
 
@@ -65,7 +68,8 @@ class EndToEnd:
     received: int  # events the listener journaled (its counter)
     confirmed: int  # events the broker confirmed (its counter)
     queued: int  # messages in the bound queue afterwards
-    confirm_seconds: float  # start of the load until the last accepted event was confirmed
+    confirm_seconds: float  # start of the load until the journal had nothing pending
+    in_queue_seconds: float  # start of the load until the queue held every event
     drain_seconds: float  # end of the load until then
     pending_at_end_of_load: int
     cores: dict[str, float]
@@ -82,6 +86,11 @@ class EndToEnd:
     def confirmed_rate(self) -> float:
         """Broker-confirmed events per second, load start to last confirm."""
         return self.confirmed / self.confirm_seconds if self.confirm_seconds > 0 else 0.0
+
+    @property
+    def in_queue_rate(self) -> float:
+        """Events per second, load start until the queue held them all."""
+        return self.confirmed / self.in_queue_seconds if self.in_queue_seconds > 0 else 0.0
 
 
 def listener_config(
@@ -184,7 +193,7 @@ def _py_spy(pid: int, seconds: float, output: Path) -> subprocess.Popen[bytes] |
     if not Path(py_spy).exists():
         say("--profile needs py-spy (pip install py-spy); skipped")
         return None
-    fmt = "speedscope" if output.suffix == ".json" else "flamegraph"
+    fmt = {".json": "speedscope", ".svg": "flamegraph"}.get(output.suffix, "raw")
     argv = [
         py_spy,
         "record",
@@ -258,22 +267,35 @@ async def _run(
             meter.stop()
             counters = await _metrics(session, admin)
             pending_at_end = int(counters.get("listener_journal_pending", 0))
-            # Until nothing is pending and every journaled event is confirmed.
+            # Until nothing is pending and every journaled event is confirmed (the
+            # journal's view), and until the queue holds every journaled event (the
+            # broker's view: a persistent message is enqueued before it is confirmed).
             deadline = load_ended + 120.0
-            while True:
-                counters = await _metrics(session, admin)
-                received = counters.get("listener_events_received_total", 0.0)
-                published = counters.get("listener_events_published_total", 0.0)
-                pending = counters.get("listener_journal_pending", 0.0)
-                if pending == 0 and published >= received:
-                    confirmed_at = time.monotonic()
-                    break
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError(
-                        f"the listener did not drain: pending {pending:.0f}, "
-                        f"received {received:.0f}, published {published:.0f}"
-                    )
-                await asyncio.sleep(POLL)
+            in_queue_at: float | None = None
+            connection = await aio_pika.connect(BROKER_URL)
+            try:
+                channel = await connection.channel()
+                while True:
+                    counters = await _metrics(session, admin)
+                    now = time.monotonic()
+                    received = counters.get("listener_events_received_total", 0.0)
+                    published = counters.get("listener_events_published_total", 0.0)
+                    pending = counters.get("listener_journal_pending", 0.0)
+                    if in_queue_at is None:
+                        declared = await channel.declare_queue(queue, passive=True)
+                        if (declared.declaration_result.message_count or 0) >= received:
+                            in_queue_at = now
+                    if pending == 0 and published >= received and in_queue_at is not None:
+                        confirmed_at = now
+                        break
+                    if time.monotonic() > deadline or proc.poll() is not None:
+                        raise RuntimeError(
+                            f"the listener did not drain: pending {pending:.0f}, "
+                            f"received {received:.0f}, published {published:.0f}"
+                        )
+                    await asyncio.sleep(POLL)
+            finally:
+                await connection.close()
             # A request still in the listener when the generator stopped could land just
             # after the poll: look once more after a short pause.
             await asyncio.sleep(0.2)
@@ -293,6 +315,7 @@ async def _run(
         confirmed=int(counters.get("listener_events_published_total", 0)),
         queued=queued,
         confirm_seconds=confirmed_at - started,
+        in_queue_seconds=in_queue_at - started,
         drain_seconds=confirmed_at - load_ended,
         pending_at_end_of_load=pending_at_end,
         cores=with_loadgen(meter.cores(), load),
