@@ -15,9 +15,11 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from listener.adminapi import AdminApi
 from listener.adminauth import ApiAuth, require
-from listener.config import AdminConfig
+from listener.config import AdminConfig, BrokerConfig
 from listener.metrics import Metrics
+from listener.selection import JournalReader
 
 __all__ = ["AdminApp", "Component"]
 
@@ -27,7 +29,10 @@ HEALTHY = frozenset({"ok", "listening", "connected"})
 
 
 class AdminApp:
-    """Health, readiness and metrics; the ``/v1`` API mounts on ``self.app`` too."""
+    """
+    Health, readiness and metrics; the ``/v1`` API (:mod:`listener.adminapi`) mounts on
+    ``self.app`` too.
+    """
 
     def __init__(
         self,
@@ -37,6 +42,8 @@ class AdminApp:
         components: Mapping[str, Component],
         sources: Callable[[], Mapping[str, Mapping[str, Any]]],
         refresh: Callable[[], None] = lambda: None,
+        journal: JournalReader | None = None,
+        broker: BrokerConfig | None = None,
     ) -> None:
         self._metrics = metrics
         self._components = components
@@ -48,6 +55,12 @@ class AdminApp:
         self.app.router.add_get("/readyz", self._readyz)
         self.app.router.add_get("/metrics", self._metrics_handler)
         self.app.router.add_get("/v1/sources", self._v1_sources)
+        # Events, quarantine, replays and the OpenAPI document need the journal and the
+        # broker settings; without them (tests of the health endpoints) they are absent.
+        self.api: AdminApi | None = None
+        if journal is not None and broker is not None:
+            self.api = AdminApi(journal=journal, broker=broker)
+            self.api.register(self.app)
 
     async def _healthz(self, _: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})

@@ -316,10 +316,19 @@ class Journal:
                 error = JournalError(
                     f"journal write failed: {exc}; check disk space and {self._path}"
                 )
+                unwaited: list[_Mark] = []
                 for op in ops:
                     if op.done is not None and not op.done.done():
                         op.done.set_exception(error)
+                    elif isinstance(op, _Mark) and op.done is None:
+                        # A broker confirm nobody waits for (mark_published(wait=False)):
+                        # dropped, its event would stay pending for good (pending_count
+                        # never back to 0, the shutdown drain waiting in vain, a duplicate
+                        # after the next start). Try it again a little later.
+                        unwaited.append(op)
                     self._queue.task_done()
+                if unwaited:
+                    asyncio.get_running_loop().call_later(1.0, self._requeue, unwaited)
                 self._update_capacity()
                 continue
             self._failed = None
@@ -331,6 +340,11 @@ class Journal:
             self._appended.set()
             for listener in self._listeners:
                 listener()
+
+    def _requeue(self, ops: list[_Mark]) -> None:
+        if self._task is not None:  # not closed meanwhile
+            for op in ops:
+                self._queue.put_nowait(op)
 
     def _write(self, ops: list[_Append | _Mark]) -> list[Any]:
         conn = self._writer

@@ -262,6 +262,19 @@ class Publisher:
         except (TimeoutError, aiormq.exceptions.AMQPError, RuntimeError) as exc:
             self._record_failure("channel_unavailable", exc)
             return False
+        try:
+            # A connection the broker blocked (a resource alarm: Connection.Blocked,
+            # https://www.rabbitmq.com/docs/connection-blocked) reads nothing: a window
+            # written into it would sit in the socket buffer, one more each retry (memory
+            # without bound, and a duplicate of each once the alarm clears). Wait here for
+            # Connection.Unblocked instead; the events wait in the journal.
+            async with asyncio.timeout(self._config.publish_timeout):
+                await underlay.connection.ready()
+        except TimeoutError:
+            self._record_failure(
+                "blocked", TimeoutError("the broker blocks publishing (a resource alarm)")
+            )
+            return True  # nothing was sent: retry soon, without a growing backoff
 
         window = self._config.confirm_window
         deadline = self._config.publish_timeout
@@ -312,7 +325,25 @@ class Publisher:
                         batch.append(backlog.popleft())
                     if batch:
                         started = time.monotonic()
-                        futures = await _send(underlay, batch, self._names)
+                        try:
+                            # The deadline covers the write too: a dead connection's
+                            # write queue stops draining.
+                            async with asyncio.timeout(deadline):
+                                futures = await _send(underlay, batch, self._names)
+                        except TimeoutError:
+                            failures.append(
+                                PublishTimeout(
+                                    f"could not write within {deadline}s",
+                                    message_id=batch[0].entry.event_id,
+                                )
+                            )
+                            break
+                        except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+                            # The channel closed under us (connection lost): end the session
+                            # instead of the publisher; the next one, on the reconnected
+                            # channel, reads this batch from the journal again.
+                            failures.append(exc)
+                            break
                         for stored, future in zip(batch, futures, strict=True):
                             in_flight[stored.entry.event_id] = stored
                             future.add_done_callback(functools.partial(settled, stored, started))

@@ -140,6 +140,8 @@ class Service:
                 components={"broker": publisher.state, "journal": journal.state},
                 sources=self.source_states,
                 refresh=self._refresh_metrics,
+                journal=journal,
+                broker=config.broker,
             )
             async with asyncio.TaskGroup() as tasks:
                 publishing = tasks.create_task(publisher.run(), name="publisher")

@@ -6,6 +6,12 @@ Per request, in this order: shutting down → 503; body over ``http.max_body`` �
 (from ``Content-Length`` before reading, and while reading for chunked bodies);
 signature → 401; journal over its limit → 503 + ``Retry-After``; parse; append to
 the journal (durable) → 200. The 200 is sent only after the journal commit.
+
+``Content-Type`` is not checked: the signature covers the raw bytes, and they are
+parsed as JSON whatever the header says (a forged body fails the signature first; a
+signed body that is not JSON is quarantined), so a provider that labels its JSON
+``text/plain`` loses nothing. The body is never read as a form, and a compressed body
+(``Content-Encoding``) counts against ``max_body`` as it inflates.
 """
 
 from __future__ import annotations
@@ -155,9 +161,11 @@ class WebhookApp:
                 return error_response(
                     503, "UNAVAILABLE", str(exc), {"Retry-After": str(exc.retry_after)}
                 )
-            except JournalError:
+            except JournalError as exc:
                 rejected.labels(name, "journal_error").inc()
-                log.exception("journal_append_failed", source=name)
+                # No traceback: on a full disk every request fails alike, and a traceback
+                # each would flood the logs (often on that same disk).
+                log.warning("journal_append_failed", source=name, error=str(exc))
                 return error_response(
                     503,
                     "UNAVAILABLE",

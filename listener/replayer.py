@@ -1,0 +1,411 @@
+"""
+The replay engine (see :mod:`listener.replay` for what a replay does and selects).
+
+:class:`Replay` runs one :class:`ReplayRequest`: it connects with its own broker
+connection (never the daemon publisher's), checks the target with a passive declare,
+reads the journal in ``seq`` pages up to the last row present at its start (or the
+archive stream, :mod:`listener.archive`), and publishes through a
+:class:`listener.confirms.ConfirmWindow`, paced when a rate is set. Its
+:class:`ReplayStatus` is live: the CLI draws it as a progress bar, the admin API
+serves it at ``/v1/replays/{id}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractConnection
+from pamqp.commands import Basic
+
+from listener.archive import ARCHIVE_IDLE, ArchiveStats, read_archive
+from listener.config import BrokerConfig, mask_url
+from listener.confirms import ConfirmWindow
+from listener.envelope import rfc3339
+from listener.exceptions import ListenerError
+from listener.publisher import Topology, properties_for
+from listener.selection import (
+    EVENT_COLUMNS,
+    EventFilter,
+    JournalReader,
+    select_events,
+    stored_from_row,
+)
+
+__all__ = [
+    "REPLAY_HEADERS",
+    "Origin",
+    "Replay",
+    "ReplayArgumentError",
+    "ReplayError",
+    "ReplayRequest",
+    "ReplayStatus",
+]
+
+# CONTRACT §4: replayed messages carry this header and are otherwise identical.
+REPLAY_HEADERS: dict[str, Any] = {"x-replayed": True}
+# Journal rows read per query.
+BATCH = 1000
+
+Origin = Literal["journal", "archive"]
+
+
+class ReplayError(ListenerError):
+    """A replay could not run or stopped; ``str()`` says why and what to do."""
+
+
+class ReplayArgumentError(ReplayError):
+    """
+    A replay argument is wrong. ``field`` is its API name (``since``, ``to_queue``);
+    :attr:`option` the command-line spelling (``--since``, ``--to-queue``).
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        self.message = message
+        super().__init__(f"{field}: {message}")
+
+    @property
+    def option(self) -> str:
+        """The command-line option this argument is given with."""
+        return "--" + self.field.replace("_", "-")
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayRequest:
+    """A validated replay: what to select, from where, to where, how fast."""
+
+    selection: EventFilter
+    origin: Origin = "journal"
+    to_queue: str | None = None
+    to_exchange: str | None = None
+    dry_run: bool = False
+    rate: float | None = None
+
+    @property
+    def target(self) -> str:
+        """The target in words, for summaries."""
+        if self.to_queue is not None:
+            return f"queue {self.to_queue!r}"
+        if self.to_exchange is not None:
+            return f"exchange {self.to_exchange!r}"
+        return "nowhere (dry run)"
+
+
+@dataclass(slots=True)
+class ReplayStatus:
+    """Where a replay is; ``/v1/replays/{id}`` serves :meth:`as_dict`."""
+
+    id: str
+    origin: Origin
+    dry_run: bool
+    state: Literal["running", "completed", "failed"] = "running"
+    total: int | None = None
+    matched: int = 0
+    published: int = 0
+    unroutable: int = 0
+    by_type: Counter[str] = field(default_factory=Counter)
+    error: str | None = None
+    started_at: float = field(default_factory=time.time)
+    finished_at: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON view (times RFC 3339)."""
+        total = self.total
+        done = self.matched if self.dry_run else self.published + self.unroutable
+
+        def iso(moment: float | None) -> str | None:
+            return rfc3339(datetime.fromtimestamp(moment, UTC)) if moment else None
+
+        return {
+            "id": self.id,
+            "state": self.state,
+            "from": self.origin,
+            "dry_run": self.dry_run,
+            "total": total,
+            "matched": self.matched,
+            "published": self.published,
+            "unroutable": self.unroutable,
+            "progress": round(min(done / total, 1.0), 4) if total else None,
+            "by_type": dict(self.by_type),
+            "error": self.error,
+            "started_at": iso(self.started_at),
+            "finished_at": iso(self.finished_at),
+        }
+
+
+@dataclass(slots=True)
+class _Item:
+    body: bytes
+    routing_key: str
+    properties: Basic.Properties
+
+
+class _Pacer:
+    """
+    At most ``rate`` calls of :meth:`wait` return per second on average.
+
+    Due times are counted from a start, so oversleeping (timer granularity at high
+    rates) is made up by the next calls instead of lowering the rate; after a stall
+    of over a second (a slow broker) the count restarts rather than burst to catch up.
+    """
+
+    def __init__(self, rate: float) -> None:
+        self._rate = rate
+        self._start = 0.0
+        self._count = 0
+
+    async def wait(self) -> None:
+        now = time.monotonic()
+        due = self._start + self._count / self._rate
+        if self._count == 0 or now - due > 1.0:
+            self._start, self._count, due = now, 0, now
+        self._count += 1
+        if due - now > 0.002:  # below the loop's timer resolution a sleep only adds lag
+            await asyncio.sleep(due - now)
+
+
+class Replay:
+    """
+    One replay run: ``async with Replay(...) as r: await r.run()``.
+
+    Entering connects to the broker when needed and checks the target (and the
+    archive) exist, so argument errors surface before anything is published.
+    """
+
+    def __init__(
+        self,
+        request: ReplayRequest,
+        *,
+        broker: BrokerConfig,
+        journal: JournalReader | None,
+        replay_id: str | None = None,
+        idle: float = ARCHIVE_IDLE,
+        on_progress: Callable[[ReplayStatus], None] | None = None,
+    ) -> None:
+        if request.origin == "journal" and journal is None:
+            raise ValueError("a journal replay needs the journal")
+        self.request = request
+        self.status = ReplayStatus(
+            id=replay_id or f"rpl_{uuid.uuid4().hex[:16]}",
+            origin=request.origin,
+            dry_run=request.dry_run,
+        )
+        self._broker = broker
+        self._journal = journal
+        self._names = Topology(broker.exchange)
+        self._idle = idle
+        self.on_progress = on_progress or (lambda _: None)
+        self._connection: AbstractConnection | None = None
+        self.archive_stats = ArchiveStats()
+
+    async def __aenter__(self) -> Replay:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        """
+        Connect (unless a dry run from the journal without a target) and check names.
+
+        Raises:
+            ReplayArgumentError: the target queue or exchange, or the archive, is missing.
+            ReplayError: the broker cannot be reached.
+        """
+        request = self.request
+        target = request.to_queue is not None or request.to_exchange is not None
+        if request.origin == "journal" and request.dry_run and not target:
+            return
+        url = self._broker.url.get_secret_value()
+        try:
+            async with asyncio.timeout(self._broker.connect_timeout * 2):
+                self._connection = await aio_pika.connect(
+                    url,
+                    timeout=self._broker.connect_timeout,
+                    heartbeat=max(int(self._broker.heartbeat), 1),
+                    client_properties={"connection_name": "listener-replay"},
+                )
+        except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
+            raise ReplayError(
+                f"cannot reach the broker at {mask_url(url)} ({type(exc).__name__}: {exc});"
+                " check broker.url and that RabbitMQ is up"
+            ) from exc
+        try:
+            if request.to_queue is not None:
+                await self._check("to_queue", "queue", request.to_queue)
+            if request.to_exchange is not None:
+                await self._check("to_exchange", "exchange", request.to_exchange)
+            if request.origin == "archive":
+                await self._check("from", "queue", self._names.archive_queue)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _check(self, field_name: str, kind: str, name: str) -> None:
+        assert self._connection is not None  # connected first
+        # A failed passive declare closes its channel: one throwaway channel per check.
+        async with self._connection.channel() as channel:
+            try:
+                if kind == "queue":
+                    await channel.declare_queue(name, passive=True)
+                else:
+                    await channel.declare_exchange(name, passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                hint = " (does the daemon run with broker.archive.enabled?)"
+                raise ReplayArgumentError(
+                    field_name,
+                    f"no {kind} named {name!r} on the broker"
+                    + (hint if field_name == "from" else ""),
+                ) from None
+
+    async def close(self) -> None:
+        """Close the broker connection."""
+        if self._connection is not None:
+            connection, self._connection = self._connection, None
+            try:
+                async with asyncio.timeout(5):
+                    await connection.close()
+            except (TimeoutError, OSError, aiormq.exceptions.AMQPError):
+                pass  # the replay has finished; a broken connection is gone either way
+
+    async def run(self) -> ReplayStatus:
+        """
+        Replay everything selected; return the final status (also on :attr:`status`).
+
+        Raises:
+            ReplayError, PublishError, JournalError: the replay stopped; the status says
+            how far it got, and ``state`` is ``failed``.
+        """
+        status = self.status
+        try:
+            source = (
+                self._from_journal() if self.request.origin == "journal" else self._from_archive()
+            )
+            # Closed explicitly, so the archive consumer is cancelled even on a failure.
+            async with contextlib.aclosing(source) as items:
+                if self.request.dry_run:
+                    async for batch in items:
+                        for item in batch:
+                            status.matched += 1
+                            status.by_type[item.routing_key] += 1
+                        self.on_progress(status)
+                else:
+                    await self._publish(items)
+        except BaseException as exc:
+            status.state = "failed"
+            status.error = str(exc) or type(exc).__name__
+            raise
+        else:
+            status.state = "completed"
+            if status.total is None:  # the archive's size is known once read
+                status.total = status.matched
+        finally:
+            status.finished_at = time.time()
+            self.on_progress(status)
+        return status
+
+    async def _publish(self, items: AsyncIterator[list[_Item]]) -> None:
+        assert self._connection is not None  # opened: a target is required to publish
+        request, status = self.request, self.status
+        channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+        underlay = await channel.get_underlay_channel()
+        # The concrete channel: its basic_publish takes wait=False (skip the drain wait).
+        assert isinstance(underlay, aiormq.Channel)
+        exchange = "" if request.to_queue is not None else request.to_exchange or ""
+        pacer = _Pacer(request.rate) if request.rate else None
+        window = ConfirmWindow(
+            underlay, size=self._broker.confirm_window, timeout=self._broker.publish_timeout
+        )
+        try:
+            async with window:
+                async for batch in items:
+                    for item in batch:
+                        if pacer is not None:
+                            await pacer.wait()
+                        await window.publish(
+                            item.body,
+                            exchange=exchange,
+                            routing_key=request.to_queue or item.routing_key,
+                            properties=item.properties,
+                        )
+                        status.matched += 1
+                        status.by_type[item.routing_key] += 1
+                        if pacer is not None:
+                            self._count(window)
+                    self._count(window)
+        finally:
+            self._count(window)
+            # A channel on a broken connection may fail to close; it is gone either way.
+            with contextlib.suppress(aiormq.exceptions.AMQPError, OSError, RuntimeError):
+                await channel.close()
+
+    def _count(self, window: ConfirmWindow) -> None:
+        status = self.status
+        status.published = window.confirmed
+        status.unroutable = window.returned.total()
+        if status.total is not None and status.matched > status.total:
+            status.total = status.matched
+        self.on_progress(status)
+
+    # -- sources ---------------------------------------------------------------------
+
+    async def _from_journal(self) -> AsyncGenerator[list[_Item], None]:
+        reader = self._journal
+        assert reader is not None  # checked in __init__
+        ((last_seq,),) = await reader.query("SELECT coalesce(max(seq), 0) FROM events")
+        selected = await select_events(
+            reader, self.request.selection, conditions=["status = 1", "seq <= ?"], args=[last_seq]
+        )
+        self.status.total = selected.total
+        self.on_progress(self.status)
+        if self.request.dry_run:
+            # The grouped count is the answer; no need to read a single body.
+            self.status.matched = selected.total
+            self.status.by_type.update(selected.by_type)
+            return
+        after = 0
+        while True:
+            rows = await reader.query(
+                f"SELECT {EVENT_COLUMNS} FROM events WHERE {selected.where} AND seq > ?"  # noqa: S608 - constant fragments, ? arguments
+                " ORDER BY seq LIMIT ?",
+                (*selected.args, after, BATCH),
+            )
+            if not rows:
+                return
+            after = rows[-1][0]
+            batch = []
+            for row in rows:
+                stored = stored_from_row(row)
+                properties = properties_for(stored, dict(REPLAY_HEADERS))
+                batch.append(_Item(stored.entry.body, stored.entry.routing_key, properties))
+            yield batch
+
+    async def _from_archive(self) -> AsyncGenerator[list[_Item], None]:
+        assert self._connection is not None  # opened: the archive needs the broker
+        archive = read_archive(
+            self._connection,
+            self._names.archive_queue,
+            self.request.selection,
+            stop_after=self.status.started_at,
+            idle=self._idle,
+            stats=self.archive_stats,
+        )
+        async with contextlib.aclosing(archive):
+            async for events in archive:
+                batch = []
+                for event in events:
+                    properties = event.properties
+                    properties.headers = {**(properties.headers or {}), **REPLAY_HEADERS}
+                    batch.append(_Item(event.body, event.routing_key, properties))
+                yield batch

@@ -1,0 +1,224 @@
+"""
+Which stored events an operator means: times, type patterns, and the journal query.
+
+Shared by ``listener replay`` (CONTRACT §2) and the admin API's ``/v1/events`` and
+``POST /v1/replays`` (§7), so a window or a pattern means the same everywhere.
+
+* Times (``T``) are ISO-8601 (``2026-11-22T10:00:00Z``; without a zone, UTC) or
+  relative to now (``15m``, ``2h``, ``1d``; also ``30s``, ``1w``).
+* A window is half-open, ``since <= time < until``, on the CloudEvent ``time`` (when
+  the provider says the event happened, else when it was received; CONTRACT §4). The
+  journal keeps it in the ``time`` column; archived messages carry it in their body.
+* Type patterns are AMQP topic patterns
+  (https://www.rabbitmq.com/docs/exchanges#topic): words separated by ``.``, ``*``
+  stands for exactly one word and ``#`` for zero or more.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from listener.envelope import Entry
+from listener.journal import StoredEntry
+
+__all__ = [
+    "EVENT_COLUMNS",
+    "EventFilter",
+    "JournalReader",
+    "SelectedEvents",
+    "TopicPattern",
+    "parse_time",
+    "select_events",
+    "stored_from_row",
+]
+
+_RELATIVE = re.compile(r"(\d+(?:\.\d+)?)(s|m|h|d|w)", re.ASCII)
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+# Cached pattern verdicts per pattern; routing keys are few (one per event type).
+_CACHE_MAX = 10_000
+
+EVENT_COLUMNS = (
+    "seq, source, event_id, kind, routing_key, body, time, received_at, reason, detail,"
+    " status, published_at"
+)
+
+
+def parse_time(value: str, *, now: float) -> float:
+    """
+    Unix seconds from ISO-8601 or a relative ``<n><s|m|h|d|w>`` (that long before ``now``).
+
+    Raises:
+        ValueError: neither form; the message shows both.
+    """
+    text = value.strip()
+    if match := _RELATIVE.fullmatch(text):
+        return now - float(match[1]) * _UNITS[match[2]]
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(
+            f"{value!r} is neither ISO-8601 (2026-11-22T10:00:00Z) nor relative (15m, 2h, 1d)"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+class TopicPattern:
+    """An AMQP topic pattern such as ``getstoken.badge.*`` or ``layerx402.#``."""
+
+    def __init__(self, pattern: str) -> None:
+        """
+        Raises:
+            ValueError: an empty word, or ``*``/``#`` inside a word.
+        """
+        words = tuple(pattern.split("."))
+        if not pattern or any(not w for w in words):
+            raise ValueError(f"{pattern!r} has an empty word; words are separated by single dots")
+        for word in words:
+            if word not in {"*", "#"} and ("*" in word or "#" in word):
+                raise ValueError(f"{pattern!r}: '*' and '#' stand for whole words, as in a.*.c")
+        self.pattern = pattern
+        self.literal = not any(w in {"*", "#"} for w in words)
+        self._words = words
+        self._cache: dict[str, bool] = {}
+
+    def __repr__(self) -> str:
+        return f"TopicPattern({self.pattern!r})"
+
+    def matches(self, key: str) -> bool:
+        """Whether routing key ``key`` matches, as a topic exchange binding would."""
+        found = self._cache.get(key)
+        if found is None:
+            found = self._match(key.split("."))
+            if len(self._cache) >= _CACHE_MAX:
+                self._cache.clear()
+            self._cache[key] = found
+        return found
+
+    def _match(self, key: list[str]) -> bool:
+        # The positions in ``key`` reachable after each pattern word; ``#`` reaches
+        # every position from the first one reachable so far.
+        reachable = {0}
+        for word in self._words:
+            if word == "#":
+                reachable = set(range(min(reachable), len(key) + 1))
+            else:
+                reachable = {i + 1 for i in reachable if i < len(key) and word in {"*", key[i]}}
+            if not reachable:
+                return False
+        return len(key) in reachable
+
+
+@dataclass(frozen=True, slots=True)
+class EventFilter:
+    """A selection of events by source, type pattern and ``[since, until)`` window."""
+
+    source: str | None = None
+    types: TopicPattern | None = None
+    since: float | None = None
+    until: float | None = None
+
+    def accepts(self, *, source: str, type_: str, moment: float) -> bool:
+        """Whether an event (its source, CloudEvent type and time) is selected."""
+        if self.source is not None and source != self.source:
+            return False
+        if self.since is not None and moment < self.since:
+            return False
+        if self.until is not None and moment >= self.until:
+            return False
+        return self.types is None or self.types.matches(type_)
+
+
+class JournalReader(Protocol):
+    """
+    Read access to the journal: :class:`listener.journal.Journal` in the daemon,
+    :class:`listener.journalfile.JournalFile` in the other commands.
+    """
+
+    async def query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Rows of a read-only query."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class SelectedEvents:
+    """A ``WHERE`` clause for ``events`` with its arguments, and what it selects by type."""
+
+    where: str
+    args: tuple[Any, ...]
+    by_type: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        """How many rows the clause selects (when counted)."""
+        return sum(self.by_type.values())
+
+
+async def select_events(
+    reader: JournalReader,
+    selection: EventFilter,
+    *,
+    conditions: Sequence[str] = (),
+    args: Sequence[Any] = (),
+) -> SelectedEvents:
+    """
+    Build the clause selecting journaled events (``kind = 'event'``) by ``selection``.
+
+    Counts the candidates by type first (one grouped scan: there are few types), keeps
+    the types the pattern matches, and selects ``routing_key IN (...)``, so pages and
+    totals are exact without a pattern-matching function inside SQLite.
+
+    Args:
+        conditions: further SQL conditions, ANDed (e.g. ``status = 1``).
+        args: their ``?`` arguments, in order.
+    """
+    where = ["kind = 'event'", *conditions]
+    values: list[Any] = list(args)
+    if selection.source is not None:
+        where.append("source = ?")
+        values.append(selection.source)
+    if selection.since is not None:
+        where.append("time >= ?")
+        values.append(selection.since)
+    if selection.until is not None:
+        where.append("time < ?")
+        values.append(selection.until)
+    clause = " AND ".join(where)
+    rows = await reader.query(
+        f"SELECT routing_key, count(*) FROM events WHERE {clause} GROUP BY routing_key",  # noqa: S608 - built from constant fragments, values are ? arguments
+        values,
+    )
+    by_type = {str(key): int(count) for key, count in rows}
+    types = selection.types
+    if types is not None:
+        by_type = {key: count for key, count in by_type.items() if types.matches(key)}
+        if by_type:
+            clause += f" AND routing_key IN ({','.join('?' * len(by_type))})"
+            values.extend(by_type)
+        else:
+            clause += " AND 0"
+    return SelectedEvents(where=clause, args=tuple(values), by_type=by_type)
+
+
+def stored_from_row(row: Sequence[Any]) -> StoredEntry:
+    """A :class:`StoredEntry` from the first ten of :data:`EVENT_COLUMNS`."""
+    seq, source, event_id, kind, routing_key, body, moment, received_at, reason, detail = row[:10]
+    return StoredEntry(
+        seq=seq,
+        entry=Entry(
+            source=source,
+            event_id=event_id,
+            kind=kind,
+            routing_key=routing_key,
+            body=bytes(body),
+            time=moment,
+            received_at=received_at,
+            reason=reason,
+            detail=detail,
+        ),
+    )
