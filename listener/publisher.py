@@ -29,11 +29,10 @@ import aio_pika
 import aiormq
 import structlog
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
-from aiormq.abc import ChannelFrame
 from pamqp.commands import Basic
-from pamqp.header import ContentHeader
 
 from listener.config import BrokerConfig, mask_url
+from listener.confirms import Outgoing, send_batch
 from listener.envelope import APP_ID, CONTENT_TYPE
 from listener.exceptions import (
     JournalError,
@@ -373,7 +372,10 @@ class Publisher:
             for _, future, _ in waiting:
                 if not future.done():
                     future.cancel()
-            await asyncio.sleep(0)  # let the cancellations run their callbacks
+            for _ in range(8):  # let settled futures run their callbacks (bounded)
+                if not in_flight:
+                    break
+                await asyncio.sleep(0)
             await self._flush_confirmed(wait=True)
         if failures:
             self._record_failure(_reason(failures[0]), failures[0])
@@ -416,55 +418,19 @@ class Publisher:
 async def _send(
     channel: aiormq.Channel, batch: list[StoredEntry], names: Topology
 ) -> list[asyncio.Future[Any]]:
-    """
-    Publish ``batch`` in one socket write; return one confirm future per entry.
-
-    This is aiormq's ``Channel.basic_publish`` for many messages at once (NOTES:
-    "many frames written per socket write" doubles throughput): the same delivery-tag
-    bookkeeping (``confirmations``, ``message_id_delivery_tag`` so a Basic.Return
-    fails the right publish), but every message's frames marshalled into one
-    ``ChannelFrame``. A future resolves to Basic.Ack, or fails with
-    ``aiormq.exceptions.PublishError`` (returned, as the channel has
-    ``on_return_raises``) or ``DeliveryError`` (nacked); all fail if the channel closes.
-    """
-    frames: list[Any] = []
-    futures: list[asyncio.Future[Any]] = []
-    async with channel.lock:
-        first_tag = channel.delivery_tag
-        try:
-            for stored in batch:
-                entry = stored.entry
-                channel.delivery_tag += 1
-                tag = channel.delivery_tag
-                future = channel.create_future()
-                channel.confirmations[tag] = future
-                channel.message_id_delivery_tag[entry.event_id] = tag
-                future.add_done_callback(functools.partial(_forget, channel, entry.event_id, tag))
-                futures.append(future)
-                exchange = names.exchange if entry.kind == "event" else names.quarantine_exchange
-                frames.append(
-                    Basic.Publish(exchange=exchange, routing_key=entry.routing_key, mandatory=True)
-                )
-                frames.append(
-                    ContentHeader(properties=properties_for(stored), body_size=len(entry.body))
-                )
-                frames.extend(channel._split_body(entry.body))
-            await channel.write_queue.put(
-                ChannelFrame.marshall(channel_number=channel.number, frames=frames)
+    """Publish ``batch`` in one socket write (:func:`listener.confirms.send_batch`)."""
+    return await send_batch(
+        channel,
+        [
+            Outgoing(
+                stored.entry.body,
+                names.exchange if stored.entry.kind == "event" else names.quarantine_exchange,
+                stored.entry.routing_key,
+                properties_for(stored),
             )
-        except BaseException:
-            # Nothing reached the broker: give the delivery tags back, as aiormq does.
-            channel.delivery_tag = first_tag
-            for offset, future in enumerate(futures, start=first_tag + 1):
-                channel.confirmations.pop(offset, None)
-                future.cancel()
-            raise
-    return futures
-
-
-def _forget(channel: aiormq.Channel, message_id: str, tag: int, _: object) -> None:
-    if channel.message_id_delivery_tag.get(message_id) == tag:
-        channel.message_id_delivery_tag.pop(message_id, None)
+            for stored in batch
+        ],
+    )
 
 
 def _outcome(stored: StoredEntry, future: asyncio.Future[Any]) -> BaseException | None:

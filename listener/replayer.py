@@ -325,7 +325,11 @@ class Replay:
         exchange = "" if request.to_queue is not None else request.to_exchange or ""
         pacer = _Pacer(request.rate) if request.rate else None
         window = ConfirmWindow(
-            underlay, size=self._broker.confirm_window, timeout=self._broker.publish_timeout
+            underlay,
+            size=self._broker.confirm_window,
+            timeout=self._broker.publish_timeout,
+            # Paced: write each message at its time, not when a chunk has filled.
+            chunk=1 if pacer is not None else None,
         )
         try:
             async with window:
