@@ -9,8 +9,10 @@ The listener's exceptions. One root, a shallow tree::
     │   ├── PublishReturned    unroutable: returned by the broker (mandatory)
     │   ├── PublishNacked      the broker refused it (nack)
     │   └── PublishTimeout     no confirm within broker.publish_timeout
-    └── SignatureError         a webhook failed verification (401)
-        └── TimestampOutOfRange
+    ├── SignatureError         a webhook failed verification (401)
+    │   └── TimestampOutOfRange
+    └── ReplayError            a replay could not run or stopped
+        └── ReplayArgumentError    a replay argument is wrong (exit 2 / HTTP 400)
 
 Each error keeps its context in attributes and says what to do in its message.
 """
@@ -26,6 +28,8 @@ __all__ = [
     "PublishNacked",
     "PublishReturned",
     "PublishTimeout",
+    "ReplayArgumentError",
+    "ReplayError",
     "SignatureError",
     "TimestampOutOfRange",
 ]
@@ -89,3 +93,24 @@ class TimestampOutOfRange(SignatureError):
     """The webhook timestamp is outside the configured tolerance."""
 
     code = "TIMESTAMP_OUT_OF_RANGE"
+
+
+class ReplayError(ListenerError):
+    """A replay could not run or stopped; ``str()`` says why and what to do."""
+
+
+class ReplayArgumentError(ReplayError):
+    """
+    A replay argument is wrong. ``field`` is its API name (``since``, ``to_queue``);
+    :attr:`option` the command-line spelling (``--since``, ``--to-queue``).
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        self.message = message
+        super().__init__(f"{field}: {message}")
+
+    @property
+    def option(self) -> str:
+        """The command-line option this argument is given with."""
+        return "--" + self.field.replace("_", "-")

@@ -31,7 +31,7 @@ from listener.archive import ARCHIVE_IDLE, ArchiveStats, read_archive
 from listener.config import BrokerConfig, mask_url
 from listener.confirms import ConfirmWindow
 from listener.envelope import rfc3339
-from listener.exceptions import ListenerError
+from listener.exceptions import ReplayArgumentError, ReplayError
 from listener.publisher import Topology, properties_for
 from listener.selection import (
     EVENT_COLUMNS,
@@ -57,27 +57,6 @@ REPLAY_HEADERS: dict[str, Any] = {"x-replayed": True}
 BATCH = 1000
 
 Origin = Literal["journal", "archive"]
-
-
-class ReplayError(ListenerError):
-    """A replay could not run or stopped; ``str()`` says why and what to do."""
-
-
-class ReplayArgumentError(ReplayError):
-    """
-    A replay argument is wrong. ``field`` is its API name (``since``, ``to_queue``);
-    :attr:`option` the command-line spelling (``--since``, ``--to-queue``).
-    """
-
-    def __init__(self, field: str, message: str) -> None:
-        self.field = field
-        self.message = message
-        super().__init__(f"{field}: {message}")
-
-    @property
-    def option(self) -> str:
-        """The command-line option this argument is given with."""
-        return "--" + self.field.replace("_", "-")
 
 
 @dataclass(frozen=True, slots=True)
