@@ -71,6 +71,29 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
         return error_response(exc.status, code, exc.reason, headers)
 
 
+async def _expect(request: web.Request) -> web.StreamResponse | None:
+    """
+    ``Expect: 100-continue`` as aiohttp does it; any other expectation is 417 with the
+    JSON error body. (aiohttp's default handler echoes the header into its 417 text and
+    answers 500 when that holds a byte that is not UTF-8; it runs before middlewares.)
+    """
+    if request.version != aiohttp.HttpVersion11:
+        return None
+    if request.headers.get("Expect", "").lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the 100 is not part of the response
+        return None
+    return error_response(417, "EXPECTATION_FAILED", "only Expect: 100-continue is supported")
+
+
+async def _not_found(_: web.Request) -> web.StreamResponse:
+    return error_response(404, "NOT_FOUND", "Not Found")
+
+
+async def _post_only(_: web.Request) -> web.StreamResponse:
+    return error_response(405, "METHOD_NOT_ALLOWED", "Method Not Allowed", {"Allow": "POST"})
+
+
 class _BodyTooLarge(Exception):
     pass
 
@@ -103,7 +126,13 @@ class WebhookApp:
         for source in sources:
             provider = load_provider(source.provider)
             assert isinstance(provider, WebhookProvider)  # checked when the config loaded
-            self.app.router.add_post(source.path, self._endpoint(source, provider))
+            self.app.router.add_post(
+                source.path, self._endpoint(source, provider), expect_handler=_expect
+            )
+            self.app.router.add_route("*", source.path, _post_only, expect_handler=_expect)
+        # Every other request too gets a route of ours rather than aiohttp's system route
+        # for 404/405, whose Expect handling cannot be replaced (see _expect).
+        self.app.router.add_route("*", "/{tail:.*}", _not_found, expect_handler=_expect)
 
     def _endpoint(self, source: WebhookSourceConfig, provider: WebhookProvider) -> Handler:
         verifier = Verifier(source.signature)
@@ -130,6 +159,11 @@ class WebhookApp:
             except TimeoutError:
                 rejected.labels(name, "read_timeout").inc()
                 return error_response(408, "REQUEST_TIMEOUT", "body not received in time")
+            except web.RequestPayloadError:
+                # aiohttp could not decode the body (a Content-Encoding it does not
+                # match, broken chunking): the client's fault, not a 500.
+                rejected.labels(name, "bad_body").inc()
+                return error_response(400, "BAD_REQUEST", "the body could not be decoded")
             now = time.time()
             try:
                 verifier.verify(request.headers, body, now=now)
