@@ -20,6 +20,7 @@ from listener.adminauth import ApiAuth, require
 from listener.config import AdminConfig, BrokerConfig
 from listener.metrics import Metrics
 from listener.selection import JournalReader
+from listener.webhooks import expect_continue
 
 __all__ = ["AdminApp", "Component"]
 
@@ -51,10 +52,10 @@ class AdminApp:
         self._refresh = refresh
         self.auth = ApiAuth(config.api_keys, rate_limit=config.rate_limit)
         self.app = web.Application(middlewares=[self.auth.middleware])
-        self.app.router.add_get("/healthz", self._healthz)
-        self.app.router.add_get("/readyz", self._readyz)
-        self.app.router.add_get("/metrics", self._metrics_handler)
-        self.app.router.add_get("/v1/sources", self._v1_sources)
+        self.app.router.add_get("/healthz", self._healthz, expect_handler=expect_continue)
+        self.app.router.add_get("/readyz", self._readyz, expect_handler=expect_continue)
+        self.app.router.add_get("/metrics", self._metrics_handler, expect_handler=expect_continue)
+        self.app.router.add_get("/v1/sources", self._v1_sources, expect_handler=expect_continue)
         # Events, quarantine, replays and the OpenAPI document need the journal and the
         # broker settings; without them (tests of the health endpoints) they are absent.
         self.api: AdminApi | None = None

@@ -42,7 +42,7 @@ from listener.selection import (
     parse_time,
     select_events,
 )
-from listener.webhooks import error_response
+from listener.webhooks import error_response, expect_continue
 
 __all__ = ["MAX_RUNNING", "AdminApi"]
 
@@ -115,11 +115,11 @@ class AdminApi:
 
     def register(self, app: web.Application) -> None:
         """Add the routes to ``app`` and stop running replays when it shuts down."""
-        app.router.add_get("/v1/events", self.events)
-        app.router.add_get("/v1/quarantine", self.quarantine)
-        app.router.add_post("/v1/replays", self.start_replay)
-        app.router.add_get("/v1/replays/{id}", self.replay)
-        app.router.add_get("/v1/openapi.json", self.openapi)
+        app.router.add_get("/v1/events", self.events, expect_handler=expect_continue)
+        app.router.add_get("/v1/quarantine", self.quarantine, expect_handler=expect_continue)
+        app.router.add_post("/v1/replays", self.start_replay, expect_handler=expect_continue)
+        app.router.add_get("/v1/replays/{id}", self.replay, expect_handler=expect_continue)
+        app.router.add_get("/v1/openapi.json", self.openapi, expect_handler=expect_continue)
         app.on_cleanup.append(self._stop_replays)
 
     @require("read")

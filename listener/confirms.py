@@ -33,7 +33,7 @@ from pamqp.header import ContentHeader
 
 from listener.exceptions import PublishError, PublishNacked, PublishTimeout
 
-__all__ = ["ConfirmWindow", "Outgoing", "send_batch"]
+__all__ = ["ConfirmWindow", "Outgoing", "send_batch", "unroute"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +95,21 @@ async def send_batch(
     return futures
 
 
+def unroute(channel: aiormq.Channel, message_id: str, future: asyncio.Future[Any]) -> None:
+    """
+    Stop a Basic.Return still on its way from finding ``future``; call before cancelling it.
+
+    aiormq routes a return to its publish by ``message_id`` and fails that publish's
+    future; on a cancelled one ``set_exception`` raises InvalidStateError in aiormq's
+    frame reader, which closes the channel (publishing then stalls until the connection
+    is replaced). :func:`send_batch` forgets the id only in a done callback, a loop turn
+    later: too late when the return is already being read. Forget it now.
+    """
+    tag = channel.message_id_delivery_tag.get(message_id)
+    if tag is not None and channel.confirmations.get(tag) is future:
+        del channel.message_id_delivery_tag[message_id]
+
+
 def _forget(channel: aiormq.Channel, message_id: str, tag: int, _: object) -> None:
     if channel.message_id_delivery_tag.get(message_id) == tag:
         channel.message_id_delivery_tag.pop(message_id, None)
@@ -121,7 +136,9 @@ class ConfirmWindow:
         self._size = size
         self._chunk = max(1, min(chunk or size // 4 or 1, size))
         self._buffer: list[Outgoing] = []
-        self._waiting: collections.deque[tuple[float, asyncio.Future[Any]]] = collections.deque()
+        self._waiting: collections.deque[tuple[float, asyncio.Future[Any], str]] = (
+            collections.deque()
+        )
         self._in_flight: set[str] = set()
         self._wake = asyncio.Event()
         self._failure: PublishError | None = None
@@ -145,8 +162,10 @@ class ConfirmWindow:
             while self._in_flight and self._failure is None:
                 await self._wait()
         finally:
-            for _, future in self._waiting:
-                future.cancel()
+            for _, future, message_id in self._waiting:
+                if not future.done():
+                    unroute(self._channel, message_id, future)
+                    future.cancel()
         if exc is None and self._failure is not None:
             raise self._failure
 
@@ -195,7 +214,7 @@ class ConfirmWindow:
             for message, future in zip(batch, futures, strict=True):
                 self._in_flight.add(message.message_id)
                 future.add_done_callback(functools.partial(self._settled, message))
-                self._waiting.append((deadline, future))
+                self._waiting.append((deadline, future, message.message_id))
 
     async def _wait(self) -> None:
         """Wait for a confirm, or fail when the oldest publish passes its deadline."""

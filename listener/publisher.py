@@ -32,7 +32,7 @@ from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from pamqp.commands import Basic
 
 from listener.config import BrokerConfig, mask_url
-from listener.confirms import Outgoing, send_batch
+from listener.confirms import Outgoing, send_batch, unroute
 from listener.envelope import APP_ID, CONTENT_TYPE
 from listener.exceptions import (
     JournalError,
@@ -371,7 +371,7 @@ class Publisher:
             # published again next session (consumers deduplicate on message_id).
             for _, future, stored in waiting:
                 if not future.done():
-                    _unroute(underlay, stored.entry.event_id, future)
+                    unroute(underlay, stored.entry.event_id, future)
                     future.cancel()
             for _ in range(8):  # let settled futures run their callbacks (bounded)
                 if not in_flight:
@@ -454,21 +454,6 @@ def _outcome(stored: StoredEntry, future: asyncio.Future[Any]) -> BaseException 
     if isinstance(error, aiormq.exceptions.DeliveryError):
         return PublishNacked(f"nacked: {error}", message_id=entry.event_id)
     return error
-
-
-def _unroute(channel: aiormq.Channel, message_id: str, future: asyncio.Future[Any]) -> None:
-    """
-    Stop a Basic.Return still on its way from finding ``future``, before cancelling it.
-
-    aiormq routes a return to its publish by ``message_id`` and fails that publish's
-    future; on a cancelled one ``set_exception`` raises InvalidStateError in aiormq's
-    frame reader, which closes the channel (publishing then stalls until the connection
-    is replaced). send_batch forgets the id only in a done callback, which runs a loop
-    turn later: too late when the return is already being read. Forget it now.
-    """
-    tag = channel.message_id_delivery_tag.get(message_id)
-    if tag is not None and channel.confirmations.get(tag) is future:
-        del channel.message_id_delivery_tag[message_id]
 
 
 def _reason(exc: BaseException) -> str:

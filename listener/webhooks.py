@@ -34,7 +34,7 @@ from listener.journal import Journal
 from listener.metrics import Metrics
 from listener.signatures import Verifier
 
-__all__ = ["WebhookApp", "error_response"]
+__all__ = ["WebhookApp", "error_response", "expect_continue"]
 
 log = structlog.get_logger("listener.webhooks")
 
@@ -71,7 +71,7 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
         return error_response(exc.status, code, exc.reason, headers)
 
 
-async def _expect(request: web.Request) -> web.StreamResponse | None:
+async def expect_continue(request: web.Request) -> web.StreamResponse | None:
     """
     ``Expect: 100-continue`` as aiohttp does it; any other expectation is 417 with the
     JSON error body. (aiohttp's default handler echoes the header into its 417 text and
@@ -127,12 +127,12 @@ class WebhookApp:
             provider = load_provider(source.provider)
             assert isinstance(provider, WebhookProvider)  # checked when the config loaded
             self.app.router.add_post(
-                source.path, self._endpoint(source, provider), expect_handler=_expect
+                source.path, self._endpoint(source, provider), expect_handler=expect_continue
             )
-            self.app.router.add_route("*", source.path, _post_only, expect_handler=_expect)
+            self.app.router.add_route("*", source.path, _post_only, expect_handler=expect_continue)
         # Every other request too gets a route of ours rather than aiohttp's system route
-        # for 404/405, whose Expect handling cannot be replaced (see _expect).
-        self.app.router.add_route("*", "/{tail:.*}", _not_found, expect_handler=_expect)
+        # for 404/405, whose Expect handling cannot be replaced (see expect_continue).
+        self.app.router.add_route("*", "/{tail:.*}", _not_found, expect_handler=expect_continue)
 
     def _endpoint(self, source: WebhookSourceConfig, provider: WebhookProvider) -> Handler:
         verifier = Verifier(source.signature)

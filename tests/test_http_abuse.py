@@ -538,11 +538,6 @@ def test_random_requests_never_get_a_5xx(
         assert status == 200
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="listener/admin.py keeps aiohttp's default Expect handler, which answers 500 to a"
-    " non-UTF-8 Expect value (fixed for the public port in listener/webhooks.py: _expect)",
-)
 async def test_admin_port_answers_a_bad_expect_header_without_a_500(service: Service) -> None:
     """An Expect header holding a byte that is not UTF-8 gets a 4xx on the admin port too."""
     assert service.admin_port is not None
