@@ -28,6 +28,7 @@ from bench.common import (
     table,
 )
 from bench.loadgen import LoadResult, generate, wrk_path
+from bench.replay import run as replay_run
 from bench.webhooks import EndToEnd, end_to_end
 
 TARGET = 0.6
@@ -126,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         e2e_requests.body_size,
         e2e_requests.event_size,
     )
+    print()
+    print("replay: listener replay into one queue, from the journal and from the archive")
+    replay_run(events=10_000 if args.quick else 40_000, seconds=seconds)
     say(f"done in {time.monotonic() - started:.0f} s")
     return 0
 
