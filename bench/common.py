@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import signal
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import psutil
+
+from listener.cli import run_async
 
 _T = TypeVar("_T")
 
@@ -34,15 +35,8 @@ MESSAGE_SIZE = 1024
 
 
 def run_uvloop(main: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
-    """Run ``main`` on uvloop when installed, as ``listener.cli.run_async`` does."""
-    try:
-        import uvloop  # noqa: PLC0415 - optional, as in the listener
-
-        factory: Callable[[], asyncio.AbstractEventLoop] | None = uvloop.new_event_loop
-    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
-        factory = None
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(main())
+    """Run ``main`` on uvloop when installed, exactly as the listener does."""
+    return run_async(main)
 
 
 def unique(prefix: str) -> str:

@@ -117,8 +117,9 @@ class _Stats:
     commit_seconds: list[float] = field(default_factory=list)
 
 
-def _row_to_entry(row: tuple[Any, ...]) -> StoredEntry:
-    seq, source, event_id, kind, routing_key, body, moment, received_at, reason, detail = row
+def row_to_entry(row: Sequence[Any]) -> StoredEntry:
+    """A :class:`StoredEntry` from a row whose first ten columns are ``_COLUMNS``."""
+    seq, source, event_id, kind, routing_key, body, moment, received_at, reason, detail = row[:10]
     return StoredEntry(
         seq=seq,
         entry=Entry(
@@ -424,7 +425,7 @@ class Journal:
     async def pending(self, *, after_seq: int, limit: int) -> list[StoredEntry]:
         """Entries not yet published, oldest first, with ``seq > after_seq``."""
         rows = await self._on_reader(self._select_pending, after_seq, limit)
-        return [_row_to_entry(r) for r in rows]
+        return [row_to_entry(r) for r in rows]
 
     def _select_pending(self, after_seq: int, limit: int) -> list[tuple[Any, ...]]:
         conn = self._reader

@@ -22,8 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from listener.envelope import Entry
-from listener.journal import StoredEntry
+from listener.journal import StoredEntry, row_to_entry
 
 __all__ = [
     "EVENT_COLUMNS",
@@ -207,18 +206,4 @@ async def select_events(
 
 def stored_from_row(row: Sequence[Any]) -> StoredEntry:
     """A :class:`StoredEntry` from the first ten of :data:`EVENT_COLUMNS`."""
-    seq, source, event_id, kind, routing_key, body, moment, received_at, reason, detail = row[:10]
-    return StoredEntry(
-        seq=seq,
-        entry=Entry(
-            source=source,
-            event_id=event_id,
-            kind=kind,
-            routing_key=routing_key,
-            body=bytes(body),
-            time=moment,
-            received_at=received_at,
-            reason=reason,
-            detail=detail,
-        ),
-    )
+    return row_to_entry(row)
