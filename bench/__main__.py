@@ -1,6 +1,8 @@
 """
-``python -m bench`` (``make bench``): ceiling A, ceiling B, then the listener end to end;
-prints a table of figures and ratios. Never asserts a timing.
+``python -m bench`` (``make bench``): the webhook part (ceiling A, ceiling B, then the
+listener end to end), the stream part (a bare websockets client and the listener on one
+Layerx402 simulator, beside ceiling B), then the replay part; prints tables of figures
+and ratios. Never asserts a timing. ``--only webhooks|streams|replay`` runs one part.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import streams
 from bench.ceilings import PublishResult, ceiling_a, ceiling_b
 from bench.common import (
     CONCURRENCY,
     CONFIRM_WINDOW,
     MESSAGE_SIZE,
+    NOISE,
     background_load,
     broker_reachable,
     describe_cores,
@@ -34,8 +38,7 @@ from bench.webhooks import EndToEnd, end_to_end
 TARGET = 0.6
 # Cores busy elsewhere on the host above which the figures are flagged as noisy.
 BUSY = 0.15
-# Cores used during a run by processes outside it (beyond the kernel's own network work).
-NOISE = 0.3
+PARTS = ("webhooks", "streams", "replay")
 # Requests signed for ceiling A (replayed in a loop: the bare handler does not care).
 A_REQUESTS = 50_000
 # Headroom over ceiling A's rate when sizing the end-to-end request set, which must not
@@ -45,18 +48,21 @@ E2E_HEADROOM = 1.25
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m bench", description="Listener throughput against its two ceilings."
+        prog="python -m bench", description="Listener throughput against its ceilings."
     )
     parser.add_argument(
         "--seconds", type=int, default=10, help="length of each run in whole seconds (10)"
     )
     parser.add_argument("--quick", action="store_true", help="3 s runs")
+    parser.add_argument(
+        "--only", choices=PARTS, default=None, help="run one part (default: all three, in order)"
+    )
     parser.add_argument("--concurrency", type=int, default=CONCURRENCY, help="connections (64)")
     parser.add_argument(
         "--archive",
         action="store_true",
         help="keep the listener's stream archive on (a second queue per event; off by default "
-        "so the broker's work per message matches ceiling B)",
+        "so the broker's work per message matches ceiling B); webhook and stream parts",
     )
     parser.add_argument(
         "--no-lean", action="store_true", help="skip the lean-publisher reference run"
@@ -66,7 +72,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         type=Path,
         default=None,
         help="py-spy the listener during the end-to-end load into this file "
-        "(.svg flamegraph, .json speedscope, else collapsed stacks); needs py-spy",
+        "(.svg flamegraph, .json speedscope, else collapsed stacks), and during the "
+        "four-subscription stream window into <name>-streams<suffix>; needs py-spy",
     )
     args = parser.parse_args(argv)
     if args.quick:
@@ -80,11 +87,41 @@ def main(argv: list[str] | None = None) -> int:
     if not broker_reachable():
         print("RabbitMQ not reachable on 127.0.0.1:5672; start one with: rabbitmq-server -detached")
         return 2
-    seconds = args.seconds
+    parts = PARTS if args.only is None else (args.only,)
     started = time.monotonic()
     background = background_load()
     if background > BUSY:
         say(f"the host is busy before the benchmark ({background:.2f} cores): figures will be low")
+    b: PublishResult | None = None
+    if "webhooks" in parts:
+        b = _webhooks(args, background)
+    if "streams" in parts:
+        if b is None:
+            say(f"ceiling B: aio-pika publisher, {args.seconds:g} s")
+            b = ceiling_b(seconds=args.seconds, mode="message")
+            say(f"ceiling B: {b.rate:,.0f} msg/s")
+        profile = args.profile
+        if profile is not None and args.only != "streams":
+            profile = profile.with_name(f"{profile.stem}-streams{profile.suffix}")
+        part = streams.run(
+            seconds=args.seconds,
+            warmup=0.5 if args.quick else 1.0,
+            archive=args.archive,
+            profile=profile,
+        )
+        print()
+        streams.report(part, b, archive=args.archive)
+    if "replay" in parts:
+        print()
+        print("replay: listener replay into one queue, from the journal and from the archive")
+        replay_run(events=10_000 if args.quick else 40_000, seconds=args.seconds)
+    say(f"done in {time.monotonic() - started:.0f} s")
+    return 0
+
+
+def _webhooks(args: argparse.Namespace, background: float) -> PublishResult:
+    """Ceiling A, ceiling B (returned, for the stream part), the end-to-end run; report."""
+    seconds = args.seconds
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         directory = Path(tmp)
         say(f"signing {A_REQUESTS:,} webhooks for ceiling A")
@@ -127,11 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         e2e_requests.body_size,
         e2e_requests.event_size,
     )
-    print()
-    print("replay: listener replay into one queue, from the journal and from the archive")
-    replay_run(events=10_000 if args.quick else 40_000, seconds=seconds)
-    say(f"done in {time.monotonic() - started:.0f} s")
-    return 0
+    return b
 
 
 def _report(

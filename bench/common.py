@@ -1,9 +1,14 @@
-"""Helpers shared by the benchmark modules: ports, processes, CPU accounting, output."""
+"""
+Helpers shared by the benchmark modules: ports, processes, CPU accounting, the
+listener's admin port and metrics, broker objects, output.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import aio_pika
+import aiohttp
 import psutil
 
 from listener.cli import run_async
@@ -32,6 +39,9 @@ CONFIRM_WINDOW = 256
 # The size of the messages ceiling B publishes; the end-to-end webhook payload is padded
 # so that the CloudEvent the listener publishes is about as large.
 MESSAGE_SIZE = 1024
+# Cores used during a run by processes outside it (beyond the kernel's own network work)
+# above which the figures are flagged as noisy.
+NOISE = 0.3
 
 
 def run_uvloop(main: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
@@ -224,6 +234,172 @@ def with_loadgen(cores: dict[str, float], load: Any) -> dict[str, float]:
     return result
 
 
+def peak_rss(pid: int) -> int | None:
+    """The peak resident set size of ``pid`` in bytes (``VmHWM``), if readable."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+# -- the listener's admin port -------------------------------------------------------------
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text → total per metric name (labels summed)."""
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name_labels, _, value = line.rpartition(" ")
+        name = name_labels.split("{", 1)[0]
+        with contextlib.suppress(ValueError):
+            totals[name] = totals.get(name, 0.0) + float(value)
+    return totals
+
+
+def parse_buckets(text: str, histogram: str) -> dict[float, float]:
+    """Prometheus text → ``{le: cumulative count}`` of ``histogram`` (other labels summed)."""
+    prefix = f"{histogram}_bucket{{"
+    buckets: dict[float, float] = {}
+    for line in text.splitlines():
+        if not line.startswith(prefix):
+            continue
+        labels, _, value = line.rpartition(" ")
+        for label in labels[len(prefix) :].rstrip("}").split(","):
+            key, _, raw = label.partition("=")
+            if key == "le":
+                le = float(raw.strip('"'))  # "+Inf" parses as inf
+                buckets[le] = buckets.get(le, 0.0) + float(value)
+    return buckets
+
+
+def bucket_quantile(
+    before: dict[float, float], after: dict[float, float], q: float
+) -> float | None:
+    """
+    The ``q`` quantile of what a histogram observed between two scrapes, interpolated
+    linearly inside its bucket as Prometheus' ``histogram_quantile`` does (so no finer
+    than the bucket bounds); ``None`` without observations.
+    """
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    if not counts or counts[-1] <= 0:
+        return None
+    rank = q * counts[-1]
+    lower, below = 0.0, 0.0
+    for bound, count in zip(bounds, counts, strict=True):
+        if count >= rank:
+            if bound == float("inf"):
+                return lower  # beyond the last finite bound: report that bound
+            inside = count - below
+            return lower + (bound - lower) * ((rank - below) / inside if inside else 1.0)
+        lower, below = bound, count
+    return lower
+
+
+async def fetch_metrics_text(session: aiohttp.ClientSession, admin: str) -> str:
+    """The listener's ``/metrics`` page."""
+    async with session.get(f"{admin}/metrics") as response:
+        return await response.text()
+
+
+async def fetch_metrics(session: aiohttp.ClientSession, admin: str) -> dict[str, float]:
+    """The listener's metrics, totalled per name (:func:`parse_metrics`)."""
+    return parse_metrics(await fetch_metrics_text(session, admin))
+
+
+async def wait_ready(
+    session: aiohttp.ClientSession, admin: str, proc: subprocess.Popen[bytes], within: float
+) -> None:
+    """Wait until the listener's ``/readyz`` answers 200 (or it died, or ``within`` passed)."""
+    deadline = time.monotonic() + within
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the listener exited with {proc.returncode} while starting")
+        with contextlib.suppress(aiohttp.ClientError):
+            async with session.get(f"{admin}/readyz") as response:
+                if response.status == 200:
+                    return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the listener was not ready after {within:.0f}s")
+        await asyncio.sleep(0.05)
+
+
+def py_spy(pid: int, seconds: float, output: Path) -> subprocess.Popen[bytes] | None:
+    """``py-spy record`` ``pid`` for ``seconds`` into ``output`` (format from its suffix)."""
+    binary = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(binary).exists():
+        say("--profile needs py-spy (pip install py-spy); skipped")
+        return None
+    fmt = {".json": "speedscope", ".svg": "flamegraph"}.get(output.suffix, "raw")
+    argv = [
+        binary,
+        "record",
+        "--pid",
+        str(pid),
+        "--duration",
+        str(max(round(seconds), 1)),
+        "--rate",
+        "250",
+        "--format",
+        fmt,
+        "--threads",
+        "--output",
+        str(output),
+    ]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+# -- broker objects ------------------------------------------------------------------------
+
+
+async def declare_tap(exchange: str, queue: str) -> None:
+    """A durable topic ``exchange`` with a durable ``queue`` bound ``#``, before the listener."""
+    connection = await aio_pika.connect(BROKER_URL)
+    try:
+        channel = await connection.channel()
+        ex = await channel.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+        q = await channel.declare_queue(queue, durable=True)
+        await q.bind(ex, "#")
+    finally:
+        await connection.close()
+
+
+async def queue_count(queue: str) -> int:
+    """Messages ready in ``queue``."""
+    connection = await aio_pika.connect(BROKER_URL)
+    try:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, passive=True)
+        return int(declared.declaration_result.message_count or 0)
+    finally:
+        await connection.close()
+
+
+async def cleanup_topology(exchange: str, queue: str) -> None:
+    """Delete the tap queue and what the listener declared (CONTRACT §4 topology)."""
+    connection = await aio_pika.connect(BROKER_URL)
+    try:
+        for name in (queue, f"{exchange}.quarantine", f"{exchange}.archive"):
+            channel = await connection.channel()  # a failed delete closes its channel
+            with contextlib.suppress(Exception):
+                await channel.queue_delete(name)
+        for name in (exchange, f"{exchange}.quarantine"):
+            channel = await connection.channel()
+            with contextlib.suppress(Exception):
+                await channel.exchange_delete(name)
+    finally:
+        await connection.close()
+
+
+# -- output --------------------------------------------------------------------------------
+
+
 def describe_cores(cores: dict[str, float]) -> str:
     """``listener 0.93, broker 0.55, loadgen 0.21, other 0.05, idle 0.2`` (cores)."""
     return ", ".join(f"{role} {value:.2f}" for role, value in cores.items())
@@ -237,6 +413,11 @@ def fmt_rate(value: float | None) -> str:
 def fmt_ms(value: float | None) -> str:
     """Milliseconds with two decimals, or ``-``."""
     return "-" if value is None else f"{value:.2f} ms"
+
+
+def fmt_bytes(value: int | None) -> str:
+    """A size in MiB, or ``-``."""
+    return "-" if value is None else f"{value / 2**20:,.0f} MiB"
 
 
 def fmt_ratio(value: float | None) -> str:

@@ -25,10 +25,7 @@ Measured:
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -46,11 +43,17 @@ from bench.common import (
     WHSEC,
     CpuMeter,
     broker_pid,
+    cleanup_topology,
+    declare_tap,
+    fetch_metrics,
     free_port,
+    py_spy,
     python_module,
+    queue_count,
     say,
     stop_child,
     unique,
+    wait_ready,
     with_loadgen,
 )
 from bench.loadgen import LoadResult, RequestSet, run_load
@@ -117,101 +120,6 @@ def listener_config(
     }
 
 
-def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text → total per metric name (labels summed)."""
-    totals: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        name_labels, _, value = line.rpartition(" ")
-        name = name_labels.split("{", 1)[0]
-        with contextlib.suppress(ValueError):
-            totals[name] = totals.get(name, 0.0) + float(value)
-    return totals
-
-
-async def _metrics(session: aiohttp.ClientSession, admin: str) -> dict[str, float]:
-    async with session.get(f"{admin}/metrics") as response:
-        return parse_metrics(await response.text())
-
-
-async def _wait_ready(
-    session: aiohttp.ClientSession, admin: str, proc: subprocess.Popen[bytes], within: float
-) -> None:
-    deadline = time.monotonic() + within
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the listener exited with {proc.returncode} while starting")
-        with contextlib.suppress(aiohttp.ClientError):
-            async with session.get(f"{admin}/readyz") as response:
-                if response.status == 200:
-                    return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the listener was not ready after {within:.0f}s")
-        await asyncio.sleep(0.05)
-
-
-async def _declare(exchange: str, queue: str) -> None:
-    connection = await aio_pika.connect(BROKER_URL)
-    try:
-        channel = await connection.channel()
-        ex = await channel.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC, durable=True)
-        q = await channel.declare_queue(queue, durable=True)
-        await q.bind(ex, "#")
-    finally:
-        await connection.close()
-
-
-async def _queue_count(queue: str) -> int:
-    connection = await aio_pika.connect(BROKER_URL)
-    try:
-        channel = await connection.channel()
-        declared = await channel.declare_queue(queue, passive=True)
-        return int(declared.declaration_result.message_count or 0)
-    finally:
-        await connection.close()
-
-
-async def _cleanup(exchange: str, queue: str) -> None:
-    """Delete what the run and the listener declared (CONTRACT §4 topology)."""
-    connection = await aio_pika.connect(BROKER_URL)
-    try:
-        for name in (queue, f"{exchange}.quarantine", f"{exchange}.archive"):
-            channel = await connection.channel()  # a failed delete closes its channel
-            with contextlib.suppress(Exception):
-                await channel.queue_delete(name)
-        for name in (exchange, f"{exchange}.quarantine"):
-            channel = await connection.channel()
-            with contextlib.suppress(Exception):
-                await channel.exchange_delete(name)
-    finally:
-        await connection.close()
-
-
-def _py_spy(pid: int, seconds: float, output: Path) -> subprocess.Popen[bytes] | None:
-    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    if not Path(py_spy).exists():
-        say("--profile needs py-spy (pip install py-spy); skipped")
-        return None
-    fmt = {".json": "speedscope", ".svg": "flamegraph"}.get(output.suffix, "raw")
-    argv = [
-        py_spy,
-        "record",
-        "--pid",
-        str(pid),
-        "--duration",
-        str(max(round(seconds), 1)),
-        "--rate",
-        "250",
-        "--format",
-        fmt,
-        "--threads",
-        "--output",
-        str(output),
-    ]
-    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
 async def _run(
     requests: RequestSet,
     *,
@@ -238,7 +146,7 @@ async def _run(
     )
     log_path = directory / "listener.log"
     admin = f"http://127.0.0.1:{admin_port}"
-    await _declare(exchange, queue)
+    await declare_tap(exchange, queue)
     proc: subprocess.Popen[bytes] | None = None
     try:
         with log_path.open("wb") as log:
@@ -249,11 +157,11 @@ async def _run(
                 stderr=subprocess.STDOUT,
             )
         async with aiohttp.ClientSession() as session:
-            await _wait_ready(session, admin, proc, within=30.0)
+            await wait_ready(session, admin, proc, within=30.0)
             meter = CpuMeter()
             meter.add("listener", proc.pid)
             meter.add("broker", broker_pid())
-            spy = _py_spy(proc.pid, seconds, profile) if profile is not None else None
+            spy = py_spy(proc.pid, seconds, profile) if profile is not None else None
             meter.start()
             started = time.monotonic()
             load = await asyncio.to_thread(
@@ -265,7 +173,7 @@ async def _run(
             )
             load_ended = time.monotonic()
             meter.stop()
-            counters = await _metrics(session, admin)
+            counters = await fetch_metrics(session, admin)
             pending_at_end = int(counters.get("listener_journal_pending", 0))
             # Until nothing is pending and every journaled event is confirmed (the
             # journal's view), and until the queue holds every journaled event (the
@@ -276,7 +184,7 @@ async def _run(
             try:
                 channel = await connection.channel()
                 while True:
-                    counters = await _metrics(session, admin)
+                    counters = await fetch_metrics(session, admin)
                     now = time.monotonic()
                     received = counters.get("listener_events_received_total", 0.0)
                     published = counters.get("listener_events_published_total", 0.0)
@@ -299,15 +207,15 @@ async def _run(
             # A request still in the listener when the generator stopped could land just
             # after the poll: look once more after a short pause.
             await asyncio.sleep(0.2)
-            counters = await _metrics(session, admin)
+            counters = await fetch_metrics(session, admin)
             if counters.get("listener_events_received_total", 0.0) > received:
                 say("late arrivals after the drain; the confirmed count includes them")
         if spy is not None:
             spy.wait()
-        queued = await _queue_count(queue)
+        queued = await queue_count(queue)
     finally:
         exit_code = stop_child(proc) if proc is not None else None
-        await _cleanup(exchange, queue)
+        await cleanup_topology(exchange, queue)
     log_tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-20:])
     return EndToEnd(
         load=load,
