@@ -19,10 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
+import hypothesis  # noqa: F401 - imported up front, see below
 import pytest
 
 from listener.config import Config
 from listener.service import Service
+
+# hypothesis's pytest plugin otherwise imports hypothesis lazily in the terminal summary,
+# when pytest's assertion rewriter compiles it while garbage from closed aiormq
+# connections raises warnings: CPython 3.11's compiler then fails with "AST constructor
+# recursion depth mismatch" and the run exits 1 after passing.
 
 BROKER_HOST = "127.0.0.1"
 BROKER_PORT = 5672
@@ -135,15 +141,15 @@ async def cleanup_topology(broker_url: str, exchange_name: str) -> AsyncIterator
         await delete_topology(broker_url, exchange_name)
 
 
-def make_config(
+def config_data(
     tmp_path: Path,
     *,
     broker_url: str = BROKER_URL,
     exchange: str = "events",
     sources: list[dict[str, Any]] | None = None,
     **overrides: Any,
-) -> Config:
-    """A service configuration on ephemeral ports with a journal under ``tmp_path``."""
+) -> dict[str, Any]:
+    """A configuration's content: ephemeral ports, journal under ``tmp_path``; overrides merge."""
     raw: dict[str, Any] = {
         "http": {"host": "127.0.0.1", "port": 0},
         "admin": {"host": "127.0.0.1", "port": 0},
@@ -165,7 +171,20 @@ def make_config(
             raw[key] = {**raw[key], **value}
         else:
             raw[key] = value
-    return Config.model_validate(raw)
+    return raw
+
+
+def make_config(
+    tmp_path: Path,
+    *,
+    broker_url: str = BROKER_URL,
+    exchange: str = "events",
+    sources: list[dict[str, Any]] | None = None,
+    **overrides: Any,
+) -> Config:
+    """A service configuration on ephemeral ports with a journal under ``tmp_path``."""
+    data = config_data(tmp_path, broker_url=broker_url, exchange=exchange, sources=sources, **overrides)
+    return Config.model_validate(data)
 
 
 @contextlib.asynccontextmanager

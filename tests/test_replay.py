@@ -25,7 +25,7 @@ from listener.replay import replay_request
 from listener.replayer import Replay, ReplayStatus
 from listener.selection import TopicPattern, parse_time
 from listener.service import Service
-from tests.conftest import UNIT, running, tap, wait_for
+from tests.conftest import UNIT, config_data, running, tap, wait_for
 from tests.test_webhooks import gst_source
 from tests.webhook_sender import Sender, gst_event
 
@@ -50,12 +50,9 @@ DATA = {
 
 def raw_config(tmp_path: Path, broker_url: str, exchange: str, **overrides: Any) -> dict[str, Any]:
     """A config file's content: ephemeral ports, a journal under tmp_path, three admin keys."""
-    raw: dict[str, Any] = {
+    base: dict[str, Any] = {
         "log": {"level": "warning", "format": "json"},
-        "http": {"host": "127.0.0.1", "port": 0},
         "admin": {
-            "host": "127.0.0.1",
-            "port": 0,
             "rate_limit": 100_000,
             "api_keys": [
                 {"key": READ_KEY, "scopes": ["read"]},
@@ -63,26 +60,15 @@ def raw_config(tmp_path: Path, broker_url: str, exchange: str, **overrides: Any)
                 {"key": ADMIN_KEY, "scopes": ["admin"]},
             ],
         },
-        "broker": {
-            "url": broker_url,
-            "exchange": exchange,
-            "heartbeat": "2s",
-            "publish_timeout": "3s",
-            "retry_initial": "100ms",
-            "retry_max": "1s",
-            "connect_timeout": "2s",
-        },
-        "journal": {"path": str(tmp_path / "journal.db")},
-        "sources": [gst_source()],
-        "shutdown_timeout": "5s",
     }
     for key, value in overrides.items():
-        raw[key] = (
-            {**raw[key], **value}
-            if isinstance(value, dict) and isinstance(raw.get(key), dict)
+        base[key] = (
+            {**base[key], **value}
+            if isinstance(value, dict) and isinstance(base.get(key), dict)
             else value
         )
-    return raw
+    sources = base.pop("sources", [gst_source()])
+    return config_data(tmp_path, broker_url=broker_url, exchange=exchange, sources=sources, **base)
 
 
 def write_config(tmp_path: Path, raw: dict[str, Any]) -> Path:
