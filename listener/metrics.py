@@ -6,6 +6,8 @@ share counters.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 __all__ = ["Metrics"]
@@ -19,6 +21,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        self._received_children: dict[tuple[str, str], Any] = {}
         self.events_received = Counter(
             "listener_events_received",
             "Events accepted into the journal.",
@@ -91,6 +94,14 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+
+    def received(self, source: str, type_: str) -> Any:
+        """The ``events_received`` child for a source and type, looked up once (hot path)."""
+        key = (source, type_)
+        child = self._received_children.get(key)
+        if child is None:
+            child = self._received_children[key] = self.events_received.labels(source, type_)
+        return child
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

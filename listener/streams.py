@@ -413,7 +413,7 @@ class StreamSource:
             entry = event_entry(
                 source=self.name, provider=self._provider.name, event=result, received_at=now
             )
-            self._metrics.events_received.labels(self.name, entry.routing_key).inc()
+            self._metrics.received(self.name, entry.routing_key).inc()
         else:
             entry = self._quarantine_entry(raw, result, now)
         sub.last_seq = frame.seq

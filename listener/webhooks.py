@@ -140,8 +140,6 @@ class WebhookApp:
         name = source.name
         rejected = self._metrics.webhook_rejected
         quarantined = self._metrics.events_quarantined
-        received = self._metrics.events_received
-        received_by_type: dict[str, Any] = {}  # labelled children, looked up once per type
 
         async def receive(request: web.Request) -> web.StreamResponse:
             if not self.accepting:
@@ -220,12 +218,7 @@ class WebhookApp:
                         id=entry.event_id,
                     )
             elif new:
-                counter = received_by_type.get(entry.routing_key)
-                if counter is None:
-                    counter = received_by_type[entry.routing_key] = received.labels(
-                        name, entry.routing_key
-                    )
-                counter.inc()
+                self._metrics.received(name, entry.routing_key).inc()
                 counts = self._received[name]
                 counts[0] += 1
                 counts[1] = now
