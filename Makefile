@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 .env: | $(STAMP)
-	$(BIN)/python -m listener.devenv .env
+	$(BIN)/python -m listener.dev.devenv .env
 
 # Runs the daemon with ./config.yaml; development secrets are generated into .env once.
 run: $(STAMP) .env

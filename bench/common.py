@@ -24,7 +24,7 @@ import aio_pika
 import aiohttp
 import psutil
 
-from listener.cli import run_async
+from listener.loop import run_async
 
 _T = TypeVar("_T")
 

@@ -39,7 +39,7 @@ from bench.common import (
     run_uvloop,
     say,
 )
-from listener.signatures import sign
+from listener.sources.signatures import sign
 
 __all__ = [
     "LoadResult",

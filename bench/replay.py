@@ -29,11 +29,11 @@ import yaml
 from bench.ceilings import ceiling_b
 from bench.common import fmt_rate, fmt_ratio, python_module, say, table, unique
 from handlers import Event
+from listener.broker.confirms import ConfirmWindow, Outgoing
+from listener.broker.topology import declare_topology, properties_for
 from listener.config import Config
-from listener.confirms import ConfirmWindow
 from listener.envelope import event_entry
 from listener.journal import Journal
-from listener.publisher import declare_topology, properties_for
 
 BROKER_URL = "amqp://guest:guest@127.0.0.1:5672/"
 TARGET = 0.7
@@ -63,7 +63,7 @@ async def _prepare(config: Config, events: int) -> None:
     connection = await aio_pika.connect(BROKER_URL)
     try:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        await declare_topology(channel, config.broker)
+        await declare_topology(connection, config.broker)
         underlay = await channel.get_underlay_channel()
         assert isinstance(underlay, aiormq.Channel)
         async with Journal(config=config.journal) as journal:
@@ -73,10 +73,12 @@ async def _prepare(config: Config, events: int) -> None:
             async with ConfirmWindow(underlay, size=256, timeout=30) as window:
                 for row in stored:
                     await window.publish(
-                        row.entry.body,
-                        exchange=config.broker.exchange,
-                        routing_key=row.entry.routing_key,
-                        properties=properties_for(row),
+                        Outgoing(
+                            row.entry.body,
+                            config.broker.exchange,
+                            row.entry.routing_key,
+                            properties_for(row),
+                        )
                     )
             await journal.mark_published([r.seq for r in stored], wait=True)
     finally:

@@ -153,7 +153,7 @@ def _stamping(send: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[N
 async def _simulate(port: int, rate: float = 0.0) -> None:
     from websockets.asyncio.server import ServerConnection  # noqa: PLC0415
 
-    from listener.simulators.layerx402 import Layerx402Simulator  # noqa: PLC0415
+    from listener.dev.simulators.layerx402 import Layerx402Simulator  # noqa: PLC0415
 
     class Stamping(Layerx402Simulator):
         async def _handle(self, ws: ServerConnection) -> None:

@@ -2,7 +2,7 @@
 The vocabulary of stream frames a stream handler parses into (Sans-I/O).
 
 A stream provider's ``parse_frame`` turns every server frame into exactly one of
-these, so the runtime (``listener/streams.py``) needs no provider knowledge:
+these, so the runtime (``listener/sources/websocket.py``) needs no provider knowledge:
 authentication accepted, an error (with the request it answers), a subscription
 acknowledged or ended, an event (validated, or with its quarantine verdict), an
 application-level ping, or input that fits no frame at all.
@@ -11,12 +11,14 @@ application-level ping, or input that fits no frame at all.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
-from handlers import Event, Quarantine
+from handlers.base import Event, Quarantine
 
 __all__ = [
     "AuthOk",
     "ErrorFrame",
+    "ErrorKind",
     "EventFrame",
     "Ping",
     "ServerFrame",
@@ -31,20 +33,26 @@ class AuthOk:
     """``{"type": "auth_ok"}``: the key was accepted; subscribe now."""
 
 
+#: What an error frame means to the runtime; the provider's parser maps its codes.
+ErrorKind = Literal["unauthorized", "forbidden", "invalid_params", "rate_limited", "other"]
+
+
 @dataclass(frozen=True, slots=True)
 class ErrorFrame:
     """
     ``{"type": "error", ...}``.
 
     ``id`` is the request id of the subscribe it answers (``None`` for connection
-    errors such as ``UNAUTHORIZED``). ``retry_after`` (seconds) is set when the server
-    gave one: after a close 4029, reconnect no sooner (CONTRACT §6).
+    errors such as an unauthorized key). ``code`` is the provider's own code, ``kind``
+    what it means (the provider decides). ``retry_after`` (seconds) is set when the
+    server gave one: after a rate-limited close, reconnect no sooner (CONTRACT §6).
     """
 
     id: str | None
     code: str
     message: str
     retry_after: float | None = None
+    kind: ErrorKind = "other"
 
 
 @dataclass(frozen=True, slots=True)

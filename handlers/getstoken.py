@@ -23,11 +23,13 @@ Pure: no I/O, no logging, no clock.
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     BeforeValidator,
@@ -36,7 +38,7 @@ from pydantic import (
     ValidationError,
 )
 
-from handlers import Event, Quarantine
+from handlers.base import MAX_DEPTH, Event, Quarantine, too_deep
 
 __all__ = [
     "DATA_MODELS",
@@ -46,6 +48,7 @@ __all__ = [
     "BadgeData",
     "Envelope",
     "GetSmartToken",
+    "Settings",
     "TokenMinted",
     "TokenTransferred",
     "UserData",
@@ -75,6 +78,16 @@ def _rfc3339(value: object) -> object:
     return value
 
 
+def _in_utc_range(value: datetime) -> datetime:
+    # 9999-12-31T23:59:59-23:59 parses, but is past the last instant UTC can hold
+    # (datetime.max): the CloudEvent time could not be written.
+    try:
+        value.astimezone(UTC)
+    except (OverflowError, ValueError):
+        raise ValueError("out of range: must convert to UTC within years 1 to 9999") from None
+    return value
+
+
 def _progress(value: object) -> Decimal:
     # A fraction 0..1, as a JSON number or a decimal string. bool is an int in
     # Python; true/false are not progress.
@@ -95,7 +108,7 @@ def _progress(value: object) -> Decimal:
 Id = Annotated[str, StringConstraints(min_length=1)]
 Amount = Annotated[str, StringConstraints(pattern=f"^{_DECIMAL}$")]
 Progress = Annotated[Decimal, BeforeValidator(_progress)]
-Rfc3339 = Annotated[AwareDatetime, BeforeValidator(_rfc3339)]
+Rfc3339 = Annotated[AwareDatetime, BeforeValidator(_rfc3339), AfterValidator(_in_utc_range)]
 
 
 class _Data(BaseModel):
@@ -193,33 +206,43 @@ def _describe(exc: ValidationError, prefix: str) -> str:
     return "; ".join(parts)
 
 
+class Settings(BaseModel):
+    """The source keys of a ``provider: getstoken`` webhook source (CONTRACT §5)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: Events of the other environment are quarantined (``environment_mismatch``).
+    environment: Literal["production", "sandbox"] = "production"
+    #: Publish types outside CONTRACT §5's table as they are, or quarantine them.
+    unknown_types: Literal["publish", "quarantine"] = "publish"
+
+
 class GetSmartToken:
     """The Get Smart Token webhook provider (satisfies :class:`handlers.WebhookProvider`)."""
 
     name: str = NAME
     kind: Literal["webhook"] = "webhook"
+    event_types: tuple[str, ...] = tuple(f"{NAME}.{t}" for t in DATA_MODELS)
+    settings_model: type[Settings] = Settings
 
-    def parse(
-        self,
-        body: bytes,
-        *,
-        environment: str,
-        unknown_types: Literal["publish", "quarantine"],
-    ) -> Event | Quarantine:
+    def parse(self, body: bytes, settings: Settings) -> Event | Quarantine:
         """
         Turn a verified webhook body into an event or a quarantine verdict.
 
         Args:
             body: the raw request body.
-            environment: the source's environment; other events are quarantined.
-            unknown_types: publish types outside the table as they are, or quarantine them.
+            settings: the source's environment (other events are quarantined) and what
+                to do with types outside the table.
         """
+        environment, unknown_types = settings.environment, settings.unknown_types
         try:
             payload = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
             return Quarantine("invalid_json", f"not JSON: {exc}")
         if not isinstance(payload, dict):
             return Quarantine("schema_violation", "(payload): expected a JSON object")
+        if too_deep(payload, size=len(body)):
+            return Quarantine("too_deep", f"nested deeper than {MAX_DEPTH} levels")
         try:
             envelope = Envelope.model_validate(payload)
         except ValidationError as exc:

@@ -46,10 +46,11 @@ from pydantic import (
     ValidationError,
 )
 
-from handlers import Event, Quarantine
+from handlers.base import MAX_DEPTH, CloseKind, Event, NoSettings, Quarantine, too_deep
 from handlers.frames import (
     AuthOk,
     ErrorFrame,
+    ErrorKind,
     EventFrame,
     Ping,
     ServerFrame,
@@ -113,6 +114,20 @@ _DECIMAL: Final = r"^-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?$"
 # datetime can hold), so converting it to Event.time cannot overflow.
 _MAX_MS: Final = 253_402_300_799_999
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+# CONTRACT §6: what the error codes and close codes mean.
+_ERROR_KINDS: Final[Mapping[str, ErrorKind]] = {
+    "UNAUTHORIZED": "unauthorized",
+    "FORBIDDEN": "forbidden",
+    "INVALID_PARAMS": "invalid_params",
+    "RATE_LIMITED": "rate_limited",
+}
+_CLOSE_KINDS: Final[Mapping[int, CloseKind]] = {
+    4001: "unauthorized",
+    4003: "forbidden",
+    4029: "rate_limited",
+}
+# A seq is stored as a SQLite INTEGER (signed 64-bit); a larger one is no position.
+_MAX_SEQ: Final = 2**63 - 1
 # At most this many problems are named in a schema_violation detail.
 _MAX_ERRORS: Final = 5
 
@@ -297,8 +312,8 @@ def _parse_event(frame: dict[str, Any]) -> ServerFrame:
     seq = frame.get("seq")
     if not isinstance(subscription, str) or not isinstance(channel, str):
         return Unparseable(_violation("event frame: subscription and channel must be strings"))
-    if not _is_int(seq) or seq < 0:
-        return Unparseable(_violation("event frame: seq must be a non-negative integer"))
+    if not _is_int(seq) or not 0 <= seq <= _MAX_SEQ:
+        return Unparseable(_violation(f"event frame: seq must be an integer from 0 to {_MAX_SEQ}"))
     return EventFrame(
         subscription=subscription,
         channel=channel,
@@ -317,6 +332,7 @@ def _parse_error(frame: dict[str, Any]) -> ServerFrame:
     # An error frame is control-plane: keep its code even when the optional fields
     # are off-spec, rather than lose a RATE_LIMITED or UNAUTHORIZED.
     return ErrorFrame(
+        kind=_ERROR_KINDS.get(code, "other"),
         id=request_id if isinstance(request_id, str) else None,
         code=code,
         message=message if isinstance(message, str) else "",
@@ -360,6 +376,15 @@ def _parse_ping(frame: dict[str, Any]) -> ServerFrame:
     return Ping(ts=ts)
 
 
+def _too_deep(frame: dict[str, Any]) -> ServerFrame:
+    verdict = Quarantine(reason="too_deep", detail=f"nested deeper than {MAX_DEPTH} levels")
+    parsed = _parse_event(frame) if frame.get("type") == "event" else None
+    if isinstance(parsed, EventFrame):
+        # Its seq is usable: quarantine the event and let the cursor move past it.
+        return EventFrame(parsed.subscription, parsed.channel, parsed.seq, verdict)
+    return Unparseable(verdict)
+
+
 def parse_frame(raw: str | bytes) -> ServerFrame:
     """
     Turn one frame from the server into a :data:`ServerFrame`. Never raises.
@@ -377,6 +402,8 @@ def parse_frame(raw: str | bytes) -> ServerFrame:
         return Unparseable(Quarantine(reason="invalid_json", detail=f"not JSON: {exc}"))
     if not isinstance(frame, dict):
         return Unparseable(_violation("a frame must be a JSON object"))
+    if too_deep(frame, size=len(raw)):
+        return _too_deep(frame)
     kind = frame.get("type")
     # Ordered by frequency: events dominate a busy stream.
     if kind == "event":
@@ -407,6 +434,12 @@ class Layerx402:
     name: str = NAME
     kind: Literal["websocket"] = "websocket"
     channels: Mapping[str, tuple[str, ...]] = CHANNELS
+    event_types: tuple[str, ...] = tuple(EVENT_TYPES.values())
+    settings_model: type[NoSettings] = NoSettings
+
+    def close_kind(self, code: int | None) -> CloseKind | None:
+        """4001 unauthorized, 4003 forbidden, 4029 rate limited (CONTRACT §6)."""
+        return _CLOSE_KINDS.get(code) if code is not None else None
 
     def auth_frame(self, api_key: str) -> str:
         """See :func:`auth_frame`."""

@@ -1,27 +1,22 @@
 """
-Configuration: YAML → frozen pydantic models, validated once (CONTRACT §3).
+Configuration models: YAML → frozen pydantic models, validated once (CONTRACT §3).
 
-The loader is the only place that reads the environment. It
-
-* replaces ``${VAR}`` (an error when unset) and ``${VAR:-default}``;
-* turns every ``<key>_file: PATH`` into ``<key>: <contents of PATH>`` (secrets);
-* rejects unknown keys (``extra="forbid"``);
-* parses durations (``500ms``, ``30s``, ``5m``, ``2h``, ``7d``) into seconds and
-  sizes (``512KiB``, ``1MiB``, ``1GiB``) into bytes;
-* reports every problem at once, one line each, naming the key path
-  (``sources[1].api_key``) or the missing variable, through :class:`ConfigError`.
+:mod:`listener.config_loader` reads the file and the environment; this module holds
+the shape. Unknown keys are errors (``extra="forbid"``); durations (``500ms``,
+``30s``, ``5m``, ``2h``, ``7d``) become seconds and sizes (``512KiB``, ``1MiB``,
+``1GiB``) bytes. Each source is a transport's model (``kind``); the keys only its
+provider understands are validated by that provider's ``settings_model`` and kept
+in ``settings`` (STYLE: each provider's settings model lives with its handler).
 """
 
 from __future__ import annotations
 
-import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -29,12 +24,13 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
-from handlers import StreamProvider, WebhookProvider, load_provider
-from listener.exceptions import ConfigError
+from handlers import load_provider
+from listener.sources.signatures import decode_whsec
 
 __all__ = [
     "AdminConfig",
@@ -42,15 +38,14 @@ __all__ = [
     "Config",
     "HttpConfig",
     "JournalConfig",
+    "ProviderSettingsError",
     "SourceConfig",
     "StreamSourceConfig",
     "WebhookSourceConfig",
-    "config_path",
-    "load_config",
+    "check_amqp_url",
+    "mask_url",
     "parse_duration",
     "parse_size",
-    "render_config",
-    "secret_values",
 ]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
@@ -66,7 +61,6 @@ _SIZE_UNITS = {
     "MB": 1000**2,
     "GB": 1000**3,
 }
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 def parse_duration(value: object) -> float:
@@ -158,9 +152,7 @@ class BrokerConfig(_Model):
     @field_validator("url")
     @classmethod
     def _amqp_url(cls, value: SecretStr) -> SecretStr:
-        scheme = urlsplit(value.get_secret_value()).scheme
-        if scheme not in {"amqp", "amqps"}:
-            raise ValueError("expected an amqp:// or amqps:// URL")
+        check_amqp_url(value.get_secret_value())
         return value
 
 
@@ -174,6 +166,16 @@ class JournalConfig(_Model):
     synchronous: Literal["full", "normal"] = "full"
     # Most events written in one group commit.
     batch_max: int = Field(default=1024, ge=1)
+    # Ids of pruned events are kept this long, so a captured request replayed after
+    # `retention` (schemes without a timestamp: github, hmac-sha256-hex) is still a
+    # duplicate. Never shorter than retention.
+    dedupe_window: Duration = 30 * 86400.0
+
+    @model_validator(mode="after")
+    def _window(self) -> JournalConfig:
+        if self.dedupe_window < self.retention:
+            raise ValueError("dedupe_window must not be shorter than retention")
+        return self
 
 
 class SignatureConfig(_Model):
@@ -188,8 +190,6 @@ class SignatureConfig(_Model):
     @model_validator(mode="after")
     def _check(self) -> SignatureConfig:
         if self.scheme == "standard-webhooks":
-            from listener.signatures import decode_whsec  # noqa: PLC0415 - avoids a cycle
-
             for secret in self.secrets:
                 decode_whsec(secret.get_secret_value())
         elif any(not s.get_secret_value() for s in self.secrets):
@@ -197,18 +197,86 @@ class SignatureConfig(_Model):
         return self
 
 
+class ProviderSettingsError(ValueError):
+    """
+    A source's provider keys do not validate, or its provider does not fit: ``lines``
+    are ``(key path inside the source, message)``, reported as ``sources[i].<path>``.
+    """
+
+    def __init__(self, lines: list[tuple[str, str]], *, at_source: bool = False) -> None:
+        self.lines = lines
+        #: Raised for the ``settings`` field: its lines belong to the source itself.
+        self.at_source = at_source
+        super().__init__("; ".join(f"{where}: {what}" for where, what in lines))
+
+
+def _settings_lines(exc: ValidationError) -> list[tuple[str, str]]:
+    lines = []
+    for error in exc.errors(include_url=False, include_input=False):
+        where = ".".join(str(part) for part in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append((where, message))
+    return lines
+
+
 class _SourceBase(_Model):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     provider: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    #: The provider's own keys, validated by its ``settings_model``.
+    settings: Any = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _collect_settings(cls, data: Any) -> Any:
+        # Keys this transport does not define belong to the provider: validated by its
+        # settings model after (an unknown key is reported there, by its name).
+        if not isinstance(data, Mapping) or "settings" in data:
+            return data
+        own = set(cls.model_fields) - {"settings"}
+        out = {k: v for k, v in data.items() if k in own}
+        out["settings"] = {k: v for k, v in data.items() if k not in own}
+        return out
+
+    @field_validator("settings")
+    @classmethod
+    def _provider_settings(cls, value: Any, info: ValidationInfo) -> Any:
+        # Validated here, not after the model, so a wrong provider key is reported
+        # beside the other problems of the source.
+        name = info.data.get("provider")
+        if name is None:
+            return value  # the provider's own problem is reported already
+        try:
+            provider = load_provider(name)
+        except LookupError as exc:
+            raise ProviderSettingsError([("provider", str(exc))], at_source=True) from None
+        if isinstance(value, provider.settings_model):
+            return value
+        try:
+            return provider.settings_model.model_validate(value or {})
+        except ValidationError as exc:
+            raise ProviderSettingsError(_settings_lines(exc), at_source=True) from None
+
+    @model_validator(mode="after")
+    def _bind_provider(self) -> Any:
+        provider = load_provider(self.provider)  # found by the field validator already
+        kind = getattr(self, "kind", None)
+        if provider.kind != kind:
+            raise ProviderSettingsError(
+                [("kind", f"provider {self.provider!r} is a {provider.kind} provider, not {kind}")]
+            )
+        self._check_with(provider)
+        return self
+
+    def _check_with(self, provider: Any) -> None:
+        """Transport checks that need the provider (a stream's channels)."""
 
 
 class WebhookSourceConfig(_SourceBase):
     kind: Literal["webhook"]
     path: str = Field(pattern=r"^/\S*$")
-    environment: Literal["production", "sandbox"] = "production"
     signature: SignatureConfig
-    # What to do with an event type the handler does not know (CONTRACT §5).
-    unknown_types: Literal["publish", "quarantine"] = "publish"
 
 
 class SubscriptionConfig(_Model):
@@ -241,6 +309,21 @@ class StreamSourceConfig(_SourceBase):
     ping_timeout: Duration = 20.0
     open_timeout: Duration = 10.0
 
+    def _check_with(self, provider: Any) -> None:
+        problems = []
+        for i, sub in enumerate(self.subscriptions):
+            where = f"subscriptions[{i}]"
+            needs = provider.channels.get(sub.channel)
+            if needs is None:
+                known = ", ".join(sorted(provider.channels))
+                problems.append(
+                    (f"{where}.channel", f"unknown channel {sub.channel!r} (known: {known})")
+                )
+            elif missing := [p for p in needs if p not in sub.params]:
+                problems.append((f"{where}.params", f"missing {', '.join(missing)}"))
+        if problems:
+            raise ProviderSettingsError(problems)
+
 
 SourceConfig = Annotated[WebhookSourceConfig | StreamSourceConfig, Field(discriminator="kind")]
 
@@ -266,172 +349,36 @@ class Config(_Model):
         return self
 
 
-def config_path(explicit: str | os.PathLike[str] | None) -> Path:
-    """``--config`` if given, else ``$LISTENER_CONFIG``, else ``./config.yaml``."""
-    if explicit:
-        return Path(explicit)
-    return Path(os.environ.get("LISTENER_CONFIG") or "config.yaml")
-
-
-def load_config(path: Path, *, environ: Mapping[str, str] | None = None) -> Config:
+def check_amqp_url(url: str) -> None:
     """
-    Read, resolve and validate the configuration at ``path``.
+    Refuse a broker URL that would not parse as written, without echoing it.
+
+    A password holding an unencoded ``#``, ``/``, ``?`` or ``@`` makes the URL parse as
+    something else (a fragment, a path...), and the host part then shows the password.
 
     Raises:
-        ConfigError: with one line per problem.
+        ValueError: saying what to percent-encode; never the URL or the password.
     """
-    env = os.environ if environ is None else environ
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError([f"{path}: cannot read the configuration ({exc.strerror})"]) from exc
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError([f"{path}: not valid YAML ({exc})".replace("\n", " ")]) from exc
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError([f"{path}: the top level must be a mapping"])
-
-    problems: list[str] = []
-    resolved = _resolve(raw, (), env, path.parent, problems)
-    try:
-        config = Config.model_validate(resolved)
-    except ValidationError as exc:
-        # A key whose variable is missing fails validation too; report the cause only.
-        unresolved = [p.split(": ", 1)[0] for p in problems]
-        problems.extend(
-            line
-            for line in _describe(exc)
-            if not any(_related(line.split(": ", 1)[0], key) for key in unresolved)
+    parts = urlsplit(url)
+    if parts.scheme not in {"amqp", "amqps"}:
+        raise ValueError("expected an amqp:// or amqps:// URL")
+    rest = url.split("://", 1)[1] if "://" in url else ""
+    authority = rest.split("@")[0] if rest.count("@") == 1 else None
+    if (
+        parts.fragment
+        or rest.count("@") > 1
+        or (authority is not None and any(c in authority for c in "/?#"))
+    ):
+        raise ValueError(
+            "the user or password holds a character that must be percent-encoded"
+            " ('#' as %23, '/' as %2F, '?' as %3F, '@' as %40)"
         )
-        raise ConfigError(problems) from None
-    problems.extend(_check_providers(config))
-    if problems:
-        raise ConfigError(problems)
-    return config
-
-
-def _check_providers(config: Config) -> Iterator[str]:
-    for index, source in enumerate(config.sources):
-        try:
-            provider = load_provider(source.provider)
-        except LookupError as exc:
-            yield f"sources[{index}].provider: {exc}"
-            continue
-        expected = WebhookProvider if source.kind == "webhook" else StreamProvider
-        if not isinstance(provider, expected) or provider.kind != source.kind:
-            yield (
-                f"sources[{index}].kind: provider {source.provider!r} is a "
-                f"{provider.kind} provider, not {source.kind}"
-            )
-            continue
-        if isinstance(source, StreamSourceConfig) and isinstance(provider, StreamProvider):
-            for i, sub in enumerate(source.subscriptions):
-                where = f"sources[{index}].subscriptions[{i}]"
-                needs = provider.channels.get(sub.channel)
-                if needs is None:
-                    known = ", ".join(sorted(provider.channels))
-                    yield f"{where}.channel: unknown channel {sub.channel!r} (known: {known})"
-                elif missing := [p for p in needs if p not in sub.params]:
-                    yield f"{where}.params: missing {', '.join(missing)}"
-
-
-def _key_path(loc: tuple[str | int, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else part
-    return out or "(top level)"
-
-
-def _related(a: str, b: str) -> bool:
-    return a == b or a.startswith((b + ".", b + "[")) or b.startswith((a + ".", a + "["))
-
-
-def _describe(exc: ValidationError) -> Iterator[str]:
-    for error in exc.errors(include_url=False, include_input=False):
-        loc = list(error["loc"])
-        # Drop the discriminator tag pydantic inserts after sources[i].
-        if len(loc) >= 3 and loc[0] == "sources" and loc[2] in {"webhook", "websocket"}:
-            del loc[2]
-        message = error["msg"].removeprefix("Value error, ")
-        if error["type"] == "extra_forbidden":
-            message = "unknown key"
-        elif error["type"] == "union_tag_invalid":
-            message = "kind must be 'webhook' or 'websocket'"
-        yield f"{_key_path(tuple(loc))}: {message}"
-
-
-def _resolve(
-    value: Any,
-    loc: tuple[str | int, ...],
-    env: Mapping[str, str],
-    base: Path,
-    problems: list[str],
-) -> Any:
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for key, item in value.items():
-            key_s = str(key)
-            if key_s.endswith("_file") and key_s != "_file":
-                target = key_s.removesuffix("_file")
-                if target in value:
-                    problems.append(
-                        f"{_key_path((*loc, key_s))}: give {target} or {key_s}, not both"
-                    )
-                    continue
-                file_name = _resolve(item, (*loc, key_s), env, base, problems)
-                out[target] = _read_secret_file(file_name, (*loc, key_s), base, problems)
-            else:
-                out[key_s] = _resolve(item, (*loc, key_s), env, base, problems)
-        return out
-    if isinstance(value, list):
-        return [_resolve(item, (*loc, i), env, base, problems) for i, item in enumerate(value)]
-    if isinstance(value, str):
-        return _substitute(value, loc, env, problems)
-    return value
-
-
-def _substitute(
-    text: str, loc: tuple[str | int, ...], env: Mapping[str, str], problems: list[str]
-) -> str:
-    def replace(match: re.Match[str]) -> str:
-        name, default = match[1], match[2]
-        if name in env:
-            if env[name] == "" and default is not None:
-                return default
-            return env[name]
-        if default is not None:
-            return default
-        problems.append(
-            f"{_key_path(loc)}: environment variable {name} is not set "
-            f"(set it, or write ${{{name}:-default}})"
-        )
-        return ""
-
-    return _VAR.sub(replace, text)
-
-
-def _read_secret_file(
-    name: Any, loc: tuple[str | int, ...], base: Path, problems: list[str]
-) -> Any:
-    if isinstance(name, list):
-        return [_read_secret_file(n, (*loc, i), base, problems) for i, n in enumerate(name)]
-    if not isinstance(name, str):
-        problems.append(f"{_key_path(loc)}: expected a file path")
-        return None
-    file = Path(name)
-    if not file.is_absolute():
-        file = base / file
+    if not parts.hostname:
+        raise ValueError("no host in the URL (amqp://user:password@host:5672/vhost)")
     try:
-        return file.read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        problems.append(f"{_key_path(loc)}: cannot read {name} ({exc.strerror})")
-        return None
+        parts.port  # noqa: B018 - parsing the port raises on a bad one
+    except ValueError:
+        raise ValueError("the port is not a number from 0 to 65535") from None
 
 
 def mask_url(url: str) -> str:
@@ -442,48 +389,3 @@ def mask_url(url: str) -> str:
     netloc = parts.netloc.rsplit("@", 1)[1]
     user = parts.username or ""
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
-
-
-def secret_values(config: Config) -> list[str]:
-    """Every secret string in ``config``, for the log redaction processor."""
-    found: list[str] = []
-
-    def walk(value: Any) -> None:
-        if isinstance(value, SecretStr):
-            secret = value.get_secret_value()
-            if secret:
-                found.append(secret)
-            password = urlsplit(secret).password if "://" in secret else None
-            if password:
-                found.append(password)
-        elif isinstance(value, BaseModel):
-            for field in type(value).model_fields:
-                walk(getattr(value, field))
-        elif isinstance(value, tuple | list):
-            for item in value:
-                walk(item)
-
-    walk(config)
-    # Longest first, so a secret that contains another is redacted whole.
-    return sorted(set(found), key=len, reverse=True)
-
-
-def render_config(config: Config) -> dict[str, Any]:
-    """The resolved configuration as plain data with every secret shown as ``***``."""
-
-    def walk(value: Any, key: str) -> Any:
-        if isinstance(value, SecretStr):
-            return mask_url(value.get_secret_value()) if key == "url" else "***"
-        if isinstance(value, BaseModel):
-            return {f: walk(getattr(value, f), f) for f in type(value).model_fields}
-        if isinstance(value, tuple | list):
-            return [walk(item, key) for item in value]
-        if isinstance(value, Mapping):
-            return {str(k): walk(v, str(k)) for k, v in value.items()}
-        if isinstance(value, Path):
-            return str(value)
-        return value
-
-    rendered = walk(config, "")
-    assert isinstance(rendered, dict)  # a model renders as a mapping
-    return rendered

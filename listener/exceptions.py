@@ -4,7 +4,11 @@ The listener's exceptions. One root, a shallow tree::
     ListenerError
     ├── ConfigError            the configuration cannot be used (exit 2)
     ├── JournalError           the local journal cannot take or give events
-    │   └── JournalFull        over journal.max_size / max_pending: shed load (503)
+    │   ├── JournalFull        over journal.max_size / max_pending: shed load (503)
+    │   ├── JournalCorrupt     the file is not a database it can read (exit 2)
+    │   └── JournalLocked      another listener holds the journal (exit 2)
+    ├── BrokerError            RabbitMQ cannot be used
+    │   └── BrokerUnreachable  no connection (down, refused, wrong URL)
     ├── PublishError           the broker did not confirm a message
     │   ├── PublishReturned    unroutable: returned by the broker (mandatory)
     │   ├── PublishNacked      the broker refused it (nack)
@@ -20,9 +24,13 @@ Each error keeps its context in attributes and says what to do in its message.
 from __future__ import annotations
 
 __all__ = [
+    "BrokerError",
+    "BrokerUnreachable",
     "ConfigError",
+    "JournalCorrupt",
     "JournalError",
     "JournalFull",
+    "JournalLocked",
     "ListenerError",
     "PublishError",
     "PublishNacked",
@@ -61,6 +69,45 @@ class JournalFull(JournalError):
         self.retry_after = retry_after
         self.reason = reason
         super().__init__(f"journal over its limit ({reason}); retry after {retry_after}s")
+
+
+class JournalCorrupt(JournalError):
+    """The journal file cannot be read as a database; ``path`` names it."""
+
+    def __init__(self, path: object, detail: str) -> None:
+        self.path = path
+        self.detail = detail
+        super().__init__(
+            f"the journal {path} is not a readable database ({detail}); move it aside"
+            " (keep it for inspection) and start again with an empty journal"
+        )
+
+
+class JournalLocked(JournalError):
+    """Another listener process runs on this journal; ``holder`` says which."""
+
+    def __init__(self, path: object, holder: str) -> None:
+        self.path = path
+        self.holder = holder
+        super().__init__(
+            f"the journal {path} is in use by another listener ({holder}); stop that one"
+            " first, or give this one its own journal.path"
+        )
+
+
+class BrokerError(ListenerError):
+    """RabbitMQ cannot be used right now."""
+
+
+class BrokerUnreachable(BrokerError):
+    """No connection to the broker at ``url`` (masked); ``detail`` says why."""
+
+    def __init__(self, url: str, detail: str) -> None:
+        self.url = url
+        self.detail = detail
+        super().__init__(
+            f"cannot reach the broker at {url} ({detail}); check broker.url and that RabbitMQ is up"
+        )
 
 
 class PublishError(ListenerError):

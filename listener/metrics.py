@@ -6,11 +6,16 @@ share counters.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-__all__ = ["Metrics"]
+__all__ = ["OTHER_TYPE", "Metrics"]
+
+OTHER_TYPE = "other"
+# Cached (source, type) lookups kept at most; unknown types map to one label anyway.
+_CHILD_CACHE = 10_000
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -22,6 +27,9 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self._received_children: dict[tuple[str, str], Any] = {}
+        self._published_children: dict[tuple[str, str], Any] = {}
+        # Event types each source's provider declares; others are labelled "other".
+        self._known: dict[str, frozenset[str]] = {}
         self.events_received = Counter(
             "listener_events_received",
             "Events accepted into the journal.",
@@ -55,6 +63,11 @@ class Metrics:
         self.journal_pending = Gauge(
             "listener_journal_pending", "Journal entries not yet confirmed.", registry=r
         )
+        self.journal_deferred = Gauge(
+            "listener_journal_deferred",
+            "Journal entries the broker returned or nacked, waiting for their retry.",
+            registry=r,
+        )
         self.journal_bytes = Gauge(
             "listener_journal_bytes", "Bytes of the journal database in use.", registry=r
         )
@@ -69,6 +82,12 @@ class Metrics:
         )
         self.source_reconnects = Counter(
             "listener_source_reconnects", "Stream reconnections.", ["source"], registry=r
+        )
+        self.source_errors = Counter(
+            "listener_source_errors",
+            "Exceptions that ended a source's run (it was restarted).",
+            ["source"],
+            registry=r,
         )
         self.stream_gaps = Counter(
             "listener_stream_gaps",
@@ -95,12 +114,38 @@ class Metrics:
             registry=r,
         )
 
+    def declare_types(self, source: str, types: Iterable[str]) -> None:
+        """The event types ``source`` may label; any other counts as :data:`OTHER_TYPE`."""
+        self._known[source] = frozenset(types)
+
+    def type_label(self, source: str, type_: str) -> str:
+        """``type_`` when declared for ``source`` (or nothing is declared), else ``other``.
+
+        A provider may invent any number of types: the label set must stay bounded.
+        """
+        known = self._known.get(source)
+        return type_ if known is None or type_ in known else OTHER_TYPE
+
     def received(self, source: str, type_: str) -> Any:
         """The ``events_received`` child for a source and type, looked up once (hot path)."""
         key = (source, type_)
         child = self._received_children.get(key)
         if child is None:
-            child = self._received_children[key] = self.events_received.labels(source, type_)
+            label = self.type_label(source, type_)
+            child = self._received_children[key] = self.events_received.labels(source, label)
+            if len(self._received_children) > _CHILD_CACHE:
+                self._received_children.clear()
+        return child
+
+    def published(self, source: str, type_: str) -> Any:
+        """The ``events_published`` child for a source and type, looked up once (hot path)."""
+        key = (source, type_)
+        child = self._published_children.get(key)
+        if child is None:
+            label = self.type_label(source, type_)
+            child = self._published_children[key] = self.events_published.labels(source, label)
+            if len(self._published_children) > _CHILD_CACHE:
+                self._published_children.clear()
         return child
 
     def render(self) -> bytes:

@@ -1,8 +1,9 @@
 """
 Which stored events an operator means: times, type patterns, and the journal query.
 
-Shared by ``listener replay`` (CONTRACT §2) and the admin API's ``/v1/events`` and
-``POST /v1/replays`` (§7), so a window or a pattern means the same everywhere.
+Shared by ``listener replay`` (CONTRACT §2), the admin API's ``/v1/events`` and
+``POST /v1/replays`` (§7), the journal's queries and the archive reader, so a window or
+a pattern means the same everywhere. Pure: no SQL, no I/O.
 
 * Times (``T``) are ISO-8601 (``2026-11-22T10:00:00Z``; without a zone, UTC) or
   relative to now (``15m``, ``2h``, ``1d``; also ``30s``, ``1w``).
@@ -17,33 +18,19 @@ Shared by ``listener replay`` (CONTRACT §2) and the admin API's ``/v1/events`` 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
-
-from listener.journal import StoredEntry, row_to_entry
 
 __all__ = [
-    "EVENT_COLUMNS",
     "EventFilter",
-    "JournalReader",
-    "SelectedEvents",
     "TopicPattern",
     "parse_time",
-    "select_events",
-    "stored_from_row",
 ]
 
 _RELATIVE = re.compile(r"(\d+(?:\.\d+)?)(s|m|h|d|w)", re.ASCII)
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 # Cached pattern verdicts per pattern; routing keys are few (one per event type).
 _CACHE_MAX = 10_000
-
-EVENT_COLUMNS = (
-    "seq, source, event_id, kind, routing_key, body, time, received_at, reason, detail,"
-    " status, published_at"
-)
 
 
 def parse_time(value: str, *, now: float) -> float:
@@ -131,79 +118,3 @@ class EventFilter:
         if self.until is not None and moment >= self.until:
             return False
         return self.types is None or self.types.matches(type_)
-
-
-class JournalReader(Protocol):
-    """
-    Read access to the journal: :class:`listener.journal.Journal` in the daemon,
-    :class:`listener.journalfile.JournalFile` in the other commands.
-    """
-
-    async def query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        """Rows of a read-only query."""
-        ...
-
-
-@dataclass(frozen=True, slots=True)
-class SelectedEvents:
-    """A ``WHERE`` clause for ``events`` with its arguments, and what it selects by type."""
-
-    where: str
-    args: tuple[Any, ...]
-    by_type: dict[str, int]
-
-    @property
-    def total(self) -> int:
-        """How many rows the clause selects (when counted)."""
-        return sum(self.by_type.values())
-
-
-async def select_events(
-    reader: JournalReader,
-    selection: EventFilter,
-    *,
-    conditions: Sequence[str] = (),
-    args: Sequence[Any] = (),
-) -> SelectedEvents:
-    """
-    Build the clause selecting journaled events (``kind = 'event'``) by ``selection``.
-
-    Counts the candidates by type first (one grouped scan: there are few types), keeps
-    the types the pattern matches, and selects ``routing_key IN (...)``, so pages and
-    totals are exact without a pattern-matching function inside SQLite.
-
-    Args:
-        conditions: further SQL conditions, ANDed (e.g. ``status = 1``).
-        args: their ``?`` arguments, in order.
-    """
-    where = ["kind = 'event'", *conditions]
-    values: list[Any] = list(args)
-    if selection.source is not None:
-        where.append("source = ?")
-        values.append(selection.source)
-    if selection.since is not None:
-        where.append("time >= ?")
-        values.append(selection.since)
-    if selection.until is not None:
-        where.append("time < ?")
-        values.append(selection.until)
-    clause = " AND ".join(where)
-    rows = await reader.query(
-        f"SELECT routing_key, count(*) FROM events WHERE {clause} GROUP BY routing_key",  # noqa: S608 - built from constant fragments, values are ? arguments
-        values,
-    )
-    by_type = {str(key): int(count) for key, count in rows}
-    types = selection.types
-    if types is not None:
-        by_type = {key: count for key, count in by_type.items() if types.matches(key)}
-        if by_type:
-            clause += f" AND routing_key IN ({','.join('?' * len(by_type))})"
-            values.extend(by_type)
-        else:
-            clause += " AND 0"
-    return SelectedEvents(where=clause, args=tuple(values), by_type=by_type)
-
-
-def stored_from_row(row: Sequence[Any]) -> StoredEntry:
-    """A :class:`StoredEntry` from the first ten of :data:`EVENT_COLUMNS`."""
-    return row_to_entry(row)

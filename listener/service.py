@@ -1,12 +1,18 @@
 """
 The daemon's lifecycle (CONTRACT §8), owned by one ``asyncio.TaskGroup``.
 
-Start: journal → publisher (connects in the background, retrying) → stream sources →
-admin port → public webhook port.
+Start: journal (its lock first) → publisher (connects in the background, retrying) →
+the sources' transports, bound through :mod:`listener.sources.registry` → admin port →
+public port (the webhook routes the transports mounted).
+
+Every source runtime runs under a supervisor (:func:`listener.sources.supervisor.supervised`):
+an exception in one source is logged, counted and the source restarted; it never ends
+the TaskGroup. Only shutdown does.
 
 Stop (SIGTERM/SIGINT), in this fixed order, as arq's ``close()``:
 
-1. stop intake: webhooks answer 503, streams close;
+1. stop intake: every transport stops taking input (webhooks answer 503), source
+   runtimes are cancelled (streams unsubscribe and close);
 2. drain: publish what the journal holds, for at most ``shutdown_timeout``;
 3. close the broker connection, the HTTP sites, then the journal.
 
@@ -20,39 +26,25 @@ import contextlib
 import signal
 import time
 from collections.abc import AsyncIterator, Mapping
-from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 from aiohttp import web
 
-from listener.admin import AdminApp
-from listener.config import Config, StreamSourceConfig, WebhookSourceConfig
-from listener.envelope import rfc3339
+from listener.admin.app import AdminApp
+from listener.broker.publisher import Publisher
+from listener.config import Config
 from listener.journal import Journal
 from listener.metrics import Metrics
-from listener.publisher import Publisher
-from listener.webhooks import WebhookApp
+from listener.sources.registry import Transport, TransportContext, build_transports
+from listener.sources.supervisor import SourceRuntime, supervised
+from listener.web import error_response, expect_continue, json_errors
 
-__all__ = ["Service", "SourceRuntime"]
+__all__ = ["Service"]
 
 log = structlog.get_logger("listener.service")
 
 MAINTENANCE_INTERVAL = 60.0
-
-
-class SourceRuntime(Protocol):
-    """A running source (a stream connection) as the service sees it."""
-
-    name: str
-
-    async def run(self) -> None:
-        """Hold the source until cancelled."""
-        ...
-
-    def state(self) -> Mapping[str, Any]:
-        """``{"status": ..., ...}`` for ``/readyz`` and ``/v1/sources``."""
-        ...
 
 
 @contextlib.asynccontextmanager
@@ -71,6 +63,23 @@ async def _site(app: web.Application, host: str, port: int) -> AsyncIterator[int
         await runner.cleanup()
 
 
+async def _not_found(_: web.Request) -> web.StreamResponse:
+    return error_response(404, "NOT_FOUND", "Not Found")
+
+
+def public_app(config: Config, transports: list[Transport]) -> web.Application:
+    """The public port's application: the transports' routes, JSON errors elsewhere."""
+    app = web.Application(
+        client_max_size=config.http.max_body, middlewares=[json_errors], handler_args={}
+    )
+    for transport in transports:
+        transport.mount(app)
+    # Every other request too gets a route of ours rather than aiohttp's system route
+    # for 404/405, whose Expect handling cannot be replaced (see expect_continue).
+    app.router.add_route("*", "/{tail:.*}", _not_found, expect_handler=expect_continue)
+    return app
+
+
 class Service:
     """The listener daemon. ``await Service(config).run()`` until :meth:`stop`."""
 
@@ -84,9 +93,22 @@ class Service:
         self.journal: Journal | None = None
         self.publisher: Publisher | None = None
         self.admin: AdminApp | None = None
-        self.streams: list[SourceRuntime] = []
-        self._webhooks: WebhookApp | None = None
+        self.transports: list[Transport] = []
         self.exit_pending = 0
+
+    @property
+    def runtimes(self) -> list[SourceRuntime]:
+        """Every supervised source runtime (stream connections, poll loops)."""
+        return [r for t in self.transports for r in t.runtimes]
+
+    @property
+    def streams(self) -> list[SourceRuntime]:
+        """The runtimes of websocket sources (tests and tools look at them)."""
+        return [r for t in self.transports if t.kind == "websocket" for r in t.runtimes]
+
+    def transport(self, kind: str) -> Transport | None:
+        """The transport of ``kind``, when a source of that kind is configured."""
+        return next((t for t in self.transports if t.kind == kind), None)
 
     def stop(self) -> None:
         """Begin the shutdown sequence (idempotent; safe from a signal handler)."""
@@ -99,41 +121,29 @@ class Service:
             loop.add_signal_handler(sig, self.stop)
 
     def source_states(self) -> dict[str, Mapping[str, Any]]:
-        """Every source's state, by name."""
+        """Every source's state, by name, in the configuration's order."""
         states: dict[str, Mapping[str, Any]] = {}
-        for source in self.config.sources:
-            if isinstance(source, WebhookSourceConfig):
-                accepting = self._webhooks is not None and self._webhooks.accepting
-                received, last = self._webhooks.stats(source.name) if self._webhooks else (0, None)
-                states[source.name] = {
-                    "kind": "webhook",
-                    "status": "listening" if accepting else "stopped",
-                    "path": source.path,
-                    "events_received": received,
-                    "last_event_at": rfc3339(datetime.fromtimestamp(last, UTC)) if last else None,
-                }
-        for stream in self.streams:
-            states[stream.name] = stream.state()
-        return states
+        for transport in self.transports:
+            states.update(transport.states())
+        return {s.name: states[s.name] for s in self.config.sources if s.name in states}
 
     def _refresh_metrics(self) -> None:
         if self.journal is not None:
             self.metrics.journal_pending.set(self.journal.pending_count)
+            self.metrics.journal_deferred.set(self.journal.deferred_count)
             self.metrics.journal_bytes.set(self.journal.size_bytes)
 
     async def run(self) -> None:
         """Run until :meth:`stop`, then shut down in order."""
         config = self.config
-        async with Journal(config=config.journal, retry_after=config.http.retry_after) as journal:
+        async with Journal(
+            config=config.journal, retry_after=config.http.retry_after, lock=True
+        ) as journal:
             self.journal = journal
             publisher = Publisher(config=config.broker, journal=journal, metrics=self.metrics)
             self.publisher = publisher
-            self.streams = self._make_streams(journal)
-            webhook_sources = tuple(s for s in config.sources if isinstance(s, WebhookSourceConfig))
-            webhooks = WebhookApp(
-                http=config.http, sources=webhook_sources, journal=journal, metrics=self.metrics
-            )
-            self._webhooks = webhooks
+            context = TransportContext(http=config.http, journal=journal, metrics=self.metrics)
+            self.transports = build_transports(config, context)
             self.admin = AdminApp(
                 config=config.admin,
                 metrics=self.metrics,
@@ -145,17 +155,18 @@ class Service:
             )
             async with asyncio.TaskGroup() as tasks:
                 publishing = tasks.create_task(publisher.run(), name="publisher")
-                streaming = [
-                    tasks.create_task(s.run(), name=f"source:{s.name}") for s in self.streams
+                sourcing = [
+                    tasks.create_task(supervised(r, metrics=self.metrics), name=f"source:{r.name}")
+                    for r in self.runtimes
                 ]
                 upkeep = tasks.create_task(self._maintenance(journal), name="maintenance")
                 async with (
                     _site(self.admin.app, config.admin.host, config.admin.port) as admin_port,
-                    _site(webhooks.app, config.http.host, config.http.port) as public_port,
+                    _site(
+                        public_app(config, self.transports), config.http.host, config.http.port
+                    ) as public_port,
                 ):
                     self.admin_port, self.public_port = admin_port, public_port
-                    for source in webhook_sources:
-                        self.metrics.source_connected.labels(source.name).set(1)
                     log.info(
                         "listener_started",
                         public=f"{config.http.host}:{public_port}",
@@ -168,8 +179,9 @@ class Service:
 
                     # 1. stop intake
                     log.info("shutdown_started", pending=journal.pending_count)
-                    webhooks.accepting = False
-                    for task in streaming:
+                    for transport in self.transports:
+                        transport.stop_intake()
+                    for task in sourcing:
                         task.cancel()
                     upkeep.cancel()
                     # 2. drain
@@ -193,20 +205,11 @@ class Service:
         else:
             log.info("shutdown_drained", seconds=round(time.monotonic() - started, 3))
 
-    def _make_streams(self, journal: Journal) -> list[SourceRuntime]:
-        stream_sources = [s for s in self.config.sources if isinstance(s, StreamSourceConfig)]
-        if not stream_sources:
-            return []
-        from listener.streams import StreamSource  # noqa: PLC0415 - only when streams are configured
-
-        return [
-            StreamSource(config=s, journal=journal, metrics=self.metrics) for s in stream_sources
-        ]
-
     async def _maintenance(self, journal: Journal) -> None:
         while True:
             try:
                 deleted = await journal.prune()
+                await journal.recount()
             except Exception as exc:  # counted by the log; retention retries next round
                 log.warning("journal_prune_failed", error=str(exc))
             else:

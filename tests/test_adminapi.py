@@ -10,9 +10,9 @@ import aiohttp
 import orjson
 import pytest
 
-from listener.adminapi import MAX_RUNNING
+from listener.admin.api import MAX_RUNNING
+from listener.admin.openapi import MAX_LIMIT
 from listener.config import Config
-from listener.openapi import MAX_LIMIT
 from listener.service import Service
 from tests.conftest import running, wait_for
 from tests.test_quarantine import post_all
@@ -118,9 +118,27 @@ async def test_events_pagination_edges_and_filters(api_service: tuple[Api, Servi
     async def page(query: str) -> tuple[list[str], dict[str, Any]]:
         status, body = await api.call("GET", f"/v1/events?{query}")
         assert status == 200, body
-        return [e["id"] for e in body["data"]], body["pagination"]
+        pagination = dict(body["pagination"])
+        pagination.pop("next_after")
+        return [e["id"] for e in body["data"]], pagination
 
     every = [f"evt_{i:04d}" for i in range(25)]
+    # Keyset paging: after=<next_after> walks everything, page by page, in order.
+    walked: list[str] = []
+    after: int | None = None
+    while True:
+        status, body = await api.call(
+            "GET", "/v1/events?limit=7" + (f"&after={after}" if after is not None else "")
+        )
+        assert status == 200, body
+        walked += [e["id"] for e in body["data"]]
+        after = body["pagination"]["next_after"]
+        if after is None:
+            break
+        assert body["pagination"]["has_more"] is True
+    assert walked == every
+    status, body = await api.call("GET", "/v1/events?offset=10001")
+    assert status == 400 and "after=" in body["error"]["message"]
     assert await page("limit=10") == (
         every[:10],
         {"total": 25, "limit": 10, "offset": 0, "has_more": True},

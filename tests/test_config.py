@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from listener.config import load_config, parse_duration, parse_size, render_config, secret_values
+from listener.config import parse_duration, parse_size
+from listener.config_loader import load_config, render_config, secret_values
 from listener.exceptions import ConfigError
 
 WHSEC = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -83,7 +84,7 @@ def test_every_problem_reported_with_key_paths(tmp_path: Path) -> None:
     text = BASE + """
   - name: lx
     kind: websocket
-    provider: nosuchprovider
+    provider: layerx402
     url: ftp://nowhere
     api_key: k
     bogus: 1

@@ -23,9 +23,9 @@ from aiohttp import web
 from pydantic import SecretStr
 
 from listener.config import SignatureConfig
+from listener.dev.simulators.getstoken import EVENT_TYPES
 from listener.exceptions import SignatureError
-from listener.signatures import Scheme, verify
-from listener.simulators.getstoken import EVENT_TYPES
+from listener.sources.signatures import Scheme, verify
 from tests.conftest import UNIT
 from tests.process import free_port
 from tests.webhook_sender import WHSEC

@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from listener.config import secret_values
+from listener.config_loader import secret_values
 from listener.logs import configure_logging
 from tests.conftest import BROKER_HOST, BROKER_PORT, make_config, running, tap, wait_for
 from tests.faults import proxy

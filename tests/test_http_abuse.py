@@ -32,10 +32,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from listener.adminauth import SCOPE_KEY
+from listener.admin.auth import SCOPE_KEY
 from listener.config import Config
 from listener.service import Service
-from listener.signatures import sign
+from listener.sources.signatures import sign
 from tests.conftest import UNIT, make_config, running
 from tests.test_webhooks import gst_source
 from tests.webhook_sender import WHSEC, gst_event

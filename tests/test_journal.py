@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -11,7 +13,7 @@ import pytest
 
 from listener.config import JournalConfig
 from listener.envelope import Entry
-from listener.exceptions import JournalFull
+from listener.exceptions import JournalCorrupt, JournalError, JournalFull, JournalLocked
 from listener.journal import Cursor, Journal
 
 
@@ -68,8 +70,10 @@ async def test_survives_reopen_with_cursors(tmp_path: Path) -> None:
     """Events and stream cursors written together are there after reopening the file."""
     async with Journal(config=config(tmp_path)) as journal:
         await journal.append([entry(1)], cursors=[Cursor("lx", "trades?mint=A", 41)])
-        await journal.append([entry(2)], cursors=[Cursor("lx", "trades?mint=A", 42)])
-        await journal.append([], cursors=[Cursor("lx", "trades?mint=A", 7)])  # never goes back
+        await journal.append([entry(2)], cursors=[Cursor("lx", "trades?mint=A", 42, prev=41)])
+        # A position is set only over the one it follows: never back, never past a gap.
+        await journal.append([], cursors=[Cursor("lx", "trades?mint=A", 7)])
+        await journal.append([], cursors=[Cursor("lx", "trades?mint=A", 7, prev=41)])
     async with Journal(config=config(tmp_path)) as journal:
         assert journal.pending_count == 2
         assert await journal.cursors("lx") == {"trades?mint=A": 42}
@@ -112,3 +116,83 @@ async def test_file_is_wal_and_readable_by_other_processes(tmp_path: Path) -> No
             assert other.execute("SELECT count(*) FROM events").fetchone()[0] == 1
         finally:
             other.close()
+
+
+async def test_one_bad_operation_does_not_roll_back_its_group(tmp_path: Path) -> None:
+    """An append SQLite cannot store fails alone; the appends committed with it stay."""
+    async with Journal(config=config(tmp_path)) as journal:
+        good = [journal.submit([entry(i)]) for i in range(5)]
+        bad = journal.submit([entry(99)], cursors=[Cursor("lx", "k", 2**63)])  # overflows
+        more = [journal.submit([entry(i)]) for i in range(5, 10)]
+        assert [await f for f in good + more] == [[True]] * 10
+        with pytest.raises(JournalError):
+            await bad
+        left = await journal.query("SELECT event_id FROM events ORDER BY seq")
+        assert [r[0] for r in left] == [f"evt_{i}" for i in range(10)]
+        assert journal.pending_count == 10
+        assert await journal.cursors("lx") == {}
+
+
+async def test_cursor_never_skips_a_failed_append(tmp_path: Path) -> None:
+    """A failed append of seq 1 followed by a good one of seq 2 leaves the cursor before 1."""
+    async with Journal(config=config(tmp_path)) as journal:
+        await journal.append([entry(0)], cursors=[Cursor("lx", "k", 0)])
+        broken = dataclasses.replace(entry(1), body=object())  # type: ignore[arg-type]  # cannot be bound
+        first = journal.submit([broken], cursors=[Cursor("lx", "k", 1, prev=0)])
+        second = journal.submit([entry(2)], cursors=[Cursor("lx", "k", 2, prev=1)])
+        with pytest.raises(JournalError):
+            await first
+        assert await second == [True]
+        # Event 2 is on disk, but the cursor stays at 0: a reconnect asks for 1 again.
+        assert await journal.cursors("lx") == {"k": 0}
+
+
+async def test_second_daemon_on_one_file_is_refused(tmp_path: Path) -> None:
+    """A journal held by one daemon refuses a second, naming the holder's pid."""
+    async with Journal(config=config(tmp_path), lock=True):
+        with pytest.raises(JournalLocked) as caught:
+            async with Journal(config=config(tmp_path), lock=True):
+                pass
+        assert f"pid {os.getpid()}" in str(caught.value)
+        assert str(tmp_path / "j.db") in str(caught.value)
+    async with Journal(config=config(tmp_path), lock=True):  # released on close
+        pass
+
+
+async def test_corrupt_file_is_named(tmp_path: Path) -> None:
+    """A file that is not a database gives JournalCorrupt naming it and what to do."""
+    (tmp_path / "j.db").write_bytes(b"this is not sqlite" * 1000)
+    with pytest.raises(JournalCorrupt) as caught:
+        async with Journal(config=config(tmp_path), lock=True):
+            pass
+    assert str(tmp_path / "j.db") in str(caught.value)
+    assert "move it aside" in str(caught.value)
+
+
+async def test_pruned_ids_stay_duplicates(tmp_path: Path) -> None:
+    """An event pruned by retention is still a duplicate within dedupe_window."""
+    async with Journal(config=config(tmp_path, retention="1h", dedupe_window="2h")) as journal:
+        await journal.append([entry(1)])
+        rows = await journal.pending(after_seq=0, limit=10)
+        await journal.mark_published([r.seq for r in rows], wait=True)
+        assert await journal.prune(now=time.time() + 4000) == 1
+        assert await journal.append([entry(1)]) == [False]
+        await journal.prune(now=time.time() + 4000 + 7300)  # past the window: forgotten
+        assert await journal.append([entry(1)]) == [True]
+
+
+async def test_deferred_rows_leave_the_head(tmp_path: Path) -> None:
+    """A deferred row is not pending; it comes back when due and is marked on confirm."""
+    async with Journal(config=config(tmp_path)) as journal:
+        await journal.append([entry(i) for i in range(3)])
+        rows = await journal.pending(after_seq=0, limit=10)
+        await journal.defer([rows[0].seq], base=60, error="returned")
+        assert journal.pending_count == 2 and journal.deferred_count == 1
+        assert [r.entry.event_id for r in await journal.pending(after_seq=0, limit=10)] == ["evt_1", "evt_2"]
+        assert await journal.due_deferred(now=time.time(), limit=10) == []
+        due = await journal.due_deferred(now=time.time() + 61, limit=10)
+        assert [r.entry.event_id for r in due] == ["evt_0"]
+        await journal.mark_published([due[0].seq], wait=True, deferred=True)
+        assert journal.deferred_count == 0
+    async with Journal(config=config(tmp_path)) as journal:
+        assert (journal.pending_count, journal.deferred_count) == (2, 0)

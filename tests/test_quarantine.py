@@ -17,9 +17,9 @@ from handlers.layerx402 import TradeData, event_id
 from listener.config import Config
 from listener.envelope import quarantine_entry, rfc3339
 from listener.journal import Journal
-from listener.journalfile import JournalFile
-from listener.quarantine import list_quarantined
-from listener.redrive import redrive
+from listener.journal.file import JournalFile
+from listener.journal.queries import list_quarantined
+from listener.ops.redrive import redrive
 from listener.service import Service
 from tests.conftest import running, tap, wait_for
 from tests.test_replay import raw_config, run_cli, write_config

@@ -20,9 +20,9 @@ import yaml
 
 from listener.config import Config
 from listener.envelope import rfc3339
-from listener.journal import SCHEMA
-from listener.replay import replay_request
-from listener.replayer import Replay, ReplayStatus
+from listener.journal.schema import migrate
+from listener.ops.replay import Replay, ReplayStatus
+from listener.ops.replay_request import replay_request
 from listener.selection import TopicPattern, parse_time
 from listener.service import Service
 from tests.conftest import UNIT, config_data, running, tap, wait_for
@@ -157,7 +157,7 @@ async def replay(config: Config, service: Service | None, **args: Any) -> Replay
     """Run the replay engine in this process (as POST /v1/replays does)."""
     request = replay_request(archive_enabled=config.broker.archive.enabled, **args)
     journal = service.journal if service is not None and request.origin == "journal" else None
-    async with Replay(request, broker=config.broker, journal=journal, idle=0.5) as run:
+    async with Replay(request, broker=config.broker, journal=journal) as run:
         return await run.run()
 
 
@@ -404,7 +404,7 @@ async def test_cli_bad_arguments_exit_2_naming_the_argument(
     raw = raw_config(tmp_path, broker_url, exchange_name)
     path = write_config(tmp_path, raw)
     with sqlite3.connect(tmp_path / "journal.db") as conn:
-        conn.executescript(SCHEMA)
+        migrate(conn)
     base = ("replay", "--config", str(path))
     cases = {
         "--since": [*base, "--since", "last tuesday", "--to-queue", "q"],

@@ -22,7 +22,14 @@ from pydantic import ValidationError
 
 from listener.config import SignatureConfig
 from listener.exceptions import SignatureError, TimestampOutOfRange
-from listener.signatures import DEFAULT_HEADERS, Scheme, Verifier, decode_whsec, sign, verify
+from listener.sources.signatures import (
+    DEFAULT_HEADERS,
+    Scheme,
+    Verifier,
+    decode_whsec,
+    sign,
+    verify,
+)
 
 # Published vectors (Standard Webhooks reference tests; GitHub docs), NOTES.
 SW_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"

@@ -33,7 +33,7 @@ from handlers.layerx402 import (
     subscription_key,
     unsubscribe_frame,
 )
-from listener.simulators.layerx402 import Layerx402Simulator, serve_forever
+from listener.dev.simulators.layerx402 import Layerx402Simulator, serve_forever
 
 # The suite's one scalable time unit (tests/conftest.py reads the same variable).
 UNIT = float(os.environ.get("LISTENER_TEST_UNIT", "1.0"))
@@ -294,7 +294,7 @@ async def test_forbidden_channel_gets_forbidden_and_the_connection_stays() -> No
     ):
         await ws.send(subscribe_frame("r1", "portfolio", {"wallet": WALLET}))
         assert await recv(ws) == ErrorFrame(
-            id="r1", code="FORBIDDEN", message="not allowed: portfolio"
+            id="r1", code="FORBIDDEN", message="not allowed: portfolio", kind="forbidden"
         )
         await subscribe(ws, request_id="r2")
 

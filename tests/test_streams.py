@@ -14,8 +14,8 @@ import pytest
 from handlers import Event
 from handlers.layerx402 import EventFrame, parse_frame
 from listener.config import Config
-from listener.simulators.layerx402 import Layerx402Simulator
-from listener.streams import StreamSource
+from listener.dev.simulators.layerx402 import Layerx402Simulator
+from listener.sources.websocket import StreamSource
 from tests.conftest import make_config, running, tap, wait_for
 from tests.process import ListenerProcess
 

@@ -259,8 +259,9 @@ async def test_unknown_path_and_method(config: Config, session: aiohttp.ClientSe
 async def test_shutting_down_is_503(config: Config, session: aiohttp.ClientSession) -> None:
     """Once shutdown has begun, webhooks get 503 with Retry-After."""
     async with running(config) as service:
-        assert service._webhooks is not None
-        service._webhooks.accepting = False
+        webhooks = service.transport("webhook")
+        assert webhooks is not None
+        webhooks.stop_intake()
         status, body, headers = await Sender(session, url(service)).post(gst_event())
         assert status == 503 and "Retry-After" in headers
         assert body["error"]["code"] == "UNAVAILABLE"

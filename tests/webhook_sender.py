@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from listener.signatures import sign
+from listener.sources.signatures import sign
 
 WHSEC = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 

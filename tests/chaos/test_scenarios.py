@@ -24,9 +24,9 @@ import orjson
 import psutil
 import pytest
 
+from listener.dev.simulators.layerx402 import Layerx402Simulator
 from listener.service import Service
-from listener.simulators.layerx402 import Layerx402Simulator
-from listener.streams import StreamSource
+from listener.sources.websocket import StreamSource
 from tests.chaos import rabbit
 from tests.chaos.ledger import Ledger, ledger
 from tests.chaos.load import load
@@ -315,8 +315,11 @@ async def test_consumer_queue_rejects(
                     await traffic.wait_acknowledged(200)
                     await wait_for(lambda: failures(service, "nacked") > 0, what="a nack")
                     await traffic.wait_acknowledged(100)
-                    held = journal.pending_count
-                    assert held >= traffic.acknowledged - 20, (held, traffic.acknowledged)
+                    # Nacked events are kept (deferred, retried with backoff), none dropped.
+                    # A quorum queue applies reject-publish once its log has caught up, so
+                    # a burst gets in past x-max-length first (tens of messages).
+                    held = journal.pending_count + journal.deferred_count
+                    assert held >= traffic.acknowledged - 64, (held, traffic.acknowledged)
                     # The consumer comes back and drains the queue.
                     consumed = 0
 
@@ -329,7 +332,9 @@ async def test_consumer_queue_rejects(
                     book.fault_cleared()
                     await traffic.wait_acknowledged(50)
                 await wait_for(
-                    lambda: journal.pending_count == 0, timeout=30, what="journal drained"
+                    lambda: journal.pending_count + journal.deferred_count == 0,
+                    timeout=30,
+                    what="journal drained",
                 )
                 book.note(
                     nacks=int(failures(service, "nacked")), held_while_full=held, consumed=consumed
@@ -367,12 +372,17 @@ async def test_unroutable_waits_for_a_binding(
                 await traffic.wait_acknowledged(200)
                 await wait_for(lambda: failures(service, "returned") > 0, what="a return")
                 await traffic.wait_acknowledged(50)
-                held = journal.pending_count
+                # Returned events are kept (deferred, retried with backoff), none dropped.
+                held = journal.pending_count + journal.deferred_count
                 assert held >= traffic.acknowledged - 20, (held, traffic.acknowledged)
                 await book.bind()
                 book.fault_cleared()
                 await traffic.wait_acknowledged(50)
-            await wait_for(lambda: journal.pending_count == 0, timeout=30, what="journal drained")
+            await wait_for(
+                lambda: journal.pending_count + journal.deferred_count == 0,
+                timeout=30,
+                what="journal drained",
+            )
             book.note(returns=int(failures(service, "returned")), held_while_unbound=held)
             verdict = await book.check()
             # Retries are at most broker.retry_max (1 s) apart: a slower recovery means the

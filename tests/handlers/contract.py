@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import orjson
+import pydantic
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from handlers import Event, Quarantine, WebhookProvider, load_provider
+from handlers import MAX_DEPTH, Event, Quarantine, WebhookProvider, load_provider
 
 # Routing keys and AMQP message ids are shortstrs: at most 255 bytes (AMQP 0-9-1 §4.2.5.3).
 _SHORTSTR = 255
@@ -67,20 +69,22 @@ class WebhookProviderContract:
     Subclasses set:
 
     * ``provider`` - the module's ``PROVIDER``;
-    * ``environment`` - the source environment the samples belong to;
+    * ``settings`` - the source keys the samples belong to (validated by the
+      provider's own ``settings_model``), and ``strict_settings`` - the keys that make
+      the provider refuse the most (the invalid samples are checked under them);
     * ``valid_bodies`` - recorded bodies of known event types, each a distinct event;
     * ``invalid_bodies`` - ``(body, reason)`` pairs, JSON but not acceptable.
     """
 
     provider: ClassVar[WebhookProvider]
-    environment: ClassVar[str] = "production"
+    settings: ClassVar[Mapping[str, Any]] = {}
+    strict_settings: ClassVar[Mapping[str, Any]] = {}
     valid_bodies: ClassVar[Sequence[bytes]]
     invalid_bodies: ClassVar[Sequence[tuple[bytes, str]]]
 
-    def parse(
-        self, body: bytes, *, unknown_types: Literal["publish", "quarantine"] = "publish"
-    ) -> Event | Quarantine:
-        return self.provider.parse(body, environment=self.environment, unknown_types=unknown_types)
+    def parse(self, body: bytes, *, strict: bool = False) -> Event | Quarantine:
+        keys = {**self.settings, **(self.strict_settings if strict else {})}
+        return self.provider.parse(body, self.provider.settings_model.model_validate(keys))
 
     def event(self, body: bytes) -> Event:
         result = self.parse(body)
@@ -126,10 +130,25 @@ class WebhookProviderContract:
         ids = [self.event(body).id for body in self.valid_bodies]
         assert len(set(ids)) == len(ids)
 
-    def test_known_types_ignore_unknown_types_option(self) -> None:
-        """Valid samples of known types are events whatever unknown_types says."""
+    def test_settings_model_refuses_unknown_keys(self) -> None:
+        """The provider's settings model refuses keys it does not know (a typo is an error)."""
+        with pytest.raises(pydantic.ValidationError):
+            self.provider.settings_model.model_validate({**self.settings, "no_such_key": 1})
+
+    def test_valid_bodies_pass_strict_settings(self) -> None:
+        """Valid samples of known types are events under the strictest settings too."""
         for body in self.valid_bodies:
-            assert isinstance(self.parse(body, unknown_types="quarantine"), Event)
+            assert isinstance(self.parse(body, strict=True), Event)
+
+    @PROPERTY
+    @given(depth=st.integers(min_value=MAX_DEPTH + 1, max_value=400))
+    def test_deep_nesting_is_too_deep(self, depth: int) -> None:
+        """A valid sample with a field nested past MAX_DEPTH is quarantined as too_deep."""
+        body = self.valid_bodies[0]
+        deep = b"[" * depth + b"]" * depth
+        payload = body[:-1] + b',"deep_extra":' + deep + b"}"
+        result = self.parse(payload)
+        assert isinstance(result, Quarantine) and result.reason == "too_deep", result
 
     def test_not_json_is_invalid_json(self) -> None:
         """Bytes that are not JSON (or not UTF-8) are quarantined as invalid_json."""
@@ -142,7 +161,7 @@ class WebhookProviderContract:
     def test_invalid_bodies_are_quarantined(self) -> None:
         """Every invalid sample is quarantined with its reason and a short detail."""
         for body, reason in self.invalid_bodies:
-            result = self.parse(body, unknown_types="quarantine")
+            result = self.parse(body, strict=True)
             assert isinstance(result, Quarantine), body
             assert result.reason == reason, (body, result)
             assert result.detail
@@ -178,9 +197,8 @@ class WebhookProviderContract:
                 del target[key]
             else:
                 target[key] = data.draw(json_values, label="value")
-        for unknown_types in ("publish", "quarantine"):
-            result = self.parse(orjson.dumps(payload), unknown_types=unknown_types)
-            self._check_verdict(result)
+        for strict in (False, True):
+            self._check_verdict(self.parse(orjson.dumps(payload), strict=strict))
 
     @staticmethod
     def _check_verdict(result: object) -> None:

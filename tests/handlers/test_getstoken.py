@@ -6,6 +6,7 @@ CONTRACT §5's table.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, ClassVar, Literal
 
@@ -13,7 +14,7 @@ import orjson
 import pytest
 
 from handlers import Event, Quarantine, WebhookProvider
-from handlers.getstoken import DATA_MODELS, PROVIDER
+from handlers.getstoken import DATA_MODELS, PROVIDER, Settings
 
 from .contract import WebhookProviderContract
 
@@ -86,7 +87,7 @@ def parse(
     unknown_types: Literal["publish", "quarantine"] = "publish",
 ) -> Event | Quarantine:
     raw = value if isinstance(value, bytes) else body_of(value)
-    return PROVIDER.parse(raw, environment=environment, unknown_types=unknown_types)
+    return PROVIDER.parse(raw, Settings(environment=environment, unknown_types=unknown_types))
 
 
 def quarantined(value: Any, reason: str, **kwargs: Any) -> Quarantine:
@@ -104,7 +105,8 @@ class TestGetSmartTokenContract(WebhookProviderContract):
     """The shared webhook provider contract, for Get Smart Token."""
 
     provider: ClassVar[WebhookProvider] = PROVIDER
-    environment: ClassVar[str] = "production"
+    settings: ClassVar[Mapping[str, Any]] = {"environment": "production"}
+    strict_settings: ClassVar[Mapping[str, Any]] = {"unknown_types": "quarantine"}
     valid_bodies: ClassVar[list[bytes]] = [body_of(payload(t)) for t in SAMPLE_DATA]
     invalid_bodies: ClassVar[list[tuple[bytes, str]]] = [
         (b"[]", "schema_violation"),

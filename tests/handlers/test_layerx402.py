@@ -160,28 +160,28 @@ def test_auth_ok() -> None:
     [
         (
             '{"type": "error", "code": "UNAUTHORIZED", "message": "invalid api key"}',
-            ErrorFrame(id=None, code="UNAUTHORIZED", message="invalid api key"),
+            ErrorFrame(id=None, code="UNAUTHORIZED", message="invalid api key", kind="unauthorized"),
         ),
         (
             '{"type": "error", "id": "r1", "code": "FORBIDDEN", "message": "no access"}',
-            ErrorFrame(id="r1", code="FORBIDDEN", message="no access"),
+            ErrorFrame(id="r1", code="FORBIDDEN", message="no access", kind="forbidden"),
         ),
         (
             '{"type": "error", "id": "r2", "code": "INVALID_PARAMS", "message": "mint missing"}',
-            ErrorFrame(id="r2", code="INVALID_PARAMS", message="mint missing"),
+            ErrorFrame(id="r2", code="INVALID_PARAMS", message="mint missing", kind="invalid_params"),
         ),
         (
             '{"type": "error", "code": "RATE_LIMITED", "message": "slow down", "retry_after": 2.5}',
-            ErrorFrame(id=None, code="RATE_LIMITED", message="slow down", retry_after=2.5),
+            ErrorFrame(id=None, code="RATE_LIMITED", message="slow down", retry_after=2.5, kind="rate_limited"),
         ),
         (
             '{"type": "error", "code": "RATE_LIMITED", "retry_after": 3}',
-            ErrorFrame(id=None, code="RATE_LIMITED", message="", retry_after=3.0),
+            ErrorFrame(id=None, code="RATE_LIMITED", message="", retry_after=3.0, kind="rate_limited"),
         ),
     ],
 )
 def test_error_frames(raw: str, expected: ErrorFrame) -> None:
-    """Error frames keep id, code, message and retry_after (seconds)."""
+    """Error frames keep id, code, message and retry_after (seconds); kind says what the code means."""
     assert parse_frame(raw) == expected
 
 
@@ -189,7 +189,7 @@ def test_error_frames(raw: str, expected: ErrorFrame) -> None:
 def test_error_frame_with_off_spec_retry_after_keeps_its_code(retry_after: Any) -> None:
     """An off-spec retry_after is dropped, but the error's code is kept."""
     raw = orjson.dumps({"type": "error", "code": "RATE_LIMITED", "retry_after": retry_after})
-    assert parse_frame(raw) == ErrorFrame(id=None, code="RATE_LIMITED", message="")
+    assert parse_frame(raw) == ErrorFrame(id=None, code="RATE_LIMITED", message="", kind="rate_limited")
 
 
 def test_subscribed() -> None:

@@ -1,0 +1,217 @@
+"""
+What every provider handler returns and satisfies (Sans-I/O).
+
+A handler knows one provider's payloads and nothing about sockets. It turns bytes
+(and, for streams, frames) into typed results:
+
+* :class:`Event` - a validated event with its stable CloudEvent id and type;
+* :class:`Quarantine` - a verdict for input that does not fit, with a short reason
+  code (``invalid_json``, ``schema_violation``, ``too_deep``, ...) and a
+  human-readable detail that never echoes the input.
+
+Each provider module ``handlers/<name>.py`` exposes a module-level ``PROVIDER`` that
+satisfies the protocol of its transport: :class:`WebhookProvider`,
+:class:`StreamProvider` or :class:`handlers.polling.PollProvider`. It carries its own
+``settings_model`` (the source keys only it understands, validated with the config)
+and its session policy (what its close and error codes mean), so the runtime of a
+transport never names a provider. :func:`load_provider` finds it by the ``provider:``
+name in the configuration: there is no central list to edit.
+
+No I/O, sleeping, logging setup or clocks here (``received_at`` is passed in).
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from handlers.frames import ServerFrame
+
+__all__ = [
+    "MAX_DEPTH",
+    "CloseKind",
+    "Event",
+    "NoSettings",
+    "Provider",
+    "Quarantine",
+    "StreamProvider",
+    "WebhookProvider",
+    "load_provider",
+    "too_deep",
+]
+
+# Nesting deeper than this is quarantined at parse time (``too_deep``): real payloads
+# nest a few levels, and a serialiser has a limit of its own (orjson: 254) that a
+# provider must not be able to reach through us.
+MAX_DEPTH = 64
+
+#: What a stream close code means to the runtime (``None``: an ordinary drop).
+CloseKind = Literal["unauthorized", "forbidden", "rate_limited"]
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """
+    A validated provider event, ready to be wrapped in a CloudEvent.
+
+    ``id`` is stable: the same provider event always yields the same id, so
+    consumers can deduplicate on it. ``type`` is the CloudEvent type and the
+    routing key, ``<provider>.<event type>``. ``time`` is when the provider says
+    the event happened (``None`` when it does not say). ``data`` is the payload as
+    the provider sent it (validated; extra fields kept; decimals stay strings).
+    """
+
+    id: str
+    type: str
+    time: datetime | None
+    data: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Quarantine:
+    """A verdict for input that does not fit: it is kept and published to quarantine."""
+
+    reason: str
+    detail: str
+
+
+class NoSettings(BaseModel):
+    """The settings model of a provider that takes no source keys of its own."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def too_deep(value: Any, *, size: int, limit: int = MAX_DEPTH) -> bool:
+    """
+    Whether parsed JSON ``value`` nests deeper than ``limit`` containers.
+
+    ``size`` is the length of the raw text: each level takes two bytes, so text
+    shorter than ``2 * limit`` cannot be too deep and is not walked (the hot path).
+    """
+    if size < 2 * limit:
+        return False
+    level: list[Any] = [value]
+    depth = 0
+    while level:
+        depth += 1
+        if depth > limit:
+            return True
+        children: list[Any] = []
+        for item in level:
+            if isinstance(item, dict):
+                children.extend(v for v in item.values() if isinstance(v, dict | list))
+            elif isinstance(item, list):
+                children.extend(v for v in item if isinstance(v, dict | list))
+        level = children
+    return False
+
+
+@runtime_checkable
+class Provider(Protocol):
+    """What every provider has, whatever its transport."""
+
+    name: str
+    kind: str
+    #: The source keys only this provider understands (``environment: sandbox``).
+    settings_model: type[BaseModel]
+    #: The CloudEvent types (routing keys) it knows; others count as ``other`` in metrics.
+    event_types: tuple[str, ...]
+
+
+@runtime_checkable
+class WebhookProvider(Protocol):
+    """A provider that pushes signed HTTP webhooks."""
+
+    name: str
+    kind: Literal["webhook"]
+    settings_model: type[BaseModel]
+    event_types: tuple[str, ...]
+
+    def parse(self, body: bytes, settings: Any) -> Event | Quarantine:
+        """Turn a verified webhook body into an event or a quarantine verdict; never raises."""
+        ...
+
+
+@runtime_checkable
+class StreamProvider(Protocol):
+    """
+    A provider that streams frames over a WebSocket (see ``handlers/layerx402.py``).
+
+    It builds the frames the listener sends and turns every frame it receives into
+    one ``ServerFrame`` (auth ok, error, subscribed, unsubscribed, event, ping, or
+    unparseable), and says what its close codes mean (:meth:`close_kind`), so the
+    runtime holds no provider knowledge. ``channels`` maps each channel to the params
+    a subscription needs.
+    """
+
+    name: str
+    kind: Literal["websocket"]
+    settings_model: type[BaseModel]
+    event_types: tuple[str, ...]
+    channels: Mapping[str, tuple[str, ...]]
+
+    def auth_frame(self, api_key: str) -> str:
+        """The first frame on every connection."""
+        ...
+
+    def subscribe_frame(
+        self,
+        request_id: str,
+        channel: str,
+        params: Mapping[str, str],
+        since_seq: int | None = None,
+    ) -> str:
+        """A subscribe request; ``since_seq`` asks for every held event after it."""
+        ...
+
+    def unsubscribe_frame(self, request_id: str, subscription: str) -> str:
+        """An unsubscribe request for a server subscription id."""
+        ...
+
+    def pong_frame(self, ts: int) -> str:
+        """The answer to an application-level ping."""
+        ...
+
+    def subscription_key(self, channel: str, params: Mapping[str, str]) -> str:
+        """The stable name a ``seq`` cursor is kept under (channel + sorted params)."""
+        ...
+
+    def parse_frame(self, raw: str | bytes) -> ServerFrame:
+        """Turn one received frame into a typed frame; never raises."""
+        ...
+
+    def close_kind(self, code: int | None) -> CloseKind | None:
+        """What a WebSocket close code means (``None``: reconnect with backoff)."""
+        ...
+
+
+_PROVIDER_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_KINDS = frozenset({"webhook", "websocket", "poll"})
+
+
+def load_provider(name: str) -> Any:
+    """
+    Return the ``PROVIDER`` of ``handlers/<name>.py``.
+
+    Raises:
+        LookupError: no such handler module, or it defines no usable ``PROVIDER``.
+    """
+    if not _PROVIDER_NAME.match(name):
+        raise LookupError(f"unknown provider {name!r}: expected a handlers/<name>.py module")
+    try:
+        module = importlib.import_module(f"handlers.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"handlers.{name}":
+            raise
+        raise LookupError(f"unknown provider {name!r}: there is no handlers/{name}.py") from exc
+    provider = getattr(module, "PROVIDER", None)
+    if not isinstance(provider, Provider) or provider.kind not in _KINDS:
+        raise LookupError(f"handlers/{name}.py defines no PROVIDER")
+    return provider

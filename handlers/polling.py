@@ -1,0 +1,270 @@
+"""
+The poll transport's vocabulary (CONTRACT §9), shared by every REST poll provider.
+
+A poll provider (``handlers/tokenterminal.py``, ``handlers/terrapin.py``) is pure: it
+plans the HTTP requests of one configured resource, parses answers into keyed
+:class:`Record` s, and reads the provider-specific parts of redirects (a renamed id)
+and rejections (a malformed item named in a 422). The runtime
+(``listener/sources/poll.py``) owns the HTTP client, the rate budget, retries,
+schedules and the poll state; it never names a provider.
+
+Change detection is by content, never by a ``>=`` cursor: a record's ``content`` (the
+part that is compared) is hashed canonically (:func:`content_hash`: numbers as exact
+decimal strings, key order and whitespace irrelevant). The id of a change event is a
+UUIDv5 over the provider, the key, the previous hash and the new hash
+(:func:`change_id`), so polling again yields nothing new, a value that changes and
+changes back yields distinct ids, and a lost poll state re-emits first-sight events
+with their old ids.
+
+Pure: no I/O, no logging, no clock (``today`` and ``observed`` are passed in).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any, Final, Literal, Protocol, runtime_checkable
+
+from pydantic import BaseModel
+
+from handlers import Event, Quarantine
+
+__all__ = [
+    "NAMESPACE",
+    "Page",
+    "PollProvider",
+    "PollRequest",
+    "Record",
+    "Rejected",
+    "Renamed",
+    "canonical",
+    "change_data",
+    "change_id",
+    "content_hash",
+    "loads_exact",
+    "uuid5",
+]
+
+# Fixed forever: change-event ids are UUIDv5 in this namespace (RFC 9562 §5.5).
+NAMESPACE: Final = uuid.uuid5(uuid.NAMESPACE_URL, "https://listener.invalid/poll#change-id")
+
+
+@dataclass(frozen=True, slots=True)
+class PollRequest:
+    """
+    One HTTP request of a poll plan.
+
+    ``target`` is the path and query relative to the source's ``url``
+    (``/v2/projects/aave/metrics?metric_ids=fees&start=2026-11-24``); ``body`` the JSON
+    body of a POST. ``items`` are the configured things it asks for (project ids as
+    configured, even after a rename; ISINs): the provider reads them back to key the
+    records, and the runtime shows them when a request fails.
+    """
+
+    method: Literal["GET", "POST"]
+    target: str
+    items: tuple[str, ...]
+    body: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """
+    One keyed row of provider content, canonical (numbers as exact decimal strings).
+
+    ``data`` is what the event shows (the whole row); ``content`` the part compared
+    between polls (e.g. the metric columns, not the project's display name); ``hash``
+    is :func:`content_hash` of ``content``.
+    """
+
+    key: str
+    data: Mapping[str, Any]
+    content: Mapping[str, Any]
+    hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """A successful answer: its records, and problems it reported beside them."""
+
+    records: tuple[Record, ...]
+    # Partial errors the provider answered beside the data (an unknown metric id).
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Renamed:
+    """A redirect that names a new id for a configured item; poll ``follow`` instead."""
+
+    item: str
+    old_id: str
+    new_id: str
+    follow: PollRequest
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """
+    A 400/422 that names the items at fault: quarantine those (``invalid_params``) and
+    send ``retry`` (the request without them; ``None`` when nothing is left).
+    """
+
+    items: tuple[str, ...]
+    detail: str
+    retry: PollRequest | None = None
+    payloads: Mapping[str, bytes] = field(default_factory=dict)
+
+
+@runtime_checkable
+class PollProvider(Protocol):
+    """A provider the listener polls over HTTP (see the module docstring)."""
+
+    name: str
+    kind: Literal["poll"]
+    #: The model of one entry of the source's ``resources:`` list.
+    resource_model: type[BaseModel]
+    #: The CloudEvent types this provider publishes (routing keys).
+    event_types: tuple[str, ...]
+
+    def auth_headers(self, api_key: str) -> Mapping[str, str]:
+        """Headers that authenticate every request."""
+        ...
+
+    def describe(self, resource: BaseModel) -> str:
+        """A short stable label of a resource for logs, ``/v1/sources`` and metrics."""
+        ...
+
+    def plan(
+        self, resource: BaseModel, *, aliases: Mapping[str, str], today: date
+    ) -> list[PollRequest]:
+        """The requests of one poll of ``resource``; ``aliases`` maps renamed items."""
+        ...
+
+    def parse(self, request: PollRequest, body: bytes) -> Page | Quarantine:
+        """Turn a 2xx body into records, or a verdict (``invalid_json``/``schema_violation``)."""
+        ...
+
+    def redirect(self, request: PollRequest, location: str) -> Renamed | None:
+        """Read a 3xx ``Location``: a rename to follow, or ``None`` when it is not one."""
+        ...
+
+    def reject(self, request: PollRequest, status: int, body: bytes) -> Rejected | None:
+        """Read a 400/422 body: the items at fault, or ``None`` when it names none."""
+        ...
+
+    def change_event(self, record: Record, previous: Record | None, *, observed: datetime) -> Event:
+        """The event for a record seen first (``previous`` None) or changed."""
+        ...
+
+    def rename_event(self, renamed: Renamed, *, observed: datetime) -> Event:
+        """The event for a rename."""
+        ...
+
+
+# -- exact numbers and canonical content ------------------------------------------------
+
+
+def loads_exact(body: bytes | str) -> Any:
+    """
+    Parse JSON keeping every number's exact digits: numbers become ``Decimal``.
+
+    Stricter than :func:`json.loads` where the result must stay publishable: bytes
+    must be UTF-8 (RFC 8259 §8.1: no BOM, no UTF-16/32), and no string may hold a lone
+    surrogate (a ``\\ud800`` escape is JSON but not Unicode text, and no encoder can
+    write it back). Nesting is the caller's check (:func:`handlers.too_deep`); text
+    nested past Python's recursion limit is not JSON this parser can read.
+
+    Raises:
+        ValueError: not JSON (``json.JSONDecodeError``), not UTF-8 (``UnicodeError``),
+            a lone surrogate, or nested past the recursion limit.
+    """
+    # json.loads(bytes) would also take UTF-16/32 and decode with "surrogatepass".
+    text = body.decode("utf-8") if isinstance(body, bytes) else body
+    if isinstance(body, str):
+        text.encode("utf-8")  # a str with a raw lone surrogate is not Unicode text
+    try:
+        value = json.loads(
+            text, parse_float=Decimal, parse_int=Decimal, parse_constant=_no_constant
+        )
+    except RecursionError as exc:
+        raise ValueError("nested too deeply to parse") from exc
+    if "\\u" in text:
+        _check_strings(value)
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _check_strings(value: Any) -> None:
+    # Only text with \u escapes can hold a lone surrogate: raw text was valid UTF-8.
+    # Iterative, so a deep value cannot exhaust the stack here.
+    stack: list[Any] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("a string holds a lone UTF-16 surrogate escape") from None
+
+
+def canonical(value: Any) -> Any:
+    """``value`` with every ``Decimal`` (and int/float) as its exact decimal string."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): canonical(v) for k, v in value.items()}
+    if isinstance(value, Sequence):
+        return [canonical(v) for v in value]
+    return str(value)
+
+
+def content_hash(content: Mapping[str, Any]) -> str:
+    """SHA-256 over canonical JSON (sorted keys, no whitespace) of ``canonical(content)``."""
+    text = json.dumps(canonical(content), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def uuid5(*parts: str) -> str:
+    """``uuid5(NAMESPACE, json.dumps(parts))``: no part can make two names collide."""
+    return str(uuid.uuid5(NAMESPACE, json.dumps(list(parts), separators=(",", ":"))))
+
+
+def change_id(provider: str, key: str, previous_hash: str | None, new_hash: str) -> str:
+    """The id of a change event (CONTRACT §9): provider, key, previous and new hash."""
+    return uuid5(provider, key, previous_hash or "", new_hash)
+
+
+def change_data(record: Record, previous: Record | None, *, field: str) -> dict[str, Any]:
+    """
+    ``{field: data, "changed": [...], "previous": {...} or None}`` (CONTRACT §9).
+
+    ``changed`` names the compared fields whose values differ (all of them on first
+    sight); ``previous`` holds their earlier values, ``None`` on first sight.
+    """
+    now = record.content
+    if previous is None:
+        return {field: dict(record.data), "changed": sorted(now), "previous": None}
+    before = previous.content
+    changed = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
+    return {
+        field: dict(record.data),
+        "changed": changed,
+        "previous": {k: before.get(k) for k in changed},
+    }

@@ -1,0 +1,122 @@
+"""
+The admin port (CONTRACT §7): ``/healthz``, ``/readyz``, ``/metrics``, and the
+Bearer-key guarded ``/v1`` API (see :mod:`listener.admin.auth`).
+
+``/readyz`` is unauthenticated: it says which part is not ready, never in a provider's
+or the broker's own words (those are on ``/v1/sources``, behind a key). A publisher
+that defers messages (the broker returned them) or archives with another retention
+is ``degraded``: still ready (200), because taking the replica out of a load balancer
+would not help, but visible.
+
+It listens on a private address (``admin.host``, 127.0.0.1 by default), apart from
+the public webhook port, so probes and scrapes never queue behind webhook traffic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from listener.admin.api import AdminApi
+from listener.admin.auth import ApiAuth, require
+from listener.config import AdminConfig, BrokerConfig
+from listener.journal.queries import Reader
+from listener.metrics import Metrics
+from listener.web import expect_continue, json_errors, ok
+
+__all__ = ["AdminApp", "Component"]
+
+# A component reports {"status": ..., ...}; "ok", "listening", "connected" count as healthy,
+# "degraded" as ready but worth a look.
+Component = Callable[[], Mapping[str, Any]]
+HEALTHY = frozenset({"ok", "listening", "connected"})
+READY = HEALTHY | {"degraded"}
+# Keys whose values may hold a peer's own words: kept off the unauthenticated /readyz.
+_PRIVATE = frozenset({"last_error", "error", "conflicts", "mismatches"})
+
+
+def public(state: Mapping[str, Any]) -> dict[str, Any]:
+    """``state`` without what a provider or the broker wrote (nested lists too)."""
+    out: dict[str, Any] = {}
+    for key, value in state.items():
+        if key in _PRIVATE:
+            continue
+        if isinstance(value, Mapping):
+            out[key] = public(value)
+        elif isinstance(value, list):
+            out[key] = [public(v) if isinstance(v, Mapping) else v for v in value]
+        else:
+            out[key] = value
+    return out
+
+
+class AdminApp:
+    """
+    Health, readiness and metrics; the ``/v1`` API (:mod:`listener.adminapi`) mounts on
+    ``self.app`` too.
+    """
+
+    def __init__(
+        self,
+        *,
+        config: AdminConfig,
+        metrics: Metrics,
+        components: Mapping[str, Component],
+        sources: Callable[[], Mapping[str, Mapping[str, Any]]],
+        refresh: Callable[[], None] = lambda: None,
+        journal: Reader | None = None,
+        broker: BrokerConfig | None = None,
+    ) -> None:
+        self._metrics = metrics
+        self._components = components
+        self._sources = sources
+        self._refresh = refresh
+        self.auth = ApiAuth(config.api_keys, rate_limit=config.rate_limit)
+        self.app = web.Application(middlewares=[json_errors, self.auth.middleware])
+        self.app.router.add_get("/healthz", self._healthz, expect_handler=expect_continue)
+        self.app.router.add_get("/readyz", self._readyz, expect_handler=expect_continue)
+        self.app.router.add_get("/metrics", self._metrics_handler, expect_handler=expect_continue)
+        self.app.router.add_get("/v1/sources", self._v1_sources, expect_handler=expect_continue)
+        # Events, quarantine, replays and the OpenAPI document need the journal and the
+        # broker settings; without them (tests of the health endpoints) they are absent.
+        self.api: AdminApi | None = None
+        if journal is not None and broker is not None:
+            self.api = AdminApi(journal=journal, broker=broker)
+            self.api.register(self.app)
+
+    async def _healthz(self, _: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Whether the service is ready, with the status of every component and source."""
+        body: dict[str, Any] = {name: dict(fn()) for name, fn in self._components.items()}
+        sources = {name: dict(state) for name, state in self._sources().items()}
+        body["sources"] = sources
+        parts = [c for k, c in body.items() if k != "sources"] + list(sources.values())
+        ready = all(p.get("status") in READY for p in parts)
+        healthy = all(p.get("status") in HEALTHY for p in parts)
+        body["status"] = "ready" if healthy else "degraded" if ready else "not_ready"
+        return ready, body
+
+    async def _readyz(self, _: web.Request) -> web.Response:
+        ready, body = self.readiness()
+        body = public(body)
+        return web.Response(
+            status=200 if ready else 503,
+            body=orjson.dumps(body),
+            content_type="application/json",
+        )
+
+    async def _metrics_handler(self, _: web.Request) -> web.Response:
+        self._refresh()
+        response = web.Response(body=self._metrics.render())
+        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return response
+
+    @require("read")
+    async def _v1_sources(self, _: web.Request) -> web.Response:
+        return ok([{"name": name, **state} for name, state in self._sources().items()])

@@ -1,0 +1,89 @@
+"""
+The one way the listener connects to RabbitMQ (the daemon's publisher, replay, redrive).
+
+* A short heartbeat, so a dead broker is noticed in seconds (NOTES: the default 60 s
+  takes ~3 minutes).
+* Our own deadline around the whole attempt (DNS, TCP, AMQP handshake, channel).
+* :func:`connect` makes one attempt and raises :class:`BrokerUnreachable` naming the
+  masked URL; :func:`connect_retrying` keeps trying with jittered backoff (the daemon:
+  events wait in the journal meanwhile) and returns a robust connection, which
+  aio-pika reconnects by itself afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractConnection, AbstractRobustConnection
+
+from listener.config import BrokerConfig, mask_url
+from listener.exceptions import BrokerUnreachable
+from listener.retry import backoff
+
+__all__ = ["connect", "connect_retrying"]
+
+
+async def connect(config: BrokerConfig, *, name: str) -> AbstractConnection:
+    """
+    One connection attempt under ``connect_timeout`` (twice, for the whole handshake).
+
+    Raises:
+        BrokerUnreachable: the broker did not answer or refused us.
+    """
+    url = config.url.get_secret_value()
+    try:
+        async with asyncio.timeout(config.connect_timeout * 2):
+            return await aio_pika.connect(
+                url,
+                timeout=config.connect_timeout,
+                heartbeat=max(int(config.heartbeat), 1),
+                client_properties={"connection_name": name},
+            )
+    except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
+        raise BrokerUnreachable(mask_url(url), f"{type(exc).__name__}: {exc}") from exc
+
+
+async def connect_retrying(
+    config: BrokerConfig,
+    *,
+    name: str,
+    on_failure: Callable[[BaseException, float, int], None],
+) -> AbstractRobustConnection:
+    """
+    Connect, retrying forever with backoff; ``on_failure(error, retry_in, attempt)`` is
+    called after each failed attempt. Returns a robust connection.
+    """
+    url = config.url.get_secret_value()
+    delays = backoff(config.retry_initial, config.retry_max)
+    attempt = 0
+    while True:
+        attempt += 1
+        connection: AbstractRobustConnection | None = None
+        try:
+            async with asyncio.timeout(config.connect_timeout * 2):
+                return await aio_pika.connect_robust(
+                    url,
+                    heartbeat=max(int(config.heartbeat), 1),
+                    timeout=config.connect_timeout,
+                    reconnect_interval=config.retry_initial,
+                    client_properties={"connection_name": name},
+                )
+        except Exception as exc:  # any failure to connect is retried (aiormq raises many kinds)
+            if connection is not None:
+                await close_quietly(connection)
+            delay = next(delays)
+            on_failure(exc, delay, attempt)
+            await asyncio.sleep(delay)
+
+
+async def close_quietly(connection: AbstractConnection) -> str | None:
+    """Close, within 5 s; return the error when closing a broken connection failed."""
+    try:
+        async with asyncio.timeout(5):
+            await connection.close()
+    except Exception as exc:  # closing a broken connection may fail in many ways; it is gone
+        return f"{type(exc).__name__}: {exc}"
+    return None

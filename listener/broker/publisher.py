@@ -1,0 +1,384 @@
+"""
+The publisher: drains the journal to RabbitMQ with publisher confirms (CONTRACT §4, §8).
+
+* One aio-pika robust connection (:mod:`listener.broker.connection`) and one
+  confirm-mode channel with ``on_return_raises=True``; frames go straight to the
+  underlying aiormq channel through the one confirm window
+  (:class:`listener.broker.confirms.ConfirmWindow`), many messages per socket write,
+  no task or timer per message.
+* One message, one fate (STYLE): a message the broker returns (unroutable) or nacks is
+  set aside in the journal as *deferred*, counted, logged, and retried with backoff
+  away from the head (1 s doubling to 1 min; all of a routing key at once when one of
+  them goes through again); it never ends the session, never holds
+  up the messages behind it, and is never the reason others are published twice.
+  ``/readyz`` shows the publisher ``degraded`` while any is deferred.
+* What ends a session concerns the connection: no confirm within
+  ``broker.publish_timeout`` (a blocked or dead broker; our own deadline, which also
+  covers reconnect waits), or the channel closing. In-flight publishes then have an
+  unknown outcome and are published again from the journal after a jittered backoff
+  (consumers deduplicate on ``message_id``).
+* Each session declares the topology first; an entity that exists with other settings
+  is told apart from an outage (:mod:`listener.broker.topology`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from typing import Any
+
+import aiormq
+import structlog
+from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
+
+from listener.broker.confirms import ConfirmWindow, Outcome, Outgoing
+from listener.broker.connection import close_quietly, connect_retrying
+from listener.broker.topology import (
+    CONFLICT_RETRY,
+    Topology,
+    TopologyReport,
+    declare_topology,
+    properties_for,
+)
+from listener.config import BrokerConfig, mask_url
+from listener.exceptions import JournalError, PublishNacked, PublishTimeout
+from listener.journal import Journal, Status, StoredEntry
+from listener.metrics import Metrics
+from listener.retry import backoff
+
+__all__ = ["Publisher"]
+
+log = structlog.get_logger("listener.publisher")
+
+# Deferred (returned or nacked) messages: first retry after this long, doubling, capped.
+DEFER_BASE = 1.0
+DEFER_CAP = 60.0
+# How often the session looks for deferred messages that are due.
+DEFERRED_CHECK = 1.0
+
+
+class Publisher:
+    """Keeps the broker connection and drains the journal into it, forever."""
+
+    def __init__(self, *, config: BrokerConfig, journal: Journal, metrics: Metrics) -> None:
+        self._config = config
+        self._journal = journal
+        self._metrics = metrics
+        self._names = Topology(config.exchange)
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractRobustChannel | None = None
+        self._confirmed: list[StoredEntry] = []
+        self._returned: list[tuple[StoredEntry, str]] = []
+        self._confirmed_any = False
+        self._last_error: str | None = None
+        self._topology = TopologyReport()
+        self._drained = asyncio.Event()
+        self._closing = False
+        # Set by confirms and by journal commits: the drain loop's one wake-up call.
+        self._wake = asyncio.Event()
+        journal.add_commit_listener(self._wake.set)
+
+    # -- state ------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        """Whether the broker connection is up right now."""
+        conn = self._connection
+        return conn is not None and not conn.is_closed and conn.connected.is_set()
+
+    def state(self) -> dict[str, Any]:
+        """Component status for ``/readyz``: ok, degraded, conflict or unavailable."""
+        deferred = self._journal.deferred_count
+        if not self.connected:
+            status = "unavailable"
+        elif self._topology.conflicts:
+            status = "conflict"
+        elif deferred or self._topology.mismatches:
+            status = "degraded"
+        else:
+            status = "ok"
+        return {
+            "status": status,
+            "deferred": deferred,
+            "topology": self._topology.view(),
+            **({"last_error": self._last_error} if self._last_error else {}),
+        }
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Connect (retrying), then drain the journal until cancelled."""
+        try:
+            await self._connect()
+            delays = backoff(self._config.retry_initial, self._config.retry_max)
+            while True:
+                healthy = await self._session()
+                if healthy:
+                    delays = backoff(self._config.retry_initial, self._config.retry_max)
+                await asyncio.sleep(next(delays))
+        finally:
+            await self._close()
+
+    async def wait_drained(self) -> None:
+        """Return once nothing is pending in the journal (shutdown drain; deferred excluded)."""
+        while self._journal.pending_count > 0:
+            self._drained.clear()
+            await self._drained.wait()
+
+    async def _connect(self) -> None:
+        url = mask_url(self._config.url.get_secret_value())
+
+        def failed(exc: BaseException, delay: float, attempt: int) -> None:
+            self._last_error = f"{type(exc).__name__}: {exc}"
+            log.warning(
+                "broker_connect_failed",
+                error=self._last_error,
+                retry_in=round(delay, 2),
+                note="events are journaled and published when the broker is reachable",
+            )
+            if attempt == 1:
+                log.warning("broker_unreachable_journaling_only", url=url)
+
+        while True:
+            connection = await connect_retrying(self._config, name="listener", on_failure=failed)
+            try:
+                async with asyncio.timeout(self._config.connect_timeout * 2):
+                    channel = await connection.channel(
+                        publisher_confirms=True, on_return_raises=True
+                    )
+            except Exception as exc:  # a channel that cannot open: start over
+                failed(exc, 0.0, 2)
+                await close_quietly(connection)
+                continue
+            assert isinstance(channel, AbstractRobustChannel)  # a robust connection's
+            break
+        self._connection, self._channel = connection, channel
+        self._metrics.broker_connected.set(1)
+        connection.close_callbacks.add(self._on_lost)
+        connection.reconnect_callbacks.add(self._on_reconnect)
+        self._last_error = None
+        log.info("broker_connected", exchange=self._config.exchange)
+
+    def _on_lost(self, *_: object) -> None:
+        self._metrics.broker_connected.set(0)
+        if not self._closing:
+            log.warning("broker_connection_lost")
+
+    def _on_reconnect(self, *_: object) -> None:
+        self._metrics.broker_connected.set(1)
+        log.info("broker_reconnected")
+
+    async def _close(self) -> None:
+        self._metrics.broker_connected.set(0)
+        self._closing = True
+        if self._connection is not None:
+            connection, self._connection = self._connection, None
+            error = await close_quietly(connection)
+            if error is not None:
+                log.warning("broker_close_failed", error=error)
+
+    # -- one session: publish until the connection fails ------------------------------
+
+    async def _declare(self) -> bool:
+        """Declare the topology; ``False`` when it conflicts (nothing is published then)."""
+        assert self._connection is not None  # connected first
+        before = self._topology.status
+        # A deadline of our own: a declare waits for the broker's answer forever.
+        async with asyncio.timeout(self._config.publish_timeout):
+            self._topology = await declare_topology(self._connection, self._config)
+        if self._topology.conflicts:
+            self._last_error = "; ".join(self._topology.conflicts)
+            log.error(
+                "topology_conflict",
+                conflicts=self._topology.conflicts,
+                retry_in=CONFLICT_RETRY,
+                note="nothing is published until this is fixed; events wait in the journal",
+            )
+            return False
+        if self._topology.mismatches and before != "mismatch":
+            log.warning("topology_mismatch", mismatches=self._topology.mismatches)
+        return True
+
+    async def _session(self) -> bool:
+        """
+        Publish pending entries with a sliding window until the connection fails.
+
+        Returns:
+            Whether the session did well enough to reset the backoff.
+        """
+        assert self._channel is not None  # connected first
+        try:
+            if not await self._declare():
+                await asyncio.sleep(CONFLICT_RETRY)
+                return True  # a known state, retried at its own pace
+            async with asyncio.timeout(self._config.publish_timeout):
+                underlay = await self._channel.get_underlay_channel()
+            # The concrete aiormq channel: the confirm window writes frames through it.
+            assert isinstance(underlay, aiormq.Channel)
+        except (TimeoutError, aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+            self._record_failure("channel_unavailable", exc)
+            return False
+        try:
+            # A connection the broker blocked (a resource alarm: Connection.Blocked,
+            # https://www.rabbitmq.com/docs/connection-blocked) reads nothing: a window
+            # written into it would sit in the socket buffer, one more each retry (memory
+            # without bound, and a duplicate of each once the alarm clears). Wait here for
+            # Connection.Unblocked instead; the events wait in the journal.
+            async with asyncio.timeout(self._config.publish_timeout):
+                await underlay.connection.ready()
+        except TimeoutError:
+            self._record_failure(
+                "blocked", TimeoutError("the broker blocks publishing (a resource alarm)")
+            )
+            return True  # nothing was sent: retry soon, without a growing backoff
+        self._confirmed_any = False
+        window = ConfirmWindow(
+            underlay,
+            size=self._config.confirm_window,
+            timeout=self._config.publish_timeout,
+            on_settled=self._settled,
+            wake=self._wake,
+        )
+        try:
+            await self._publish_until_failure(window)
+        finally:
+            # What has no confirm now has an unknown outcome and is published again next
+            # session (consumers deduplicate on message_id).
+            window.cancel_outstanding()
+            for _ in range(8):  # let settled futures run their callbacks (bounded)
+                if not window.outstanding:
+                    break
+                await asyncio.sleep(0)
+            await self._flush_confirmed(wait=True)
+            await self._flush_returned()
+        if window.failure is not None:
+            reason = "timeout" if isinstance(window.failure, PublishTimeout) else "connection"
+            self._record_failure(reason, window.failure)
+        return self._confirmed_any
+
+    async def _publish_until_failure(self, window: ConfirmWindow) -> None:
+        journal = self._journal
+        size = self._config.confirm_window
+        backlog: collections.deque[StoredEntry] = collections.deque()
+        after = 0
+        next_check = 0.0
+        wake = self._wake
+        while window.failure is None:
+            wake.clear()
+            room = window.room
+            if not backlog and room > 0:
+                if journal.deferred_count and time.monotonic() >= next_check:
+                    next_check = time.monotonic() + DEFERRED_CHECK
+                    backlog.extend(await journal.due_deferred(now=time.time(), limit=size))
+                if not backlog:
+                    backlog.extend(await journal.pending(after_seq=after, limit=2 * size))
+                    if backlog:
+                        after = backlog[-1].seq
+            # Refill in chunks (not one message per confirm): one socket write per chunk.
+            if backlog and (room >= size // 4 or not window.outstanding):
+                batch: list[Outgoing] = []
+                while backlog and len(batch) < room:
+                    if window.in_flight(backlog[0].entry.event_id):
+                        # Never two publishes with one message_id in flight on a channel
+                        # (NOTES: aiormq matches returns by message_id).
+                        break
+                    batch.append(self._outgoing(backlog.popleft()))
+                if batch:
+                    await window.send(batch)
+                    continue
+            if len(self._confirmed) >= 64 or (self._confirmed and not window.outstanding):
+                await self._flush_confirmed(wait=False)
+            if self._returned:
+                await self._flush_returned()
+            if not window.outstanding and not backlog and journal.pending_count == 0:
+                self._drained.set()
+            # Sleep until a confirm, an append or a commit wakes us, or the oldest
+            # publish passes its deadline (one timer for the window, not one each).
+            await window.wait(DEFERRED_CHECK, clear=False)
+
+    def _outgoing(self, stored: StoredEntry) -> Outgoing:
+        entry = stored.entry
+        exchange = (
+            self._names.exchange if entry.kind == "event" else self._names.quarantine_exchange
+        )
+        return Outgoing(entry.body, exchange, entry.routing_key, properties_for(stored), stored)
+
+    def _settled(self, message: Outgoing, outcome: Outcome, seconds: float) -> None:
+        stored: StoredEntry = message.token
+        if outcome is None:
+            self._confirmed_any = True
+            self._confirmed.append(stored)
+            self._metrics.publish_seconds.observe(seconds)
+            self._metrics.event_lag_seconds.observe(
+                max(time.time() - stored.entry.received_at, 0.0)
+            )
+            return
+        reason = "nacked" if isinstance(outcome, PublishNacked) else "returned"
+        self._metrics.publish_failures.labels(reason).inc()
+        self._returned.append((stored, f"{reason}: {outcome}"))
+
+    async def _flush_returned(self) -> None:
+        if not self._returned:
+            return
+        returned, self._returned = self._returned, []
+        try:
+            await self._journal.defer(
+                [s.seq for s, _ in returned], error=returned[0][1], base=DEFER_BASE, cap=DEFER_CAP
+            )
+        except JournalError as exc:
+            # Not recorded: they stay pending (or deferred) and come round again.
+            log.warning("journal_defer_failed", error=str(exc), count=len(returned))
+            return
+        self._last_error = returned[0][1]
+        log.warning(
+            "publish_deferred",
+            count=len(returned),
+            first_id=returned[0][0].entry.event_id,
+            routing_keys=sorted({s.entry.routing_key for s, _ in returned})[:10],
+            error=returned[0][1],
+            note="retried with backoff; the others go on",
+        )
+        self._metrics.journal_deferred.set(self._journal.deferred_count)
+
+    async def _flush_confirmed(self, *, wait: bool) -> None:
+        if not self._confirmed:
+            return
+        confirmed, self._confirmed = self._confirmed, []
+        fresh = [s.seq for s in confirmed if s.status != Status.DEFERRED]
+        retried = [s.seq for s in confirmed if s.status == Status.DEFERRED]
+        try:
+            await self._journal.mark_published(fresh, wait=wait)
+            await self._journal.mark_published(retried, wait=True, deferred=True)
+        except JournalError as exc:
+            # The journal cannot write (disk full, I/O error). The broker has these
+            # messages: keep them to mark at the next flush instead of letting the error
+            # end the publisher, and with it the whole service. They stay pending on disk
+            # meanwhile, so a restart before then publishes them again (a duplicate).
+            self._confirmed = confirmed + self._confirmed
+            log.warning("journal_mark_failed", error=str(exc), confirmed=len(self._confirmed))
+            return
+        for stored in confirmed:
+            if stored.entry.kind == "event":
+                self._metrics.published(stored.entry.source, stored.entry.routing_key).inc()
+        if retried:
+            # A deferred message went through: its routing key is routable again, so its
+            # fellows need not wait out their backoff.
+            keys = sorted({s.entry.routing_key for s in confirmed if s.status == Status.DEFERRED})
+            try:
+                await self._journal.retry_now(keys)
+            except JournalError as exc:
+                log.warning("journal_retry_now_failed", error=str(exc))
+        self._metrics.journal_pending.set(self._journal.pending_count)
+        self._metrics.journal_deferred.set(self._journal.deferred_count)
+
+    def _record_failure(self, reason: str, exc: BaseException) -> None:
+        self._last_error = f"{type(exc).__name__}: {exc}"
+        self._metrics.publish_failures.labels(reason).inc()
+        log.warning(
+            "publish_failed",
+            reason=reason,
+            error=self._last_error,
+            message_id=getattr(exc, "message_id", None),
+            pending=self._journal.pending_count,
+        )

@@ -1,0 +1,234 @@
+"""
+Loading the configuration (CONTRACT §3): the only module that reads the environment.
+
+* replaces ``${VAR}`` (an error when unset) and ``${VAR:-default}``;
+* turns every ``<key>_file: PATH`` into ``<key>: <contents of PATH>`` (secrets);
+* validates into the frozen models of :mod:`listener.config`, whose provider keys are
+  validated by each provider's own ``settings_model``;
+* reports every problem at once, one line each, naming the key path
+  (``sources[1].api_key``) or the missing variable, through :class:`ConfigError`;
+  a problem's line never holds the value (it may be a secret).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, SecretStr, ValidationError
+
+from listener.config import Config, ProviderSettingsError, mask_url
+from listener.exceptions import ConfigError
+
+__all__ = [
+    "config_path",
+    "load_config",
+    "render_config",
+    "secret_values",
+]
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_KINDS = {"webhook", "websocket", "poll"}
+
+
+def config_path(explicit: str | os.PathLike[str] | None) -> Path:
+    """``--config`` if given, else ``$LISTENER_CONFIG``, else ``./config.yaml``."""
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get("LISTENER_CONFIG") or "config.yaml")
+
+
+def load_config(path: Path, *, environ: Mapping[str, str] | None = None) -> Config:
+    """
+    Read, resolve and validate the configuration at ``path``.
+
+    Raises:
+        ConfigError: with one line per problem.
+    """
+    env = os.environ if environ is None else environ
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read the configuration ({exc.strerror})"]) from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: not valid YAML ({exc})".replace("\n", " ")]) from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{path}: the top level must be a mapping"])
+
+    problems: list[str] = []
+    resolved = _resolve(raw, (), env, path.parent, problems)
+    try:
+        config = Config.model_validate(resolved)
+    except ValidationError as exc:
+        # A key whose variable is missing fails validation too; report the cause only.
+        unresolved = [p.split(": ", 1)[0] for p in problems]
+        problems.extend(
+            line
+            for line in _describe(exc)
+            if not any(_related(line.split(": ", 1)[0], key) for key in unresolved)
+        )
+        raise ConfigError(problems) from None
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def _key_path(loc: tuple[str | int, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else part
+    return out or "(top level)"
+
+
+def _related(a: str, b: str) -> bool:
+    return a == b or a.startswith((b + ".", b + "[")) or b.startswith((a + ".", a + "["))
+
+
+def _describe(exc: ValidationError) -> Iterator[str]:
+    for error in exc.errors(include_url=False, include_input=False):
+        loc = list(error["loc"])
+        # Drop the discriminator tag pydantic inserts after sources[i].
+        if len(loc) >= 3 and loc[0] == "sources" and loc[2] in _KINDS:
+            del loc[2]
+        cause = (error.get("ctx") or {}).get("error")
+        if isinstance(cause, ProviderSettingsError):
+            # The provider's keys: one line each, under the source's path.
+            if cause.at_source and loc and loc[-1] == "settings":
+                del loc[-1]
+            for where, message in cause.lines:
+                yield f"{_key_path(tuple(loc))}.{where}: {message}"
+            continue
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif error["type"] == "union_tag_invalid":
+            message = "kind must be 'webhook', 'websocket' or 'poll'"
+        yield f"{_key_path(tuple(loc))}: {message}"
+
+
+def _resolve(
+    value: Any,
+    loc: tuple[str | int, ...],
+    env: Mapping[str, str],
+    base: Path,
+    problems: list[str],
+) -> Any:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            key_s = str(key)
+            if key_s.endswith("_file") and key_s != "_file":
+                target = key_s.removesuffix("_file")
+                if target in value:
+                    problems.append(
+                        f"{_key_path((*loc, key_s))}: give {target} or {key_s}, not both"
+                    )
+                    continue
+                file_name = _resolve(item, (*loc, key_s), env, base, problems)
+                out[target] = _read_secret_file(file_name, (*loc, key_s), base, problems)
+            else:
+                out[key_s] = _resolve(item, (*loc, key_s), env, base, problems)
+        return out
+    if isinstance(value, list):
+        return [_resolve(item, (*loc, i), env, base, problems) for i, item in enumerate(value)]
+    if isinstance(value, str):
+        return _substitute(value, loc, env, problems)
+    return value
+
+
+def _substitute(
+    text: str, loc: tuple[str | int, ...], env: Mapping[str, str], problems: list[str]
+) -> str:
+    def replace(match: re.Match[str]) -> str:
+        name, default = match[1], match[2]
+        if name in env:
+            if env[name] == "" and default is not None:
+                return default
+            return env[name]
+        if default is not None:
+            return default
+        problems.append(
+            f"{_key_path(loc)}: environment variable {name} is not set "
+            f"(set it, or write ${{{name}:-default}})"
+        )
+        return ""
+
+    return _VAR.sub(replace, text)
+
+
+def _read_secret_file(
+    name: Any, loc: tuple[str | int, ...], base: Path, problems: list[str]
+) -> Any:
+    if isinstance(name, list):
+        return [_read_secret_file(n, (*loc, i), base, problems) for i, n in enumerate(name)]
+    if not isinstance(name, str):
+        problems.append(f"{_key_path(loc)}: expected a file path")
+        return None
+    file = Path(name)
+    if not file.is_absolute():
+        file = base / file
+    try:
+        return file.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        problems.append(f"{_key_path(loc)}: cannot read {name} ({exc.strerror})")
+        return None
+
+
+def secret_values(config: Config) -> list[str]:
+    """Every secret string in ``config``, for the log redaction processor."""
+    found: list[str] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, SecretStr):
+            secret = value.get_secret_value()
+            if secret:
+                found.append(secret)
+            password = urlsplit(secret).password if "://" in secret else None
+            if password:
+                found.append(password)
+        elif isinstance(value, BaseModel):
+            for field in type(value).model_fields:
+                walk(getattr(value, field))
+        elif isinstance(value, tuple | list):
+            for item in value:
+                walk(item)
+
+    walk(config)
+    # Longest first, so a secret that contains another is redacted whole.
+    return sorted(set(found), key=len, reverse=True)
+
+
+def render_config(config: Config) -> dict[str, Any]:
+    """The resolved configuration as plain data with every secret shown as ``***``."""
+
+    def walk(value: Any, key: str) -> Any:
+        if isinstance(value, SecretStr):
+            return mask_url(value.get_secret_value()) if key == "url" else "***"
+        if isinstance(value, BaseModel):
+            out = {f: walk(getattr(value, f), f) for f in type(value).model_fields}
+            # A source's provider keys are written beside its own: show them there.
+            settings = out.pop("settings", None)
+            return {**out, **settings} if isinstance(settings, dict) else out
+        if isinstance(value, tuple | list):
+            return [walk(item, key) for item in value]
+        if isinstance(value, Mapping):
+            return {str(k): walk(v, str(k)) for k, v in value.items()}
+        if isinstance(value, Path):
+            return str(value)
+        return value
+
+    rendered = walk(config, "")
+    assert isinstance(rendered, dict)  # a model renders as a mapping
+    return rendered

@@ -1,0 +1,1 @@
+"""Development aids: the demo and the provider simulators (STYLE: ``dev/``)."""

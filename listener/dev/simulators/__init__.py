@@ -1,0 +1,1 @@
+"""Local stand-ins for the providers, for tests, ``listener demo`` and benchmarks."""

@@ -1,0 +1,211 @@
+"""
+The journal's file format: tables, statuses, typed rows, and how a connection opens.
+
+One SQLite file in WAL mode (https://sqlite.org/wal.html) holds
+
+* ``events`` - every accepted event and quarantined payload, with its :class:`Status`;
+* ``cursors`` - stream positions, written in the same transaction as their events;
+* ``tombstones`` - (source, event id) of events pruned by retention, kept for
+  ``journal.dedupe_window`` so a captured webhook replayed later is still a duplicate;
+* ``poll_state`` / ``poll_aliases`` - what poll sources last saw, written in the same
+  transaction as the change events it produced.
+
+Schema changes are additive and applied on open (:func:`migrate`), so an older file
+opens as it is.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from listener.envelope import Entry
+from listener.exceptions import JournalCorrupt
+
+__all__ = [
+    "COLUMNS",
+    "SCHEMA",
+    "Cursor",
+    "Status",
+    "StoredEntry",
+    "connect",
+    "migrate",
+    "row_to_entry",
+]
+
+BUSY_TIMEOUT_MS = 30_000
+# What SQLite says of a file that is not (or no longer) a database it can read.
+_CORRUPT = re.compile(r"not a database|malformed|corrupt", re.IGNORECASE)
+
+
+class Status(enum.IntEnum):
+    """An ``events`` row's state; the label is what ``/v1/events`` shows."""
+
+    PENDING = 0  # accepted, not yet confirmed by the broker
+    PUBLISHED = 1  # confirmed (for a quarantine row: sent to the quarantine exchange)
+    REDRIVEN = 2  # a quarantine row whose payload now passes and was published
+    DEFERRED = 3  # returned or nacked by the broker: retried with backoff, off the head
+
+    @property
+    def label(self) -> str:
+        """The lower-case name used in the API."""
+        return self.name.lower()
+
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused, even after pruning
+    source TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    kind TEXT NOT NULL,                     -- 'event' | 'quarantine'
+    routing_key TEXT NOT NULL,
+    body BLOB NOT NULL,
+    time REAL NOT NULL,
+    received_at REAL NOT NULL,
+    status INTEGER NOT NULL DEFAULT 0,      -- Status
+    published_at REAL,
+    reason TEXT,
+    detail TEXT,
+    UNIQUE (source, event_id)
+);
+CREATE INDEX IF NOT EXISTS events_pending ON events (seq) WHERE status = 0;
+CREATE INDEX IF NOT EXISTS events_time ON events (time);
+CREATE TABLE IF NOT EXISTS cursors (
+    source TEXT NOT NULL,
+    key TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (source, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS tombstones (
+    source TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    pruned_at REAL NOT NULL,
+    PRIMARY KEY (source, event_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS poll_state (
+    source TEXT NOT NULL,
+    key TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    content BLOB NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (source, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS poll_aliases (
+    source TEXT NOT NULL,
+    item TEXT NOT NULL,
+    current TEXT NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (source, item)
+) WITHOUT ROWID;
+"""
+
+# Columns added after the first release: (name, declaration).
+_ADDED_COLUMNS = (
+    ("attempts", "INTEGER NOT NULL DEFAULT 0"),
+    ("retry_at", "REAL"),
+    ("error", "TEXT"),
+)
+_ADDED_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS events_deferred ON events (retry_at) WHERE status = 3",
+    "CREATE INDEX IF NOT EXISTS events_type ON events (routing_key, seq)",
+)
+
+COLUMNS = "seq, source, event_id, kind, routing_key, body, time, received_at, reason, detail"
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    """
+    A stream position to store in the same transaction as its event.
+
+    Written as a compare-and-set: ``seq`` is stored only where the stored position is
+    ``prev`` (``None``: none stored yet). When an earlier append of the same
+    subscription failed, the position it would have moved to is missing, so later
+    ones do not move it either: a cursor never skips an event that is not on disk.
+    """
+
+    source: str
+    key: str
+    seq: int
+    prev: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEntry:
+    """An entry as read back from the journal, with its journal ``seq``."""
+
+    seq: int
+    entry: Entry
+    status: Status = Status.PENDING
+
+
+def row_to_entry(row: Sequence[Any], status: Status = Status.PENDING) -> StoredEntry:
+    """A :class:`StoredEntry` from a row whose first ten columns are :data:`COLUMNS`."""
+    seq, source, event_id, kind, routing_key, body, moment, received_at, reason, detail = row[:10]
+    kind_: Literal["event", "quarantine"] = "event" if kind == "event" else "quarantine"
+    return StoredEntry(
+        seq=seq,
+        entry=Entry(
+            source=source,
+            event_id=event_id,
+            kind=kind_,
+            routing_key=routing_key,
+            body=bytes(body),
+            time=moment,
+            received_at=received_at,
+            reason=reason,
+            detail=detail,
+        ),
+        status=status,
+    )
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Create what is missing: tables, columns added since, indexes."""
+    conn.executescript(SCHEMA)
+    present = {row[1] for row in conn.execute("PRAGMA table_info(events)")}
+    for name, declaration in _ADDED_COLUMNS:
+        if name not in present:
+            conn.execute(f"ALTER TABLE events ADD COLUMN {name} {declaration}")
+    for statement in _ADDED_INDEXES:
+        conn.execute(statement)
+
+
+def connect(
+    path: Path, *, synchronous: str = "full", create: bool = True, read_only: bool = False
+) -> sqlite3.Connection:
+    """
+    Open the journal file in WAL mode, with ``busy_timeout`` so writers wait their turn.
+
+    Raises:
+        JournalCorrupt: the file is not a readable SQLite database.
+        sqlite3.Error: anything else (permissions, a full disk).
+    """
+    if create:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(
+        path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False
+    )
+    try:
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        if create:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
+        # Reading the schema proves the file is a database before the first query.
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        if not read_only:
+            migrate(conn)
+        if read_only:
+            conn.execute("PRAGMA query_only=1")
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        if _CORRUPT.search(str(exc)):
+            raise JournalCorrupt(path, str(exc)) from exc
+        raise
+    return conn

@@ -1,0 +1,77 @@
+"""
+The registry: binds each configured source to its transport's runtime by ``kind``
+and to its handler by ``provider`` (:func:`handlers.load_provider`, by name).
+
+A transport is a module under ``listener/sources/`` with a class built from its
+sources; the service sees only the :class:`Transport` protocol, so it has no
+``if webhook ... elif websocket`` of its own. Adding a provider to an existing
+transport touches nothing here (its handler file, its tests and a config entry);
+adding a transport is one line in :data:`TRANSPORTS`. A transport's module is
+imported only when a source of its kind is configured.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from handlers import load_provider
+from listener.config import Config, HttpConfig
+from listener.journal import Journal
+from listener.metrics import Metrics
+from listener.sources.supervisor import SourceRuntime
+
+__all__ = ["TRANSPORTS", "Transport", "TransportContext", "build_transports"]
+
+#: kind → "module:class" of its transport.
+TRANSPORTS: Mapping[str, str] = {
+    "webhook": "listener.sources.webhook:WebhookTransport",
+    "websocket": "listener.sources.websocket:StreamTransport",
+    "poll": "listener.sources.poll:PollTransport",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class TransportContext:
+    """What every transport may use."""
+
+    http: HttpConfig
+    journal: Journal
+    metrics: Metrics
+
+
+class Transport(Protocol):
+    """The sources of one kind, as the service runs them."""
+
+    kind: str
+    #: Long-running parts, each supervised (a stream connection, a poll loop).
+    runtimes: Sequence[SourceRuntime]
+
+    def mount(self, app: web.Application) -> None:
+        """Add routes to the public HTTP application (webhooks), if any."""
+        ...
+
+    def states(self) -> Mapping[str, Mapping[str, Any]]:
+        """Each source's state, by name, for ``/readyz`` and ``/v1/sources``."""
+        ...
+
+    def stop_intake(self) -> None:
+        """Shutdown step 1: take nothing more in."""
+        ...
+
+
+def build_transports(config: Config, context: TransportContext) -> list[Transport]:
+    """One transport per configured kind, in the order kinds first appear."""
+    grouped: dict[str, list[tuple[Any, Any]]] = {}
+    for source in config.sources:
+        grouped.setdefault(source.kind, []).append((source, load_provider(source.provider)))
+    transports: list[Transport] = []
+    for kind, pairs in grouped.items():
+        module_name, _, class_name = TRANSPORTS[kind].partition(":")
+        factory = getattr(importlib.import_module(module_name), class_name)
+        transports.append(factory(pairs, context=context))
+    return transports

@@ -1,0 +1,149 @@
+"""
+The subscriptions of one stream source: found by request id (acks, errors) and by the
+server's subscription id (events), with the position of each (CONTRACT §6).
+
+:meth:`Subscriptions.fresh` decides what an event frame is: a resend at or below the
+last position handed to the journal (skipped), the next one, or one after a gap (the
+server could not resend what is missing: counted and logged with the range).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping
+
+import structlog
+
+from handlers import StreamProvider
+from handlers.frames import ErrorFrame, EventFrame, Subscribed
+from listener.config import SubscriptionConfig
+from listener.metrics import Metrics
+from listener.sources.websocket_policy import Outcome, Subscription
+
+__all__ = ["Subscriptions"]
+
+log = structlog.get_logger("listener.streams")
+
+
+class Subscriptions:
+    """A stream source's subscription table."""
+
+    def __init__(
+        self,
+        source: str,
+        configs: tuple[SubscriptionConfig, ...],
+        provider: StreamProvider,
+        metrics: Metrics,
+    ) -> None:
+        self._source = source
+        self._metrics = metrics
+        self.all = [
+            Subscription(
+                config=sub,
+                key=provider.subscription_key(sub.channel, sub.params),
+                request_id=f"sub-{i}",
+            )
+            for i, sub in enumerate(configs)
+        ]
+        self._by_request = {s.request_id: s for s in self.all}
+        self._by_server: dict[str, Subscription] = {}
+        #: The last connection-level error the server sent (its words, for /v1/sources).
+        self.last_error: str | None = None
+
+    def __iter__(self) -> Iterator[Subscription]:
+        return iter(self.all)
+
+    def load(self, stored: Mapping[str, int]) -> None:
+        """Positions from the journal: what is on disk (before each connection)."""
+        for sub in self.all:
+            sub.last_seq = sub.durable_seq = stored.get(sub.key)
+
+    def disconnected(self) -> None:
+        """The connection ended: active subscriptions are pending again."""
+        for sub in self.all:
+            if sub.state == "active":
+                sub.state = "pending"
+        self._by_server.clear()
+
+    def unsubscribed(self, server_id: str) -> None:
+        """The server ended one subscription."""
+        sub = self._by_server.pop(server_id, None)
+        if sub is not None:
+            sub.state = "pending"
+
+    def silent_for(self, limit: float) -> float:
+        """Seconds until an active subscription has been silent for ``limit``."""
+        now = time.monotonic()
+        waits = [s.last_heard + limit - now for s in self.all if s.state == "active"]
+        return min(waits, default=limit)
+
+    def find(self, frame: EventFrame) -> Subscription | None:
+        """The subscription an event frame belongs to (``None``: none by that id)."""
+        return self._by_server.get(frame.subscription)
+
+    def fresh(self, sub: Subscription, seq: int) -> bool:
+        """
+        Whether ``seq`` is new for ``sub``: not a resend at or below the last position
+        handed to the journal. A jump past the next one is a gap (the server could not
+        resend what is missing): counted and logged with the range.
+        """
+        last = sub.last_seq
+        if last is None:
+            return True
+        if seq <= last:
+            return False
+        if seq > last + 1:
+            missing = seq - last - 1
+            self._metrics.stream_gaps.labels(self._source, sub.key).inc(missing)
+            log.warning(
+                "stream_gap",
+                source=self._source,
+                subscription=sub.key,
+                first_missing=last + 1,
+                last_missing=seq - 1,
+                missing=missing,
+            )
+        return True
+
+    def subscribed(self, frame: Subscribed) -> None:
+        """The server acknowledged a subscribe."""
+        sub = self._by_request.get(frame.id)
+        if sub is None:
+            return
+        sub.state = "active"
+        sub.server_id = frame.subscription
+        sub.last_heard = time.monotonic()
+        sub.error = None
+        self._by_server[frame.subscription] = sub
+        self._metrics.subscription_failed.labels(self._source, sub.key).set(0)
+        log.info(
+            "stream_subscribed",
+            source=self._source,
+            subscription=sub.key,
+            since_seq=sub.last_seq,
+        )
+
+    def error(self, frame: ErrorFrame, outcome: Outcome) -> None:
+        """An error frame: for one subscription (it fails alone) or for the connection."""
+        if frame.retry_after is not None:
+            outcome.retry_after = frame.retry_after
+        sub = self._by_request.get(frame.id) if frame.id else None
+        if sub is None:
+            if frame.kind == "unauthorized":
+                outcome.unauthorized = True
+            self.last_error = f"{frame.code}: {frame.message[:200]}"
+            log.warning(
+                "stream_error", source=self._source, code=frame.code, message=frame.message[:200]
+            )
+            return
+        if frame.kind in ("forbidden", "invalid_params"):
+            sub.state = "forbidden" if frame.kind == "forbidden" else "invalid_params"
+            sub.error = frame.message[:200]
+            self._metrics.subscription_failed.labels(self._source, sub.key).set(1)
+            log.warning(
+                "stream_subscription_failed",
+                source=self._source,
+                subscription=sub.key,
+                code=frame.code,
+                message=frame.message[:200],
+            )

@@ -1,0 +1,211 @@
+"""
+The webhook transport: one route per webhook source on the public port (CONTRACT §5).
+
+Per request, in this order: shutting down → 503; body over ``http.max_body`` → 413
+(from ``Content-Length`` before reading, and while reading for chunked bodies);
+signature → 401; journal over its limit → 503 + ``Retry-After``; the provider's
+``parse``; the intake step; append to the journal (durable) → 200. The 200 is sent
+only after the journal commit.
+
+``Content-Type`` is not checked: the signature covers the raw bytes, and they are
+parsed as JSON whatever the header says (a forged body fails the signature first; a
+signed body that is not JSON is quarantined), so a provider that labels its JSON
+``text/plain`` loses nothing. The body is never read as a form, and a compressed body
+(``Content-Encoding``) counts against ``max_body`` as it inflates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from handlers import WebhookProvider
+from listener.config import WebhookSourceConfig
+from listener.envelope import rfc3339
+from listener.exceptions import JournalError, JournalFull, SignatureError
+from listener.metrics import Metrics
+from listener.sources.intake import Intake
+from listener.sources.registry import TransportContext
+from listener.sources.signatures import Verifier
+from listener.web import Handler, error_response, expect_continue, ok
+
+__all__ = ["WebhookTransport"]
+
+log = structlog.get_logger("listener.webhooks")
+
+
+async def _post_only(_: web.Request) -> web.StreamResponse:
+    return error_response(405, "METHOD_NOT_ALLOWED", "Method Not Allowed", {"Allow": "POST"})
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _expire(transport: asyncio.BaseTransport | None) -> None:
+    if transport is not None:
+        transport.close()
+
+
+class _Endpoint:
+    """One webhook source: its verifier, provider, intake and counters."""
+
+    def __init__(
+        self,
+        source: WebhookSourceConfig,
+        provider: WebhookProvider,
+        transport: WebhookTransport,
+        metrics: Metrics,
+    ) -> None:
+        self.source = source
+        self.name = source.name
+        self.provider = provider
+        self.verifier = Verifier(source.signature)
+        self.intake = Intake(
+            source=source.name,
+            provider=provider.name,
+            metrics=metrics,
+            known_types=provider.event_types,
+        )
+        self._transport = transport
+        self._rejected = metrics.webhook_rejected
+
+    def state(self, accepting: bool) -> dict[str, Any]:
+        last = self.intake.last_event_at
+        return {
+            "kind": "webhook",
+            "status": "listening" if accepting else "stopped",
+            "path": self.source.path,
+            "events_received": self.intake.events_received,
+            "last_event_at": rfc3339(datetime.fromtimestamp(last, UTC)) if last else None,
+        }
+
+    def _unavailable(self, reason: str, message: str, retry_after: str) -> web.Response:
+        self._rejected.labels(self.name, reason).inc()
+        return error_response(503, "UNAVAILABLE", message, {"Retry-After": retry_after})
+
+    async def receive(self, request: web.Request) -> web.StreamResponse:
+        transport = self._transport
+        retry_after = str(transport.http.retry_after)
+        if not transport.accepting:
+            return self._unavailable("shutting_down", "shutting down; retry later", retry_after)
+        try:
+            body = await transport.read_body(request)
+        except _BodyTooLarge:
+            self._rejected.labels(self.name, "too_large").inc()
+            return error_response(
+                413, "PAYLOAD_TOO_LARGE", f"body over {transport.http.max_body} bytes"
+            )
+        except TimeoutError:
+            self._rejected.labels(self.name, "read_timeout").inc()
+            return error_response(408, "REQUEST_TIMEOUT", "body not received in time")
+        except web.RequestPayloadError:
+            # aiohttp could not decode the body (a Content-Encoding it does not match,
+            # broken chunking): the client's fault, not a 500.
+            self._rejected.labels(self.name, "bad_body").inc()
+            return error_response(400, "BAD_REQUEST", "the body could not be decoded")
+        now = time.time()
+        try:
+            self.verifier.verify(request.headers, body, now=now)
+        except SignatureError as exc:
+            self._rejected.labels(self.name, exc.code.lower()).inc()
+            return error_response(401, exc.code, "signature verification failed")
+        journal = transport.journal
+        if (reason := journal.over_limit()) is not None:
+            return self._unavailable(
+                "journal_full", f"journal over its limit ({reason}); retry later", retry_after
+            )
+        entry = self.intake.build(
+            self.provider.parse(body, self.source.settings), raw=body, received_at=now
+        )
+        try:
+            (new,) = await journal.append([entry])
+        except JournalFull as exc:
+            return self._unavailable("journal_full", str(exc), str(exc.retry_after))
+        except JournalError as exc:
+            # No traceback: on a full disk every request fails alike, and a traceback
+            # each would flood the logs (often on that same disk).
+            log.warning("journal_append_failed", source=self.name, error=str(exc))
+            return self._unavailable(
+                "journal_error", "journal unavailable; retry later", retry_after
+            )
+        self.intake.record(entry, new=new)
+        data: dict[str, Any] = {"id": entry.event_id, "duplicate": not new}
+        if entry.kind == "quarantine":
+            data["quarantined"] = True
+            data["reason"] = entry.reason
+        return ok(data)
+
+
+class WebhookTransport:
+    """Every webhook source of the service, mounted on the public application."""
+
+    kind = "webhook"
+
+    def __init__(
+        self,
+        sources: Sequence[tuple[WebhookSourceConfig, WebhookProvider]],
+        *,
+        context: TransportContext,
+    ) -> None:
+        self.http = context.http
+        self.journal = context.journal
+        metrics = context.metrics
+        self.accepting = True
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._endpoints = [_Endpoint(s, p, self, metrics) for s, p in sources]
+        for endpoint in self._endpoints:
+            metrics.source_connected.labels(endpoint.name).set(1)
+        self.runtimes: tuple[()] = ()
+
+    def mount(self, app: web.Application) -> None:
+        """Add one POST route per source (and a 405 for its other methods)."""
+        for endpoint in self._endpoints:
+            path = endpoint.source.path
+            app.router.add_post(path, endpoint.receive, expect_handler=expect_continue)
+            app.router.add_route("*", path, _post_only, expect_handler=expect_continue)
+
+    def states(self) -> Mapping[str, Mapping[str, Any]]:
+        """Each source's state, by name."""
+        return {e.name: e.state(self.accepting) for e in self._endpoints}
+
+    def stop_intake(self) -> None:
+        """Shutdown step 1: answer 503 from now on."""
+        self.accepting = False
+
+    def handler(self, name: str) -> Handler:
+        """The route handler of source ``name`` (tests, benchmarks)."""
+        return next(e.receive for e in self._endpoints if e.name == name)
+
+    async def read_body(self, request: web.Request) -> bytes:
+        """The body, within ``max_body`` and ``read_timeout`` (a slow drip is cut)."""
+        limit = self.http.max_body
+        if request.content_length is not None and request.content_length > limit:
+            raise _BodyTooLarge
+        # A slow drip is cut by closing the connection when read_timeout passes: one
+        # timer handle per request, cheaper on this hot path than asyncio.timeout().
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        transport = request.transport
+        expiry = loop.call_later(self.http.read_timeout, _expire, transport)
+        body = bytearray()
+        try:
+            while chunk := await request.content.readany():
+                body += chunk
+                if len(body) > limit:
+                    raise _BodyTooLarge
+        except (ConnectionError, aiohttp.ClientError) as exc:
+            if transport is None or transport.is_closing():
+                raise TimeoutError from exc
+            raise
+        finally:
+            expiry.cancel()
+        return bytes(body)

@@ -1,0 +1,431 @@
+"""
+The websocket transport: one authenticated WebSocket per stream source (CONTRACT §6).
+
+Built on websockets' own reconnect loop (``async for ws in connect(...)``); what a
+close means and how long to wait before the next connection is
+:mod:`listener.sources.websocket_policy`, fed by what the provider says its codes mean.
+
+Gapless resume: every subscription resubscribes with ``since_seq`` = the last seq
+*on disk* for it. The cursor is written in the same transaction as its event, as a
+compare-and-set on the previous position, so it advances only once the event is
+durable and never past one whose append failed; an append that fails ends the
+connection at once, and the cursors are re-read from the journal before the next.
+Appends are pipelined (up to ``journal_window`` in flight) so one fsync covers many
+frames.
+
+A frame over ``max_size`` closes the connection (1009): a record of it is
+quarantined, and the next connections take frames up to 4, 16, ... times the limit
+(at most 64), so a retained event the server sends first after every reconnect is
+received once, quarantined with its head as ``frame_too_large``, and passed.
+
+Backpressure: when the journal is over its limit the socket is not read (websockets'
+bounded ``max_queue`` pushes back to TCP); if the server drops us meanwhile, the
+next connection resumes with ``since_seq``. There is no unbounded queue here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import structlog
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from handlers import Quarantine, StreamProvider
+from handlers.frames import (
+    AuthOk,
+    ErrorFrame,
+    EventFrame,
+    Ping,
+    Subscribed,
+    Unparseable,
+    Unsubscribed,
+)
+from listener.config import StreamSourceConfig
+from listener.exceptions import JournalError
+from listener.journal import Journal
+from listener.metrics import Metrics
+from listener.retry import backoff
+from listener.sources.appends import Appends
+from listener.sources.intake import Intake
+from listener.sources.registry import TransportContext
+from listener.sources.subscriptions import Subscriptions
+from listener.sources.websocket_policy import (
+    Delays,
+    Outcome,
+    SourceStatus,
+    close_policy,
+    iso,
+)
+
+__all__ = ["StreamSource", "StreamTransport"]
+
+log = structlog.get_logger("listener.streams")
+
+# RFC 6455 §7.4.1: "message too big".
+CLOSE_TOO_BIG = 1009
+# After a frame over max_size, the next connections take frames up to this many times
+# max_size (growing by 4 each time it happens again), to receive the frame and
+# quarantine it instead of being sent it first on every reconnect, forever.
+OVERSIZE_GROWTH = 4
+OVERSIZE_CAP_FACTOR = 64
+
+
+class _Stale(Exception):
+    """Nothing arrived for ``stale_after`` (or one subscription went silent)."""
+
+
+class _Unauthorized(Exception):
+    """The server refused the API key."""
+
+
+class StreamSource:
+    """Holds one stream source's connection, forever; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        config: StreamSourceConfig,
+        provider: StreamProvider,
+        journal: Journal,
+        metrics: Metrics,
+    ) -> None:
+        self.name = config.name
+        self._config = config
+        self._journal = journal
+        self._metrics = metrics
+        self._provider = provider
+        self._subs = Subscriptions(config.name, config.subscriptions, provider, metrics)
+        self.status: SourceStatus = "starting"
+        self.connections = 0
+        self._intake = Intake(
+            source=config.name,
+            provider=provider.name,
+            metrics=metrics,
+            known_types=provider.event_types,
+        )
+        self._appends = Appends(source=config.name, journal=journal, intake=self._intake)
+        self._last_error: str | None = None
+        # Frames up to this size are received (max_size, raised after a 1009).
+        self._max_size = config.max_size
+
+    @property
+    def events_received(self) -> int:
+        """Events journaled (new, not duplicates) since the source started."""
+        return self._intake.events_received
+
+    @property
+    def last_event_at(self) -> float | None:
+        """Unix time of the last event journaled."""
+        return self._intake.last_event_at
+
+    # -- state ------------------------------------------------------------------------
+
+    def state(self) -> Mapping[str, Any]:
+        """For ``/readyz`` and ``/v1/sources``."""
+        return {
+            "kind": "websocket",
+            "status": self.status,
+            "events_received": self.events_received,
+            "last_event_at": iso(self.last_event_at),
+            "subscriptions": [s.view() for s in self._subs],
+            **(
+                {"last_error": error}
+                if (error := self._last_error or self._subs.last_error)
+                else {}
+            ),
+        }
+
+    def _error_view(self) -> dict[str, str]:
+        error = self._last_error or self._subs.last_error
+        return {"last_error": error} if error else {}
+
+    def _set_status(self, status: SourceStatus) -> None:
+        if status != self.status:
+            log.info("stream_state", source=self.name, state=status)
+        self.status = status
+        self._metrics.source_connected.labels(self.name).set(1 if status == "connected" else 0)
+
+    # -- the loop -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Connect, subscribe and journal events until cancelled."""
+        cfg = self._config
+        delays = Delays(cfg.reconnect.initial, cfg.reconnect.max)
+        try:
+            await self._load_cursors()
+            while True:
+                size = self._max_size
+                async for ws in connect(
+                    cfg.url,
+                    open_timeout=cfg.open_timeout,
+                    ping_interval=cfg.ping_interval,
+                    ping_timeout=cfg.ping_timeout,
+                    close_timeout=2,
+                    max_size=size,
+                    # Compression halves throughput on small frames and a compressed frame
+                    # can inflate far past max_size's intent (NOTES: websockets traps).
+                    compression=None,
+                    process_exception=self._process_exception,
+                    reconnect_delays=lambda: backoff(cfg.reconnect.initial, cfg.reconnect.max),
+                ):
+                    self.connections += 1
+                    if self.connections > 1:
+                        self._metrics.source_reconnects.labels(self.name).inc()
+                    outcome = await self._connection(ws)
+                    await self._settle()
+                    await self._load_cursors()
+                    status, delay = close_policy(
+                        outcome,
+                        delays,
+                        healthy_after=cfg.reconnect.healthy_after,
+                        kind=self._provider.close_kind(outcome.code),
+                    )
+                    if outcome.code == CLOSE_TOO_BIG:
+                        self._grow_max_size()
+                    elif outcome.lasted >= cfg.reconnect.healthy_after:
+                        self._max_size = cfg.max_size
+                    self._set_status(status)
+                    log.warning(
+                        "stream_disconnected",
+                        source=self.name,
+                        code=outcome.code,
+                        reason=outcome.reason[:200],
+                        stale=outcome.stale,
+                        lasted=round(outcome.lasted, 3),
+                        reconnect_in=round(delay, 3),
+                    )
+                    await asyncio.sleep(delay)
+                    if self._max_size != size:
+                        break  # connect again with the new frame size limit
+        finally:
+            self._set_status("stopped")
+
+    def _grow_max_size(self) -> None:
+        # Whatever comes next, a frame was refused: keep a record of it for operators.
+        self._quarantine_oversize()
+        cap = self._config.max_size * OVERSIZE_CAP_FACTOR
+        grown = min(self._max_size * OVERSIZE_GROWTH, cap)
+        if grown == self._max_size:
+            return  # past the cap: the frame stays refused; the records show it
+        log.warning(
+            "stream_frame_too_large",
+            source=self.name,
+            max_size=self._config.max_size,
+            receive_up_to=grown,
+            note="the next connection takes the frame to quarantine it",
+        )
+        self._max_size = grown
+
+    def _process_exception(self, exc: Exception) -> Exception | None:
+        # Decide retry-or-fatal for a failed connection attempt (websockets' hook): the
+        # network, handshake and HTTP status errors are all retried with backoff; a 401
+        # or 403 at the HTTP level also marks the source unauthorized.
+        self._last_error = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, InvalidStatus) and exc.response.status_code in (401, 403):
+            self._set_status("unauthorized")
+        else:
+            self._set_status("reconnecting")
+        if isinstance(exc, OSError | TimeoutError | InvalidHandshake | ConnectionClosed):
+            return None
+        return exc
+
+    async def _load_cursors(self) -> None:
+        self._subs.load(await self._journal.cursors(self.name))
+        self._appends.reset()
+
+    async def _settle(self) -> None:
+        """Wait for every in-flight append; a failed one only means its cursor did not move."""
+        failed = await self._appends.settle()
+        if failed is not None:
+            self._last_error = failed
+
+    # -- one connection ---------------------------------------------------------------------
+
+    async def _connection(self, ws: ClientConnection) -> Outcome:
+        started = time.monotonic()
+        outcome = Outcome()
+        try:
+            await self._handshake(ws)
+            self._set_status("connected")
+            self._last_error = self._subs.last_error = None
+            await self._receive(ws, outcome)
+        except _Unauthorized:
+            outcome.unauthorized = True
+            self._set_status("unauthorized")
+            await ws.close()
+        except _Stale as exc:
+            outcome.stale = True
+            outcome.reason = str(exc)
+            await ws.close(1000, "stale")
+        except ConnectionClosed as exc:
+            received = exc.rcvd
+            outcome.code = received.code if received else None
+            outcome.reason = received.reason if received else str(exc)
+            sent = exc.sent
+            if sent is not None and sent.code == CLOSE_TOO_BIG:
+                outcome.code = CLOSE_TOO_BIG
+        except JournalError as exc:
+            outcome.reason = f"journal: {exc}"
+            await ws.close(1000, "journal full")
+        except TimeoutError:
+            # The server took the upgrade but did not answer auth within open_timeout.
+            outcome.reason = f"no answer to auth within {self._config.open_timeout}s"
+            await ws.close(1000, "no answer to auth")
+        except asyncio.CancelledError:
+            await self._goodbye(ws)
+            raise
+        finally:
+            outcome.lasted = time.monotonic() - started
+            self._subs.disconnected()
+        if outcome.code is None and ws.close_code is not None:
+            outcome.code = ws.close_code
+        return outcome
+
+    async def _handshake(self, ws: ClientConnection) -> None:
+        await ws.send(self._provider.auth_frame(self._config.api_key.get_secret_value()))
+        async with asyncio.timeout(self._config.open_timeout):
+            while True:
+                frame = self._provider.parse_frame(await ws.recv())
+                if isinstance(frame, AuthOk):
+                    break
+                if isinstance(frame, ErrorFrame) and frame.kind == "unauthorized":
+                    self._last_error = f"UNAUTHORIZED: {frame.message[:200]}"
+                    raise _Unauthorized
+                if isinstance(frame, Ping):
+                    await ws.send(self._provider.pong_frame(frame.ts))
+        for sub in self._subs:
+            if sub.state in ("forbidden", "invalid_params"):
+                continue
+            sub.state = "pending"
+            await ws.send(
+                self._provider.subscribe_frame(
+                    sub.request_id, sub.config.channel, sub.config.params, sub.last_seq
+                )
+            )
+
+    async def _receive(self, ws: ClientConnection, outcome: Outcome) -> None:
+        stale_after = self._config.stale_after
+        sub_stale = self._config.subscription_stale_after
+        window = self._config.journal_window
+        journal = self._journal
+        while True:
+            if self._appends.error is not None:
+                # An append failed: end this connection now, so nothing after it is
+                # taken on a position that is not on disk; the cursors reload.
+                raise JournalError(f"an append failed: {self._appends.error}")
+            if journal.over_limit() is not None:
+                # Backpressure: stop reading; TCP pushes back on the server (CONTRACT §8).
+                await self._settle()
+                await journal.wait_for_capacity()
+            deadline = stale_after
+            if sub_stale is not None:
+                deadline = min(deadline, self._subs.silent_for(sub_stale))
+            try:
+                async with asyncio.timeout(max(deadline, 0.0)):
+                    raw = await ws.recv()
+            except TimeoutError:
+                if deadline < stale_after:
+                    raise _Stale("a subscription went silent") from None
+                raise _Stale(f"nothing received for {stale_after}s") from None
+            frame = self._provider.parse_frame(raw)
+            if isinstance(frame, EventFrame):
+                self._on_event(frame, raw)
+                if len(self._appends) >= window:
+                    await self._appends.settle_some(window // 2)
+            elif isinstance(frame, Ping):
+                await ws.send(self._provider.pong_frame(frame.ts))
+            elif isinstance(frame, Subscribed):
+                self._subs.subscribed(frame)
+            elif isinstance(frame, ErrorFrame):
+                self._subs.error(frame, outcome)
+            elif isinstance(frame, Unsubscribed):
+                self._subs.unsubscribed(frame.subscription)
+            elif isinstance(frame, Unparseable):
+                self._keep_quarantined(raw, frame.verdict)
+            # AuthOk again: harmless, ignored.
+
+    def _on_event(self, frame: EventFrame, raw: str | bytes) -> None:
+        sub = self._subs.find(frame)
+        if sub is None:
+            self._keep_quarantined(
+                raw,
+                Quarantine("unknown_subscription", f"no subscription {frame.subscription[:64]!r}"),
+            )
+            return
+        if not self._subs.fresh(sub, frame.seq):
+            return  # already journaled (a resend after since_seq)
+        now = time.time()
+        payload = raw.encode() if isinstance(raw, str) else raw
+        result = frame.result
+        if len(payload) > self._config.max_size:
+            # Taken by a connection with a raised limit (after a 1009): keep its head
+            # and let the cursor move past it.
+            result = Quarantine(
+                "frame_too_large",
+                f"a frame of {len(payload)} bytes, over max_size ({self._config.max_size});"
+                " the payload kept is cut to max_size",
+            )
+            payload = payload[: self._config.max_size]
+        sub.last_event_at = now
+        sub.last_heard = time.monotonic()
+        self._appends.event(sub, frame.seq, result, payload, now)
+
+    def _keep_quarantined(self, raw: str | bytes, verdict: Quarantine) -> None:
+        self._appends.quarantine(raw.encode() if isinstance(raw, str) else raw, verdict)
+
+    def _quarantine_oversize(self) -> None:
+        # The frame itself never reached us (websockets refuses it past the limit and
+        # closes 1009): keep a record of it. A retained event comes again after
+        # since_seq, to a connection that takes it (then quarantined with its head).
+        now = time.time()
+        size = self._max_size
+        detail = f"a frame over {size} bytes was refused (max_size {self._config.max_size})"
+        payload = f'{{"error": "frame_too_large", "max_size": {size}, "at": {now}}}'.encode()
+        try:
+            self._appends.quarantine(payload, Quarantine("frame_too_large", detail))
+        except JournalError as exc:
+            log.warning("stream_quarantine_failed", source=self.name, error=str(exc))
+
+    async def _goodbye(self, ws: ClientConnection) -> None:
+        """On shutdown: unsubscribe and close, briefly (CONTRACT §8)."""
+        try:
+            async with asyncio.timeout(2):
+                for sub in self._subs:
+                    if sub.state == "active" and sub.server_id:
+                        await ws.send(
+                            self._provider.unsubscribe_frame(sub.request_id, sub.server_id)
+                        )
+                await ws.close(1001, "listener shutting down")
+        except (TimeoutError, ConnectionClosed, OSError):
+            pass
+
+
+class StreamTransport:
+    """Every websocket source of the service: one supervised runtime each."""
+
+    kind = "websocket"
+
+    def __init__(
+        self,
+        sources: Sequence[tuple[StreamSourceConfig, StreamProvider]],
+        *,
+        context: TransportContext,
+    ) -> None:
+        self.runtimes = tuple(
+            StreamSource(config=c, provider=p, journal=context.journal, metrics=context.metrics)
+            for c, p in sources
+        )
+
+    def mount(self, app: Any) -> None:
+        """Streams take no HTTP routes."""
+
+    def states(self) -> Mapping[str, Mapping[str, Any]]:
+        """Each source's state, by name."""
+        return {r.name: r.state() for r in self.runtimes}
+
+    def stop_intake(self) -> None:
+        """Nothing to do: the service cancels the runtimes (each unsubscribes and closes)."""

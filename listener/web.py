@@ -1,0 +1,85 @@
+"""
+What both aiohttp applications (the public webhook port and the admin port) share:
+the contract's JSON error body, its middleware, and ``Expect`` handling.
+
+Every error either port can answer, aiohttp's own 404/405/413 and an unexpected
+exception alike, has the body ``{"success": false, "error": {"code", "message"}}``
+(CONTRACT §5): a 500 is JSON too, logged once with its traceback, never sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import orjson
+import structlog
+from aiohttp import web
+
+__all__ = ["Handler", "error_response", "expect_continue", "json_errors", "ok"]
+
+log = structlog.get_logger("listener.web")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_CODES = {
+    400: "BAD_REQUEST",
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    413: "PAYLOAD_TOO_LARGE",
+}
+
+
+def json_response(
+    status: int, payload: dict[str, Any], headers: dict[str, str] | None = None
+) -> web.Response:
+    """A JSON response written with orjson."""
+    return web.Response(
+        status=status, body=orjson.dumps(payload), content_type="application/json", headers=headers
+    )
+
+
+def ok(data: Any, status: int = 200, **extra: Any) -> web.Response:
+    """A success body: ``{"success": true, "data": ..., **extra}``."""
+    return json_response(status, {"success": True, "data": data, **extra})
+
+
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    """The contract's error body: ``{"success": false, "error": {"code", "message"}}``."""
+    return json_response(
+        status, {"success": False, "error": {"code": code, "message": message}}, headers
+    )
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's own errors and any unexpected exception as the contract's JSON body."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _CODES.get(exc.status, "BAD_REQUEST" if exc.status < 500 else "INTERNAL")
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return error_response(exc.status, code, exc.reason, headers)
+    except Exception:  # the last line of defence: a JSON 500, and the traceback in the log
+        log.exception("request_failed", path=request.path[:200], method=request.method)
+        return error_response(500, "INTERNAL", "an unexpected error; it was logged")
+
+
+async def expect_continue(request: web.Request) -> web.StreamResponse | None:
+    """
+    ``Expect: 100-continue`` as aiohttp does it; any other expectation is 417 with the
+    JSON error body. (aiohttp's default handler echoes the header into its 417 text and
+    answers 500 when that holds a byte that is not UTF-8; it runs before middlewares.)
+    """
+    if request.version != aiohttp.HttpVersion11:
+        return None
+    if request.headers.get("Expect", "").lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the 100 is not part of the response
+        return None
+    return error_response(417, "EXPECTATION_FAILED", "only Expect: 100-continue is supported")
