@@ -18,12 +18,9 @@ An event frame with a usable ``seq`` always yields an :class:`EventFrame`, whose
 runtime can journal the verdict and still advance its ``seq`` cursor (CONTRACT §8).
 Quarantine reasons:
 
-* ``invalid_json`` - not JSON, or not UTF-8;
-* ``schema_violation`` - not a known frame, or the channel's ``data`` does not fit;
-  the detail names the fields, never their values;
-* ``unknown_channel`` - an event on a channel not in the table.
-
-Pure: no I/O, no logging, no clock.
+``invalid_json`` (not JSON or UTF-8), ``too_deep``, ``schema_violation`` (not a known
+frame, or the channel's ``data`` does not fit; the detail names fields, never values),
+``unknown_channel``. Pure: no I/O, no logging, no clock.
 """
 
 from __future__ import annotations
@@ -441,35 +438,13 @@ class Layerx402:
         """4001 unauthorized, 4003 forbidden, 4029 rate limited (CONTRACT §6)."""
         return _CLOSE_KINDS.get(code) if code is not None else None
 
-    def auth_frame(self, api_key: str) -> str:
-        """See :func:`auth_frame`."""
-        return auth_frame(api_key)
-
-    def subscribe_frame(
-        self,
-        request_id: str,
-        channel: str,
-        params: Mapping[str, str],
-        since_seq: int | None = None,
-    ) -> str:
-        """See :func:`subscribe_frame`."""
-        return subscribe_frame(request_id, channel, params, since_seq)
-
-    def unsubscribe_frame(self, request_id: str, subscription: str) -> str:
-        """See :func:`unsubscribe_frame`."""
-        return unsubscribe_frame(request_id, subscription)
-
-    def pong_frame(self, ts: int) -> str:
-        """See :func:`pong_frame`."""
-        return pong_frame(ts)
-
-    def subscription_key(self, channel: str, params: Mapping[str, str]) -> str:
-        """See :func:`subscription_key`."""
-        return subscription_key(channel, params)
-
-    def parse_frame(self, raw: str | bytes) -> ServerFrame:
-        """See :func:`parse_frame`."""
-        return parse_frame(raw)
+    # The module's pure functions, as the StreamProvider protocol's methods.
+    auth_frame = staticmethod(auth_frame)
+    subscribe_frame = staticmethod(subscribe_frame)
+    unsubscribe_frame = staticmethod(unsubscribe_frame)
+    pong_frame = staticmethod(pong_frame)
+    subscription_key = staticmethod(subscription_key)
+    parse_frame = staticmethod(parse_frame)
 
 
 PROVIDER: Final = Layerx402()

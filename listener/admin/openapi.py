@@ -31,7 +31,9 @@ class ReplayBody(BaseModel):
     since: str = Field(description="ISO-8601, or relative: 15m, 2h, 1d (ago).")
     until: str | None = Field(default=None, description="End (exclusive); default: now.")
     source: str | None = Field(default=None, description="Only events of this source.")
-    type: str | None = Field(default=None, description="AMQP pattern, e.g. getstoken.badge.*")
+    type: str | None = Field(
+        default=None, description="AMQP pattern on the type: <provider>.<type>, * and #"
+    )
     from_: Literal["journal", "archive"] = Field(default="journal", alias="from")
     to_queue: str | None = Field(default=None, description="Deliver into this queue only.")
     to_exchange: str | None = Field(default=None, description="Publish here, routed by type.")
@@ -220,7 +222,9 @@ def document() -> dict[str, Any]:
                     "summary": "Journaled events, oldest first (scope: read).",
                     "parameters": [
                         _query("source", "Only this source."),
-                        _query("type", "AMQP pattern on the type: getstoken.badge.*"),
+                        _query(
+                            "type", "AMQP pattern on the type: <provider>.<type>, with * and #."
+                        ),
                         _query("since", "CloudEvent time from: ISO-8601 or 15m, 2h, 1d (ago)."),
                         _query("until", "CloudEvent time before (exclusive)."),
                         *_PAGE,

@@ -14,7 +14,8 @@ from pathlib import Path
 import click
 import yaml
 
-from listener.cli import demo, quarantine, replay, simulate
+import importlib
+
 from listener.cli.common import CONFIG_OPTION, load_or_exit
 from listener.config_loader import render_config, secret_values
 from listener.exceptions import JournalCorrupt, JournalLocked
@@ -24,7 +25,29 @@ from listener.loop import run_async
 __all__ = ["main"]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+# Commands that live in their own modules, imported only when they run, so `listener run`
+# loads no demo, simulator or replay engine (the click documentation's "lazy loading").
+_LAZY = {
+    "demo": "listener.cli.demo",
+    "quarantine": "listener.cli.quarantine",
+    "replay": "listener.cli.replay",
+    "simulate": "listener.cli.simulate",
+}
+
+
+class _LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *_LAZY})
+
+    def get_command(self, ctx: click.Context | None, cmd_name: str) -> click.Command | None:
+        if cmd_name in _LAZY:
+            command = importlib.import_module(_LAZY[cmd_name]).command
+            assert isinstance(command, click.Command)  # each module's one command
+            return command
+        return super().get_command(ctx, cmd_name)  # type: ignore[arg-type]  # click takes None here
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="listener")
 def main() -> None:
     """listener: provider streams, webhooks and polls → durable CloudEvents on RabbitMQ."""
@@ -62,7 +85,3 @@ def run(config_file: Path | None) -> None:
     except OSError as exc:
         click.echo(f"listener: cannot start: {exc}", err=True)
         sys.exit(1)
-
-
-for _command in (demo.command, replay.command, quarantine.command, simulate.command):
-    main.add_command(_command)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,65 +32,28 @@ from listener.config import JournalConfig
 from listener.envelope import Entry
 from listener.exceptions import JournalError, JournalFull
 from listener.journal.lock import JournalLock
+from listener.journal.reads import Reads
 from listener.journal.schema import (
-    COLUMNS,
     Cursor,
-    Status,
-    StoredEntry,
     connect,
-    row_to_entry,
+)
+from listener.journal.writes import (
+    Append,
+    Defer,
+    Mark,
+    Op,
+    PollWrite,
+    commit,
+    count_open,
+    measure_size,
+    prune_batch,
+    prune_tombstones,
+    retry_now,
 )
 
 __all__ = ["Journal"]
 
 _T = TypeVar("_T")
-
-_INSERT = (
-    "INSERT INTO events (source, event_id, kind, routing_key, body, time, received_at,"
-    " reason, detail) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?"
-    " WHERE NOT EXISTS (SELECT 1 FROM tombstones WHERE source = ? AND event_id = ?)"
-    " ON CONFLICT (source, event_id) DO NOTHING"
-)
-_CURSOR_SET = "UPDATE cursors SET seq = ?, updated_at = ? WHERE source = ? AND key = ? AND seq = ?"
-_CURSOR_NEW = (
-    "INSERT INTO cursors (source, key, seq, updated_at) VALUES (?, ?, ?, ?)"
-    " ON CONFLICT (source, key) DO NOTHING"
-)
-_MARK = "UPDATE events SET status = 1, published_at = ? WHERE seq = ? AND status = ?"
-# Retry after base * 2^attempts seconds, capped (the old attempts: SET reads old values).
-_DEFER = (
-    "UPDATE events SET status = 3, attempts = attempts + 1,"
-    " retry_at = ? + min(?, ? * (1 << min(attempts, 20))), error = ?"
-    " WHERE seq = ? AND status IN (0, 3)"
-)
-
-
-@dataclass(slots=True)
-class _Append:
-    entries: Sequence[Entry]
-    cursors: Sequence[Cursor]
-    done: asyncio.Future[list[bool]] | None
-
-
-@dataclass(slots=True)
-class _Mark:
-    seqs: Sequence[int]
-    at: float
-    deferred: bool = False
-    done: asyncio.Future[None] | None = None
-
-
-@dataclass(slots=True)
-class _Defer:
-    seqs: Sequence[int]
-    at: float
-    base: float
-    cap: float
-    error: str
-    done: asyncio.Future[None] | None = None
-
-
-_Op = _Append | _Mark | _Defer
 
 
 @dataclass(slots=True)
@@ -102,7 +65,7 @@ class _Stats:
     commits: int = 0
 
 
-class Journal:
+class Journal(Reads):
     """
     The durable local store of every accepted event.
 
@@ -122,10 +85,9 @@ class Journal:
         self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="journal-write")
         self._read_thread = ThreadPoolExecutor(1, thread_name_prefix="journal-read")
         self._query_thread = ThreadPoolExecutor(1, thread_name_prefix="journal-query")
-        self._queue: asyncio.Queue[_Op] = asyncio.Queue()
+        self._queue: asyncio.Queue[Op] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._stats = _Stats()
-        self._appended = asyncio.Event()
         self._capacity = asyncio.Event()
         self._capacity.set()
         self._listeners: list[Callable[[], None]] = []
@@ -160,8 +122,9 @@ class Journal:
             self._writer = await self._on(self._write_thread, self._connect)
             self._reader = await self._on(self._read_thread, self._connect)
             self._querier = await self._on(self._query_thread, self._connect)
+            assert self._reader is not None  # connected just above
             self._stats.pending, self._stats.deferred = await self._on(
-                self._read_thread, self._count_open
+                self._read_thread, count_open, self._reader
             )
             await self._on(self._write_thread, self._measure_size)
         except BaseException:
@@ -253,10 +216,15 @@ class Journal:
     # -- writes -----------------------------------------------------------------
 
     async def append(
-        self, entries: Sequence[Entry], *, cursors: Sequence[Cursor] = ()
+        self,
+        entries: Sequence[Entry],
+        *,
+        cursors: Sequence[Cursor] = (),
+        poll: PollWrite | None = None,
     ) -> list[bool]:
         """
-        Store ``entries`` durably (and the stream ``cursors`` in the same transaction).
+        Store ``entries`` durably, with the stream ``cursors`` or the ``poll`` state they
+        advance in the same transaction.
 
         Returns:
             One flag per entry: ``True`` if it was new, ``False`` if (source, event id)
@@ -267,10 +235,14 @@ class Journal:
             JournalFull: over the size or pending limit; nothing was stored.
             JournalError: the write failed; nothing was stored.
         """
-        return await self.submit(entries, cursors=cursors)
+        return await self.submit(entries, cursors=cursors, poll=poll)
 
     def submit(
-        self, entries: Sequence[Entry], *, cursors: Sequence[Cursor] = ()
+        self,
+        entries: Sequence[Entry],
+        *,
+        cursors: Sequence[Cursor] = (),
+        poll: PollWrite | None = None,
     ) -> asyncio.Future[list[bool]]:
         """
         Queue an append without waiting: the future resolves as :meth:`append` returns.
@@ -283,7 +255,7 @@ class Journal:
         if (reason := self.over_limit()) is not None:
             raise JournalFull(retry_after=self._retry_after, reason=reason)
         done: asyncio.Future[list[bool]] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Append(entries, cursors, done))
+        self._queue.put_nowait(Append(entries, cursors, done, poll))
         return done
 
     async def mark_published(
@@ -293,7 +265,7 @@ class Journal:
         if not seqs:
             return
         done = asyncio.get_running_loop().create_future() if wait else None
-        self._queue.put_nowait(_Mark(seqs, time.time(), deferred, done))
+        self._queue.put_nowait(Mark(seqs, time.time(), deferred, done))
         if done is not None:
             await done
 
@@ -307,18 +279,18 @@ class Journal:
         if not seqs:
             return
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Defer(seqs, time.time(), base, cap, error[:500], done))
+        self._queue.put_nowait(Defer(seqs, time.time(), base, cap, error[:500], done))
         await done
 
     async def _write_loop(self) -> None:
         limit = self._config.batch_max
         while True:
-            ops: list[_Op] = [await self._queue.get()]
-            count = len(ops[0].entries) if isinstance(ops[0], _Append) else 0
+            ops: list[Op] = [await self._queue.get()]
+            count = len(ops[0].entries) if isinstance(ops[0], Append) else 0
             while count < limit and not self._queue.empty():
                 op = self._queue.get_nowait()
                 ops.append(op)
-                if isinstance(op, _Append):
+                if isinstance(op, Append):
                     count += len(op.entries)
             try:
                 results = await self._on(self._write_thread, self._write, ops)
@@ -326,13 +298,13 @@ class Journal:
                 self._whole_failure(ops, exc)
                 continue
             self._failed = None
-            retry: list[_Mark] = []
+            retry: list[Mark] = []
             for op, result in zip(ops, results, strict=True):
                 if isinstance(result, Exception):
                     error = JournalError(f"journal write failed: {result}")
                     if op.done is not None and not op.done.done():
                         op.done.set_exception(error)
-                    elif isinstance(op, _Mark):
+                    elif isinstance(op, Mark):
                         retry.append(op)
                 elif op.done is not None and not op.done.done():
                     op.done.set_result(result)
@@ -340,19 +312,18 @@ class Journal:
             if retry:
                 asyncio.get_running_loop().call_later(1.0, self._requeue, retry)
             self._update_capacity()
-            self._appended.set()
             for listener in self._listeners:
                 listener()
 
-    def _whole_failure(self, ops: list[_Op], exc: Exception) -> None:
+    def _whole_failure(self, ops: list[Op], exc: Exception) -> None:
         self._failed = exc
         self._failed_until = time.monotonic() + self._retry_after
         error = JournalError(f"journal write failed: {exc}; check disk space and {self._path}")
-        unwaited: list[_Mark] = []
+        unwaited: list[Mark] = []
         for op in ops:
             if op.done is not None and not op.done.done():
                 op.done.set_exception(error)
-            elif isinstance(op, _Mark) and op.done is None:
+            elif isinstance(op, Mark) and op.done is None:
                 # A broker confirm nobody waits for (mark_published(wait=False)): dropped,
                 # its event would stay pending for good (pending never back to 0, the
                 # shutdown drain waiting in vain, a duplicate after the next start).
@@ -362,172 +333,40 @@ class Journal:
             asyncio.get_running_loop().call_later(1.0, self._requeue, unwaited)
         self._update_capacity()
 
-    def _requeue(self, ops: list[_Mark]) -> None:
+    def _requeue(self, ops: list[Mark]) -> None:
         if self._task is not None:  # not closed meanwhile
             for op in ops:
                 self._queue.put_nowait(op)
 
-    def _write(self, ops: list[_Op]) -> list[Any]:
+    def _write(self, ops: list[Op]) -> list[Any]:
         conn = self._writer
         assert conn is not None  # opened before the writer task starts
-        results: list[Any] = []
-        delta_pending = delta_deferred = 0
-        cur = conn.cursor()
-        cur.execute("BEGIN IMMEDIATE")
-        try:
-            for op in ops:
-                cur.execute("SAVEPOINT op")
-                try:
-                    result, pending, deferred = self._apply(cur, op)
-                except (sqlite3.Error, OverflowError, ValueError, TypeError) as exc:
-                    # This operation alone is undone; the transaction goes on. If
-                    # SQLite already rolled the whole transaction back (a full disk),
-                    # ROLLBACK TO fails and the whole batch fails below.
-                    cur.execute("ROLLBACK TO op")
-                    cur.execute("RELEASE op")
-                    results.append(exc)
-                    continue
-                cur.execute("RELEASE op")
-                results.append(result)
-                delta_pending += pending
-                delta_deferred += deferred
-            cur.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        self._stats.pending += delta_pending
-        self._stats.deferred += delta_deferred
+        committed = commit(conn, ops)
+        self._stats.pending += committed.pending
+        self._stats.deferred += committed.deferred
         self._stats.commits += 1
         now = time.monotonic()
         if now - self._stats.size_checked > 1.0:
             self._stats.size_checked = now
             self._measure_size()
-        return results
-
-    @staticmethod
-    def _apply(cur: sqlite3.Cursor, op: _Op) -> tuple[Any, int, int]:
-        """Run one operation; return its result and how it moves (pending, deferred)."""
-        if isinstance(op, _Append):
-            flags = []
-            for e in op.entries:
-                cur.execute(
-                    _INSERT,
-                    (
-                        e.source,
-                        e.event_id,
-                        e.kind,
-                        e.routing_key,
-                        e.body,
-                        e.time,
-                        e.received_at,
-                        e.reason,
-                        e.detail,
-                        e.source,
-                        e.event_id,
-                    ),
-                )
-                flags.append(cur.rowcount == 1)
-            now = time.time()
-            for c in op.cursors:
-                if c.prev is None:
-                    cur.execute(_CURSOR_NEW, (c.source, c.key, c.seq, now))
-                else:
-                    cur.execute(_CURSOR_SET, (c.seq, now, c.source, c.key, c.prev))
-            return flags, sum(flags), 0
-        if isinstance(op, _Mark):
-            status = Status.DEFERRED if op.deferred else Status.PENDING
-            cur.executemany(_MARK, ((op.at, seq, status) for seq in op.seqs))
-            marked = cur.rowcount
-            return None, (0 if op.deferred else -marked), (-marked if op.deferred else 0)
-        # _Defer: from pending (first return) or deferred (a retry returned again).
-        placeholders = ",".join("?" * len(op.seqs))
-        ((from_pending,),) = cur.execute(
-            f"SELECT count(*) FROM events WHERE status = 0 AND seq IN ({placeholders})",  # noqa: S608 - placeholders only
-            tuple(op.seqs),
-        ).fetchall()
-        cur.executemany(_DEFER, ((op.at, op.cap, op.base, op.error, seq) for seq in op.seqs))
-        return None, -from_pending, from_pending
+        return committed.results
 
     def _measure_size(self) -> None:
-        conn = self._writer
-        assert conn is not None  # opened first
-        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
-        pages = conn.execute("PRAGMA page_count").fetchone()[0]
-        free = conn.execute("PRAGMA freelist_count").fetchone()[0]
-        self._stats.size = (pages - free) * page_size
+        assert self._writer is not None  # opened first
+        self._stats.size = measure_size(self._writer)
 
     def add_commit_listener(self, listener: Callable[[], None]) -> None:
         """Call ``listener()`` after every successful commit (the publisher's wake-up)."""
         self._listeners.append(listener)
-
-    # -- reads: the publisher and the sources ------------------------------------------
-
-    async def wait_appended(self, max_wait: float | None = None) -> None:
-        """Wait until something new was committed (or ``max_wait`` passes)."""
-        try:
-            async with asyncio.timeout(max_wait):
-                await self._appended.wait()
-        except TimeoutError:
-            pass
-        self._appended.clear()
-
-    async def pending(self, *, after_seq: int, limit: int) -> list[StoredEntry]:
-        """Entries not yet published, oldest first, with ``seq > after_seq``."""
-        rows = await self._on(self._read_thread, self._select_pending, after_seq, limit)
-        return [row_to_entry(r) for r in rows]
-
-    def _select_pending(self, after_seq: int, limit: int) -> list[tuple[Any, ...]]:
-        return self._read(
-            f"SELECT {COLUMNS} FROM events WHERE status = 0 AND seq > ? ORDER BY seq LIMIT ?",  # noqa: S608 - constant column list
-            (after_seq, limit),
-        )
-
-    async def due_deferred(self, *, now: float, limit: int) -> list[StoredEntry]:
-        """Deferred entries whose retry time has come, oldest retry first."""
-        rows = await self._on(
-            self._read_thread,
-            self._read,
-            f"SELECT {COLUMNS} FROM events WHERE status = 3 AND retry_at <= ?"  # noqa: S608 - constant column list
-            " ORDER BY retry_at LIMIT ?",
-            (now, limit),
-        )
-        return [row_to_entry(r, Status.DEFERRED) for r in rows]
 
     async def retry_now(self, routing_keys: Sequence[str]) -> None:
         """
         Make every deferred entry of these routing keys due now: one of them was just
         confirmed, so the others are likely routable again too (a binding came back).
         """
-        if not routing_keys:
-            return
-
-        def due() -> None:
-            conn = self._writer
-            assert conn is not None  # opened first
-            marks = ",".join("?" * len(routing_keys))
-            conn.execute(
-                f"UPDATE events SET retry_at = 0 WHERE status = 3 AND routing_key IN ({marks})",  # noqa: S608 - placeholders only
-                tuple(routing_keys),
-            )
-
-        await self._on(self._write_thread, due)
-
-    async def next_retry_at(self) -> float | None:
-        """The earliest retry time of a deferred entry, if any."""
-        ((moment,),) = await self._on(
-            self._read_thread, self._read, "SELECT min(retry_at) FROM events WHERE status = 3", ()
-        )
-        return float(moment) if moment is not None else None
-
-    def _count_open(self, conn: sqlite3.Connection | None = None) -> tuple[int, int]:
-        conn = conn or self._reader
-        assert conn is not None  # opened first
-        rows = conn.execute(
-            "SELECT status, count(*) FROM events WHERE status IN (0, 3) GROUP BY status"
-        ).fetchall()
-        counts = dict(rows)
-        return int(counts.get(0, 0)), int(counts.get(3, 0))
+        if routing_keys:
+            assert self._writer is not None  # opened first
+            await self._on(self._write_thread, retry_now, self._writer, routing_keys)
 
     async def recount(self) -> None:
         """
@@ -536,46 +375,11 @@ class Journal:
         """
 
         def count() -> None:
-            self._stats.pending, self._stats.deferred = self._count_open(self._writer)
+            assert self._writer is not None  # opened first
+            self._stats.pending, self._stats.deferred = count_open(self._writer)
 
         await self._on(self._write_thread, count)
         self._update_capacity()
-
-    def _read(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        conn = self._reader
-        assert conn is not None  # opened first
-        return conn.execute(sql, args).fetchall()
-
-    async def cursors(self, source: str) -> dict[str, int]:
-        """The stored stream positions of ``source``: subscription key → last seq."""
-        rows = await self._on(
-            self._read_thread,
-            self._read,
-            "SELECT key, seq FROM cursors WHERE source = ?",
-            (source,),
-        )
-        return {str(key): int(seq) for key, seq in rows}
-
-    async def status_of(self, source: str, event_ids: Iterable[str]) -> dict[str, int]:
-        """Journal status of the given events that exist."""
-        ids = list(event_ids)
-        marks = ",".join("?" * len(ids))
-        rows = await self.query(
-            f"SELECT event_id, status FROM events WHERE source = ? AND event_id IN ({marks})",  # noqa: S608 - placeholders only
-            (source, *ids),
-        )
-        return {str(k): int(v) for k, v in rows}
-
-    # -- reads: the admin API and replays, on their own thread -----------------------------
-
-    async def query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        """Run a read-only query on the admin connection (never the publisher's)."""
-        return await self._on(self._query_thread, self._query, sql, args)
-
-    def _query(self, sql: str, args: Sequence[Any]) -> list[tuple[Any, ...]]:
-        conn = self._querier
-        assert conn is not None  # opened first
-        return conn.execute(sql, args).fetchall()
 
     # -- maintenance --------------------------------------------------------------
 
@@ -590,14 +394,14 @@ class Journal:
         total = 0
         while True:
             deleted: int = await self._on(
-                self._write_thread, self._prune_batch, cutoff, moment, batch
+                self._write_thread, prune_batch, self._writer, cutoff, moment, batch
             )
             total += deleted
             if deleted < batch:
                 break
             await asyncio.sleep(0)
         await self._on(
-            self._write_thread, self._prune_tombstones, moment - self._config.dedupe_window
+            self._write_thread, prune_tombstones, self._writer, moment - self._config.dedupe_window
         )
         if total:
             # Deleted rows free pages: re-measure now, or a journal held over max_size
@@ -605,38 +409,6 @@ class Journal:
             await self._on(self._write_thread, self._measure_size)
             self._update_capacity()
         return total
-
-    def _prune_batch(self, cutoff: float, now: float, batch: int) -> int:
-        conn = self._writer
-        assert conn is not None  # opened first
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            conn.execute("CREATE TEMP TABLE IF NOT EXISTS doomed (seq INTEGER PRIMARY KEY)")
-            conn.execute("DELETE FROM doomed")
-            conn.execute(
-                "INSERT INTO doomed SELECT seq FROM events WHERE status = 1 AND kind = 'event'"
-                " AND published_at < ? ORDER BY seq LIMIT ?",
-                (cutoff, batch),
-            )
-            conn.execute(
-                "INSERT OR REPLACE INTO tombstones (source, event_id, pruned_at)"
-                " SELECT source, event_id, ? FROM events WHERE seq IN (SELECT seq FROM doomed)",
-                (now,),
-            )
-            deleted = conn.execute(
-                "DELETE FROM events WHERE seq IN (SELECT seq FROM doomed)"
-            ).rowcount
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        return deleted
-
-    def _prune_tombstones(self, cutoff: float) -> None:
-        conn = self._writer
-        assert conn is not None  # opened first
-        conn.execute("DELETE FROM tombstones WHERE pruned_at < ?", (cutoff,))
 
     def state(self) -> dict[str, Any]:
         """Component status for ``/readyz``."""

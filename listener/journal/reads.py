@@ -1,0 +1,80 @@
+"""
+The journal's reads on its two reader threads: the publisher's and the sources' (pending
+rows, due retries, cursors, poll state) on one, the admin API's and replays' on the
+other, so a long admin query never holds up publishing. A mixin of
+:class:`listener.journal.store.Journal`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from listener.journal.schema import COLUMNS, Status, StoredEntry, row_to_entry
+
+__all__ = ["Reads"]
+
+_T = TypeVar("_T")
+
+
+class Reads:
+    """Read access to the journal file."""
+
+    _reader: sqlite3.Connection | None
+    _querier: sqlite3.Connection | None
+    _read_thread: ThreadPoolExecutor
+    _query_thread: ThreadPoolExecutor
+
+    @staticmethod
+    async def _on(thread: ThreadPoolExecutor, fn: Callable[..., _T], *args: Any) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(thread, fn, *args)
+
+    async def pending(self, *, after_seq: int, limit: int) -> list[StoredEntry]:
+        """Entries not yet published, oldest first, with ``seq > after_seq``."""
+        rows = await self._on(
+            self._read_thread,
+            self._read,
+            f"SELECT {COLUMNS} FROM events WHERE status = 0 AND seq > ? ORDER BY seq LIMIT ?",  # noqa: S608 - constant column list
+            (after_seq, limit),
+        )
+        return [row_to_entry(r) for r in rows]
+
+    async def due_deferred(self, *, now: float, limit: int) -> list[StoredEntry]:
+        """Deferred entries whose retry time has come, oldest retry first."""
+        rows = await self._on(
+            self._read_thread,
+            self._read,
+            f"SELECT {COLUMNS} FROM events WHERE status = 3 AND retry_at <= ?"  # noqa: S608 - constant column list
+            " ORDER BY retry_at LIMIT ?",
+            (now, limit),
+        )
+        return [row_to_entry(r, Status.DEFERRED) for r in rows]
+
+    def _read(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        conn = self._reader
+        assert conn is not None  # opened first
+        return conn.execute(sql, args).fetchall()
+
+    async def cursors(self, source: str) -> dict[str, int]:
+        """The stored stream positions of ``source``: subscription key → last seq."""
+        rows = await self._on(
+            self._read_thread,
+            self._read,
+            "SELECT key, seq FROM cursors WHERE source = ?",
+            (source,),
+        )
+        return {str(key): int(seq) for key, seq in rows}
+
+    # -- reads: the admin API and replays, on their own thread -----------------------------
+
+    async def query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run a read-only query on the admin connection (never the publisher's)."""
+        return await self._on(self._query_thread, self._query, sql, args)
+
+    def _query(self, sql: str, args: Sequence[Any]) -> list[tuple[Any, ...]]:
+        conn = self._querier
+        assert conn is not None  # opened first
+        return conn.execute(sql, args).fetchall()

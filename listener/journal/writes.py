@@ -1,0 +1,257 @@
+"""
+The journal's writes, as operations on one SQLite connection (the daemon's writer
+thread runs them; :mod:`listener.journal.store` queues and group-commits them).
+
+:func:`commit` runs a batch of operations in one transaction, each inside its own
+``SAVEPOINT``: one that fails is rolled back alone and reports its error, the others
+commit (STYLE: "one bad operation never rolls back its neighbours").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from listener.envelope import Entry
+from listener.journal.schema import Cursor, Status
+
+__all__ = [
+    "Append",
+    "Defer",
+    "Mark",
+    "Op",
+    "PollWrite",
+    "commit",
+    "count_open",
+    "measure_size",
+    "prune_batch",
+    "prune_tombstones",
+    "retry_now",
+]
+
+_INSERT = (
+    "INSERT INTO events (source, event_id, kind, routing_key, body, time, received_at,"
+    " reason, detail) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?"
+    " WHERE NOT EXISTS (SELECT 1 FROM tombstones WHERE source = ? AND event_id = ?)"
+    " ON CONFLICT (source, event_id) DO NOTHING"
+)
+_CURSOR_SET = "UPDATE cursors SET seq = ?, updated_at = ? WHERE source = ? AND key = ? AND seq = ?"
+_CURSOR_NEW = (
+    "INSERT INTO cursors (source, key, seq, updated_at) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT (source, key) DO NOTHING"
+)
+_MARK = "UPDATE events SET status = 1, published_at = ? WHERE seq = ? AND status = ?"
+# Retry after base * 2^attempts seconds, capped (the old attempts: SET reads old values).
+_DEFER = (
+    "UPDATE events SET status = 3, attempts = attempts + 1,"
+    " retry_at = ? + min(?, ? * (1 << min(attempts, 20))), error = ?"
+    " WHERE seq = ? AND status IN (0, 3)"
+)
+_POLL_STATE = (
+    "INSERT INTO poll_state (source, key, hash, content, updated_at) VALUES (?, ?, ?, ?, ?)"
+    " ON CONFLICT (source, key) DO UPDATE SET hash = excluded.hash,"
+    " content = excluded.content, updated_at = excluded.updated_at"
+)
+_POLL_ALIAS = (
+    "INSERT INTO poll_aliases (source, item, current, updated_at) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT (source, item) DO UPDATE SET current = excluded.current,"
+    " updated_at = excluded.updated_at"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PollWrite:
+    """
+    What a poll learned, written with the events it produced: the content (hash and
+    canonical JSON) now seen per key, and renamed items.
+    """
+
+    source: str
+    states: Sequence[tuple[str, str, bytes]] = ()  # (key, hash, content)
+    aliases: Sequence[tuple[str, str]] = ()  # (configured item, current id)
+
+
+@dataclass(slots=True)
+class Append:
+    entries: Sequence[Entry]
+    cursors: Sequence[Cursor]
+    done: asyncio.Future[list[bool]] | None
+    poll: PollWrite | None = None
+
+
+@dataclass(slots=True)
+class Mark:
+    seqs: Sequence[int]
+    at: float
+    deferred: bool = False
+    done: asyncio.Future[None] | None = None
+
+
+@dataclass(slots=True)
+class Defer:
+    seqs: Sequence[int]
+    at: float
+    base: float
+    cap: float
+    error: str
+    done: asyncio.Future[None] | None = None
+
+
+Op = Append | Mark | Defer
+
+
+@dataclass(slots=True)
+class Committed:
+    """One transaction's outcome: per operation a result or its error, and the counts."""
+
+    results: list[Any] = field(default_factory=list)
+    pending: int = 0
+    deferred: int = 0
+
+
+def commit(conn: sqlite3.Connection, ops: Sequence[Op]) -> Committed:
+    """
+    Run ``ops`` in one transaction, a savepoint each.
+
+    Raises:
+        sqlite3.Error: the transaction itself failed (nothing was committed).
+    """
+    out = Committed()
+    cur = conn.cursor()
+    cur.execute("BEGIN IMMEDIATE")
+    try:
+        for op in ops:
+            cur.execute("SAVEPOINT op")
+            try:
+                result, pending, deferred = _apply(cur, op)
+            except (sqlite3.Error, OverflowError, ValueError, TypeError) as exc:
+                # This operation alone is undone; the transaction goes on. If SQLite
+                # already rolled the whole transaction back (a full disk), ROLLBACK TO
+                # fails and the whole batch fails.
+                cur.execute("ROLLBACK TO op")
+                cur.execute("RELEASE op")
+                out.results.append(exc)
+                continue
+            cur.execute("RELEASE op")
+            out.results.append(result)
+            out.pending += pending
+            out.deferred += deferred
+        cur.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return out
+
+
+def _apply(cur: sqlite3.Cursor, op: Op) -> tuple[Any, int, int]:
+    """Run one operation; return its result and how it moves (pending, deferred)."""
+    if isinstance(op, Append):
+        flags = []
+        for e in op.entries:
+            cur.execute(
+                _INSERT,
+                (
+                    e.source,
+                    e.event_id,
+                    e.kind,
+                    e.routing_key,
+                    e.body,
+                    e.time,
+                    e.received_at,
+                    e.reason,
+                    e.detail,
+                    e.source,
+                    e.event_id,
+                ),
+            )
+            flags.append(cur.rowcount == 1)
+        now = time.time()
+        for c in op.cursors:
+            if c.prev is None:
+                cur.execute(_CURSOR_NEW, (c.source, c.key, c.seq, now))
+            else:
+                cur.execute(_CURSOR_SET, (c.seq, now, c.source, c.key, c.prev))
+        if op.poll is not None:
+            source = op.poll.source
+            cur.executemany(
+                _POLL_STATE, ((source, k, h, content, now) for k, h, content in op.poll.states)
+            )
+            cur.executemany(_POLL_ALIAS, ((source, i, c, now) for i, c in op.poll.aliases))
+        return flags, sum(flags), 0
+    if isinstance(op, Mark):
+        status = Status.DEFERRED if op.deferred else Status.PENDING
+        cur.executemany(_MARK, ((op.at, seq, status) for seq in op.seqs))
+        marked = cur.rowcount
+        return None, (0 if op.deferred else -marked), (-marked if op.deferred else 0)
+    # Defer: from pending (a first return) or deferred (a retry returned again).
+    placeholders = ",".join("?" * len(op.seqs))
+    ((from_pending,),) = cur.execute(
+        f"SELECT count(*) FROM events WHERE status = 0 AND seq IN ({placeholders})",  # noqa: S608 - placeholders only
+        tuple(op.seqs),
+    ).fetchall()
+    cur.executemany(_DEFER, ((op.at, op.cap, op.base, op.error, seq) for seq in op.seqs))
+    return None, -from_pending, from_pending
+
+
+def measure_size(conn: sqlite3.Connection) -> int:
+    """Bytes of the database in use (pages minus free pages)."""
+    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+    return int((pages - free) * page_size)
+
+
+def count_open(conn: sqlite3.Connection) -> tuple[int, int]:
+    """(pending, deferred) rows."""
+    rows = conn.execute(
+        "SELECT status, count(*) FROM events WHERE status IN (0, 3) GROUP BY status"
+    ).fetchall()
+    counts = dict(rows)
+    return int(counts.get(0, 0)), int(counts.get(3, 0))
+
+
+def retry_now(conn: sqlite3.Connection, routing_keys: Sequence[str]) -> None:
+    """Make every deferred row of these routing keys due now."""
+    marks = ",".join("?" * len(routing_keys))
+    conn.execute(
+        f"UPDATE events SET retry_at = 0 WHERE status = 3 AND routing_key IN ({marks})",  # noqa: S608 - placeholders only
+        tuple(routing_keys),
+    )
+
+
+def prune_batch(conn: sqlite3.Connection, cutoff: float, now: float, batch: int) -> int:
+    """
+    Delete up to ``batch`` published events older than ``cutoff``, keeping their ids
+    as tombstones, in one transaction; return how many went.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("CREATE TEMP TABLE IF NOT EXISTS doomed (seq INTEGER PRIMARY KEY)")
+        conn.execute("DELETE FROM doomed")
+        conn.execute(
+            "INSERT INTO doomed SELECT seq FROM events WHERE status = 1 AND kind = 'event'"
+            " AND published_at < ? ORDER BY seq LIMIT ?",
+            (cutoff, batch),
+        )
+        conn.execute(
+            "INSERT OR REPLACE INTO tombstones (source, event_id, pruned_at)"
+            " SELECT source, event_id, ? FROM events WHERE seq IN (SELECT seq FROM doomed)",
+            (now,),
+        )
+        deleted = conn.execute("DELETE FROM events WHERE seq IN (SELECT seq FROM doomed)").rowcount
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return int(deleted)
+
+
+def prune_tombstones(conn: sqlite3.Connection, cutoff: float) -> None:
+    """Forget ids pruned before ``cutoff`` (older than ``dedupe_window``)."""
+    conn.execute("DELETE FROM tombstones WHERE pruned_at < ?", (cutoff,))
