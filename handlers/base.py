@@ -134,8 +134,11 @@ class WebhookProvider(Protocol):
     settings_model: type[BaseModel]
     event_types: tuple[str, ...]
 
-    def parse(self, body: bytes, settings: Any) -> Event | Quarantine:
-        """Turn a verified webhook body into an event or a quarantine verdict; never raises."""
+    def parse(self, body: bytes, settings: Any, headers: Mapping[str, str]) -> Event | Quarantine:
+        """
+        Turn a verified webhook (its raw body and headers) into an event or a quarantine
+        verdict; never raises. ``headers`` may be empty (a redriven payload).
+        """
         ...
 
 

@@ -23,6 +23,7 @@ Pure: no I/O, no logging, no clock.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
@@ -225,7 +226,9 @@ class GetSmartToken:
     event_types: tuple[str, ...] = tuple(f"{NAME}.{t}" for t in DATA_MODELS)
     settings_model: type[Settings] = Settings
 
-    def parse(self, body: bytes, settings: Settings) -> Event | Quarantine:
+    def parse(
+        self, body: bytes, settings: Settings, headers: Mapping[str, str] | None = None
+    ) -> Event | Quarantine:
         """
         Turn a verified webhook body into an event or a quarantine verdict.
 
@@ -233,6 +236,7 @@ class GetSmartToken:
             body: the raw request body.
             settings: the source's environment (other events are quarantined) and what
                 to do with types outside the table.
+            headers: not used: everything is in the body.
         """
         environment, unknown_types = settings.environment, settings.unknown_types
         try:

@@ -180,8 +180,7 @@ def test_sql_lives_in_the_journal_package() -> None:
         text = path.read_text(encoding="utf-8")
         if re.search(r"^\s*(?:import sqlite3|from sqlite3 import)", text, re.MULTILINE):
             problems.append(f"{name} imports sqlite3")
-        for match in _SQL.finditer(text):
-            problems.append(f"{name}: {match.group(0)!r}")
+        problems.extend(f"{name}: {match.group(0)!r}" for match in _SQL.finditer(text))
     assert not problems, problems
 
 

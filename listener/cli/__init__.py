@@ -8,13 +8,12 @@ no traceback); 1 an unexpected failure.
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
 import click
 import yaml
-
-import importlib
 
 from listener.cli.common import CONFIG_OPTION, load_or_exit
 from listener.config_loader import render_config, secret_values

@@ -82,7 +82,8 @@ class RedriveReport:
 
 def _result(source: SourceConfig, provider: Any, payload: bytes) -> Event | Quarantine | str:
     if source.kind == "webhook":
-        result: Event | Quarantine = provider.parse(payload, source.settings)
+        # Only the body is kept: a provider that reads headers works without them here.
+        result: Event | Quarantine = provider.parse(payload, source.settings, {})
         return result
     if source.kind == "websocket":
         frame = provider.parse_frame(payload)

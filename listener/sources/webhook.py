@@ -122,9 +122,8 @@ class _Endpoint:
             return self._unavailable(
                 "journal_full", f"journal over its limit ({reason}); retry later", retry_after
             )
-        entry = self.intake.build(
-            self.provider.parse(body, self.source.settings), raw=body, received_at=now
-        )
+        result = self.provider.parse(body, self.source.settings, request.headers)
+        entry = self.intake.build(result, raw=body, received_at=now)
         try:
             (new,) = await journal.append([entry])
         except JournalFull as exc:

@@ -59,7 +59,13 @@ json_values = st.recursive(
     max_leaves=12,
 )
 
-PROPERTY = settings(deadline=None, max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+# The same inherited property runs once per provider class: hypothesis sees one method
+# called from several executors, which is the design here (each run is independent).
+PROPERTY = settings(
+    deadline=None,
+    max_examples=150,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.differing_executors],
+)
 
 
 class WebhookProviderContract:
@@ -72,6 +78,7 @@ class WebhookProviderContract:
     * ``settings`` - the source keys the samples belong to (validated by the
       provider's own ``settings_model``), and ``strict_settings`` - the keys that make
       the provider refuse the most (the invalid samples are checked under them);
+    * ``headers`` (or :meth:`headers_for`) - the headers a sample came with;
     * ``valid_bodies`` - recorded bodies of known event types, each a distinct event;
     * ``invalid_bodies`` - ``(body, reason)`` pairs, JSON but not acceptable.
     """
@@ -82,9 +89,16 @@ class WebhookProviderContract:
     valid_bodies: ClassVar[Sequence[bytes]]
     invalid_bodies: ClassVar[Sequence[tuple[bytes, str]]]
 
+    headers: ClassVar[Mapping[str, str]] = {}
+
+    def headers_for(self, body: bytes) -> Mapping[str, str]:
+        """The request headers a sample came with (default: :attr:`headers`)."""
+        return self.headers
+
     def parse(self, body: bytes, *, strict: bool = False) -> Event | Quarantine:
         keys = {**self.settings, **(self.strict_settings if strict else {})}
-        return self.provider.parse(body, self.provider.settings_model.model_validate(keys))
+        settings = self.provider.settings_model.model_validate(keys)
+        return self.provider.parse(body, settings, self.headers_for(body))
 
     def event(self, body: bytes) -> Event:
         result = self.parse(body)

@@ -87,7 +87,7 @@ def parse(
     unknown_types: Literal["publish", "quarantine"] = "publish",
 ) -> Event | Quarantine:
     raw = value if isinstance(value, bytes) else body_of(value)
-    return PROVIDER.parse(raw, Settings(environment=environment, unknown_types=unknown_types))
+    return PROVIDER.parse(raw, Settings(environment=environment, unknown_types=unknown_types), {})
 
 
 def quarantined(value: Any, reason: str, **kwargs: Any) -> Quarantine:

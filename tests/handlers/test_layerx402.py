@@ -9,14 +9,14 @@ from __future__ import annotations
 import copy
 import uuid
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from handlers import Event, Quarantine, StreamProvider, load_provider
+from handlers import CloseKind, Event, Quarantine, StreamProvider, load_provider
 from handlers.layerx402 import (
     NAMESPACE,
     PROVIDER,
@@ -36,6 +36,8 @@ from handlers.layerx402 import (
     subscription_key,
     unsubscribe_frame,
 )
+
+from .stream_contract import StreamProviderContract
 
 SOL = "So11111111111111111111111111111111111111112"
 USDC = "EPjFWdd5AufqSSqeM2qN1xzybapC8G4wEGGkZwyTDt1v"
@@ -603,3 +605,27 @@ def test_never_raises_on_damaged_recorded_frames(data: st.DataObject) -> None:
     else:
         target[key] = data.draw(json_values, label="value")
     check_frame(parse_frame(orjson.dumps(frame)))
+
+
+class TestLayerx402Contract(StreamProviderContract):
+    """Layerx402 keeps the contract every stream provider keeps."""
+
+    provider = PROVIDER
+    event_frames: ClassVar[list[bytes]] = [event_frame(c, d) for c, d in SAMPLE_DATA.items()]
+    control_frames: ClassVar[list[tuple[bytes, type]]] = [
+        (b'{"type": "auth_ok"}', AuthOk),
+        (b'{"type": "ping", "ts": 1}', Ping),
+        (b'{"type": "subscribed", "id": "r1", "channel": "trades", "subscription": "s"}', Subscribed),
+        (b'{"type": "unsubscribed", "id": "r1", "subscription": "s"}', Unsubscribed),
+        (b'{"type": "error", "code": "UNAUTHORIZED", "message": "no"}', ErrorFrame),
+        (b'{"type": "error", "id": "r1", "code": "FORBIDDEN", "message": "no"}', ErrorFrame),
+        (b'{"type": "welcome"}', Unparseable),
+    ]
+    close_codes: ClassVar[dict[int | None, CloseKind | None]] = {
+        4001: "unauthorized",
+        4003: "forbidden",
+        4029: "rate_limited",
+        1000: None,
+        None: None,
+    }
+    subscription: ClassVar[tuple[str, dict[str, str]]] = ("portfolio", {"wallet": WALLET})
