@@ -30,7 +30,7 @@ from bench.ceilings import ceiling_b
 from bench.common import fmt_rate, fmt_ratio, python_module, say, table, unique
 from handlers import Event
 from listener.broker.confirms import ConfirmWindow, Outgoing
-from listener.broker.topology import declare_topology, properties_for
+from listener.broker.topology import declare_topology, properties_for, raw_connection
 from listener.config import Config
 from listener.envelope import event_entry
 from listener.journal import Journal
@@ -63,7 +63,7 @@ async def _prepare(config: Config, events: int) -> None:
     connection = await aio_pika.connect(BROKER_URL)
     try:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        await declare_topology(connection, config.broker)
+        await declare_topology(raw_connection(connection), config.broker)
         underlay = await channel.get_underlay_channel()
         assert isinstance(underlay, aiormq.Channel)
         async with Journal(config=config.journal) as journal:

@@ -73,7 +73,11 @@ class Publisher:
         self._confirmed_any = False
         self._last_error: str | None = None
         self._topology = TopologyReport()
+        # The underlying connection the topology was last declared on.
+        self._declared_on: object | None = None
         self._drained = asyncio.Event()
+        # Set when the shutdown drain starts: retries stop waiting out the backoff.
+        self._hurry = asyncio.Event()
         self._closing = False
         # Set by confirms and by journal commits: the drain loop's one wake-up call.
         self._wake = asyncio.Event()
@@ -116,15 +120,33 @@ class Publisher:
                 healthy = await self._session()
                 if healthy:
                     delays = backoff(self._config.retry_initial, self._config.retry_max)
-                await asyncio.sleep(next(delays))
+                await self._pause(next(delays))
         finally:
             await self._close()
 
     async def wait_drained(self) -> None:
-        """Return once nothing is pending in the journal (shutdown drain; deferred excluded)."""
+        """
+        Return once nothing is pending in the journal (shutdown drain; deferred excluded).
+
+        Draining cuts the backoff short: a session that failed just before SIGTERM is
+        tried again now, and then at ``retry_initial``, not after a grown delay.
+        """
+        self._hurry.set()
         while self._journal.pending_count > 0:
             self._drained.clear()
             await self._drained.wait()
+
+    async def _pause(self, delay: float) -> None:
+        """Wait ``delay`` between sessions, or ``retry_initial`` once draining."""
+        if self._hurry.is_set():
+            delay = min(delay, self._config.retry_initial)
+        try:
+            async with asyncio.timeout(delay):
+                await self._hurry.wait()
+        except TimeoutError:
+            return
+        # Woken by the drain: one more short pause, so a dead broker is not hammered.
+        await asyncio.sleep(min(delay, self._config.retry_initial))
 
     async def _connect(self) -> None:
         url = mask_url(self._config.url.get_secret_value())
@@ -180,13 +202,19 @@ class Publisher:
 
     # -- one session: publish until the connection fails ------------------------------
 
-    async def _declare(self) -> bool:
-        """Declare the topology; ``False`` when it conflicts (nothing is published then)."""
-        assert self._connection is not None  # connected first
+    async def _declare(self, underlay: aiormq.Channel) -> bool:
+        """
+        Declare the topology once per underlying connection (at the start, and after
+        every reconnect); ``False`` when it conflicts (nothing is published then).
+        """
+        connection = underlay.connection
+        if self._declared_on is connection and not self._topology.conflicts:
+            return True
         before = self._topology.status
         # A deadline of our own: a declare waits for the broker's answer forever.
         async with asyncio.timeout(self._config.publish_timeout):
-            self._topology = await declare_topology(self._connection, self._config)
+            self._topology = await declare_topology(connection, self._config)
+        self._declared_on = connection
         if self._topology.conflicts:
             self._last_error = "; ".join(self._topology.conflicts)
             log.error(
@@ -209,13 +237,13 @@ class Publisher:
         """
         assert self._channel is not None  # connected first
         try:
-            if not await self._declare():
-                await asyncio.sleep(CONFLICT_RETRY)
-                return True  # a known state, retried at its own pace
             async with asyncio.timeout(self._config.publish_timeout):
                 underlay = await self._channel.get_underlay_channel()
             # The concrete aiormq channel: the confirm window writes frames through it.
             assert isinstance(underlay, aiormq.Channel)
+            if not await self._declare(underlay):
+                await asyncio.sleep(CONFLICT_RETRY)
+                return True  # a known state, retried at its own pace
         except (TimeoutError, aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
             self._record_failure("channel_unavailable", exc)
             return False

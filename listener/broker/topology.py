@@ -24,11 +24,11 @@ and that is not a broker outage: :func:`declare_topology` tells the two apart.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import aio_pika
 import aiormq
 from aio_pika.abc import AbstractConnection
 from pamqp.commands import Basic
@@ -45,6 +45,7 @@ __all__ = [
     "TopologyReport",
     "declare_topology",
     "properties_for",
+    "raw_connection",
 ]
 
 QUARANTINE_CONTENT_TYPE = "application/octet-stream"
@@ -95,45 +96,47 @@ def max_age(seconds: float) -> str:
     return f"{whole}s"
 
 
-async def declare_topology(connection: AbstractConnection, config: BrokerConfig) -> TopologyReport:
+async def declare_topology(
+    connection: aiormq.abc.AbstractConnection, config: BrokerConfig
+) -> TopologyReport:
     """
     Declare exchanges, the quarantine queue and the archive stream, idempotently.
 
-    Each step runs on a short-lived channel of its own, because a 406 closes the channel
-    it happened on.
+    Each step runs on a short-lived aiormq channel of its own on ``connection`` (a 406
+    closes the channel it happened on, and channels opened here must not be among
+    those a robust connection restores after a reconnect).
 
     Raises:
         aiormq.exceptions.AMQPError, ConnectionError: the broker is unreachable.
     """
     names = Topology(config.exchange)
     report = TopologyReport()
-    topic = aio_pika.ExchangeType.TOPIC
 
-    async def step(what: str, fix: str, declare: Any) -> bool:
-        async with connection.channel(publisher_confirms=False) as channel:
-            try:
-                await declare(channel)
-            except aiormq.exceptions.ChannelPreconditionFailed as exc:
-                report.conflicts.append(f"{what} exists with other settings ({exc}); {fix}")
-                return False
+    async def step(
+        what: str, fix: str, declare: Callable[[aiormq.abc.AbstractChannel], Awaitable[Any]]
+    ) -> bool:
+        channel = await connection.channel()
+        try:
+            await declare(channel)
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            report.conflicts.append(f"{what} exists with other settings ({exc}); {fix}")
+            return False
+        finally:
+            if not channel.is_closed:
+                await channel.close()
         return True
 
     exchange_fix = "delete it or choose another broker.exchange"
-    await step(
-        f"exchange {names.exchange!r}",
-        exchange_fix,
-        lambda ch: ch.declare_exchange(names.exchange, topic, durable=True),
-    )
-    await step(
-        f"exchange {names.quarantine_exchange!r}",
-        exchange_fix,
-        lambda ch: ch.declare_exchange(names.quarantine_exchange, topic, durable=True),
-    )
+    for name in (names.exchange, names.quarantine_exchange):
 
-    async def quarantine_queue(ch: aio_pika.abc.AbstractChannel) -> None:
-        queue = await ch.declare_queue(names.quarantine_queue, durable=True)
-        exchange = await ch.get_exchange(names.quarantine_exchange)
-        await queue.bind(exchange, "#")
+        async def exchange(ch: aiormq.abc.AbstractChannel, name: str = name) -> None:
+            await ch.exchange_declare(name, exchange_type="topic", durable=True)
+
+        await step(f"exchange {name!r}", exchange_fix, exchange)
+
+    async def quarantine_queue(ch: aiormq.abc.AbstractChannel) -> None:
+        await ch.queue_declare(names.quarantine_queue, durable=True)
+        await ch.queue_bind(names.quarantine_queue, names.quarantine_exchange, routing_key="#")
 
     await step(
         f"queue {names.quarantine_queue!r}", "delete it (after draining it)", quarantine_queue
@@ -142,19 +145,22 @@ async def declare_topology(connection: AbstractConnection, config: BrokerConfig)
         age = max_age(config.archive.max_age)
         arguments: FieldTable = {"x-queue-type": "stream", "x-max-age": age}
 
-        async def archive(ch: aio_pika.abc.AbstractChannel) -> None:
-            queue = await ch.declare_queue(names.archive_queue, durable=True, arguments=arguments)
-            await queue.bind(await ch.get_exchange(names.exchange), "#")
+        async def archive(ch: aiormq.abc.AbstractChannel) -> None:
+            await ch.queue_declare(names.archive_queue, durable=True, arguments=arguments)
+            await ch.queue_bind(names.archive_queue, names.exchange, routing_key="#")
 
         if not await step(f"queue {names.archive_queue!r}", "", archive):
             # It exists, with another x-max-age (or type): keep it and say how to fix it.
             report.conflicts.pop()
-            async with connection.channel(publisher_confirms=False) as channel:
-                try:
-                    queue = await channel.declare_queue(names.archive_queue, passive=True)
-                    await queue.bind(await channel.get_exchange(names.exchange), "#")
-                except aiormq.exceptions.ChannelNotFoundEntity:
-                    return report
+
+            async def bind_existing(ch: aiormq.abc.AbstractChannel) -> None:
+                await ch.queue_declare(names.archive_queue, passive=True)
+                await ch.queue_bind(names.archive_queue, names.exchange, routing_key="#")
+
+            try:
+                await step(f"queue {names.archive_queue!r}", "", bind_existing)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                return report
             report.mismatches.append(
                 f"queue {names.archive_queue!r} exists with another x-max-age than"
                 f" broker.archive.max_age ({age}); it keeps archiving with"
@@ -163,6 +169,14 @@ async def declare_topology(connection: AbstractConnection, config: BrokerConfig)
                 " messages go) and the listener declares it again with the new retention"
             )
     return report
+
+
+def raw_connection(connection: AbstractConnection) -> aiormq.abc.AbstractConnection:
+    """The aiormq connection under an aio-pika one (for :func:`declare_topology`)."""
+    transport = connection.transport
+    if transport is None:
+        raise aiormq.exceptions.AMQPConnectionError("the connection is not open")
+    return transport.connection
 
 
 def properties_for(stored: StoredEntry, headers: dict[str, Any] | None = None) -> Any:

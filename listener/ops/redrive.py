@@ -33,7 +33,7 @@ from handlers import Event, Quarantine
 from handlers.frames import EventFrame, Unparseable
 from listener.broker.confirms import ConfirmWindow, Outcome, Outgoing
 from listener.broker.connection import close_quietly, connect
-from listener.broker.topology import Topology, declare_topology, properties_for
+from listener.broker.topology import Topology, declare_topology, properties_for, raw_connection
 from listener.config import Config, SourceConfig
 from listener.envelope import Entry
 from listener.journal import Status
@@ -191,7 +191,7 @@ async def _publish(config: Config, journal: JournalFile, seqs: list[int]) -> set
             returned.add(message.token)
 
     try:
-        await declare_topology(connection, config.broker)
+        await declare_topology(raw_connection(connection), config.broker)
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         underlay = await channel.get_underlay_channel()
         assert isinstance(underlay, aiormq.Channel)  # the concrete channel the window writes to

@@ -92,10 +92,11 @@ class Ledger:
 
     # -- the exchange side -------------------------------------------------------------
 
-    async def start(self, *, bind: bool = True) -> None:
+    async def start(self, *, bind: bool = True, routing_key: str = "#") -> None:
         """
         Declare the exchange and the durable tap queue, and start counting. With
-        ``bind=False`` the tap is bound only by :meth:`bind` (unroutable scenarios).
+        ``bind=False`` the tap is bound only by :meth:`bind` (unroutable scenarios);
+        ``routing_key`` is what it is bound with.
         """
         self._connection = await aio_pika.connect_robust(
             self.url, client_properties={"connection_name": "chaos-ledger"}
@@ -107,14 +108,14 @@ class Ledger:
         )
         queue = await channel.declare_queue(self.queue_name, durable=True)
         if bind:
-            await queue.bind(exchange, "#")
+            await queue.bind(exchange, routing_key)
         await queue.consume(self._on_message)
         self._queue, self._exchange = queue, exchange
 
-    async def bind(self) -> None:
-        """Bind the tap queue ``#`` to the exchange."""
+    async def bind(self, routing_key: str = "#") -> None:
+        """Bind the tap queue to the exchange (``#``: everything)."""
         assert self._queue is not None and self._exchange is not None  # started first
-        await self._queue.bind(self._exchange, "#")
+        await self._queue.bind(self._exchange, routing_key)
 
     async def stop(self) -> None:
         """Close the tap's connection, then delete its queue."""
@@ -236,11 +237,17 @@ def record(verdict: Verdict) -> None:
 
 @contextlib.asynccontextmanager
 async def ledger(
-    url: str, exchange: str, *, scenario: str, run: str, bind: bool = True
+    url: str,
+    exchange: str,
+    *,
+    scenario: str,
+    run: str,
+    bind: bool = True,
+    routing_key: str = "#",
 ) -> AsyncIterator[Ledger]:
     """A started :class:`Ledger`; a scenario that ends before its check still gets a row."""
     book = Ledger(url, exchange, scenario=scenario, run=run)
-    await book.start(bind=bind)
+    await book.start(bind=bind, routing_key=routing_key)
     try:
         yield book
     finally:
