@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench chaos simulate demo clean
+.PHONY: run test lint bench chaos simulate demo clean dev-env
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -12,11 +12,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
-.env: | $(STAMP)
-	$(BIN)/python -m listener.dev.devenv .env
+# Development secrets for config.yaml, in an ignored .env (mode 600); kept, and
+# completed when config.yaml needs a new one.
+dev-env: $(STAMP)
+	@$(BIN)/python -m listener.dev.devenv .env
 
 # Runs the daemon with ./config.yaml; development secrets are generated into .env once.
-run: $(STAMP) .env
+run: dev-env
 	@set -a && . ./.env && set +a && exec $(BIN)/listener run --config config.yaml
 
 # The whole suite, chaos scenarios included (~3 min). Under CI=true a test that needs
@@ -39,11 +41,12 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench
 
-# A local Layerx402 server for config.yaml's `lx` source, accepting the key in .env.
-simulate: $(STAMP) .env
-	@set -a && . ./.env && set +a && exec $(BIN)/listener simulate layerx402 --port 8765
+# Every provider config.yaml's sources point at on this machine (Layerx402, Token
+# Terminal, Terrapin), accepting the keys in .env.
+simulate: dev-env
+	@set -a && . ./.env && set +a && exec $(BIN)/listener simulate config --config config.yaml
 
-demo: $(STAMP) .env
+demo: dev-env
 	@set -a && . ./.env && set +a && exec $(BIN)/listener demo --config config.yaml
 
 clean:

@@ -2,7 +2,8 @@
 ``python -m bench`` (``make bench``): the webhook part (ceiling A, ceiling B, then the
 listener end to end), the stream part (a bare websockets client and the listener on one
 Layerx402 simulator, beside ceiling B), then the replay part; prints tables of figures
-and ratios. Never asserts a timing. ``--only webhooks|streams|replay`` runs one part.
+and ratios, then the poll part. Never asserts a timing. ``--only webhooks|streams|replay|polls``
+runs one part.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import streams
+from bench import polls, streams
 from bench.ceilings import PublishResult, ceiling_a, ceiling_b
 from bench.common import (
     CONCURRENCY,
@@ -38,7 +39,7 @@ from bench.webhooks import EndToEnd, end_to_end
 TARGET = 0.6
 # Cores busy elsewhere on the host above which the figures are flagged as noisy.
 BUSY = 0.15
-PARTS = ("webhooks", "streams", "replay")
+PARTS = ("webhooks", "streams", "replay", "polls")
 # Requests signed for ceiling A (replayed in a loop: the bare handler does not care).
 A_REQUESTS = 50_000
 # Headroom over ceiling A's rate when sizing the end-to-end request set, which must not
@@ -55,7 +56,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="3 s runs")
     parser.add_argument(
-        "--only", choices=PARTS, default=None, help="run one part (default: all three, in order)"
+        "--only", choices=PARTS, default=None, help="run one part (default: all, in order)"
     )
     parser.add_argument("--concurrency", type=int, default=CONCURRENCY, help="connections (64)")
     parser.add_argument(
@@ -115,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print("replay: listener replay into one queue, from the journal and from the archive")
         replay_run(events=10_000 if args.quick else 40_000, seconds=args.seconds)
+    if "polls" in parts:
+        print()
+        print("polls: Terrapin 5,000 ISINs (10% changed) and Token Terminal 200 x 31 days")
+        polls.run(seconds=args.seconds)
     say(f"done in {time.monotonic() - started:.0f} s")
     return 0
 

@@ -126,6 +126,8 @@ class PollProvider(Protocol):
 
     name: str
     kind: Literal["poll"]
+    #: The source keys only this provider understands (besides ``resources``).
+    settings_model: type[BaseModel]
     #: The model of one entry of the source's ``resources:`` list.
     resource_model: type[BaseModel]
     #: The CloudEvent types this provider publishes (routing keys).

@@ -38,6 +38,7 @@ __all__ = [
     "Config",
     "HttpConfig",
     "JournalConfig",
+    "PollSourceConfig",
     "ProviderSettingsError",
     "SourceConfig",
     "StreamSourceConfig",
@@ -45,6 +46,7 @@ __all__ = [
     "check_amqp_url",
     "mask_url",
     "parse_duration",
+    "parse_rate",
     "parse_size",
 ]
 
@@ -213,7 +215,9 @@ class ProviderSettingsError(ValueError):
 def _settings_lines(exc: ValidationError) -> list[tuple[str, str]]:
     lines = []
     for error in exc.errors(include_url=False, include_input=False):
-        where = ".".join(str(part) for part in error["loc"])
+        where = ""
+        for part in error["loc"]:
+            where += f"[{part}]" if isinstance(part, int) else (f".{part}" if where else str(part))
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = "unknown key"
@@ -325,7 +329,54 @@ class StreamSourceConfig(_SourceBase):
             raise ProviderSettingsError(problems)
 
 
-SourceConfig = Annotated[WebhookSourceConfig | StreamSourceConfig, Field(discriminator="kind")]
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*(\S+)\s*$")
+
+
+def parse_rate(value: object) -> tuple[int, float]:
+    """``800/1m`` → (800 requests, 60.0 seconds); also ``90/60s``, ``5/1s``."""
+    if isinstance(value, list | tuple) and len(value) == 2:
+        return int(value[0]), parse_duration(value[1])
+    match = _RATE.match(value) if isinstance(value, str) else None
+    if match is None:
+        raise ValueError("expected requests per window, such as 800/1m or 90/60s")
+    count, window = int(match[1]), parse_duration(match[2])
+    if count < 1 or window <= 0:
+        raise ValueError("the budget needs at least 1 request in a window longer than 0s")
+    return count, window
+
+
+class PollSourceConfig(_SourceBase):
+    kind: Literal["poll"]
+    url: str = Field(pattern=r"^https?://\S+$")
+    api_key: SecretStr
+    # Between the starts of two polls of a resource (±10% jitter).
+    interval: Duration = Field(default=3600.0, gt=0)
+    # Requests per window for the whole source, redirects and retries included.
+    rate_limit: Annotated[tuple[int, float], BeforeValidator(parse_rate)] = (60, 60.0)
+    initial: Literal["snapshot", "silent"] = "snapshot"
+    resources: tuple[Any, ...] = Field(min_length=1)
+    # Per request; 5xx and network errors are retried within a poll this many times.
+    request_timeout: Duration = Field(default=30.0, gt=0)
+    retries: int = Field(default=4, ge=0, le=20)
+
+    def _check_with(self, provider: Any) -> None:
+        checked, problems = [], []
+        for i, resource in enumerate(self.resources):
+            if isinstance(resource, provider.resource_model):
+                checked.append(resource)
+                continue
+            try:
+                checked.append(provider.resource_model.model_validate(resource))
+            except ValidationError as exc:
+                problems += [(f"resources[{i}].{w}", m) for w, m in _settings_lines(exc)]
+        if problems:
+            raise ProviderSettingsError(problems)
+        object.__setattr__(self, "resources", tuple(checked))
+
+
+SourceConfig = Annotated[
+    WebhookSourceConfig | StreamSourceConfig | PollSourceConfig, Field(discriminator="kind")
+]
 
 
 class Config(_Model):

@@ -89,6 +89,24 @@ class Metrics:
             ["source"],
             registry=r,
         )
+        self.poll_requests = Counter(
+            "listener_poll_requests",
+            "HTTP requests of poll sources, by answer (a status, or error for no answer).",
+            ["source", "status"],
+            registry=r,
+        )
+        self.poll_last_success = Gauge(
+            "listener_poll_last_success_timestamp_seconds",
+            "Unix time of the last poll of a source that succeeded.",
+            ["source"],
+            registry=r,
+        )
+        self.poll_changes = Counter(
+            "listener_poll_changes",
+            "Change events poll sources produced.",
+            ["source", "type"],
+            registry=r,
+        )
         self.stream_gaps = Counter(
             "listener_stream_gaps",
             "Sequence numbers the server could not resend.",

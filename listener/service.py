@@ -127,6 +127,16 @@ class Service:
             states.update(transport.states())
         return {s.name: states[s.name] for s in self.config.sources if s.name in states}
 
+    def poll_now(self, name: str) -> str:
+        """Poll source ``name`` now: ``ok``, ``not_poll`` (another kind) or ``not_found``."""
+        if not any(s.name == name for s in self.config.sources):
+            return "not_found"
+        for runtime in self.runtimes:
+            if runtime.name == name and callable(poll := getattr(runtime, "poll_now", None)):
+                poll()
+                return "ok"
+        return "not_poll"
+
     def _refresh_metrics(self) -> None:
         if self.journal is not None:
             self.metrics.journal_pending.set(self.journal.pending_count)
@@ -149,6 +159,7 @@ class Service:
                 metrics=self.metrics,
                 components={"broker": publisher.state, "journal": journal.state},
                 sources=self.source_states,
+                poll_now=self.poll_now,
                 refresh=self._refresh_metrics,
                 journal=journal,
                 broker=config.broker,

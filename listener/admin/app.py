@@ -26,14 +26,14 @@ from listener.admin.auth import ApiAuth, require
 from listener.config import AdminConfig, BrokerConfig
 from listener.journal.queries import Reader
 from listener.metrics import Metrics
-from listener.web import expect_continue, json_errors, ok
+from listener.web import error_response, expect_continue, json_errors, ok
 
 __all__ = ["AdminApp", "Component"]
 
 # A component reports {"status": ..., ...}; "ok", "listening", "connected" count as healthy,
 # "degraded" as ready but worth a look.
 Component = Callable[[], Mapping[str, Any]]
-HEALTHY = frozenset({"ok", "listening", "connected"})
+HEALTHY = frozenset({"ok", "listening", "connected", "polling"})
 READY = HEALTHY | {"degraded"}
 # Keys whose values may hold a peer's own words: kept off the unauthenticated /readyz.
 _PRIVATE = frozenset({"last_error", "error", "conflicts", "mismatches"})
@@ -67,6 +67,7 @@ class AdminApp:
         metrics: Metrics,
         components: Mapping[str, Component],
         sources: Callable[[], Mapping[str, Mapping[str, Any]]],
+        poll_now: Callable[[str], str] = lambda _: "not_found",
         refresh: Callable[[], None] = lambda: None,
         journal: Reader | None = None,
         broker: BrokerConfig | None = None,
@@ -74,6 +75,7 @@ class AdminApp:
         self._metrics = metrics
         self._components = components
         self._sources = sources
+        self._poll_now = poll_now
         self._refresh = refresh
         self.auth = ApiAuth(config.api_keys, rate_limit=config.rate_limit)
         self.app = web.Application(middlewares=[json_errors, self.auth.middleware])
@@ -81,6 +83,9 @@ class AdminApp:
         self.app.router.add_get("/readyz", self._readyz, expect_handler=expect_continue)
         self.app.router.add_get("/metrics", self._metrics_handler, expect_handler=expect_continue)
         self.app.router.add_get("/v1/sources", self._v1_sources, expect_handler=expect_continue)
+        self.app.router.add_post(
+            "/v1/sources/{name}/poll", self._v1_poll, expect_handler=expect_continue
+        )
         # Events, quarantine, replays and the OpenAPI document need the journal and the
         # broker settings; without them (tests of the health endpoints) they are absent.
         self.api: AdminApi | None = None
@@ -120,3 +125,14 @@ class AdminApp:
     @require("read")
     async def _v1_sources(self, _: web.Request) -> web.Response:
         return ok([{"name": name, **state} for name, state in self._sources().items()])
+
+    @require("write")
+    async def _v1_poll(self, request: web.Request) -> web.Response:
+        """``POST /v1/sources/{name}/poll``: poll a poll source's resources now (202)."""
+        name = request.match_info["name"]
+        outcome = self._poll_now(name)
+        if outcome == "not_found":
+            return error_response(404, "NOT_FOUND", f"no source named {name[:100]!r}")
+        if outcome == "not_poll":
+            return error_response(409, "NOT_A_POLL_SOURCE", f"{name[:100]!r} is not a poll source")
+        return ok({"name": name, "polling": True}, status=202)

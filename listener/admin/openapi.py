@@ -67,7 +67,7 @@ def _errors(*statuses: int) -> dict[str, Any]:
         401: "No valid Bearer key.",
         403: "The key lacks the scope.",
         404: "Not found.",
-        409: "Too many replays running.",
+        409: "Too many replays running, or not a poll source.",
         429: "Over the rate limit (see Retry-After).",
         503: "The broker is unreachable.",
     }
@@ -215,6 +215,20 @@ def document() -> dict[str, Any]:
                 "get": {
                     "summary": "Sources and their state (scope: read).",
                     "responses": {**_ok({"type": "array", "items": _ref("Source")}), **_errors()},
+                }
+            },
+            "/v1/sources/{name}/poll": {
+                "post": {
+                    "summary": "Poll a poll source's resources now (scope: write).",
+                    "parameters": [
+                        {
+                            "name": "name",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        }
+                    ],
+                    "responses": {**_ok(_ref("Source"), status="202"), **_errors(404, 409)},
                 }
             },
             "/v1/events": {

@@ -20,6 +20,7 @@ from listener.config_loader import render_config, secret_values
 from listener.exceptions import JournalCorrupt, JournalLocked
 from listener.logs import configure_logging
 from listener.loop import run_async
+from listener.sources.poll_budget import budget_warnings
 
 __all__ = ["main"]
 
@@ -58,6 +59,8 @@ def check_config(config_file: Path | None) -> None:
     """Validate the configuration and print it resolved, secrets shown as ***."""
     config = load_or_exit(config_file)
     click.echo(yaml.safe_dump(render_config(config), sort_keys=False), nl=False)
+    for warning in budget_warnings(config.sources):
+        click.echo(f"config warning: {warning}", err=True)
 
 
 @main.command()

@@ -3,6 +3,9 @@
 
 * ``listener simulate layerx402`` serves the Layerx402 WebSocket API (CONTRACT §6) until
   Ctrl-C; point a ``websocket`` source's ``url`` at it and use one of its API keys.
+* ``listener simulate tokenterminal`` / ``terrapin`` serve those REST APIs (CONTRACT §9);
+* ``listener simulate config`` serves every provider the configuration's sources point
+  at on this machine (``make simulate``);
 * ``listener simulate getstoken`` posts signed Get Smart Token webhooks (CONTRACT §5)
   to a listener's webhook path, until Ctrl-C or ``--seconds``, then prints what the
   listener answered. It exits 1 when a signature was refused (wrong secret or scheme)
@@ -14,12 +17,18 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
-from typing import get_args
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, get_args
 
 import click
 
+from listener.cli.common import CONFIG_OPTION, load_or_exit
 from listener.dev.simulators.getstoken import GetSmartTokenSimulator
 from listener.dev.simulators.layerx402 import Layerx402Simulator, run_standalone
+from listener.dev.simulators.local import serve_local
+from listener.dev.simulators.terrapin import run_standalone as terrapin_standalone
+from listener.dev.simulators.tokenterminal import run_standalone as tokenterminal_standalone
 from listener.loop import run_async
 from listener.sources.signatures import Scheme
 
@@ -159,4 +168,77 @@ def getstoken(  # noqa: PLR0917 - click passes each option as an argument
         sys.exit(1)
     if simulator.sent and simulator.errors == simulator.sent:
         click.echo(f"listener simulate: no answer from {url}; is the listener running?", err=True)
+        sys.exit(1)
+
+
+@command.command("tokenterminal")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", default=8766, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--api-key",
+    "api_keys",
+    multiple=True,
+    envvar="TOKENTERMINAL_API_KEY",
+    help="An API key that authenticates (repeatable; default: $TOKENTERMINAL_API_KEY).",
+)
+def tokenterminal(host: str, port: int, api_keys: tuple[str, ...]) -> None:
+    """Serve a Token Terminal REST API (project metrics) until Ctrl-C."""
+    _serve_rest(tokenterminal_standalone, "tokenterminal", host, port, api_keys)
+
+
+@command.command("terrapin")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", default=8767, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--api-key",
+    "api_keys",
+    multiple=True,
+    envvar="TERRAPIN_API_KEY",
+    help="An API key that authenticates (repeatable; default: $TERRAPIN_API_KEY).",
+)
+def terrapin(host: str, port: int, api_keys: tuple[str, ...]) -> None:
+    """Serve a Terrapin REST API (bond reference data) until Ctrl-C."""
+    _serve_rest(terrapin_standalone, "terrapin", host, port, api_keys)
+
+
+def _serve_rest(
+    standalone: Callable[..., None], name: str, host: str, port: int, api_keys: tuple[str, ...]
+) -> None:
+    if not api_keys:
+        raise click.UsageError(f"give --api-key or set {name.upper()}_API_KEY")
+
+    def ready(simulator: Any) -> None:
+        click.echo(f"{name} simulator listening on {simulator.url}; Ctrl-C to stop")
+
+    try:
+        standalone(host, port, api_keys, on_ready=ready)
+    except OSError as exc:
+        click.echo(f"listener simulate: cannot listen on {host}:{port}: {exc}", err=True)
+        sys.exit(1)
+
+
+@command.command("config")
+@CONFIG_OPTION
+def from_config(config_file: Path | None) -> None:
+    """Serve every provider the configuration's sources point at on this machine."""
+    config = load_or_exit(config_file)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        async with serve_local(config) as simulators:
+            if not simulators:
+                click.echo("no source of this configuration points at a local simulator")
+                return
+            for name, simulator in simulators:
+                click.echo(f"source {name}: {type(simulator).__name__} on {simulator.url}")
+            click.echo("Ctrl-C to stop")
+            await stop.wait()
+
+    try:
+        run_async(main)
+    except OSError as exc:
+        click.echo(f"listener simulate: cannot start: {exc}", err=True)
         sys.exit(1)

@@ -37,6 +37,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import click
@@ -51,14 +52,18 @@ from listener.config import (
 from listener.config_loader import secret_values
 from listener.dev.demo_parts import (
     BROKER_WAIT,
+    CHANGE_EVERY,
     DRAIN_WAIT,
     GST,
+    ISINS,
     JOURNAL_WAIT,
     LX,
+    POLLS,
     REFRESH,
     STREAM_RATE,
     SUBSCRIBE_WAIT,
     SUBSCRIPTIONS,
+    TT_PROJECTS,
     WEBHOOK_PATH,
     WEBHOOK_RATE,
     WEBHOOK_SEED,
@@ -72,6 +77,8 @@ from listener.dev.demo_parts import (
 )
 from listener.dev.simulators.getstoken import GetSmartTokenSimulator
 from listener.dev.simulators.layerx402 import Layerx402Simulator
+from listener.dev.simulators.terrapin import TerrapinSimulator
+from listener.dev.simulators.tokenterminal import TokenTerminalSimulator
 from listener.journal.queries import journal_outcomes
 from listener.service import Service
 
@@ -99,6 +106,8 @@ class Demo:
     service: Service | None = None
     gst: GetSmartTokenSimulator | None = None
     lx: Layerx402Simulator | None = None
+    tt: TokenTerminalSimulator | None = None
+    bonds: TerrapinSimulator | None = None
     hurry: asyncio.Event = field(default_factory=asyncio.Event)
     give_up: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -206,11 +215,15 @@ class Demo:
                 await self._cleanup(self.tap)
 
     async def _run(self, workdir: Path, show: Callable[[], None]) -> tuple[str, int]:
-        async with Layerx402Simulator(
-            api_keys={self.api_key}, rate=STREAM_RATE, time_base_ms=None
-        ) as lx:
+        async with (
+            Layerx402Simulator(api_keys={self.api_key}, rate=STREAM_RATE, time_base_ms=None) as lx,
+            TokenTerminalSimulator(
+                api_keys={self.api_key}, projects=TT_PROJECTS, chains=["ethereum"]
+            ) as tt,
+            TerrapinSimulator(api_keys={self.api_key}, isins=ISINS, rate_limit=None) as bonds,
+        ):
             lx.pause()  # nothing is produced before the listener has subscribed
-            self.lx = lx
+            self.lx, self.tt, self.bonds = lx, tt, bonds
             config = demo_config(
                 self.base,
                 journal=workdir / "journal.db",
@@ -218,6 +231,7 @@ class Demo:
                 stream_url=lx.url,
                 api_key=self.api_key,
                 whsec=self.whsec,
+                poll_urls=(tt.url, bonds.url),
             )
             service = self.service = Service(config)
             async with asyncio.TaskGroup() as tasks:
@@ -285,11 +299,25 @@ class Demo:
         async with self.gst:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.seconds):
-                    await self.hurry.wait()
+                    await self._restate_while(self.hurry)
             lx.pause()
             self.gst.stop()
             self.ended_at = time.monotonic()
         # The ledgers are final now: every webhook has its answer; no more stream events.
+
+    async def _restate_while(self, stop: asyncio.Event) -> None:
+        """Change provider data now and then, so the poll sources have changes to report."""
+        rounds = 0
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CHANGE_EVERY):
+                    await stop.wait()
+            rounds += 1
+            if self.bonds is not None:
+                self.bonds.change_fraction(0.1, seed=rounds)
+            if self.tt is not None:
+                day = self.tt.current_day() - timedelta(days=1)
+                self.tt.restate(TT_PROJECTS[0], day, "fees", f"{1000 + rounds}.25")
 
     async def _settle(self, service: Service, lx: Layerx402Simulator) -> None:
         journal = service.journal
@@ -332,6 +360,8 @@ class Demo:
             published = set(self.tap.seen)
         else:
             published = {k for k, (kind, status) in rows.items() if kind == "event" and status}
+        # Poll sources: every change event they journaled must have been published.
+        expected |= {k for k, (kind, _) in rows.items() if k[0] in POLLS and kind == "event"}
         if self.broker_up:
             lost = expected - published
             lost |= {q for q in quarantined_ids if rows.get(q, ("", 0))[1] == 0}

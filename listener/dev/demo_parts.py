@@ -25,11 +25,13 @@ from listener.config import (
     HttpConfig,
     JournalConfig,
     LogConfig,
+    PollSourceConfig,
     SignatureConfig,
     StreamSourceConfig,
     SubscriptionConfig,
     WebhookSourceConfig,
 )
+from listener.dev.simulators.terrapin import generate_isins
 
 GST: Final = "gst"
 LX: Final = "lx"
@@ -49,10 +51,24 @@ SUBSCRIBE_WAIT: Final = 10.0
 JOURNAL_WAIT: Final = 10.0  # produced stream events must reach the journal
 DRAIN_WAIT: Final = 15.0  # the journal must empty into the broker
 REFRESH: Final = 0.25  # seconds between live table refreshes
+TT: Final = "tt"
+BONDS: Final = "bonds"
+POLLS: Final = (TT, BONDS)
+TT_PROJECTS: Final = ("aave", "uniswap")
+ISINS: Final = tuple(generate_isins(20, seed=7))
+POLL_INTERVAL: Final = "3s"  # a demo poll every few seconds (production: hours)
+CHANGE_EVERY: Final = 2.0  # the simulators restate data this often while producing
 
 
 def demo_config(
-    base: Config, *, journal: Path, exchange: str, stream_url: str, api_key: str, whsec: str
+    base: Config,
+    *,
+    journal: Path,
+    exchange: str,
+    stream_url: str,
+    api_key: str,
+    whsec: str,
+    poll_urls: tuple[str, str] | None = None,
 ) -> Config:
     """``base``'s broker settings with the demo's exchange, sources, ports and journal."""
     return Config(
@@ -79,9 +95,43 @@ def demo_config(
                     SubscriptionConfig(channel=c, params=p) for c, p in SUBSCRIPTIONS
                 ),
             ),
+            *(_poll_sources(*poll_urls, api_key) if poll_urls else ()),
         ),
         # The demo drains before it stops; with no broker there is nothing to wait for.
         shutdown_timeout=2.0,
+    )
+
+
+def _poll_sources(tt_url: str, bonds_url: str, api_key: str) -> tuple[PollSourceConfig, ...]:
+    common: dict[str, Any] = {"kind": "poll", "api_key": api_key, "interval": POLL_INTERVAL}
+    return (
+        PollSourceConfig.model_validate(
+            {
+                **common,
+                "name": TT,
+                "provider": "tokenterminal",
+                "url": tt_url,
+                "rate_limit": "1000/1m",
+                "resources": [
+                    {
+                        "endpoint": "project_metrics",
+                        "projects": list(TT_PROJECTS),
+                        "metrics": ["fees", "revenue"],
+                        "lookback": "3d",
+                    }
+                ],
+            }
+        ),
+        PollSourceConfig.model_validate(
+            {
+                **common,
+                "name": BONDS,
+                "provider": "terrapin",
+                "url": bonds_url,
+                "rate_limit": "100/1m",
+                "resources": [{"endpoint": "bond_reference", "isins": list(ISINS)}],
+            }
+        ),
     )
 
 
@@ -147,7 +197,7 @@ def counts(counter: Counter, *labels: str) -> dict[tuple[str, ...], int]:
 
 
 def by_source(counts: dict[tuple[str, ...], int]) -> dict[str, int]:
-    out = {GST: 0, LX: 0}
+    out = {GST: 0, LX: 0, TT: 0, BONDS: 0}
     for key, n in counts.items():
         out[key[0]] = out.get(key[0], 0) + n
     return out

@@ -78,3 +78,38 @@ class Reads:
         conn = self._querier
         assert conn is not None  # opened first
         return conn.execute(sql, args).fetchall()
+
+    async def poll_states(self, source: str, keys: Sequence[str]) -> dict[str, tuple[str, bytes]]:
+        """The last content seen per key of a poll source: key → (hash, content JSON)."""
+        found: dict[str, tuple[str, bytes]] = {}
+        for start in range(0, len(keys), 500):
+            chunk = list(keys[start : start + 500])
+            marks = ",".join("?" * len(chunk))
+            rows = await self._on(
+                self._read_thread,
+                self._read,
+                f"SELECT key, hash, content FROM poll_state WHERE source = ? AND key IN ({marks})",  # noqa: S608 - placeholders only
+                (source, *chunk),
+            )
+            found.update({str(k): (str(h), bytes(c)) for k, h, c in rows})
+        return found
+
+    async def poll_aliases(self, source: str) -> dict[str, str]:
+        """Renamed items of a poll source: configured item → the id polled now."""
+        rows = await self._on(
+            self._read_thread,
+            self._read,
+            "SELECT item, current FROM poll_aliases WHERE source = ?",
+            (source,),
+        )
+        return {str(item): str(current) for item, current in rows}
+
+    async def poll_primed(self, source: str) -> set[str]:
+        """The resources of a poll source polled successfully at least once."""
+        rows = await self._on(
+            self._read_thread,
+            self._read,
+            "SELECT resource FROM poll_resources WHERE source = ?",
+            (source,),
+        )
+        return {str(r) for (r,) in rows}

@@ -7,7 +7,8 @@ One SQLite file in WAL mode (https://sqlite.org/wal.html) holds
 * ``cursors`` - stream positions, written in the same transaction as their events;
 * ``tombstones`` - (source, event id) of events pruned by retention, kept for
   ``journal.dedupe_window`` so a captured webhook replayed later is still a duplicate;
-* ``poll_state`` / ``poll_aliases`` - what poll sources last saw, written in the same
+* ``poll_state`` / ``poll_aliases`` / ``poll_resources`` - what poll sources last saw
+  (content per key, renamed items, resources polled once), written in the same
   transaction as the change events it produced.
 
 Schema changes are additive and applied on open (:func:`migrate`), so an older file
@@ -95,6 +96,12 @@ CREATE TABLE IF NOT EXISTS poll_state (
     content BLOB NOT NULL,
     updated_at REAL NOT NULL,
     PRIMARY KEY (source, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS poll_resources (
+    source TEXT NOT NULL,
+    resource TEXT NOT NULL,
+    primed_at REAL NOT NULL,                -- the first successful poll's time
+    PRIMARY KEY (source, resource)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS poll_aliases (
     source TEXT NOT NULL,

@@ -73,6 +73,7 @@ class PollWrite:
     source: str
     states: Sequence[tuple[str, str, bytes]] = ()  # (key, hash, content)
     aliases: Sequence[tuple[str, str]] = ()  # (configured item, current id)
+    primed: str | None = None  # a resource polled successfully for the first time
 
 
 @dataclass(slots=True)
@@ -182,6 +183,12 @@ def _apply(cur: sqlite3.Cursor, op: Op) -> tuple[Any, int, int]:
                 _POLL_STATE, ((source, k, h, content, now) for k, h, content in op.poll.states)
             )
             cur.executemany(_POLL_ALIAS, ((source, i, c, now) for i, c in op.poll.aliases))
+            if op.poll.primed is not None:
+                cur.execute(
+                    "INSERT INTO poll_resources (source, resource, primed_at) VALUES (?, ?, ?)"
+                    " ON CONFLICT (source, resource) DO NOTHING",
+                    (source, op.poll.primed, now),
+                )
         return flags, sum(flags), 0
     if isinstance(op, Mark):
         status = Status.DEFERRED if op.deferred else Status.PENDING

@@ -1,0 +1,133 @@
+"""
+What a poll learned, turned into events and state (CONTRACT §9): change by content,
+never by a ``>=`` cursor.
+
+For each record of an answer, the content hash is compared with the one the journal
+holds for its key: the same → nothing; none (first sight) → an event (under
+``initial: silent``, only remembered until the resource's first whole poll succeeded);
+another → an event with the changed fields and their previous values. The events, the
+new state of every key and renamed items are written in **one** journal transaction
+(:class:`listener.journal.writes.PollWrite`): a crash before it loses nothing (the next
+poll sees the same change, with the same id), and after it duplicates nothing (the
+state says it was seen).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel
+
+from handlers import Quarantine
+from handlers.polling import Page, Record, Renamed
+from listener.envelope import Entry
+from listener.journal.writes import PollWrite
+from listener.sources.poll_budget import utc_now
+from listener.sources.websocket_policy import iso
+
+if TYPE_CHECKING:
+    from listener.sources.poll import PollSource
+
+__all__ = ["Resource", "commit_page", "quarantine"]
+
+
+@dataclass(slots=True)
+class Resource:
+    """One configured resource of a poll source, and where its polling is."""
+
+    label: str
+    model: BaseModel
+    state: str = "pending"
+    error: str | None = None
+    primed: bool = False
+    last_poll: float | None = None
+    last_success: float | None = None
+    last_change: float | None = None
+    next_poll: float = 0.0
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def view(self) -> dict[str, Any]:
+        """For ``/v1/sources`` (``error`` is the provider's words; ``/readyz`` drops it)."""
+        return {
+            "resource": self.label,
+            "state": self.state,
+            "last_poll": iso(self.last_poll),
+            "last_success": iso(self.last_success),
+            "last_change": iso(self.last_change),
+            "next_poll": iso(self.next_poll or None),
+            **({"error": self.error} if self.error else {}),
+        }
+
+    async def sleep_until_due(self) -> None:
+        """Wait until ``next_poll``, or until woken (``POST .../poll``)."""
+        delay = self.next_poll - time.time()
+        if delay > 0:
+            try:
+                async with asyncio.timeout(delay):
+                    await self.wake.wait()
+            except TimeoutError:
+                pass
+        self.wake.clear()
+
+    def fail(self, state: str, detail: str) -> None:
+        self.state, self.error = state, detail[:300]
+
+    def succeeded(self) -> None:
+        self.state, self.error = "ok", None
+        self.last_success = time.time()
+        self.primed = True
+
+
+def _canonical(content: Any) -> bytes:
+    return json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+async def quarantine(source: PollSource, payload: bytes, verdict: Quarantine) -> None:
+    """Journal an answer (or an item) that is not usable, with its reason."""
+    intake = source.intake
+    entry = intake.build(verdict, raw=payload, received_at=time.time())
+    (new,) = await source.journal.append([entry])
+    intake.record(entry, new=new)
+
+
+async def commit_page(
+    source: PollSource, resource: Resource, page: Page, renames: Sequence[Renamed]
+) -> None:
+    """Write the changes of one answer, their state and the renames, in one transaction."""
+    provider, intake, journal = source.provider, source.intake, source.journal
+    keys = [record.key for record in page.records]
+    known = await journal.poll_states(source.name, keys)
+    observed = utc_now()
+    silent = source.config.initial == "silent" and not resource.primed
+    entries: list[Entry] = []
+    states: list[tuple[str, str, bytes]] = []
+    for record in page.records:
+        before = known.get(record.key)
+        if before is not None and before[0] == record.hash:
+            continue
+        previous = None
+        if before is not None:
+            content = json.loads(before[1])
+            previous = Record(key=record.key, data=content, content=content, hash=before[0])
+        states.append((record.key, record.hash, _canonical(record.content)))
+        if previous is None and silent:
+            continue  # first sight, remembered only
+        event = provider.change_event(record, previous, observed=observed)
+        entries.append(intake.build(event, raw=_canonical(record.data), received_at=time.time()))
+    for renamed in renames:
+        event = provider.rename_event(renamed, observed=observed)
+        raw = _canonical({"old": renamed.old_id, "new": renamed.new_id})
+        entries.append(intake.build(event, raw=raw, received_at=time.time()))
+    write = PollWrite(source.name, states=states, aliases=[(r.item, r.new_id) for r in renames])
+    flags = await journal.append(entries, poll=write)
+    for entry, new in zip(entries, flags, strict=True):
+        intake.record(entry, new=new)
+        if new and entry.kind == "event":
+            source.metrics.poll_changes.labels(source.name, entry.routing_key).inc()
+    if any(flags):
+        resource.last_change = time.time()

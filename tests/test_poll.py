@@ -1,0 +1,256 @@
+"""
+Poll sources end to end (CONTRACT §9): the real service against the Token Terminal and
+Terrapin simulators and a real broker.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from listener.dev.simulators.terrapin import TerrapinSimulator, generate_isins
+from listener.dev.simulators.tokenterminal import TokenTerminalSimulator
+from listener.sources.poll import PollSource
+from tests.conftest import make_config, running, tap, wait_for
+
+pytestmark = pytest.mark.usefixtures("cleanup_topology")
+
+API_KEY = "test-key"
+
+
+def tt_source(url: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "name": "tt",
+        "kind": "poll",
+        "provider": "tokenterminal",
+        "url": url,
+        "api_key": API_KEY,
+        "interval": extra.pop("interval", "1h"),
+        "rate_limit": extra.pop("rate_limit", "600/1m"),
+        "resources": extra.pop(
+            "resources",
+            [{"endpoint": "project_metrics", "projects": ["aave"], "metrics": ["fees", "revenue"], "lookback": "3d"}],
+        ),
+        **extra,
+    }
+
+
+def bonds_source(url: str, isins: list[str], **extra: Any) -> dict[str, Any]:
+    return {
+        "name": "bonds",
+        "kind": "poll",
+        "provider": "terrapin",
+        "url": url,
+        "api_key": API_KEY,
+        "interval": extra.pop("interval", "1h"),
+        "rate_limit": extra.pop("rate_limit", "90/1m"),
+        "resources": [{"endpoint": "bond_reference", "isins": isins, "batch_size": extra.pop("batch_size", 1000)}],
+        **extra,
+    }
+
+
+def poll_source(service: Any, name: str) -> PollSource:
+    runtime = next(r for r in service.runtimes if r.name == name)
+    assert isinstance(runtime, PollSource)
+    return runtime
+
+
+async def poll_once(service: Any, name: str) -> None:
+    """Poll a source now and wait until every resource finished that poll."""
+    source = poll_source(service, name)
+    before = [r.last_poll or 0.0 for r in source.resources]
+    started = time.time()
+    source.poll_now()
+    await wait_for(
+        lambda: all(
+            (r.last_poll or 0) > b and r.state != "pending" and (r.last_success or 0) >= started or r.state not in {"ok", "pending"}
+            for r, b in zip(source.resources, before, strict=True)
+        ),
+        timeout=20,
+        what=f"a poll of {name}",
+    )
+
+
+def events(messages: list[Any], type_: str) -> list[dict[str, Any]]:
+    return [orjson.loads(m.body) for m in messages if m.routing_key == type_]
+
+
+async def test_token_terminal_changes_by_content(
+    tmp_path: Path, broker_url: str, exchange_name: str
+) -> None:
+    """First sight, re-poll (nothing), restated past day (one event with previous), change and back, exact decimals."""
+    async with TokenTerminalSimulator(projects=["aave"], chains=["ethereum"], null_share=0) as sim:
+        config = make_config(tmp_path, broker_url=broker_url, exchange=exchange_name, sources=[tt_source(sim.url)])
+        async with tap(broker_url, exchange_name) as t, running(config) as service:
+            await t.wait_count(4)  # 3 days of lookback + today, one chain
+            first = events(t.messages, "tokenterminal.project.metrics")
+            assert len(first) == 4 and all(e["data"]["previous"] is None for e in first)
+            row = first[0]["data"]["row"]
+            assert row["fees"] == sim.value("aave", row["timestamp"][:10], "ethereum", "fees")
+            await poll_once(service, "tt")
+            await poll_once(service, "tt")
+            assert len(t.messages) == 4  # nothing new
+            past = (datetime.now(UTC).date() - timedelta(days=2)).isoformat()
+            old_fees = sim.value("aave", past, "ethereum", "fees")
+            sim.restate("aave", past, "fees", "1234.50", chain="ethereum")
+            await poll_once(service, "tt")
+            await t.wait_count(5)
+            restated = t.messages[-1]
+            body = orjson.loads(restated.body)
+            assert body["data"]["row"]["fees"] == "1234.50"  # the provider's exact digits
+            assert body["data"]["changed"] == ["fees"]
+            assert body["data"]["previous"] == {"fees": old_fees}
+            sim.restate("aave", past, "fees", old_fees, chain="ethereum")
+            await poll_once(service, "tt")
+            await t.wait_count(6)
+            ids = [m.message_id for m in t.messages]
+            assert len(set(ids)) == 6  # first sight, change, change back: all distinct
+            assert Decimal(orjson.loads(t.messages[-1].body)["data"]["row"]["fees"]) == Decimal(old_fees)
+
+
+async def test_token_terminal_rename_is_one_event(
+    tmp_path: Path, broker_url: str, exchange_name: str
+) -> None:
+    """A 308 rename gives one renamed event, the new id is polled from then on, no duplicate rows."""
+    async with TokenTerminalSimulator(projects=["aave"], chains=["ethereum"], null_share=0) as sim:
+        config = make_config(tmp_path, broker_url=broker_url, exchange=exchange_name, sources=[tt_source(sim.url)])
+        async with tap(broker_url, exchange_name) as t, running(config) as service:
+            await t.wait_count(4)
+            sim.rename("aave", "aave-v3")
+            await poll_once(service, "tt")
+            await t.wait_count(5)
+            renamed = events(t.messages, "tokenterminal.project.renamed")
+            assert [e["data"] for e in renamed] == [{"old_project_id": "aave", "new_project_id": "aave-v3"}]
+            assert len(events(t.messages, "tokenterminal.project.metrics")) == 4
+            hits = len(sim.ledger)
+            await poll_once(service, "tt")
+            assert all("/aave-v3/" in h.target for h in sim.ledger[hits:])
+            assert len(t.messages) == 5
+        async with running(config) as service:  # the alias survives a restart
+            hits = len(sim.ledger)
+            await poll_once(service, "tt")
+            assert all("/aave-v3/" in h.target for h in sim.ledger[hits:])
+
+
+async def test_terrapin_batches_changes_and_bad_isins(
+    tmp_path: Path, broker_url: str, exchange_name: str
+) -> None:
+    """Batches of batch_size; a changed record is one event with previous; a 422 ISIN is quarantined, the rest go on."""
+    isins = generate_isins(25, seed=3)
+    async with TerrapinSimulator(isins=isins[:20], rate_limit=None) as sim:
+        config = make_config(
+            tmp_path, broker_url=broker_url, exchange=exchange_name,
+            sources=[bonds_source(sim.url, isins, batch_size=10)],
+        )
+        async with tap(broker_url, exchange_name) as t, running(config) as service:
+            await t.wait_count(20)  # 5 ISINs unknown to the provider: absent, no event
+            source = poll_source(service, "bonds")
+            await wait_for(lambda: source.resources[0].state == "ok", what="the first poll")
+            assert len(sim.ledger) == 3  # 25 ISINs in batches of 10
+            changed = sim.change_fraction(0.1, seed=1)
+            await poll_once(service, "bonds")
+            await t.wait_count(20 + len(changed))
+            latest = [orjson.loads(m.body)["data"] for m in t.messages[20:]]
+            assert {d["record"]["isin"] for d in latest} == set(changed)
+            assert all(d["previous"] and d["changed"] for d in latest)
+
+
+async def test_rate_limit_holds_with_many_resources(
+    tmp_path: Path, broker_url: str, exchange_name: str
+) -> None:
+    """30+ resources, retries and a redirect: never over rate_limit in any window; a 429's Retry-After is honoured."""
+    projects = [f"p{i}" for i in range(32)]
+    async with TokenTerminalSimulator(projects=projects, chains=["ethereum"]) as sim:
+        sim.rename("p3", "p3-new")
+        sim.fail_next(2, status=502)
+        resources = [
+            {"endpoint": "project_metrics", "projects": [p], "metrics": ["fees"], "lookback": "1d"} for p in projects
+        ]
+        config = make_config(
+            tmp_path, broker_url=broker_url, exchange=exchange_name,
+            sources=[tt_source(sim.url, resources=resources, rate_limit="10/1s")],
+        )
+        async with running(config) as service:
+            source = poll_source(service, "tt")
+            await wait_for(lambda: all(r.state == "ok" for r in source.resources), timeout=30, what="every resource polled")
+            sim.force_429(1, retry_after=2)
+            source.poll_now()
+            await wait_for(lambda: len(sim.ledger) >= 32 + 2 + 1 + 32 + 1, timeout=30, what="a second round")
+        assert sim.max_in_window(1.0) <= 10
+        silences = sim.silence_after(429)
+        assert silences and min(silences) >= 2.0, silences
+
+
+async def test_refusals_and_garbage(tmp_path: Path, broker_url: str, exchange_name: str) -> None:
+    """Bad key → unauthorized; 402 → subscription_invalid; 403 one resource forbidden, others go on; garbage quarantined."""
+    async with TokenTerminalSimulator(projects=["aave", "comp"], chains=["ethereum"]) as sim:
+        resources = [
+            {"endpoint": "project_metrics", "projects": [p], "metrics": ["fees"], "lookback": "1d"} for p in ("aave", "comp")
+        ]
+        config = make_config(
+            tmp_path, broker_url=broker_url, exchange=exchange_name,
+            sources=[tt_source(sim.url, resources=resources)],
+        )
+        async with tap(broker_url, f"{exchange_name}.quarantine") as q, running(config) as service:
+            source = poll_source(service, "tt")
+            await wait_for(lambda: all(r.state == "ok" for r in source.resources), what="first polls")
+            sim.forbid("comp")
+            await poll_once(service, "tt")
+            assert [r.state for r in source.resources] == ["ok", "forbidden"]
+            sim.garbage_next(1)
+            source.resources[0].wake.set()
+            await q.wait_count(1)
+            assert q.messages[0].headers["x-quarantine-reason"] == "invalid_json"
+            sim.subscription_invalid(True)
+            source.poll_now()
+            await wait_for(lambda: source.status == "subscription_invalid", what="402")
+            sim.subscription_invalid(False)
+            sim.api_keys.clear()
+            source.poll_now()
+            await wait_for(lambda: source.status == "unauthorized", what="401")
+            assert service.admin is not None
+            ready, _ = service.admin.readiness()
+            assert not ready
+
+
+async def test_slow_server_does_not_pile_up(tmp_path: Path, broker_url: str, exchange_name: str) -> None:
+    """A server slower than the interval: one poll of a resource at a time, never a pile-up."""
+    async with TokenTerminalSimulator(projects=["aave"], chains=["ethereum"]) as sim:
+        sim.delay(0.6)
+        config = make_config(
+            tmp_path, broker_url=broker_url, exchange=exchange_name,
+            sources=[tt_source(sim.url, interval="200ms")],
+        )
+        async with running(config):
+            await wait_for(lambda: len(sim.ledger) >= 4, timeout=20, what="several polls")
+        assert sim.max_concurrent.get("/v2/projects/aave/metrics", 0) == 1
+
+
+async def test_poll_now_endpoint(tmp_path: Path, broker_url: str, exchange_name: str) -> None:
+    """POST /v1/sources/{name}/poll answers 202 and polls now; 404 for no source, 409 for another kind."""
+    key = "adm_" + "k" * 32
+    async with TokenTerminalSimulator(projects=["aave"], chains=["ethereum"]) as sim:
+        config = make_config(
+            tmp_path, broker_url=broker_url, exchange=exchange_name, sources=[tt_source(sim.url)],
+            admin={"api_keys": [{"key": key, "scopes": ["read", "write"]}]},
+        )
+        async with running(config) as service, aiohttp.ClientSession() as session:
+            await wait_for(lambda: len(sim.ledger) >= 1, what="first poll")
+            base = f"http://127.0.0.1:{service.admin_port}"
+            headers = {"Authorization": f"Bearer {key}"}
+            async with session.post(f"{base}/v1/sources/tt/poll", headers=headers) as response:
+                assert response.status == 202
+            await wait_for(lambda: len(sim.ledger) >= 2, what="polled now")
+            async with session.post(f"{base}/v1/sources/nope/poll", headers=headers) as response:
+                assert response.status == 404
+            async with session.get(f"{base}/v1/sources", headers=headers) as response:
+                (tt,) = (await response.json())["data"]
+                assert tt["kind"] == "poll" and tt["resources"][0]["state"] == "ok"
+                assert tt["budget"]["limit"] == 600
