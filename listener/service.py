@@ -199,6 +199,12 @@ class Service:
                     await self._drain(publisher, journal)
                 # 3. close the broker (sites closed by the context managers above)
                 publishing.cancel()
+                # aio-pika/aiormq can swallow a cancel that lands in a channel operation
+                # while the broker drops the connection (the publisher then carries on):
+                # cancel again until the task has ended, or SIGTERM would never exit.
+                while not publishing.done():
+                    await asyncio.wait({publishing}, timeout=1.0)
+                    publishing.cancel()
         self.exit_pending = journal.pending_count
         log.info("shutdown_complete", pending=self.exit_pending)
 

@@ -34,10 +34,10 @@ LEAVES = ("listener.cli", "listener.dev", "listener.__main__")
 PROVIDERS = sorted(
     p.stem for p in (ROOT / "handlers").glob("*.py") if p.stem not in {"__init__", "base", "frames", "polling"}
 )
+# SQL keywords are upper case in this codebase; prose ("turned into events") is not SQL.
 _SQL = re.compile(
     r"\b(?:FROM|INTO|UPDATE|JOIN)\s+(?:events|cursors|tombstones|poll_state|poll_aliases|poll_resources)\b"
-    r"|\bCREATE\s+(?:TABLE|INDEX)\b",
-    re.IGNORECASE,
+    r"|\bCREATE\s+(?:TABLE|INDEX)\b"
 )
 
 

@@ -68,11 +68,14 @@ async def poll_once(service: Any, name: str) -> None:
     before = [r.last_poll or 0.0 for r in source.resources]
     started = time.time()
     source.poll_now()
+
+    def finished(resource: Any, polled_before: float) -> bool:
+        # A new poll started, and it either succeeded or ended in a state of its own.
+        ended = (resource.last_success or 0) >= started or resource.state not in {"ok", "pending"}
+        return (resource.last_poll or 0) > polled_before and ended
+
     await wait_for(
-        lambda: all(
-            (r.last_poll or 0) > b and r.state != "pending" and (r.last_success or 0) >= started or r.state not in {"ok", "pending"}
-            for r, b in zip(source.resources, before, strict=True)
-        ),
+        lambda: all(finished(r, b) for r, b in zip(source.resources, before, strict=True)),
         timeout=20,
         what=f"a poll of {name}",
     )
