@@ -30,12 +30,13 @@ from tests.conftest import UNIT
 from tests.process import free_port
 from tests.webhook_sender import WHSEC
 
+SOURCES = r"gst (?P<{p}gst>\d+), lx (?P<{p}lx>\d+), tt (?P<{p}tt>\d+), bonds (?P<{p}bonds>\d+)"
 SUMMARY = re.compile(
-    r"received (?P<received>\d+) \(gst (?P<received_gst>\d+), lx (?P<received_lx>\d+)\), "
+    r"received (?P<received>\d+) \(" + SOURCES.format(p="received_") + r"\), "
     r"published (?P<published>.+?), quarantined (?P<quarantined>\d+), "
     r"duplicates (?P<duplicates>\d+), lost (?P<lost>\d+)$"
 )
-PUBLISHED = re.compile(r"(?P<total>\d+) \(gst (?P<gst>\d+), lx (?P<lx>\d+)\)")
+PUBLISHED = re.compile(r"(?P<total>\d+) \(" + SOURCES.format(p="") + r"\)")
 
 
 async def run_cli(
@@ -70,10 +71,10 @@ def write_config(tmp_path: Path, broker_url: str) -> Path:
     return path
 
 
-async def test_demo_publishes_both_sources_and_loses_nothing(
+async def test_demo_publishes_every_provider_and_loses_nothing(
     tmp_path: Path, broker_url: str
 ) -> None:
-    """A 4 s demo publishes events of both sources, loses none and deletes its exchange."""
+    """A 4 s demo publishes events of all four sources (five providers' worth), loses none, deletes its exchange."""
     config = write_config(tmp_path, broker_url)
     code, out, err = await run_cli(
         "demo", "--seconds", "4", "--config", str(config), cwd=tmp_path, timeout=90
@@ -86,9 +87,9 @@ async def test_demo_publishes_both_sources_and_loses_nothing(
     assert summary["lost"] == "0"
     published = PUBLISHED.fullmatch(summary["published"])
     assert published is not None, lines[0]
-    assert int(published["gst"]) > 0 and int(published["lx"]) > 0
-    assert int(published["gst"]) == int(summary["received_gst"])
-    assert int(published["lx"]) == int(summary["received_lx"])
+    for source in ("gst", "lx", "tt", "bonds"):  # every provider, each published whole
+        assert int(published[source]) > 0, (source, lines[0])
+        assert int(published[source]) == int(summary[f"received_{source}"]), (source, lines[0])
 
     exchange = re.search(r"exchange (demo\.[0-9a-f]+)", lines[0])
     assert exchange is not None, lines[0]
