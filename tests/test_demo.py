@@ -74,7 +74,7 @@ def write_config(tmp_path: Path, broker_url: str) -> Path:
 async def test_demo_publishes_every_provider_and_loses_nothing(
     tmp_path: Path, broker_url: str
 ) -> None:
-    """A 4 s demo publishes events of all four sources (five providers' worth), loses none, deletes its exchange."""
+    """A 4 s demo publishes the events of all four providers, loses none, deletes its exchange."""
     config = write_config(tmp_path, broker_url)
     code, out, err = await run_cli(
         "demo", "--seconds", "4", "--config", str(config), cwd=tmp_path, timeout=90
