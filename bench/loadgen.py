@@ -127,7 +127,7 @@ def cloudevent_size(body: bytes) -> int:
     from listener.envelope import event_entry  # noqa: PLC0415
 
     provider: Any = load_provider("getstoken")
-    result = provider.parse(body, environment="production", unknown_types="publish")
+    result = provider.parse(body, provider.settings_model(), {})
     if not isinstance(result, Event):
         raise RuntimeError(f"the benchmark payload does not validate: {result!r}")
     return len(

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import subprocess
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,8 @@ import yaml
 
 from bench.ceilings import ceiling_b
 from bench.common import (
+    cleanup_topology,
+    declare_tap,
     fetch_metrics_text,
     fmt_bytes,
     fmt_rate,
@@ -87,9 +91,8 @@ async def _serve(kind: str, port: int, size: int) -> None:
 
 
 def _config(
-    directory: Path, *, bonds: int, tt: int, exchange: str, admin_port: int
+    directory: Path, source: dict[str, Any], *, exchange: str, admin_port: int
 ) -> dict[str, Any]:
-    common = {"kind": "poll", "api_key": KEY, "interval": "1h", "rate_limit": "100000/1m"}
     return {
         "log": {"level": "warning", "format": "json"},
         "http": {"host": "127.0.0.1", "port": free_port()},
@@ -99,37 +102,32 @@ def _config(
             "api_keys": [{"key": "bench-admin-key-0123456789", "scopes": ["read", "write"]}],
         },
         "broker": {"url": BROKER_URL, "exchange": exchange, "archive": {"enabled": False}},
-        "journal": {"path": str(directory / "journal.db")},
+        "journal": {"path": str(directory / f"{source['name']}.db")},
         "sources": [
-            {
-                **common,
-                "name": "bonds",
-                "provider": "terrapin",
-                "url": f"http://127.0.0.1:{bonds}",
-                "resources": [
-                    {
-                        "endpoint": "bond_reference",
-                        "isins": generate_isins(5000, seed=1),
-                        "batch_size": 1000,
-                    }
-                ],
-            },
-            {
-                **common,
-                "name": "tt",
-                "provider": "tokenterminal",
-                "url": f"http://127.0.0.1:{tt}",
-                "resources": [
-                    {
-                        "endpoint": "project_metrics",
-                        "projects": [f"project{i:03d}" for i in range(200)],
-                        "metrics": ["fees", "revenue"],
-                        "lookback": "30d",
-                    }
-                ],
-            },
+            {"kind": "poll", "api_key": KEY, "interval": "1h", "rate_limit": "100000/1m", **source}
         ],
     }
+
+
+BONDS = {
+    "name": "bonds",
+    "provider": "terrapin",
+    "resources": [
+        {"endpoint": "bond_reference", "isins": generate_isins(5000, seed=1), "batch_size": 1000}
+    ],
+}
+TT = {
+    "name": "tt",
+    "provider": "tokenterminal",
+    "resources": [
+        {
+            "endpoint": "project_metrics",
+            "projects": [f"project{i:03d}" for i in range(200)],
+            "metrics": ["fees", "revenue"],
+            "lookback": "30d",
+        }
+    ],
+}
 
 
 async def _published(session: aiohttp.ClientSession, admin: str, source: str) -> int:
@@ -150,30 +148,24 @@ async def _until(
     return time.monotonic() - started
 
 
-async def _run(directory: Path) -> tuple[list[Phase], int | None]:
-    bonds_port, tt_port, admin_port = free_port(), free_port(), free_port()
-    sims = [
-        # Popen returns at once: each simulator runs in its own process, off our cores' books.
-        subprocess.Popen(python_module("bench.polls", "--serve", kind, str(port), str(size)))  # noqa: ASYNC220
-        for kind, port, size in (("terrapin", bonds_port, 5000), ("tokenterminal", tt_port, 200))
-    ]
+@contextlib.asynccontextmanager
+async def _listener(
+    directory: Path, source: dict[str, Any], port: int
+) -> AsyncIterator[tuple[str, subprocess.Popen[bytes], aiohttp.ClientSession]]:
+    """A ``listener run`` with one poll source at ``port``, ready; a tap queue to route to."""
     exchange = unique("bench.polls")
-    config = directory / "listener.yaml"
+    queue = f"{exchange}.tap"
+    await declare_tap(exchange, queue)  # a queue to route to, as a consumer would have
+    admin_port = free_port()
+    config = directory / f"{source['name']}.yaml"
+    source = {**source, "url": f"http://127.0.0.1:{port}"}
     config.write_text(
-        yaml.safe_dump(
-            _config(
-                directory, bonds=bonds_port, tt=tt_port, exchange=exchange, admin_port=admin_port
-            )
-        )
+        yaml.safe_dump(_config(directory, source, exchange=exchange, admin_port=admin_port))
     )
     admin = f"http://127.0.0.1:{admin_port}"
-    phases: list[Phase] = []
     proc: subprocess.Popen[bytes] | None = None
     try:
-        for port in (bonds_port, tt_port):
-            wait_port(port, timeout=20.0)
-        started = time.monotonic()
-        with (directory / "listener.log").open("wb") as log:
+        with (directory / f"{source['name']}.log").open("wb") as log:
             proc = subprocess.Popen(  # noqa: ASYNC220 - returns at once; the child is measured
                 python_module("listener", "run", "--config", str(config)),
                 stdout=log,
@@ -181,18 +173,33 @@ async def _run(directory: Path) -> tuple[list[Phase], int | None]:
             )
         async with aiohttp.ClientSession() as session:
             await wait_ready(session, admin, proc, within=30.0)
+            yield admin, proc, session
+    finally:
+        if proc is not None:
+            stop_child(proc)
+        await cleanup_topology(exchange, queue)
+
+
+async def _run(directory: Path) -> tuple[list[Phase], int | None]:
+    bonds_port, tt_port = free_port(), free_port()
+    sims = [
+        # Popen returns at once: each simulator runs in its own process, off our cores' books.
+        subprocess.Popen(python_module("bench.polls", "--serve", kind, str(port), str(size)))  # noqa: ASYNC220
+        for kind, port, size in (("terrapin", bonds_port, 5000), ("tokenterminal", tt_port, 200))
+    ]
+    phases: list[Phase] = []
+    rss: list[int | None] = []
+    try:
+        for port in (bonds_port, tt_port):
+            wait_port(port, timeout=20.0)
+        # Each from the moment its listener is ready: the first poll starts then.
+        async with _listener(directory, BONDS, bonds_port) as (admin, proc, session):
+            started = time.monotonic()
             phases.append(
                 Phase(
                     "Terrapin first poll: 5,000 ISINs",
                     5000,
                     await _until(session, admin, "bonds", 5000, started),
-                )
-            )
-            phases.append(
-                Phase(
-                    "Token Terminal: 200 projects x 31 days",
-                    6200,
-                    await _until(session, admin, "tt", 6200, started),
                 )
             )
             sims[0].send_signal(10)
@@ -203,18 +210,27 @@ async def _run(directory: Path) -> tuple[list[Phase], int | None]:
                 assert response.status == 202
             phases.append(
                 Phase(
-                    "Terrapin re-poll, 10% changed",
+                    "Terrapin re-poll, 10% changed (500)",
                     500,
                     await _until(session, admin, "bonds", 5500, changed_at),
                 )
             )
-        rss = peak_rss(proc.pid)
+            rss.append(peak_rss(proc.pid))
+        async with _listener(directory, TT, tt_port) as (admin, proc, session):
+            started = time.monotonic()
+            phases.append(
+                Phase(
+                    "Token Terminal: 200 projects x 31 days",
+                    6200,
+                    await _until(session, admin, "tt", 6200, started),
+                )
+            )
+            rss.append(peak_rss(proc.pid))
     finally:
-        if proc is not None:
-            stop_child(proc)
         for sim in sims:
             stop_child(sim)
-    return phases, rss
+    known = [r for r in rss if r is not None]
+    return phases, max(known) if known else None
 
 
 def run(*, seconds: int) -> list[str]:
@@ -234,13 +250,18 @@ def run(*, seconds: int) -> list[str]:
         for p in phases
     ]
     rows.insert(0, ["B   aio-pika publish, confirms w=256", "-", fmt_rate(b.rate), "1.00"])
-    change = phases[-1].events / phases[-1].seconds / b.rate
     lines = [
-        table(rows, ["run (wall time: poll start → last confirm)", "wall", "events/s", "x B"]),
+        table(rows, ["run (wall time: poll start -> last confirm)", "wall", "events/s", "x B"]),
         f"listener peak RSS {fmt_bytes(rss)} (target < {fmt_bytes(RSS_LIMIT)})",
-        f"target: change events ≥ {TARGET} x B -> {change:.2f}"
-        f" {'PASS' if change >= TARGET else 'BELOW'}",
     ]
+    for phase in phases:
+        ratio = phase.events / phase.seconds / b.rate
+        verdict = "PASS" if ratio >= TARGET else "BELOW"
+        lines.append(f"target: {phase.name}: events >= {TARGET} x B -> {ratio:.2f} {verdict}")
+    lines.append(
+        "(the re-poll's wall time includes the provider answering all 5,000 records and the"
+        " listener reading and hashing them: 4,500 unchanged records per 500 events)"
+    )
     print("\n".join(lines))
     return lines
 

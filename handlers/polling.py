@@ -30,6 +30,7 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Any, Final, Literal, Protocol, runtime_checkable
 
+import orjson
 from pydantic import BaseModel
 
 from handlers import Event, Quarantine
@@ -43,6 +44,7 @@ __all__ = [
     "Rejected",
     "Renamed",
     "canonical",
+    "canonical_hash",
     "change_data",
     "change_id",
     "content_hash",
@@ -224,11 +226,17 @@ def _check_strings(value: Any) -> None:
 
 def canonical(value: Any) -> Any:
     """``value`` with every ``Decimal`` (and int/float) as its exact decimal string."""
-    if isinstance(value, bool) or value is None or isinstance(value, str):
+    # Exact types first (the hot path: parsed JSON has only these), ABCs after.
+    kind = type(value)
+    if kind is str or value is None or kind is bool:
         return value
-    if isinstance(value, Decimal):
+    if kind is dict:
+        return {str(k): canonical(v) for k, v in value.items()}
+    if kind is list:
+        return [canonical(v) for v in value]
+    if isinstance(value, Decimal | int | float):
         return str(value)
-    if isinstance(value, int | float):
+    if isinstance(value, str):
         return str(value)
     if isinstance(value, Mapping):
         return {str(k): canonical(v) for k, v in value.items()}
@@ -239,8 +247,18 @@ def canonical(value: Any) -> Any:
 
 def content_hash(content: Mapping[str, Any]) -> str:
     """SHA-256 over canonical JSON (sorted keys, no whitespace) of ``canonical(content)``."""
-    text = json.dumps(canonical(content), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return canonical_hash(canonical(content))
+
+
+def canonical_hash(content: Mapping[str, Any]) -> str:
+    """
+    :func:`content_hash` of content that is canonical already (from :func:`canonical`).
+
+    The bytes are those of ``json.dumps(content, sort_keys=True, separators=(",", ":"),
+    ensure_ascii=False)``, written by orjson (the same for canonical values: strings,
+    ``None``, booleans, lists and objects), which is several times faster.
+    """
+    return hashlib.sha256(orjson.dumps(content, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
 def uuid5(*parts: str) -> str:

@@ -42,9 +42,9 @@ from handlers.polling import (
     Rejected,
     Renamed,
     canonical,
+    canonical_hash,
     change_data,
     change_id,
-    content_hash,
     loads_exact,
 )
 
@@ -246,7 +246,9 @@ class Terrapin:
                 unasked += 1
                 continue
             record = canonical(entry)
-            records[isin] = Record(key=isin, data=record, content=record, hash=content_hash(record))
+            records[isin] = Record(
+                key=isin, data=record, content=record, hash=canonical_hash(record)
+            )
         warnings = []
         if unasked:
             warnings.append(f"{unasked} records for ISINs not asked for were left out")

@@ -42,9 +42,9 @@ from handlers.polling import (
     Rejected,
     Renamed,
     canonical,
+    canonical_hash,
     change_data,
     change_id,
-    content_hash,
     loads_exact,
     uuid5,
 )
@@ -311,7 +311,7 @@ class TokenTerminal:
             key = f"{project}|{day}|{row['chain']}"
             content = {metric: canonical(row.get(metric)) for metric in metrics}
             records[key] = Record(
-                key=key, data=canonical(row), content=content, hash=content_hash(content)
+                key=key, data=canonical(row), content=content, hash=canonical_hash(content)
             )
         if len(records) < len(rows):
             warnings.append(

@@ -2,9 +2,10 @@
 The journal's writes, as operations on one SQLite connection (the daemon's writer
 thread runs them; :mod:`listener.journal.store` queues and group-commits them).
 
-:func:`commit` runs a batch of operations in one transaction, each inside its own
-``SAVEPOINT``: one that fails is rolled back alone and reports its error, the others
-commit (STYLE: "one bad operation never rolls back its neighbours").
+:func:`commit` runs a batch of operations in one transaction; an operation that fails
+is rolled back alone (a ``SAVEPOINT`` each, taken only when one has failed) and reports
+its error, the others commit (STYLE: "one bad operation never rolls back its
+neighbours").
 """
 
 from __future__ import annotations
@@ -114,30 +115,54 @@ class Committed:
     deferred: int = 0
 
 
+_OP_ERRORS = (sqlite3.Error, OverflowError, ValueError, TypeError)
+
+
+class _OneFailed(Exception):
+    """An operation of the fast path failed: redo the batch a savepoint each."""
+
+
 def commit(conn: sqlite3.Connection, ops: Sequence[Op]) -> Committed:
     """
-    Run ``ops`` in one transaction, a savepoint each.
+    Run ``ops`` in one transaction; one that fails is undone alone.
+
+    The common case pays nothing for that: the batch runs as it is, and only when an
+    operation fails is the transaction rolled back and run again with a ``SAVEPOINT``
+    around each operation, so the failing one is undone and its neighbours commit.
 
     Raises:
         sqlite3.Error: the transaction itself failed (nothing was committed).
     """
+    try:
+        return _run(conn, ops, savepoints=False)
+    except _OneFailed:
+        return _run(conn, ops, savepoints=True)
+
+
+def _run(conn: sqlite3.Connection, ops: Sequence[Op], *, savepoints: bool) -> Committed:
     out = Committed()
     cur = conn.cursor()
     cur.execute("BEGIN IMMEDIATE")
     try:
         for op in ops:
-            cur.execute("SAVEPOINT op")
-            try:
-                result, pending, deferred = _apply(cur, op)
-            except (sqlite3.Error, OverflowError, ValueError, TypeError) as exc:
-                # This operation alone is undone; the transaction goes on. If SQLite
-                # already rolled the whole transaction back (a full disk), ROLLBACK TO
-                # fails and the whole batch fails.
-                cur.execute("ROLLBACK TO op")
+            if not savepoints:
+                try:
+                    result, pending, deferred = _apply(cur, op)
+                except _OP_ERRORS as exc:
+                    raise _OneFailed from exc
+            else:
+                cur.execute("SAVEPOINT op")
+                try:
+                    result, pending, deferred = _apply(cur, op)
+                except _OP_ERRORS as exc:
+                    # This operation alone is undone; the transaction goes on. If SQLite
+                    # already rolled the whole transaction back (a full disk), ROLLBACK
+                    # TO fails and the whole batch fails.
+                    cur.execute("ROLLBACK TO op")
+                    cur.execute("RELEASE op")
+                    out.results.append(exc)
+                    continue
                 cur.execute("RELEASE op")
-                out.results.append(exc)
-                continue
-            cur.execute("RELEASE op")
             out.results.append(result)
             out.pending += pending
             out.deferred += deferred

@@ -15,12 +15,12 @@ state says it was seen).
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from pydantic import BaseModel
 
 from handlers import Quarantine
@@ -84,7 +84,7 @@ class Resource:
 
 
 def _canonical(content: Any) -> bytes:
-    return json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return orjson.dumps(content, option=orjson.OPT_SORT_KEYS)
 
 
 async def quarantine(source: PollSource, payload: bytes, verdict: Quarantine) -> None:
@@ -112,7 +112,7 @@ async def commit_page(
             continue
         previous = None
         if before is not None:
-            content = json.loads(before[1])
+            content = orjson.loads(before[1])
             previous = Record(key=record.key, data=content, content=content, hash=before[0])
         states.append((record.key, record.hash, _canonical(record.content)))
         if previous is None and silent:
