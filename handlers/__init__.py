@@ -16,6 +16,7 @@ from handlers.base import (
     StreamProvider,
     WebhookProvider,
     load_provider,
+    published_models,
     too_deep,
 )
 
@@ -29,5 +30,6 @@ __all__ = [
     "StreamProvider",
     "WebhookProvider",
     "load_provider",
+    "published_models",
     "too_deep",
 ]

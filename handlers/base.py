@@ -44,6 +44,7 @@ __all__ = [
     "StreamProvider",
     "WebhookProvider",
     "load_provider",
+    "published_models",
     "too_deep",
 ]
 
@@ -123,6 +124,9 @@ class Provider(Protocol):
     settings_model: type[BaseModel]
     #: The CloudEvent types (routing keys) it knows; others count as ``other`` in metrics.
     event_types: tuple[str, ...]
+    #: Each of those types → the model its ``data`` validates against (the AsyncAPI
+    #: document is generated from these; see :func:`published_models`).
+    data_models: Mapping[str, type[BaseModel]]
 
 
 @runtime_checkable
@@ -133,6 +137,7 @@ class WebhookProvider(Protocol):
     kind: Literal["webhook"]
     settings_model: type[BaseModel]
     event_types: tuple[str, ...]
+    data_models: Mapping[str, type[BaseModel]]
 
     def parse(self, body: bytes, settings: Any, headers: Mapping[str, str]) -> Event | Quarantine:
         """
@@ -158,6 +163,7 @@ class StreamProvider(Protocol):
     kind: Literal["websocket"]
     settings_model: type[BaseModel]
     event_types: tuple[str, ...]
+    data_models: Mapping[str, type[BaseModel]]
     channels: Mapping[str, tuple[str, ...]]
 
     def auth_frame(self, api_key: str) -> str:
@@ -218,3 +224,18 @@ def load_provider(name: str) -> Any:
     if not isinstance(provider, Provider) or provider.kind not in _KINDS:
         raise LookupError(f"handlers/{name}.py defines no PROVIDER")
     return provider
+
+
+def published_models(provider: Provider, settings: BaseModel) -> dict[str, type[BaseModel]]:
+    """
+    What a source of ``provider`` with ``settings`` publishes: routing key → data model.
+
+    The provider's :attr:`~Provider.data_models`, plus, when it defines
+    ``other_data_models(settings)``, the types it publishes beyond its table (a key
+    there may name a ``{placeholder}``, as ``getstoken.{type}`` does).
+    """
+    models = dict(provider.data_models)
+    others = getattr(provider, "other_data_models", None)
+    if callable(others):
+        models.update(others(settings))
+    return models

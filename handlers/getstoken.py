@@ -49,6 +49,7 @@ __all__ = [
     "BadgeData",
     "Envelope",
     "GetSmartToken",
+    "OtherData",
     "Settings",
     "TokenMinted",
     "TokenTransferred",
@@ -164,6 +165,10 @@ class AchievementCompleted(_Data):
     user_id: Id
 
 
+class OtherData(_Data):
+    """A type outside the table, published as sent (``unknown_types: publish``)."""
+
+
 # The table of CONTRACT §5: a known type → the model of its data.
 DATA_MODELS: dict[str, type[_Data]] = {
     "user.created": UserData,
@@ -224,7 +229,12 @@ class GetSmartToken:
     name: str = NAME
     kind: Literal["webhook"] = "webhook"
     event_types: tuple[str, ...] = tuple(f"{NAME}.{t}" for t in DATA_MODELS)
+    data_models: Mapping[str, type[BaseModel]] = {f"{NAME}.{t}": m for t, m in DATA_MODELS.items()}
     settings_model: type[Settings] = Settings
+
+    def other_data_models(self, settings: Settings) -> Mapping[str, type[BaseModel]]:
+        """Types outside the table go out as ``getstoken.<type>`` unless quarantined."""
+        return {f"{NAME}.{{type}}": OtherData} if settings.unknown_types == "publish" else {}
 
     def parse(
         self, body: bytes, settings: Settings, headers: Mapping[str, str] | None = None

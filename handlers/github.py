@@ -156,6 +156,7 @@ class GitHub:
     name: str = NAME
     kind: Literal["webhook"] = "webhook"
     event_types: tuple[str, ...] = EVENT_TYPES
+    data_models: Mapping[str, type[BaseModel]] = {f"{NAME}.{e}": m for e, m in MODELS.items()}
     settings_model: type[NoSettings] = NoSettings
 
     def parse(

@@ -1,13 +1,8 @@
 """
 Layerx402 streams (CONTRACT §6): frame builders, payload models and the frame parser.
 
-The listener speaks JSON text frames. It sends
-
-* ``{"type": "auth", "api_key": "<key>"}`` (:func:`auth_frame`),
-* ``{"type": "subscribe", "id": ..., "channel": ..., "params": {...}, "since_seq": n}``
-  (:func:`subscribe_frame`), ``{"type": "unsubscribe", "id": ..., "subscription": ...}``
-  (:func:`unsubscribe_frame`) and ``{"type": "pong", "ts": <ms>}`` (:func:`pong_frame`);
-
+The listener speaks JSON text frames: it sends ``auth``, ``subscribe`` (with
+``since_seq``), ``unsubscribe`` and ``pong`` frames (:func:`auth_frame` and the others),
 and :func:`parse_frame` turns whatever the server sends into one :data:`ServerFrame`:
 :class:`AuthOk`, :class:`ErrorFrame`, :class:`Subscribed`, :class:`Unsubscribed`,
 :class:`EventFrame`, :class:`Ping`, or :class:`Unparseable` for a frame that is not
@@ -16,11 +11,11 @@ JSON or not a frame this contract knows. :func:`parse_frame` never raises.
 An event frame with a usable ``seq`` always yields an :class:`EventFrame`, whose
 ``result`` is an :class:`~handlers.Event` or a :class:`~handlers.Quarantine`, so the
 runtime can journal the verdict and still advance its ``seq`` cursor (CONTRACT §8).
-Quarantine reasons:
+Quarantine reasons: ``invalid_json`` (not JSON or UTF-8), ``too_deep``,
+``schema_violation`` (not a known frame, or the channel's ``data`` does not fit; the
+detail names fields, never values), ``unknown_channel``. Pure: no I/O, logging or clock.
 
-``invalid_json`` (not JSON or UTF-8), ``too_deep``, ``schema_violation`` (not a known
-frame, or the channel's ``data`` does not fit; the detail names fields, never values),
-``unknown_channel``. Pure: no I/O, no logging, no clock.
+:data:`DATA_MODELS` maps each CloudEvent type to the model of its ``data``.
 """
 
 from __future__ import annotations
@@ -58,6 +53,7 @@ from handlers.frames import (
 
 __all__ = [
     "CHANNELS",
+    "DATA_MODELS",
     "EVENT_TYPES",
     "NAMESPACE",
     "PROVIDER",
@@ -168,15 +164,16 @@ class PortfolioData(_Data):
     ts: Millis
 
 
+#: The CloudEvent type → the model of its ``data`` (the AsyncAPI document's schemas).
+DATA_MODELS: Final[Mapping[str, type[BaseModel]]] = {
+    "layerx402.token": TokenData,
+    "layerx402.trade": TradeData,
+    "layerx402.portfolio": PortfolioData,
+}
 # One adapter per channel, built once at import (pydantic builds its validator then).
 _ADAPTERS: Final[Mapping[str, TypeAdapter[Any]]] = {
-    "token": TypeAdapter(TokenData),
-    "trades": TypeAdapter(TradeData),
-    "portfolio": TypeAdapter(PortfolioData),
+    channel: TypeAdapter(DATA_MODELS[type_]) for channel, type_ in EVENT_TYPES.items()
 }
-
-
-# --- frames the server sends: the shared vocabulary of handlers/frames.py -------------
 
 
 # --- frames the listener sends -------------------------------------------------------
@@ -432,6 +429,7 @@ class Layerx402:
     kind: Literal["websocket"] = "websocket"
     channels: Mapping[str, tuple[str, ...]] = CHANNELS
     event_types: tuple[str, ...] = tuple(EVENT_TYPES.values())
+    data_models: Mapping[str, type[BaseModel]] = DATA_MODELS
     settings_model: type[NoSettings] = NoSettings
 
     def close_kind(self, code: int | None) -> CloseKind | None:

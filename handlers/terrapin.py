@@ -55,6 +55,8 @@ __all__ = [
     "PROVIDER",
     "REFERENCE_TYPE",
     "TARGET",
+    "BondChange",
+    "BondRecord",
     "BondReference",
     "Terrapin",
     "batch_request",
@@ -125,6 +127,26 @@ def _isin(value: str) -> str:
 Isin = Annotated[str, AfterValidator(_isin)]
 
 
+class BondRecord(BaseModel):
+    """A record as published: every number an exact decimal string (``"4.125"``)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    isin: str
+
+
+class BondChange(BaseModel):
+    """``terrapin.bond.reference``: a record first seen or changed, and what changed."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    record: BondRecord
+    #: The fields whose values differ (all of them on first sight).
+    changed: list[str]
+    #: Their earlier values (``null`` where a field was absent); ``null`` on first sight.
+    previous: dict[str, Any] | None
+
+
 class BondReference(BaseModel):
     """
     One ``resources:`` entry: ``{endpoint: bond_reference, isins: [US912810TM09, ...],
@@ -189,6 +211,7 @@ class Terrapin:
     settings_model: type[BaseModel] = NoSettings
     resource_model: type[BaseModel] = BondReference
     event_types: tuple[str, ...] = EVENT_TYPES
+    data_models: Mapping[str, type[BaseModel]] = {REFERENCE_TYPE: BondChange}
 
     def auth_headers(self, api_key: str) -> Mapping[str, str]:
         """``Authorization: Bearer <key>``."""

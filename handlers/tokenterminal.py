@@ -55,7 +55,10 @@ __all__ = [
     "NAME",
     "PROVIDER",
     "RENAMED_TYPE",
+    "MetricsChange",
+    "MetricsRow",
     "ProjectMetrics",
+    "ProjectRenamed",
     "TokenTerminal",
     "metrics_target",
     "parse_lookback",
@@ -124,6 +127,39 @@ def parse_lookback(value: object) -> int:
 
 Id = Annotated[str, AfterValidator(_id)]
 Lookback = Annotated[int, BeforeValidator(parse_lookback)]
+
+
+class MetricsRow(BaseModel):
+    """
+    A row as published: a column per metric (an exact decimal string such as
+    ``"12.50"``, or ``null``) and whatever else the provider sent, numbers as strings.
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    timestamp: str
+    chain: str
+
+
+class MetricsChange(BaseModel):
+    """``tokenterminal.project.metrics``: a row first seen or changed, and what changed."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    row: MetricsRow
+    #: The metrics whose values differ (all of them on first sight).
+    changed: list[str]
+    #: Their earlier values; ``null`` on first sight.
+    previous: dict[str, str | None] | None
+
+
+class ProjectRenamed(BaseModel):
+    """``tokenterminal.project.renamed``: a 308 moved a project to a new id."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    old_project_id: str
+    new_project_id: str
 
 
 class ProjectMetrics(BaseModel):
@@ -249,6 +285,10 @@ class TokenTerminal:
     settings_model: type[BaseModel] = NoSettings
     resource_model: type[BaseModel] = ProjectMetrics
     event_types: tuple[str, ...] = EVENT_TYPES
+    data_models: Mapping[str, type[BaseModel]] = {
+        METRICS_TYPE: MetricsChange,
+        RENAMED_TYPE: ProjectRenamed,
+    }
 
     def auth_headers(self, api_key: str) -> Mapping[str, str]:
         """``Authorization: Bearer <key>``."""

@@ -28,10 +28,12 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+import orjson
 import structlog
 from aiohttp import web
 
 from listener.admin.app import AdminApp
+from listener.broker.asyncapi import build_document
 from listener.broker.publisher import Publisher
 from listener.config import Config
 from listener.journal import Journal
@@ -95,6 +97,7 @@ class Service:
         self.admin: AdminApp | None = None
         self.transports: list[Transport] = []
         self.exit_pending = 0
+        self._asyncapi: bytes | None = None
 
     @property
     def runtimes(self) -> list[SourceRuntime]:
@@ -137,6 +140,12 @@ class Service:
                 return "ok"
         return "not_poll"
 
+    def asyncapi(self) -> bytes:
+        """The AsyncAPI document of this configuration (built once, on first request)."""
+        if self._asyncapi is None:
+            self._asyncapi = orjson.dumps(build_document(self.config))
+        return self._asyncapi
+
     def _refresh_metrics(self) -> None:
         if self.journal is not None:
             self.metrics.journal_pending.set(self.journal.pending_count)
@@ -163,6 +172,7 @@ class Service:
                 refresh=self._refresh_metrics,
                 journal=journal,
                 broker=config.broker,
+                asyncapi=self.asyncapi,
             )
             async with asyncio.TaskGroup() as tasks:
                 publishing = tasks.create_task(publisher.run(), name="publisher")

@@ -24,6 +24,7 @@ import pytest
 
 from listener.config import Config
 from listener.service import Service
+from tests import wire
 
 # hypothesis's pytest plugin otherwise imports hypothesis lazily in the terminal summary,
 # when pytest's assertion rewriter compiles it while garbage from closed aiormq
@@ -84,10 +85,17 @@ async def wait_for(
 
 
 class Tap:
-    """An exclusive queue bound ``#`` to an exchange, collecting every message."""
+    """
+    An exclusive queue bound ``#`` to an exchange, collecting every message.
+
+    Each message is also checked against the AsyncAPI document of the service that
+    published it (:mod:`tests.wire`); ``wire_problems`` collects what does not fit, and
+    the tap fails its test with them when its block ends.
+    """
 
     def __init__(self) -> None:
         self.messages: list[aio_pika.abc.AbstractIncomingMessage] = []
+        self.wire_problems: list[str] = []
 
     @property
     def ids(self) -> list[str]:
@@ -113,12 +121,18 @@ async def tap(url: str, exchange: str, routing_key: str = "#") -> AsyncIterator[
 
         async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
             result.messages.append(message)
+            problems = wire.check(message)
+            if problems and len(result.wire_problems) < 20:
+                result.wire_problems.append(f"{message.routing_key}: {'; '.join(problems)}")
             await message.ack()
 
         await queue.consume(on_message)
         yield result
     finally:
         await connection.close()
+    assert not result.wire_problems, "\n".join(
+        ["messages that do not fit the AsyncAPI document:", *result.wire_problems]
+    )
 
 
 async def delete_topology(url: str, exchange: str) -> None:
@@ -190,6 +204,7 @@ def make_config(
 @contextlib.asynccontextmanager
 async def running(config: Config) -> AsyncIterator[Service]:
     """Run the real service in this loop for the duration of the block."""
+    wire.register(config)
     service = Service(config)
     task = asyncio.create_task(service.run())
     try:

@@ -89,6 +89,7 @@ async def test_every_endpoint_checks_scopes(
             ("GET", "/v1/quarantine", "read", None),
             ("GET", replay_path, "read", None),
             ("GET", "/v1/openapi.json", "read", None),
+            ("GET", "/v1/asyncapi.json", "read", None),
             ("POST", "/v1/replays", "write", replay),
         ]
         for method, path, scope, payload in endpoints:
@@ -105,7 +106,7 @@ async def test_every_endpoint_checks_scopes(
             for key in (right, ADMIN_KEY):
                 status, body = await api.call(method, path, key, payload)
                 assert status in {200, 201}, (path, key, body)
-                assert path == "/v1/openapi.json" or body["success"] is True
+                assert path.endswith(".json") or body["success"] is True
         assert (await api.call("GET", "/v1/replays/rpl_nope"))[0] == 404
         assert (await api.call("DELETE", "/v1/events"))[0] == 405
 
@@ -277,6 +278,7 @@ async def test_openapi_document_describes_every_endpoint(api_service: tuple[Api,
         "/v1/replays",
         "/v1/replays/{id}",
         "/v1/openapi.json",
+        "/v1/asyncapi.json",
     } <= set(doc["paths"])
     body = doc["components"]["schemas"]["ReplayRequest"]
     assert {

@@ -21,6 +21,7 @@ from listener.journal.file import JournalFile
 from listener.journal.queries import list_quarantined
 from listener.ops.redrive import redrive
 from listener.service import Service
+from tests import wire
 from tests.conftest import running, tap, wait_for
 from tests.test_replay import raw_config, run_cli, write_config
 from tests.webhook_sender import Sender, gst_event
@@ -69,6 +70,10 @@ async def test_redrive_publishes_what_passes_after_a_handler_change(
         assert all(a["quarantined"] for a in answers)
 
         monkeypatch.setitem(getstoken.DATA_MODELS, "badge.issued", RelaxedBadge)
+        # The new handler's document: what it publishes now is checked against it.
+        models = {**getstoken.PROVIDER.data_models, "getstoken.badge.issued": RelaxedBadge}
+        monkeypatch.setattr(getstoken.PROVIDER, "data_models", models)
+        wire.register(config)
         async with JournalFile(config.journal.path, writable=True) as journal:
             report = await redrive(config, journal)
             again = await redrive(config, journal)
@@ -163,6 +168,9 @@ async def test_redrive_stream_frame_with_the_current_frame_parser(
         await journal.mark_published([p.seq for p in pending], wait=True)
 
     monkeypatch.setitem(layerx402._ADAPTERS, "trades", TypeAdapter(RelaxedTrade))  # type: ignore[index]  # a Mapping at type level, a dict at run time
+    models = {**layerx402.PROVIDER.data_models, "layerx402.trade": RelaxedTrade}
+    monkeypatch.setattr(layerx402.PROVIDER, "data_models", models)
+    wire.register(config)  # the redriven event is checked against the new handler's document
     async with (
         tap(broker_url, exchange_name) as events,
         JournalFile(config.journal.path, writable=True) as file,

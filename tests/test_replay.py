@@ -25,6 +25,7 @@ from listener.ops.replay import Replay, ReplayStatus
 from listener.ops.replay_request import replay_request
 from listener.selection import TopicPattern, parse_time
 from listener.service import Service
+from tests import wire
 from tests.conftest import UNIT, config_data, running, tap, wait_for
 from tests.test_webhooks import gst_source
 from tests.webhook_sender import Sender, gst_event
@@ -139,8 +140,11 @@ async def target_queue(url: str, name: str) -> AsyncIterator[None]:
         await connection.close()
 
 
-async def drain(url: str, name: str) -> list[aio_pika.abc.AbstractIncomingMessage]:
-    """Everything in queue ``name`` now (a finished replay's messages are all confirmed)."""
+async def drain(url: str, name: str, exchange: str) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    """
+    Everything in queue ``name`` now (a finished replay's messages are all confirmed),
+    each checked against the AsyncAPI document of the service on ``exchange``.
+    """
     connection = await aio_pika.connect(url)
     try:
         channel = await connection.channel()
@@ -148,9 +152,12 @@ async def drain(url: str, name: str) -> list[aio_pika.abc.AbstractIncomingMessag
         messages = []
         while (message := await queue.get(fail=False, no_ack=True)) is not None:
             messages.append(message)
-        return messages
     finally:
         await connection.close()
+    for message in messages:
+        assert message.headers.get("x-replayed") is True
+        assert wire.check(message, exchange=exchange) == [], message.message_id
+    return messages
 
 
 async def replay(config: Config, service: Service | None, **args: Any) -> ReplayStatus:
@@ -245,7 +252,7 @@ async def test_journal_replay_by_cli_delivers_the_window_exactly(
             out.startswith("replayed 10 of 10 events from journal to queue")
             and len(out.splitlines()) == 1
         )
-        got = await drain(broker_url, queue)
+        got = await drain(broker_url, queue, exchange_name)
     assert sorted(ids(got)) == [f"evt_{i:04d}" for i in range(10, 20)]
     originals = {m.message_id: m for m in live.messages}
     for message in got:
@@ -268,7 +275,7 @@ async def test_archive_replay_delivers_the_window_exactly(
         status = await replay(
             config, None, since=iso(5), until=iso(12.5), origin="archive", to_queue=queue
         )
-        got = await drain(broker_url, queue)
+        got = await drain(broker_url, queue, exchange_name)
     assert status.state == "completed" and status.published == 8
     assert sorted(ids(got)) == [f"evt_{i:04d}" for i in range(5, 13)]
     assert all(m.headers == {"x-replayed": True} and m.type for m in got)
@@ -295,17 +302,17 @@ async def test_type_filter_selects_by_pattern(
             journal = await replay(
                 config, service, since="2h", type_=pattern, source="gst", to_queue=queue
             )
-            from_journal = await drain(broker_url, queue)
+            from_journal = await drain(broker_url, queue, exchange_name)
             archive = await replay(
                 config, None, since="2h", type_=pattern, origin="archive", to_queue=queue
             )
-            from_archive = await drain(broker_url, queue)
+            from_archive = await drain(broker_url, queue, exchange_name)
             want = sorted(f"evt_{i:04d}" for i in range(12) if TYPES[i % 4] in expected)
             assert sorted(ids(from_journal)) == want == sorted(ids(from_archive)), pattern
             assert journal.published == archive.published == len(want), pattern
             assert {m.type for m in from_journal} == {f"getstoken.{t}" for t in expected}, pattern
         other = await replay(config, service, since="2h", source="other", to_queue=queue)
-        assert other.matched == 0 and await drain(broker_url, queue) == []
+        assert other.matched == 0 and await drain(broker_url, queue, exchange_name) == []
 
 
 async def test_dry_run_counts_by_type_and_publishes_nothing(
@@ -320,7 +327,7 @@ async def test_dry_run_counts_by_type_and_publishes_nothing(
             "replay", "--config", str(path), "--since", "2h", "--dry-run", "--to-queue", queue
         )
         archive = await replay(config, None, since="2h", origin="archive", dry_run=True)
-        assert await drain(broker_url, queue) == []
+        assert await drain(broker_url, queue, exchange_name) == []
     assert code == 0, err
     lines = out.splitlines()
     assert lines[0] == "dry run: 10 events would be replayed from journal"
@@ -350,7 +357,7 @@ async def test_rate_cap_is_roughly_honoured(
         started = time.monotonic()
         status = await replay(config, service, since="2h", rate=40, to_queue=queue)
         elapsed = time.monotonic() - started
-        assert len(await drain(broker_url, queue)) == 21
+        assert len(await drain(broker_url, queue, exchange_name)) == 21
     assert status.published == 21
     assert elapsed >= 0.45
 
@@ -389,7 +396,7 @@ async def test_replay_concurrent_with_live_ingestion(
         stop.set()
         await sender_task
         await live.wait_ids(set(sent) | {f"evt_{i:04d}" for i in range(200)})
-        got = ids(await drain(broker_url, queue))
+        got = ids(await drain(broker_url, queue, exchange_name))
     assert code == 0, err
     assert len(got) == len(set(got)), "a replay publishes each event once"
     old = {f"evt_{i:04d}" for i in range(200)}

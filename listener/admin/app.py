@@ -71,12 +71,14 @@ class AdminApp:
         refresh: Callable[[], None] = lambda: None,
         journal: Reader | None = None,
         broker: BrokerConfig | None = None,
+        asyncapi: Callable[[], bytes] | None = None,
     ) -> None:
         self._metrics = metrics
         self._components = components
         self._sources = sources
         self._poll_now = poll_now
         self._refresh = refresh
+        self._asyncapi = asyncapi
         self.auth = ApiAuth(config.api_keys, rate_limit=config.rate_limit)
         self.app = web.Application(middlewares=[json_errors, self.auth.middleware])
         self.app.router.add_get("/healthz", self._healthz, expect_handler=expect_continue)
@@ -86,6 +88,10 @@ class AdminApp:
         self.app.router.add_post(
             "/v1/sources/{name}/poll", self._v1_poll, expect_handler=expect_continue
         )
+        if asyncapi is not None:
+            self.app.router.add_get(
+                "/v1/asyncapi.json", self._v1_asyncapi, expect_handler=expect_continue
+            )
         # Events, quarantine, replays and the OpenAPI document need the journal and the
         # broker settings; without them (tests of the health endpoints) they are absent.
         self.api: AdminApi | None = None
@@ -125,6 +131,12 @@ class AdminApp:
     @require("read")
     async def _v1_sources(self, _: web.Request) -> web.Response:
         return ok([{"name": name, **state} for name, state in self._sources().items()])
+
+    @require("read")
+    async def _v1_asyncapi(self, _: web.Request) -> web.Response:
+        """``GET /v1/asyncapi.json``: what this listener publishes (CONTRACT §11)."""
+        assert self._asyncapi is not None  # the route exists only with a document
+        return web.Response(body=self._asyncapi(), content_type="application/json")
 
     @require("write")
     async def _v1_poll(self, request: web.Request) -> web.Response:

@@ -290,6 +290,13 @@ def document() -> dict[str, Any]:
                     "responses": {**_ok(_ref("Replay")), **_errors(404)},
                 },
             },
+            "/v1/asyncapi.json": {
+                "get": {
+                    "summary": "The AsyncAPI 3.0 document of what this listener publishes "
+                    "(scope: read).",
+                    "responses": {"200": {"description": "AsyncAPI 3.0."}, **_errors()},
+                }
+            },
             "/v1/openapi.json": {
                 "get": {
                     "summary": "This document (scope: read).",

@@ -28,6 +28,7 @@ __all__ = ["main"]
 # Commands that live in their own modules, imported only when they run, so `listener run`
 # loads no demo, simulator or replay engine (the click documentation's "lazy loading").
 _LAZY = {
+    "asyncapi": "listener.cli.asyncapi",
     "demo": "listener.cli.demo",
     "quarantine": "listener.cli.quarantine",
     "replay": "listener.cli.replay",

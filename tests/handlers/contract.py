@@ -132,6 +132,13 @@ class WebhookProviderContract:
             assert isinstance(event.data, Mapping)
             orjson.dumps(dict(event.data))
 
+    def test_data_models_describe_every_event(self) -> None:
+        """Each declared type has a data model, and every sample's data validates against it."""
+        assert set(self.provider.data_models) == set(self.provider.event_types)
+        for body in self.valid_bodies:
+            event = self.event(body)
+            self.provider.data_models[event.type].model_validate(dict(event.data))
+
     def test_ids_are_stable(self) -> None:
         """The same body always yields the same event and id (consumers dedupe on it)."""
         for body in self.valid_bodies:

@@ -174,6 +174,7 @@ class PollProviderContract:
         assert re.fullmatch(r"[a-z][a-z0-9_]*", provider.name)
         assert issubclass(provider.resource_model, BaseModel)
         assert provider.event_types
+        assert set(provider.data_models) == set(provider.event_types)
         for event_type in provider.event_types:
             assert _ROUTING_KEY.fullmatch(event_type), event_type
             assert event_type.startswith(f"{provider.name}.")
@@ -264,10 +265,12 @@ class PollProviderContract:
                 uuid.UUID(first.id)
                 orjson.dumps(dict(first.data))
                 ids = {first.id}
+                self.provider.data_models[first.type].model_validate(dict(first.data))
                 for other in ("0" * 64, "f" * 64):
                     previous = Record(record.key, {}, {"x": other}, other)
                     event = self.provider.change_event(record, previous, observed=OBSERVED)
                     orjson.dumps(dict(event.data))
+                    self.provider.data_models[event.type].model_validate(dict(event.data))
                     ids.add(event.id)
                 assert len(ids) == 3
 

@@ -61,6 +61,7 @@ class StreamProviderContract:
         assert load_provider(self.provider.name) is self.provider
         assert self.provider.channels and self.provider.event_types
         assert all(t.startswith(f"{self.provider.name}.") for t in self.provider.event_types)
+        assert set(self.provider.data_models) == set(self.provider.event_types)
         self.provider.settings_model.model_validate({})
 
     def test_sent_frames_are_json_text(self) -> None:
@@ -97,6 +98,8 @@ class StreamProviderContract:
             again = self.provider.parse_frame(bytes(raw))
             assert isinstance(again, EventFrame) and again.result == frame.result
             orjson.dumps(dict(frame.result.data))
+            # The AsyncAPI document's schema for the type is this model's.
+            self.provider.data_models[frame.result.type].model_validate(dict(frame.result.data))
             ids.append(frame.result.id)
         assert len(set(ids)) == len(ids)
 

@@ -460,6 +460,7 @@ def test_rename_event() -> None:
     assert event.time == OBSERVED
     assert event.data == {"old_project_id": "aave", "new_project_id": "aave-v3"}
     orjson.dumps(dict(event.data))
+    PROVIDER.data_models[event.type].model_validate(dict(event.data))
     other = PROVIDER.redirect(AAVE, "/v2/projects/aave-v4/metrics")
     assert other is not None
     assert PROVIDER.rename_event(other, observed=OBSERVED).id != event.id
