@@ -189,6 +189,12 @@ class SignatureConfig(_Model):
     # Header carrying the signature, for the schemes that let it be chosen.
     header: str | None = None
 
+    @field_validator("secrets", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        # `secrets_file: current.secret` holding a single secret reads as one string.
+        return [value] if isinstance(value, str) else value
+
     @model_validator(mode="after")
     def _check(self) -> SignatureConfig:
         if self.scheme == "standard-webhooks":

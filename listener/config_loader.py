@@ -172,7 +172,12 @@ def _read_secret_file(
     name: Any, loc: tuple[str | int, ...], base: Path, problems: list[str]
 ) -> Any:
     if isinstance(name, list):
-        return [_read_secret_file(n, (*loc, i), base, problems) for i, n in enumerate(name)]
+        # A list of files, each one secret or one per line: one flat list of secrets.
+        found: list[Any] = []
+        for i, n in enumerate(name):
+            value = _read_secret_file(n, (*loc, i), base, problems)
+            found.extend(value if isinstance(value, list) else [value])
+        return found
     if not isinstance(name, str):
         problems.append(f"{_key_path(loc)}: expected a file path")
         return None
@@ -180,10 +185,13 @@ def _read_secret_file(
     if not file.is_absolute():
         file = base / file
     try:
-        return file.read_text(encoding="utf-8").strip()
+        text = file.read_text(encoding="utf-8")
     except OSError as exc:
         problems.append(f"{_key_path(loc)}: cannot read {name} ({exc.strerror})")
         return None
+    # One secret, or several one per line (a rotation's overlap: old and new).
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines if len(lines) > 1 else (lines[0] if lines else "")
 
 
 def secret_values(config: Config) -> list[str]:

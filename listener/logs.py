@@ -16,7 +16,7 @@ from typing import Any, TextIO
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
-__all__ = ["Redactor", "configure_logging"]
+__all__ = ["Redactor", "configure_logging", "redact_also"]
 
 REDACTED = "***"
 
@@ -25,8 +25,14 @@ class Redactor:
     """A structlog processor that masks secrets in every value, keys and nested data."""
 
     def __init__(self, secrets: Iterable[str]) -> None:
+        self._secrets: list[str] = []
+        self.add(secrets)
+
+    def add(self, secrets: Iterable[str]) -> None:
+        """Mask these too (a reload's new secrets; the old ones stay masked)."""
         # Short strings would mask ordinary words; the config enforces real secrets anyway.
-        self._secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
+        known = {*self._secrets, *(s for s in secrets if len(s) >= 4)}
+        self._secrets = sorted(known, key=len, reverse=True)
 
     def _clean(self, value: Any) -> Any:
         if isinstance(value, str):
@@ -50,6 +56,15 @@ class Redactor:
         return {k: self._clean(v) for k, v in event_dict.items()}
 
 
+_redactor: Redactor | None = None
+
+
+def redact_also(secrets: Iterable[str]) -> None:
+    """Add secrets to the running log redaction (SIGHUP brought new ones)."""
+    if _redactor is not None:
+        _redactor.add(secrets)
+
+
 def configure_logging(
     *,
     level: str = "info",
@@ -61,7 +76,8 @@ def configure_logging(
     out = stream or sys.stderr
     if fmt == "auto":
         fmt = "console" if out.isatty() else "json"
-    redact = Redactor(secrets)
+    global _redactor  # noqa: PLW0603 - one logging configuration per process
+    redact = _redactor = Redactor(secrets)
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,

@@ -119,6 +119,17 @@ class Metrics:
             ["source", "subscription"],
             registry=r,
         )
+        self.config_reloads = Counter(
+            "listener_config_reloads",
+            "SIGHUP reloads of the configuration, by result (ok, failed: the running one kept).",
+            ["result"],
+            registry=r,
+        )
+        self.config_restart_pending = Gauge(
+            "listener_config_restart_pending",
+            "Keys the last reload found changed that only a restart applies.",
+            registry=r,
+        )
         self.publish_seconds = Histogram(
             "listener_publish_seconds",
             "Publish to broker confirm.",

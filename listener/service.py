@@ -26,6 +26,7 @@ import contextlib
 import signal
 import time
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -36,8 +37,12 @@ from listener.admin.app import AdminApp
 from listener.broker.asyncapi import build_document
 from listener.broker.publisher import Publisher
 from listener.config import Config
+from listener.config_loader import load_config, secret_values
+from listener.exceptions import ConfigError
 from listener.journal import Journal
+from listener.logs import redact_also
 from listener.metrics import Metrics
+from listener.reload import ReloadPlan, plan_reload
 from listener.sources.registry import Transport, TransportContext, build_transports
 from listener.sources.supervisor import SourceRuntime, supervised
 from listener.web import error_response, expect_continue, json_errors
@@ -85,8 +90,12 @@ def public_app(config: Config, transports: list[Transport]) -> web.Application:
 class Service:
     """The listener daemon. ``await Service(config).run()`` until :meth:`stop`."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, config_file: Path | None = None) -> None:
         self.config = config
+        #: Re-read on SIGHUP (:meth:`reload`); ``None``: no file to re-read.
+        self.config_file = config_file
+        self._reloading = asyncio.Lock()
+        self._reloads: set[asyncio.Task[Any]] = set()
         self.metrics = Metrics()
         self._stop = asyncio.Event()
         self.started = asyncio.Event()
@@ -118,10 +127,64 @@ class Service:
         self._stop.set()
 
     def install_signal_handlers(self) -> None:
-        """SIGTERM and SIGINT start the shutdown sequence."""
+        """SIGTERM and SIGINT start the shutdown sequence; SIGHUP reloads secrets."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+
+    def _on_sighup(self) -> None:
+        task = asyncio.create_task(self.reload(), name="reload")
+        self._reloads.add(task)  # held until done (the loop keeps only weak references)
+        task.add_done_callback(self._reloads.discard)
+
+    async def reload(self) -> ReloadPlan | None:
+        """
+        Re-read the configuration file and apply its new secrets and admin keys (CONTRACT
+        §3); log every other change as needing a restart. A file that does not validate
+        changes nothing: each problem is logged. Never raises.
+        """
+        async with self._reloading:
+            try:
+                return await self._reload()
+            except Exception:  # a reload must never take the daemon down
+                log.exception("config_reload_failed", note="the running configuration is kept")
+                self.metrics.config_reloads.labels("failed").inc()
+                return None
+
+    async def _reload(self) -> ReloadPlan | None:
+        if self.config_file is None:
+            log.warning("config_reload_skipped", reason="started without a configuration file")
+            return None
+        try:
+            fresh = await asyncio.to_thread(load_config, self.config_file)
+        except ConfigError as exc:
+            problems = exc.problems
+        else:
+            return self._apply(plan_reload(self.config, fresh))
+        # One line per problem, as `check-config` prints them; no traceback.
+        for problem in problems:
+            log.error("config_reload_problem", problem=problem)
+        log.error(
+            "config_reload_failed", problems=len(problems), note="the running configuration is kept"
+        )
+        self.metrics.config_reloads.labels("failed").inc()
+        return None
+
+    def _apply(self, plan: ReloadPlan) -> ReloadPlan:
+        """Hand the new secrets to the log redaction, the transports and the admin port."""
+        redact_also(secret_values(plan.config))  # before anything could log one
+        for transport in self.transports:
+            transport.use_secrets({s.name: s for s in plan.config.sources})
+        if self.admin is not None:
+            self.admin.auth.use_keys(plan.config.admin.api_keys)
+        self.config = plan.config
+        for key in plan.restart:
+            log.warning("config_change_needs_restart", key=key)
+        self.metrics.config_restart_pending.set(len(plan.restart))
+        self.metrics.config_reloads.labels("ok").inc()
+        log.info("config_reloaded", applied=plan.rotated, needs_restart=plan.restart)
+        return plan
 
     def source_states(self) -> dict[str, Mapping[str, Any]]:
         """Every source's state, by name, in the configuration's order."""

@@ -202,10 +202,10 @@ def make_config(
 
 
 @contextlib.asynccontextmanager
-async def running(config: Config) -> AsyncIterator[Service]:
+async def running(config: Config, *, config_file: Path | None = None) -> AsyncIterator[Service]:
     """Run the real service in this loop for the duration of the block."""
     wire.register(config)
-    service = Service(config)
+    service = Service(config, config_file=config_file)
     task = asyncio.create_task(service.run())
     try:
         async with asyncio.timeout(10 * UNIT):

@@ -227,7 +227,7 @@ async def test_post_replay_runs_in_the_daemon(
         result = await wait_replay(api, body["data"]["id"])
         assert result["state"] == "completed" and result["error"] is None
         assert (result["total"], result["published"], result["progress"]) == (10, 10, 1.0)
-        assert sorted(m.message_id for m in await drain(broker_url, queue)) == [
+        assert sorted(m.message_id for m in await drain(broker_url, queue, exchange_name)) == [
             f"evt_{i:04d}" for i in range(5, 15)
         ]
 

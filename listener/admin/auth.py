@@ -55,6 +55,13 @@ class ApiAuth:
     """The aiohttp middleware guarding ``/v1``."""
 
     def __init__(self, keys: Iterable[ApiKeyConfig], *, rate_limit: int) -> None:
+        self._keys: list[_Key] = []
+        self.use_keys(keys)
+        self._limit = rate_limit
+        self._windows: dict[str, tuple[float, int]] = {}
+
+    def use_keys(self, keys: Iterable[ApiKeyConfig]) -> None:
+        """Authenticate with these keys from now on (SIGHUP); the next request sees them."""
         self._keys = [
             _Key(
                 digest=hashlib.sha256(k.key.get_secret_value().encode()).digest(),
@@ -63,8 +70,6 @@ class ApiAuth:
             )
             for i, k in enumerate(keys)
         ]
-        self._limit = rate_limit
-        self._windows: dict[str, tuple[float, int]] = {}
 
     def _identify(self, request: web.Request) -> _Key | None:
         header = request.headers.get("Authorization", "")

@@ -16,7 +16,7 @@ import click
 import yaml
 
 from listener.cli.common import CONFIG_OPTION, load_or_exit
-from listener.config_loader import render_config, secret_values
+from listener.config_loader import config_path, render_config, secret_values
 from listener.exceptions import JournalCorrupt, JournalLocked
 from listener.logs import configure_logging
 from listener.loop import run_async
@@ -67,12 +67,13 @@ def check_config(config_file: Path | None) -> None:
 @main.command()
 @CONFIG_OPTION
 def run(config_file: Path | None) -> None:
-    """Run the daemon until SIGTERM/SIGINT; exit 0 after a clean drain."""
+    """Run the daemon until SIGTERM/SIGINT (exit 0 after a clean drain); SIGHUP reloads secrets."""
     from listener.service import Service  # noqa: PLC0415 - keeps the other commands light
 
     config = load_or_exit(config_file)
     configure_logging(level=config.log.level, fmt=config.log.format, secrets=secret_values(config))
-    service = Service(config)
+    # SIGHUP re-reads the same file (with the same environment) and applies new secrets.
+    service = Service(config, config_file=config_path(config_file))
 
     async def serve() -> None:
         service.install_signal_handlers()

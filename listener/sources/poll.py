@@ -132,13 +132,12 @@ class PollSource:
     async def run(self) -> None:
         """Poll every resource on its schedule until cancelled."""
         cfg = self.config
-        headers = dict(self.provider.auth_headers(cfg.api_key.get_secret_value()))
         timeout = aiohttp.ClientTimeout(total=cfg.request_timeout)
         primed = await self.journal.poll_primed(self.name)
         for resource in self.resources:
             resource.primed = resource.label in primed
         async with aiohttp.ClientSession(
-            base_url=cfg.url.rstrip("/") + "/", headers=headers, timeout=timeout
+            base_url=cfg.url.rstrip("/") + "/", timeout=timeout
         ) as session:
             self._session = session
             self.status = "polling"
@@ -261,7 +260,11 @@ class PollSource:
                     request.method,
                     request.target.lstrip("/"),
                     data=request.body,
-                    headers={"Content-Type": "application/json"} if request.body else None,
+                    # Read per request: a SIGHUP's new key goes with the next one.
+                    headers={
+                        **self.provider.auth_headers(self.config.api_key.get_secret_value()),
+                        **({"Content-Type": "application/json"} if request.body else {}),
+                    },
                     allow_redirects=False,
                 ) as response:
                     status, headers = response.status, response.headers
@@ -321,6 +324,16 @@ class PollTransport:
 
     def stop_intake(self) -> None:
         """Nothing to do: the service cancels the runtimes."""
+
+    def use_secrets(self, sources: Mapping[str, Any]) -> None:
+        """A new API key goes with the next request; a source it refused polls again now."""
+        for runtime in self.runtimes:
+            if (source := sources.get(runtime.name)) is None:
+                continue
+            rotated = source.api_key != runtime.config.api_key
+            runtime.config = source
+            if rotated and runtime.status in {"unauthorized", "subscription_invalid"}:
+                runtime.poll_now()
 
     def poll_now(self, name: str) -> bool:
         """Start a poll of source ``name`` now; ``False`` when it is not one of these."""

@@ -63,6 +63,13 @@ class Transport(Protocol):
         """Shutdown step 1: take nothing more in."""
         ...
 
+    def use_secrets(self, sources: Mapping[str, Any]) -> None:
+        """
+        SIGHUP: run with these source configurations (by name), equal to the running
+        ones but for their secrets; nothing is reconnected or refused for it.
+        """
+        ...
+
 
 def build_transports(config: Config, context: TransportContext) -> list[Transport]:
     """One transport per configured kind, in the order kinds first appear."""

@@ -179,6 +179,13 @@ class WebhookTransport:
         """Shutdown step 1: answer 503 from now on."""
         self.accepting = False
 
+    def use_secrets(self, sources: Mapping[str, Any]) -> None:
+        """New signing secrets: each request verifies with the verifier it started with."""
+        for endpoint in self._endpoints:
+            if (source := sources.get(endpoint.name)) is not None:
+                endpoint.verifier = Verifier(source.signature)
+                endpoint.source = source
+
     def handler(self, name: str) -> Handler:
         """The route handler of source ``name`` (tests, benchmarks)."""
         return next(e.receive for e in self._endpoints if e.name == name)

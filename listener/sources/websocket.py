@@ -204,6 +204,10 @@ class StreamSource:
         finally:
             self._set_status("stopped")
 
+    def use_config(self, config: StreamSourceConfig) -> None:
+        """SIGHUP: the same source with new secrets, used from the next connect on."""
+        self._config = config
+
     def _grow_max_size(self) -> None:
         # Whatever comes next, a frame was refused: keep a record of it for operators.
         self._quarantine_oversize()
@@ -429,3 +433,9 @@ class StreamTransport:
 
     def stop_intake(self) -> None:
         """Nothing to do: the service cancels the runtimes (each unsubscribes and closes)."""
+
+    def use_secrets(self, sources: Mapping[str, Any]) -> None:
+        """A new API key is sent at the next (re)connect; the open connection stays."""
+        for runtime in self.runtimes:
+            if (source := sources.get(runtime.name)) is not None:
+                runtime.use_config(source)
