@@ -119,6 +119,20 @@ class Metrics:
             ["source", "subscription"],
             registry=r,
         )
+        self.source_status = Gauge(
+            "listener_source_status",
+            "1 for the status a source is in now (connected, reconnecting, unauthorized, "
+            "forbidden, polling, degraded, subscription_invalid, listening, stopped...).",
+            ["source", "status"],
+            registry=r,
+        )
+        self._statuses: dict[str, str] = {}
+        self.poll_interval = Gauge(
+            "listener_poll_interval_seconds",
+            "The configured interval of a poll source (alert when a success is 3 overdue).",
+            ["source"],
+            registry=r,
+        )
         self.config_reloads = Counter(
             "listener_config_reloads",
             "SIGHUP reloads of the configuration, by result (ok, failed: the running one kept).",
@@ -176,6 +190,16 @@ class Metrics:
             if len(self._published_children) > _CHILD_CACHE:
                 self._published_children.clear()
         return child
+
+    def set_source_status(self, source: str, status: str) -> None:
+        """Show ``status`` as the one current status of ``source`` (the old one is removed)."""
+        previous = self._statuses.get(source)
+        if previous == status:
+            return
+        if previous is not None:
+            self.source_status.remove(source, previous)
+        self.source_status.labels(source, status).set(1)
+        self._statuses[source] = status
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

@@ -210,6 +210,8 @@ class Service:
         return self._asyncapi
 
     def _refresh_metrics(self) -> None:
+        for name, state in self.source_states().items():
+            self.metrics.set_source_status(name, str(state.get("status", "unknown")))
         if self.journal is not None:
             self.metrics.journal_pending.set(self.journal.pending_count)
             self.metrics.journal_deferred.set(self.journal.deferred_count)

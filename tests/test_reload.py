@@ -308,6 +308,12 @@ async def test_stream_poll_and_admin_keys_rotate_without_a_reconnect(
                     return response.status
 
             assert await admin_status(OLD_KEY) == 202
+            async with session.get(f"{admin}/metrics") as response:
+                metrics = await response.text()
+            # What the alert rules and the dashboard read (docker/prometheus/alerts.yml).
+            assert 'listener_source_status{source="lx",status="connected"} 1.0' in metrics
+            assert 'listener_source_status{source="tt",status="polling"} 1.0' in metrics
+            assert 'listener_poll_interval_seconds{source="tt"} 3600.0' in metrics
 
             for name in ("lx", "tt", "admin"):
                 (tmp_path / f"{name}.key").write_text(NEW_KEY)

@@ -93,6 +93,7 @@ class PollSource:
             metrics=metrics,
             known_types=provider.event_types,
         )
+        metrics.poll_interval.labels(config.name).set(config.interval)
         self.budget = Budget(*config.rate_limit)
         self.resources = [Resource(provider.describe(r), r) for r in config.resources]
         self.status = "starting"
