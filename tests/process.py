@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -13,6 +14,9 @@ from typing import Any
 import aiohttp
 import yaml
 
+from listener.config_loader import load_config
+from listener.exceptions import ConfigError
+from tests import wire
 from tests.conftest import UNIT, wait_for
 
 
@@ -39,6 +43,10 @@ class ListenerProcess:
         self.config_path = workdir / "config.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.env = {**os.environ, **(env or {})}
+        # What the child publishes is checked against its AsyncAPI document by the taps
+        # (tests/wire.py); a configuration a test means to be bad registers nothing.
+        with contextlib.suppress(ConfigError):
+            wire.register(load_config(self.config_path, environ=self.env))
         self.proc: asyncio.subprocess.Process | None = None
         self.log_path = workdir / "listener.log"
         self.starts = 0

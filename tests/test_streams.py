@@ -80,8 +80,13 @@ async def test_resume_across_abrupt_drops_loses_nothing(
         config = stream_config(tmp_path, broker_url, exchange_name, sim.url)
         async with running(config) as service:
             source = stream_source(service)
-            for _ in range(3):
-                await wait_for(lambda: source.status == "connected", what="connected")
+            for drops in range(3):
+                # The connection made after the last drop (a stale "connected" of the
+                # dropped one would let the next drop hit no connection at all).
+                await wait_for(
+                    lambda d=drops: source.connections > d and source.status == "connected",
+                    what=f"connection {drops + 1}",
+                )
                 floor = source.events_received + 50
                 await wait_for(lambda f=floor: source.events_received > f, what="events flowing")
                 await sim.drop_all(None)
