@@ -31,7 +31,6 @@ import asyncio
 import collections
 import contextlib
 import random
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -44,6 +43,7 @@ from listener.dev.simulators.getstoken_payloads import (
     BadKind,
     make_payload,
 )
+from listener.dev.simulators.waiting import Waitable
 from listener.sources.signatures import Scheme, sign
 
 __all__ = ["EVENT_TYPES", "Delivery", "GetSmartTokenSimulator", "make_payload"]
@@ -79,7 +79,7 @@ class _Job:
     redelivery: bool
 
 
-class GetSmartTokenSimulator:
+class GetSmartTokenSimulator(Waitable):
     """
     Posts signed Get Smart Token webhooks to ``url`` at ``rate`` per second.
 
@@ -102,6 +102,8 @@ class GetSmartTokenSimulator:
         timeout: seconds for one request.
         record: keep every delivery in :attr:`deliveries` (off for long runs).
     """
+
+    _waiting_name = "getstoken simulator"
 
     def __init__(
         self,
@@ -233,32 +235,6 @@ class GetSmartTokenSimulator:
             f"rejected {sum(self.rejected.values())}{f' ({rejected})' if rejected else ''}, "
             f"no answer {self.errors}"
         )
-
-    async def wait_until(
-        self,
-        predicate: Callable[[], bool],
-        *,
-        timeout: float = 5.0,  # noqa: ASYNC109 - the deadline is built in so no caller forgets one
-        what: str = "",
-    ) -> None:
-        """
-        Wait until ``predicate()`` holds; it is re-checked after every delivery.
-
-        Raises:
-            TimeoutError: it did not hold within ``timeout`` seconds.
-        """
-        try:
-            async with asyncio.timeout(timeout):
-                while not predicate():
-                    await self._changed.wait()
-        except TimeoutError:
-            raise TimeoutError(
-                f"getstoken simulator: not {what or 'true'} after {timeout}s"
-            ) from None
-
-    def _pulse(self) -> None:
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
 
     # --- producing -----------------------------------------------------------------------
 

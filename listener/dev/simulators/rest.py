@@ -31,6 +31,8 @@ from typing import ClassVar, Final, Literal, Self, TypeAlias, TypeVar
 
 from aiohttp import web
 
+from listener.dev.simulators.waiting import Waitable
+
 __all__ = ["Hit", "RateHeaders", "RestSimulator", "RetryAfterFormat", "retry_after_value"]
 
 #: Rate headers a server sends: IETF draft ``RateLimit``/``RateLimit-Policy`` (reset in
@@ -69,7 +71,7 @@ def retry_after_value(seconds: float, fmt: RetryAfterFormat) -> str:
     return str(math.ceil(max(seconds, 0.0)))
 
 
-class RestSimulator:
+class RestSimulator(Waitable):
     """
     Base of a REST provider simulator on ``host:port`` (port 0: a free one, see :attr:`url`).
 
@@ -190,30 +192,6 @@ class RestSimulator:
     def statuses(self, *, path: str | None = None) -> list[int | None]:
         """The status of every request (of ``path``, or all), in arrival order."""
         return [hit.status for hit in self.ledger if path is None or hit.path == path]
-
-    async def wait_until(
-        self,
-        predicate: Callable[[], bool],
-        *,
-        timeout: float = 5.0,  # noqa: ASYNC109 - the deadline is built in so no caller forgets one
-        what: str = "",
-    ) -> None:
-        """
-        Wait until ``predicate()`` holds; it is re-checked whenever a request comes or goes.
-
-        Raises:
-            TimeoutError: it did not hold within ``timeout`` seconds.
-        """
-        try:
-            async with asyncio.timeout(timeout):
-                while not predicate():
-                    await self._changed.wait()
-        except TimeoutError:
-            raise TimeoutError(f"simulator: not {what or 'true'} after {timeout}s") from None
-
-    def _pulse(self) -> None:
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
 
     # --- faults ------------------------------------------------------------------------
 

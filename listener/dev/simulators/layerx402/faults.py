@@ -6,16 +6,16 @@ limiting, silence, refused handshakes. A mixin of :class:`.server.Layerx402Simul
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from listener.dev.simulators.layerx402.feed import Close, Conn, Raw, rate_limited_frame
+from listener.dev.simulators.waiting import Waitable
 
 if TYPE_CHECKING:
     from listener.dev.simulators.layerx402.feed import Key
 
 
-class Faults:
+class Faults(Waitable):
     """What a test can do to the simulator's clients."""
 
     _all: set[Conn]
@@ -26,16 +26,6 @@ class Faults:
     _frozen: bool
     _rate_limited_until: float
     _handshake_status: int | None
-
-    if TYPE_CHECKING:
-
-        async def wait_until(
-            self,
-            predicate: Callable[[], bool],
-            *,
-            timeout: float = 5.0,  # noqa: ASYNC109 - the server's signature, for the mixin
-            what: str = "",
-        ) -> None: ...
 
     # --- faults ----------------------------------------------------------------------
 

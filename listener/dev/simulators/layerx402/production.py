@@ -16,9 +16,10 @@ import orjson
 
 from handlers.layerx402 import subscription_key
 from listener.dev.simulators.layerx402.feed import CHANNELS, HIGH, MAX_BURST, Key, Rate
+from listener.dev.simulators.waiting import Waitable
 
 
-class Production:
+class Production(Waitable):
     """What produces events, and the ledger of what was produced."""
 
     rate: Rate | Mapping[str, Rate]
@@ -31,9 +32,6 @@ class Production:
     _producers: set[asyncio.Task[None]]
     _running: asyncio.Event
     _stopping: asyncio.Event
-
-    def _pulse(self) -> None:
-        raise NotImplementedError  # the server's
 
     # --- producing -------------------------------------------------------------------
 

@@ -216,31 +216,6 @@ class Layerx402Simulator(Production, Faults):
         key = self._keys.get(subscription_key(channel, params))
         return key.seq if key else 0
 
-    async def wait_until(
-        self,
-        predicate: Callable[[], bool],
-        *,
-        timeout: float = 5.0,  # noqa: ASYNC109 - the deadline is built in so no caller forgets one
-        what: str = "",
-    ) -> None:
-        """
-        Wait until ``predicate()`` holds; it is re-checked on every state change.
-
-        Raises:
-            TimeoutError: it did not hold within ``timeout`` seconds.
-        """
-        try:
-            async with asyncio.timeout(timeout):
-                while not predicate():
-                    await self._changed.wait()
-        except TimeoutError:
-            raise TimeoutError(f"simulator: not {what or 'true'} after {timeout}s") from None
-
-    def _pulse(self) -> None:
-        # Wake every wait_until; the next waiters get a fresh event.
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
-
     # --- connections -----------------------------------------------------------------
 
     async def _handle(self, ws: ServerConnection) -> None:
