@@ -33,7 +33,7 @@ from typing import Any, Final, Literal, Protocol, runtime_checkable
 import orjson
 from pydantic import BaseModel
 
-from handlers import Event, Quarantine
+from handlers import MAX_DEPTH, Event, Quarantine, too_deep
 
 __all__ = [
     "NAMESPACE",
@@ -49,8 +49,14 @@ __all__ = [
     "change_id",
     "content_hash",
     "loads_exact",
+    "one_line",
+    "read_answer",
+    "schema_violation",
     "uuid5",
 ]
+
+# At most this many problems are named in a schema_violation detail.
+_MAX_ERRORS: Final = 5
 
 # Fixed forever: change-event ids are UUIDv5 in this namespace (RFC 9562 §5.5).
 NAMESPACE: Final = uuid.uuid5(uuid.NAMESPACE_URL, "https://listener.invalid/poll#change-id")
@@ -291,3 +297,32 @@ def change_data(record: Record, previous: Record | None, *, field: str) -> dict[
         "changed": changed,
         "previous": {k: before.get(k) for k in changed},
     }
+
+
+def one_line(value: object, limit: int) -> str:
+    """``value`` on one line of at most ``limit`` characters (details go to logs and headers)."""
+    text = value if isinstance(value, str) else str(canonical(value))
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def schema_violation(problems: Sequence[str]) -> Quarantine:
+    """A ``schema_violation`` naming the first problems, and how many more there are."""
+    named = list(problems[:_MAX_ERRORS])
+    if len(problems) > _MAX_ERRORS:
+        named.append(f"and {len(problems) - _MAX_ERRORS} more")
+    return Quarantine("schema_violation", "; ".join(named))
+
+
+def read_answer(body: bytes) -> Any:
+    """
+    A 2xx body parsed with :func:`loads_exact`, or the verdict: ``invalid_json`` (not
+    JSON, not UTF-8, not publishable) or ``too_deep``. Never raises.
+    """
+    try:
+        payload = loads_exact(body)
+    except ValueError as exc:
+        return Quarantine("invalid_json", f"not JSON: {one_line(str(exc), 200)}")
+    if too_deep(payload, size=len(body)):
+        return Quarantine("too_deep", f"nested deeper than {MAX_DEPTH} levels")
+    return payload

@@ -34,7 +34,7 @@ from typing import Annotated, Any, Final, Literal
 import orjson
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from handlers import MAX_DEPTH, Event, NoSettings, Quarantine, too_deep
+from handlers import Event, NoSettings, Quarantine
 from handlers.polling import (
     Page,
     PollRequest,
@@ -46,6 +46,9 @@ from handlers.polling import (
     change_data,
     change_id,
     loads_exact,
+    one_line,
+    read_answer,
+    schema_violation,
 )
 
 __all__ = [
@@ -77,7 +80,6 @@ MAX_BATCH: Final = 1000
 _ISIN: Final = re.compile(r"[A-Z]{2}[A-Z0-9]{9}[0-9]", re.ASCII)
 # RFC 6901 array index into the request body's "isins".
 _POINTER: Final = re.compile(r"/isins/(0|[1-9][0-9]{0,5})", re.ASCII)
-_MAX_ERRORS: Final = 5
 _MAX_DETAIL: Final = 200
 
 
@@ -186,18 +188,6 @@ def _resource(resource: BaseModel) -> BondReference:
     return resource
 
 
-def _violation(problems: list[str]) -> Quarantine:
-    named = problems[:_MAX_ERRORS]
-    if len(problems) > _MAX_ERRORS:
-        named.append(f"and {len(problems) - _MAX_ERRORS} more")
-    return Quarantine("schema_violation", "; ".join(named))
-
-
-def _short(text: str, limit: int = _MAX_DETAIL) -> str:
-    text = " ".join(text.split())  # one line: a detail becomes a header value
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 class Terrapin:
     """
     The Terrapin poll provider (satisfies :class:`handlers.polling.PollProvider`).
@@ -238,20 +228,17 @@ class Terrapin:
         ISINs asked for but not answered are simply absent; records for ISINs the
         request did not ask for are left out with a warning.
         """
-        try:
-            payload = loads_exact(body)
-        except ValueError as exc:
-            return Quarantine("invalid_json", f"not JSON: {_short(str(exc))}")
-        if too_deep(payload, size=len(body)):
-            return Quarantine("too_deep", f"nested deeper than {MAX_DEPTH} levels")
+        payload = read_answer(body)
+        if isinstance(payload, Quarantine):
+            return payload
         return self._page(request, payload)
 
     def _page(self, request: PollRequest, payload: Any) -> Page | Quarantine:
         if not isinstance(payload, dict):
-            return _violation(["(body): expected a JSON object"])
+            return schema_violation(["(body): expected a JSON object"])
         entries = payload.get("data")
         if not isinstance(entries, list):
-            return _violation(["data: expected a list of records"])
+            return schema_violation(["data: expected a list of records"])
         problems = []
         for index, entry in enumerate(entries):
             if not isinstance(entry, dict):
@@ -259,7 +246,7 @@ class Terrapin:
             elif not isinstance(entry.get("isin"), str) or not entry["isin"]:
                 problems.append(f"data[{index}].isin: expected a non-empty string")
         if problems:
-            return _violation(problems)
+            return schema_violation(problems)
         asked = set(request.items)
         records: dict[str, Record] = {}
         unasked = 0
@@ -309,14 +296,20 @@ class Terrapin:
             if match is None or int(match[1]) >= len(request.items):
                 continue
             detail = error.get("detail")
-            text = _short(detail) if isinstance(detail, str) and detail.strip() else "rejected"
+            text = (
+                one_line(detail, _MAX_DETAIL)
+                if isinstance(detail, str) and detail.strip()
+                else "rejected"
+            )
             bad.setdefault(request.items[int(match[1])], (match[0], text))
         if not bad:
             return None
         left = tuple(isin for isin in request.items if isin not in bad)
         return Rejected(
             items=tuple(bad),
-            detail=_short("; ".join(f"{isin}: {detail}" for isin, (_, detail) in bad.items()), 500),
+            detail=one_line(
+                "; ".join(f"{isin}: {detail}" for isin, (_, detail) in bad.items()), 500
+            ),
             retry=batch_request(left) if left else None,
             payloads={
                 isin: orjson.dumps(

@@ -34,7 +34,7 @@ from urllib.parse import parse_qs, quote, unquote, urlencode, urljoin, urlsplit
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, field_validator
 
-from handlers import MAX_DEPTH, Event, NoSettings, Quarantine, too_deep
+from handlers import Event, NoSettings, Quarantine
 from handlers.polling import (
     Page,
     PollRequest,
@@ -45,7 +45,9 @@ from handlers.polling import (
     canonical_hash,
     change_data,
     change_id,
-    loads_exact,
+    one_line,
+    read_answer,
+    schema_violation,
     uuid5,
 )
 
@@ -84,8 +86,6 @@ _TIMESTAMP: Final = re.compile(
 )
 # The path of the metrics endpoint, under whatever base path the source URL has.
 _METRICS_PATH: Final = re.compile(r"(?:^|/)v2/projects/([^/]+)/metrics\Z")
-# At most this many problems are named in a schema_violation detail.
-_MAX_ERRORS: Final = 5
 _MAX_WARNINGS: Final = 20
 
 
@@ -217,19 +217,6 @@ def _item(request: PollRequest, fallback: str | None) -> str:
     return request.items[0] if request.items else fallback or ""
 
 
-def _violation(problems: list[str]) -> Quarantine:
-    named = problems[:_MAX_ERRORS]
-    if len(problems) > _MAX_ERRORS:
-        named.append(f"and {len(problems) - _MAX_ERRORS} more")
-    return Quarantine("schema_violation", "; ".join(named))
-
-
-def _short(value: object, limit: int = 64) -> str:
-    text = value if isinstance(value, str) else str(canonical(value))
-    text = " ".join(text.split())  # one line: warnings and details go to logs and headers
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _row_problems(index: int, row: object, metrics: list[str]) -> list[str]:
     where = f"data[{index}]"
     if not isinstance(row, dict):
@@ -265,7 +252,7 @@ def _warnings(errors: object) -> tuple[list[str], list[str]]:
         return [], ["errors: expected a list of objects"]
     warnings = []
     for entry in errors[:_MAX_WARNINGS]:
-        parts = [_short(entry.get(k)) for k in ("code", "field", "value") if k in entry]
+        parts = [one_line(entry.get(k), 64) for k in ("code", "field", "value") if k in entry]
         warnings.append(" ".join(parts) or "an error without code, field or value")
     if len(errors) > _MAX_WARNINGS:
         warnings.append(f"and {len(errors) - _MAX_WARNINGS} more errors")
@@ -324,26 +311,23 @@ class TokenTerminal:
 
         The answer's ``errors`` (e.g. an unknown metric id) become ``Page.warnings``.
         """
-        try:
-            payload = loads_exact(body)
-        except ValueError as exc:
-            return Quarantine("invalid_json", f"not JSON: {_short(str(exc), 200)}")
-        if too_deep(payload, size=len(body)):
-            return Quarantine("too_deep", f"nested deeper than {MAX_DEPTH} levels")
+        payload = read_answer(body)
+        if isinstance(payload, Quarantine):
+            return payload
         return self._page(request, payload)
 
     def _page(self, request: PollRequest, payload: Any) -> Page | Quarantine:
         if not isinstance(payload, dict):
-            return _violation(["(body): expected a JSON object"])
+            return schema_violation(["(body): expected a JSON object"])
         rows = payload.get("data")
         if not isinstance(rows, list):
-            return _violation(["data: expected a list of rows"])
+            return schema_violation(["data: expected a list of rows"])
         requested, metrics = _requested(request)
         warnings, problems = _warnings(payload.get("errors"))
         for index, row in enumerate(rows):
             problems.extend(_row_problems(index, row, metrics))
         if problems:
-            return _violation(problems)
+            return schema_violation(problems)
         project = _item(request, requested)
         records: dict[str, Record] = {}
         for row in rows:
