@@ -45,7 +45,7 @@ from listener.retry import backoff
 from listener.sources.intake import Intake
 from listener.sources.poll_budget import Budget, utc_now
 from listener.sources.poll_changes import Resource, commit_page, quarantine
-from listener.sources.registry import TransportContext
+from listener.sources.registry import RuntimeTransport, TransportContext
 from listener.sources.websocket_policy import iso
 
 __all__ = ["PollSource", "PollTransport"]
@@ -127,6 +127,13 @@ class PollSource:
         """Start a poll of every resource now (``POST /v1/sources/{name}/poll``)."""
         for resource in self.resources:
             resource.wake.set()
+
+    def use_config(self, config: PollSourceConfig) -> None:
+        """SIGHUP: a new API key goes with the next request; one it had refused polls now."""
+        rotated = config.api_key != self.config.api_key
+        self.config = config
+        if rotated and self.status in {"unauthorized", "subscription_invalid"}:
+            self.poll_now()
 
     # -- the loops ------------------------------------------------------------------------
 
@@ -303,7 +310,7 @@ async def _read(response: aiohttp.ClientResponse) -> bytes:
     return b"".join(chunks)
 
 
-class PollTransport:
+class PollTransport(RuntimeTransport):
     """Every poll source of the service: one supervised runtime each."""
 
     kind = "poll"
@@ -315,31 +322,3 @@ class PollTransport:
             PollSource(config=c, provider=p, journal=context.journal, metrics=context.metrics)
             for c, p in sources
         )
-
-    def mount(self, app: Any) -> None:
-        """Polls take no HTTP routes."""
-
-    def states(self) -> Mapping[str, Mapping[str, Any]]:
-        """Each source's state, by name."""
-        return {r.name: r.state() for r in self.runtimes}
-
-    def stop_intake(self) -> None:
-        """Nothing to do: the service cancels the runtimes."""
-
-    def use_secrets(self, sources: Mapping[str, Any]) -> None:
-        """A new API key goes with the next request; a source it refused polls again now."""
-        for runtime in self.runtimes:
-            if (source := sources.get(runtime.name)) is None:
-                continue
-            rotated = source.api_key != runtime.config.api_key
-            runtime.config = source
-            if rotated and runtime.status in {"unauthorized", "subscription_invalid"}:
-                runtime.poll_now()
-
-    def poll_now(self, name: str) -> bool:
-        """Start a poll of source ``name`` now; ``False`` when it is not one of these."""
-        for runtime in self.runtimes:
-            if runtime.name == name:
-                runtime.poll_now()
-                return True
-        return False

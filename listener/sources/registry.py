@@ -25,7 +25,7 @@ from listener.journal import Journal
 from listener.metrics import Metrics
 from listener.sources.supervisor import SourceRuntime
 
-__all__ = ["TRANSPORTS", "Transport", "TransportContext", "build_transports"]
+__all__ = ["TRANSPORTS", "RuntimeTransport", "Transport", "TransportContext", "build_transports"]
 
 #: kind → "module:class" of its transport.
 TRANSPORTS: Mapping[str, str] = {
@@ -69,6 +69,33 @@ class Transport(Protocol):
         ones but for their secrets; nothing is reconnected or refused for it.
         """
         ...
+
+
+class RuntimeTransport:
+    """
+    A transport whose sources are each one supervised runtime (streams, polls): no HTTP
+    routes, nothing to stop but the runtimes (the service cancels them), and a SIGHUP's
+    source configuration handed to each runtime's ``use_config``.
+    """
+
+    kind: str
+    runtimes: Sequence[Any]
+
+    def mount(self, app: web.Application) -> None:
+        """No HTTP routes."""
+
+    def states(self) -> Mapping[str, Mapping[str, Any]]:
+        """Each source's state, by name."""
+        return {r.name: r.state() for r in self.runtimes}
+
+    def stop_intake(self) -> None:
+        """Nothing to do: the service cancels the runtimes."""
+
+    def use_secrets(self, sources: Mapping[str, Any]) -> None:
+        """Each runtime takes its source's new configuration (equal but for secrets)."""
+        for runtime in self.runtimes:
+            if (source := sources.get(runtime.name)) is not None:
+                runtime.use_config(source)
 
 
 def build_transports(config: Config, context: TransportContext) -> list[Transport]:

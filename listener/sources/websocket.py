@@ -51,7 +51,7 @@ from listener.metrics import Metrics
 from listener.retry import backoff
 from listener.sources.appends import Appends
 from listener.sources.intake import Intake
-from listener.sources.registry import TransportContext
+from listener.sources.registry import RuntimeTransport, TransportContext
 from listener.sources.subscriptions import Subscriptions
 from listener.sources.websocket_policy import (
     Delays,
@@ -408,8 +408,11 @@ class StreamSource:
             pass
 
 
-class StreamTransport:
-    """Every websocket source of the service: one supervised runtime each."""
+class StreamTransport(RuntimeTransport):
+    """
+    Every websocket source of the service: one supervised runtime each. Stopping intake
+    is the service cancelling them (each unsubscribes and closes).
+    """
 
     kind = "websocket"
 
@@ -423,19 +426,3 @@ class StreamTransport:
             StreamSource(config=c, provider=p, journal=context.journal, metrics=context.metrics)
             for c, p in sources
         )
-
-    def mount(self, app: Any) -> None:
-        """Streams take no HTTP routes."""
-
-    def states(self) -> Mapping[str, Mapping[str, Any]]:
-        """Each source's state, by name."""
-        return {r.name: r.state() for r in self.runtimes}
-
-    def stop_intake(self) -> None:
-        """Nothing to do: the service cancels the runtimes (each unsubscribes and closes)."""
-
-    def use_secrets(self, sources: Mapping[str, Any]) -> None:
-        """A new API key is sent at the next (re)connect; the open connection stays."""
-        for runtime in self.runtimes:
-            if (source := sources.get(runtime.name)) is not None:
-                runtime.use_config(source)
