@@ -15,7 +15,9 @@ from handlers.base import (
     Quarantine,
     StreamProvider,
     WebhookProvider,
+    describe_errors,
     load_provider,
+    name_problems,
     published_models,
     too_deep,
 )
@@ -29,7 +31,9 @@ __all__ = [
     "Quarantine",
     "StreamProvider",
     "WebhookProvider",
+    "describe_errors",
     "load_provider",
+    "name_problems",
     "published_models",
     "too_deep",
 ]

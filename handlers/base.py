@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import importlib
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 if TYPE_CHECKING:
     from handlers.frames import ServerFrame
@@ -43,7 +43,9 @@ __all__ = [
     "Quarantine",
     "StreamProvider",
     "WebhookProvider",
+    "describe_errors",
     "load_provider",
+    "name_problems",
     "published_models",
     "too_deep",
 ]
@@ -52,6 +54,9 @@ __all__ = [
 # nest a few levels, and a serialiser has a limit of its own (orjson: 254) that a
 # provider must not be able to reach through us.
 MAX_DEPTH = 64
+
+# At most this many problems are named in a quarantine detail ("and N more" after).
+MAX_PROBLEMS = 5
 
 #: What a stream close code means to the runtime (``None``: an ordinary drop).
 CloseKind = Literal["unauthorized", "forbidden", "rate_limited"]
@@ -112,6 +117,29 @@ def too_deep(value: Any, *, size: int, limit: int = MAX_DEPTH) -> bool:
                 children.extend(v for v in item if isinstance(v, dict | list))
         level = children
     return False
+
+
+def name_problems(problems: Sequence[str], total: int | None = None) -> str:
+    """The first :data:`MAX_PROBLEMS` problems, ``; ``-joined, and how many more there are."""
+    total = len(problems) if total is None else total
+    named = list(problems[:MAX_PROBLEMS])
+    if total > MAX_PROBLEMS:
+        named.append(f"and {total - MAX_PROBLEMS} more")
+    return "; ".join(named)
+
+
+def describe_errors(exc: ValidationError, *, prefix: str = "", whole: str = "(payload)") -> str:
+    """
+    A quarantine detail for a pydantic error: the failing fields (``prefix.loc``, or
+    ``whole`` for the value itself) and why, never their values (large or private).
+    """
+    errors = exc.errors(include_url=False, include_input=False, include_context=False)
+    named = [
+        f"{'.'.join(str(p) for p in ((prefix, *e['loc']) if prefix else e['loc'])) or whole}: "
+        f"{e['msg']}"
+        for e in errors[:MAX_PROBLEMS]
+    ]
+    return name_problems(named, len(errors))
 
 
 @runtime_checkable

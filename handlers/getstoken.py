@@ -39,7 +39,7 @@ from pydantic import (
     ValidationError,
 )
 
-from handlers.base import MAX_DEPTH, Event, Quarantine, too_deep
+from handlers.base import MAX_DEPTH, Event, Quarantine, describe_errors, too_deep
 
 __all__ = [
     "DATA_MODELS",
@@ -70,8 +70,6 @@ _RFC3339 = re.compile(
 # also matches before a final newline, hence fullmatch on the unanchored form.)
 _DECIMAL = r"[0-9]+(?:\.[0-9]+)?"
 _DECIMAL_RE = re.compile(_DECIMAL, re.ASCII)
-# At most this many problems are named in a schema_violation detail.
-_MAX_ERRORS = 5
 
 
 def _rfc3339(value: object) -> object:
@@ -200,18 +198,6 @@ class Envelope(BaseModel):
     data: dict[str, Any]
 
 
-def _describe(exc: ValidationError, prefix: str) -> str:
-    """Name the failing fields and why, without their values (they may be large)."""
-    errors = exc.errors(include_url=False, include_input=False, include_context=False)
-    parts = []
-    for error in errors[:_MAX_ERRORS]:
-        loc = ".".join(str(part) for part in (prefix, *error["loc"]) if part != "")
-        parts.append(f"{loc or '(payload)'}: {error['msg']}")
-    if len(errors) > _MAX_ERRORS:
-        parts.append(f"and {len(errors) - _MAX_ERRORS} more")
-    return "; ".join(parts)
-
-
 class Settings(BaseModel):
     """The source keys of a ``provider: getstoken`` webhook source (CONTRACT §5)."""
 
@@ -260,7 +246,7 @@ class GetSmartToken:
         try:
             envelope = Envelope.model_validate(payload)
         except ValidationError as exc:
-            return Quarantine("schema_violation", _describe(exc, ""))
+            return Quarantine("schema_violation", describe_errors(exc))
         if envelope.environment != environment:
             return Quarantine(
                 "environment_mismatch",
@@ -277,7 +263,7 @@ class GetSmartToken:
             try:
                 model.model_validate(data)
             except ValidationError as exc:
-                return Quarantine("schema_violation", _describe(exc, "data"))
+                return Quarantine("schema_violation", describe_errors(exc, prefix="data"))
         return Event(
             id=envelope.id,
             type=f"{NAME}.{envelope.type}",

@@ -39,7 +39,7 @@ from pydantic import (
     ValidationError,
 )
 
-from handlers.base import MAX_DEPTH, Event, NoSettings, Quarantine, too_deep
+from handlers.base import MAX_DEPTH, Event, NoSettings, Quarantine, describe_errors, too_deep
 
 __all__ = ["EVENT_TYPES", "NAMESPACE", "PROVIDER", "GitHub"]
 
@@ -47,7 +47,6 @@ NAME: Final = "github"
 # Fixed forever: ids are UUIDv5 in this namespace (RFC 9562 §5.5).
 NAMESPACE: Final = uuid.uuid5(uuid.NAMESPACE_URL, "https://docs.github.com/webhooks#listener-id")
 _HEADER: Final = "x-github-event"
-_MAX_ERRORS: Final = 5
 
 Sha = Annotated[StrictStr, StringConstraints(pattern=r"^[0-9a-f]{40}$")]
 Text = Annotated[StrictStr, StringConstraints(min_length=1)]
@@ -139,17 +138,6 @@ def _event_name(headers: Mapping[str, str], payload: dict[str, Any]) -> str | No
     return None
 
 
-def _describe(exc: ValidationError) -> str:
-    errors = exc.errors(include_url=False, include_input=False, include_context=False)
-    parts = [
-        f"{'.'.join(str(p) for p in e['loc']) or '(payload)'}: {e['msg']}"
-        for e in errors[:_MAX_ERRORS]
-    ]
-    if len(errors) > _MAX_ERRORS:
-        parts.append(f"and {len(errors) - _MAX_ERRORS} more")
-    return "; ".join(parts)
-
-
 class GitHub:
     """The GitHub webhook provider (satisfies :class:`handlers.WebhookProvider`)."""
 
@@ -181,7 +169,7 @@ class GitHub:
         try:
             parsed = model.model_validate(payload)
         except ValidationError as exc:
-            return Quarantine("schema_violation", _describe(exc))
+            return Quarantine("schema_violation", describe_errors(exc))
         parts, moment = _identity(event, parsed)
         name = orjson.dumps([event, *parts]).decode()
         return Event(

@@ -38,7 +38,15 @@ from pydantic import (
     ValidationError,
 )
 
-from handlers.base import MAX_DEPTH, CloseKind, Event, NoSettings, Quarantine, too_deep
+from handlers.base import (
+    MAX_DEPTH,
+    CloseKind,
+    Event,
+    NoSettings,
+    Quarantine,
+    describe_errors,
+    too_deep,
+)
 from handlers.frames import (
     AuthOk,
     ErrorFrame,
@@ -121,8 +129,6 @@ _CLOSE_KINDS: Final[Mapping[int, CloseKind]] = {
 }
 # A seq is stored as a SQLite INTEGER (signed 64-bit); a larger one is no position.
 _MAX_SEQ: Final = 2**63 - 1
-# At most this many problems are named in a schema_violation detail.
-_MAX_ERRORS: Final = 5
 
 DecimalStr = Annotated[StrictStr, Field(pattern=_DECIMAL)]
 Millis = Annotated[StrictInt, Field(ge=0, le=_MAX_MS)]
@@ -264,18 +270,6 @@ def _violation(detail: str) -> Quarantine:
     return Quarantine(reason="schema_violation", detail=detail)
 
 
-def _describe(exc: ValidationError) -> str:
-    # Names fields and what was expected, never the values (they may be large or private).
-    errors = exc.errors(include_url=False, include_input=False, include_context=False)
-    parts = [
-        f"{'.'.join(str(part) for part in error['loc']) or '(data)'}: {error['msg']}"
-        for error in errors[:_MAX_ERRORS]
-    ]
-    if len(errors) > _MAX_ERRORS:
-        parts.append(f"and {len(errors) - _MAX_ERRORS} more")
-    return "; ".join(parts)
-
-
 def _is_int(value: object) -> TypeGuard[int]:
     # bool is an int in Python; true/false are not a seq or a timestamp.
     return isinstance(value, int) and not isinstance(value, bool)
@@ -290,7 +284,7 @@ def _event_result(channel: str, data: object) -> Event | Quarantine:
     try:
         adapter.validate_python(data)
     except ValidationError as exc:
-        return _violation(f"{channel} data: {_describe(exc)}")
+        return _violation(f"{channel} data: {describe_errors(exc, whole='(data)')}")
     ms: int = data["updated_at"] if channel == "token" else data["ts"]
     return Event(
         id=event_id(channel, *_id_fields(channel, data)),

@@ -33,7 +33,7 @@ from typing import Any, Final, Literal, Protocol, runtime_checkable
 import orjson
 from pydantic import BaseModel
 
-from handlers import MAX_DEPTH, Event, Quarantine, too_deep
+from handlers import MAX_DEPTH, Event, Quarantine, name_problems, too_deep
 
 __all__ = [
     "NAMESPACE",
@@ -54,9 +54,6 @@ __all__ = [
     "schema_violation",
     "uuid5",
 ]
-
-# At most this many problems are named in a schema_violation detail.
-_MAX_ERRORS: Final = 5
 
 # Fixed forever: change-event ids are UUIDv5 in this namespace (RFC 9562 §5.5).
 NAMESPACE: Final = uuid.uuid5(uuid.NAMESPACE_URL, "https://listener.invalid/poll#change-id")
@@ -308,10 +305,7 @@ def one_line(value: object, limit: int) -> str:
 
 def schema_violation(problems: Sequence[str]) -> Quarantine:
     """A ``schema_violation`` naming the first problems, and how many more there are."""
-    named = list(problems[:_MAX_ERRORS])
-    if len(problems) > _MAX_ERRORS:
-        named.append(f"and {len(problems) - _MAX_ERRORS} more")
-    return Quarantine("schema_violation", "; ".join(named))
+    return Quarantine("schema_violation", name_problems(problems))
 
 
 def read_answer(body: bytes) -> Any:
