@@ -150,10 +150,9 @@ class Provider(Protocol):
     kind: str
     #: The source keys only this provider understands (``environment: sandbox``).
     settings_model: type[BaseModel]
-    #: The CloudEvent types (routing keys) it knows; others count as ``other`` in metrics.
-    event_types: tuple[str, ...]
-    #: Each of those types → the model its ``data`` validates against (the AsyncAPI
-    #: document is generated from these; see :func:`published_models`).
+    #: The CloudEvent types (routing keys) it knows, each → the model its ``data``
+    #: validates against (the AsyncAPI document is generated from these; see
+    #: :func:`published_models`). Other types count as ``other`` in metrics.
     data_models: Mapping[str, type[BaseModel]]
 
 
@@ -164,7 +163,6 @@ class WebhookProvider(Protocol):
     name: str
     kind: Literal["webhook"]
     settings_model: type[BaseModel]
-    event_types: tuple[str, ...]
     data_models: Mapping[str, type[BaseModel]]
 
     def parse(self, body: bytes, settings: Any, headers: Mapping[str, str]) -> Event | Quarantine:
@@ -190,7 +188,6 @@ class StreamProvider(Protocol):
     name: str
     kind: Literal["websocket"]
     settings_model: type[BaseModel]
-    event_types: tuple[str, ...]
     data_models: Mapping[str, type[BaseModel]]
     channels: Mapping[str, tuple[str, ...]]
 

@@ -214,7 +214,6 @@ class GetSmartToken:
 
     name: str = NAME
     kind: Literal["webhook"] = "webhook"
-    event_types: tuple[str, ...] = tuple(f"{NAME}.{t}" for t in DATA_MODELS)
     data_models: Mapping[str, type[BaseModel]] = {f"{NAME}.{t}": m for t, m in DATA_MODELS.items()}
     settings_model: type[Settings] = Settings
 

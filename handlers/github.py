@@ -41,7 +41,7 @@ from pydantic import (
 
 from handlers.base import MAX_DEPTH, Event, NoSettings, Quarantine, describe_errors, too_deep
 
-__all__ = ["EVENT_TYPES", "NAMESPACE", "PROVIDER", "GitHub"]
+__all__ = ["NAMESPACE", "PROVIDER", "GitHub"]
 
 NAME: Final = "github"
 # Fixed forever: ids are UUIDv5 in this namespace (RFC 9562 §5.5).
@@ -108,7 +108,6 @@ MODELS: Final[Mapping[str, type[_Model]]] = {
     "release": ReleaseEvent,
     "issues": IssuesEvent,
 }
-EVENT_TYPES: Final = tuple(f"{NAME}.{event}" for event in MODELS)
 
 
 def _identity(event: str, model: Any) -> tuple[list[str | int], datetime | None]:
@@ -143,7 +142,6 @@ class GitHub:
 
     name: str = NAME
     kind: Literal["webhook"] = "webhook"
-    event_types: tuple[str, ...] = EVENT_TYPES
     data_models: Mapping[str, type[BaseModel]] = {f"{NAME}.{e}": m for e, m in MODELS.items()}
     settings_model: type[NoSettings] = NoSettings
 

@@ -422,7 +422,6 @@ class Layerx402:
     name: str = NAME
     kind: Literal["websocket"] = "websocket"
     channels: Mapping[str, tuple[str, ...]] = CHANNELS
-    event_types: tuple[str, ...] = tuple(EVENT_TYPES.values())
     data_models: Mapping[str, type[BaseModel]] = DATA_MODELS
     settings_model: type[NoSettings] = NoSettings
 

@@ -135,10 +135,9 @@ class PollProvider(Protocol):
     settings_model: type[BaseModel]
     #: The model of one entry of the source's ``resources:`` list.
     resource_model: type[BaseModel]
-    #: The CloudEvent types this provider publishes (routing keys).
-    event_types: tuple[str, ...]
-    #: Each of those types → the model of the ``data`` it builds (the poll contract
-    #: suite checks every event it builds against it; the AsyncAPI document shows it).
+    #: The CloudEvent types this provider publishes (routing keys), each → the model of
+    #: the ``data`` it builds (the poll contract suite checks every event it builds
+    #: against it; the AsyncAPI document shows it).
     data_models: Mapping[str, type[BaseModel]]
 
     def auth_headers(self, api_key: str) -> Mapping[str, str]:

@@ -52,7 +52,6 @@ from handlers.polling import (
 )
 
 __all__ = [
-    "EVENT_TYPES",
     "MAX_BATCH",
     "NAME",
     "PROVIDER",
@@ -69,7 +68,6 @@ __all__ = [
 
 NAME: Final = "terrapin"
 REFERENCE_TYPE: Final = "terrapin.bond.reference"
-EVENT_TYPES: Final = (REFERENCE_TYPE,)
 TARGET: Final = "/api/v1/bond_reference"
 # Terrapin answers at most this many ISINs per request (its docs; NOTES: poll sources).
 MAX_BATCH: Final = 1000
@@ -200,7 +198,6 @@ class Terrapin:
     # No source keys of its own: what it polls is in each resource (resource_model).
     settings_model: type[BaseModel] = NoSettings
     resource_model: type[BaseModel] = BondReference
-    event_types: tuple[str, ...] = EVENT_TYPES
     data_models: Mapping[str, type[BaseModel]] = {REFERENCE_TYPE: BondChange}
 
     def auth_headers(self, api_key: str) -> Mapping[str, str]:

@@ -52,7 +52,6 @@ from handlers.polling import (
 )
 
 __all__ = [
-    "EVENT_TYPES",
     "METRICS_TYPE",
     "NAME",
     "PROVIDER",
@@ -69,7 +68,6 @@ __all__ = [
 NAME: Final = "tokenterminal"
 METRICS_TYPE: Final = "tokenterminal.project.metrics"
 RENAMED_TYPE: Final = "tokenterminal.project.renamed"
-EVENT_TYPES: Final = (METRICS_TYPE, RENAMED_TYPE)
 
 # Token Terminal's project and metric ids: lower-case slugs ("aave", "arbitrum-one",
 # "active_users"). Checked on config and on every id a 308 names, so a Location can
@@ -271,7 +269,6 @@ class TokenTerminal:
     # No source keys of its own: what it polls is in each resource (resource_model).
     settings_model: type[BaseModel] = NoSettings
     resource_model: type[BaseModel] = ProjectMetrics
-    event_types: tuple[str, ...] = EVENT_TYPES
     data_models: Mapping[str, type[BaseModel]] = {
         METRICS_TYPE: MetricsChange,
         RENAMED_TYPE: ProjectRenamed,

@@ -832,7 +832,7 @@ def test_hostile_signed_webhooks_never_get_a_5xx(
 def test_hostile_stream_frames_always_become_an_entry(raw: bytes) -> None:
     """parse_frame + Intake.build never raise on hostile frames and always give a journal Entry."""
     intake = Intake(
-        source="lx", provider="layerx402", metrics=METRICS, known_types=LAYERX402.event_types
+        source="lx", provider="layerx402", metrics=METRICS, known_types=tuple(LAYERX402.data_models)
     )
     frame = parse_frame(raw)
     assert isinstance(frame, EventFrame | Unparseable), frame

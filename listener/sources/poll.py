@@ -91,7 +91,7 @@ class PollSource:
             source=config.name,
             provider=provider.name,
             metrics=metrics,
-            known_types=provider.event_types,
+            known_types=tuple(provider.data_models),
         )
         metrics.poll_interval.labels(config.name).set(config.interval)
         self.budget = Budget(*config.rate_limit)

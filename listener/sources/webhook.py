@@ -72,7 +72,7 @@ class _Endpoint:
             source=source.name,
             provider=provider.name,
             metrics=metrics,
-            known_types=provider.event_types,
+            known_types=tuple(provider.data_models),
         )
         self._transport = transport
         self._rejected = metrics.webhook_rejected

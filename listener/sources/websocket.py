@@ -105,7 +105,7 @@ class StreamSource:
             source=config.name,
             provider=provider.name,
             metrics=metrics,
-            known_types=provider.event_types,
+            known_types=tuple(provider.data_models),
         )
         self._appends = Appends(source=config.name, journal=journal, intake=self._intake)
         self._last_error: str | None = None

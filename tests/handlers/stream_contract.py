@@ -59,9 +59,8 @@ class StreamProviderContract:
         assert isinstance(self.provider, StreamProvider)
         assert self.provider.kind == "websocket"
         assert load_provider(self.provider.name) is self.provider
-        assert self.provider.channels and self.provider.event_types
-        assert all(t.startswith(f"{self.provider.name}.") for t in self.provider.event_types)
-        assert set(self.provider.data_models) == set(self.provider.event_types)
+        assert self.provider.channels and self.provider.data_models
+        assert all(t.startswith(f"{self.provider.name}.") for t in self.provider.data_models)
         self.provider.settings_model.model_validate({})
 
     def test_sent_frames_are_json_text(self) -> None:
@@ -94,7 +93,7 @@ class StreamProviderContract:
             frame = self.provider.parse_frame(raw)
             assert isinstance(frame, EventFrame), (raw, frame)
             assert isinstance(frame.result, Event), frame.result
-            assert frame.result.type in self.provider.event_types
+            assert frame.result.type in self.provider.data_models
             again = self.provider.parse_frame(bytes(raw))
             assert isinstance(again, EventFrame) and again.result == frame.result
             orjson.dumps(dict(frame.result.data))
