@@ -32,12 +32,14 @@ from typing import Any, ClassVar
 
 import orjson
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
 from handlers import Event, Quarantine
 from handlers.polling import Page, PollProvider, PollRequest, Record, content_hash, loads_exact
+
+from .contract import PROPERTY
 
 # Routing keys are AMQP shortstrs: at most 255 bytes (AMQP 0-9-1 §4.2.5.3).
 _SHORTSTR = 255
@@ -83,14 +85,6 @@ json_values = st.recursive(
     max_leaves=12,
 )
 
-# differing_executors: each provider's subclass runs the same inherited test; they share
-# its example database entries, which only adds examples (a replayed failure of one
-# provider is a valid input for another).
-PROPERTY = settings(
-    deadline=None,
-    max_examples=150,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.differing_executors],
-)
 
 
 def dumps(value: Any) -> bytes:

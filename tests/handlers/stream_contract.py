@@ -21,21 +21,15 @@ from collections.abc import Sequence
 from typing import Any, ClassVar, get_args
 
 import orjson
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from handlers import MAX_DEPTH, Event, Quarantine, StreamProvider, load_provider
 from handlers.base import CloseKind
 from handlers.frames import ErrorFrame, ErrorKind, EventFrame, ServerFrame, Unparseable
 
-from .contract import json_values
+from .contract import PROPERTY, json_values
 
-PROPERTY = settings(
-    deadline=None,
-    max_examples=150,
-    # One inherited property runs per provider class (independent runs, by design).
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.differing_executors],
-)
 _REASON = re.compile(r"^[a-z][a-z_]*$")
 
 
