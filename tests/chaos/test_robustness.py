@@ -15,15 +15,12 @@ duplicates 0 where no fault warrants one):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from websockets.asyncio.server import ServerConnection, serve
 
 from listener.dev.simulators.layerx402 import Layerx402Simulator
 from listener.journal import writes
@@ -31,26 +28,13 @@ from tests.chaos.ledger import ledger
 from tests.chaos.load import load
 from tests.conftest import make_config, running, wait_for
 from tests.process import ListenerProcess
-from tests.test_robustness import expected_ids_without_raw, nested, trade_with
+from tests.test_robustness import TRADE, expected_ids_without_raw, mute_server, nested, trade_with
 from tests.test_streams import MINT, lx_source, stream_source
 from tests.test_webhooks import gst_source
 from tests.webhook_sender import Sender, gst_event
 
 pytestmark = [pytest.mark.chaos, pytest.mark.usefixtures("cleanup_topology")]
 
-TRADE = {"channel": "trades", "params": {"mint": MINT}}
-
-
-@contextlib.asynccontextmanager
-async def mute_server() -> AsyncIterator[str]:
-    """A WebSocket server that takes the upgrade and never answers."""
-
-    async def handler(ws: ServerConnection) -> None:
-        with contextlib.suppress(Exception):
-            await ws.wait_closed()
-
-    async with serve(handler, "127.0.0.1", 0) as server:
-        yield f"ws://127.0.0.1:{next(iter(server.sockets)).getsockname()[1]}/ws"
 
 
 async def stream_caught_up(service: Any, sim: Layerx402Simulator, name: str) -> None:
