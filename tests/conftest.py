@@ -14,14 +14,16 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import aio_pika
+import aiohttp
 import hypothesis  # noqa: F401 - imported up front, see below
 import pytest
 
+from handlers.polling import loads_exact
 from listener.config import Config
 from listener.service import Service
 from tests import wire
@@ -82,6 +84,23 @@ async def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout * UNIT:.1f}s waiting for {what or predicate}")
         await asyncio.sleep(0.02)
+
+
+class Answer:
+    """An HTTP response, read whole (the REST simulators' tests)."""
+
+    def __init__(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
+        self.status, self.headers, self.body = status, headers, body
+
+    def json(self) -> Any:
+        return loads_exact(self.body)
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    """An HTTP client with a deadline on every request."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10 * UNIT)) as session:
+        yield session
 
 
 class Tap:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -34,9 +33,8 @@ from handlers.layerx402 import (
     unsubscribe_frame,
 )
 from listener.dev.simulators.layerx402 import Layerx402Simulator, serve_forever
+from tests.conftest import UNIT
 
-# The suite's one scalable time unit (tests/conftest.py reads the same variable).
-UNIT = float(os.environ.get("LISTENER_TEST_UNIT", "1.0"))
 KEY = "k-test"
 MINT = "So11111111111111111111111111111111111111112"
 WALLET = "9xQeWvG816bUx9EPjHmaT23yvVM2ZWbrrpZb9PusVFin"

@@ -6,13 +6,12 @@ against the simulator, read back through handlers/terrapin.py (CONTRACT §9).
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
 
@@ -21,25 +20,14 @@ import orjson
 import pytest
 
 from handlers import Quarantine
-from handlers.polling import Page, Record, loads_exact
+from handlers.polling import Page, Record
 from handlers.terrapin import PROVIDER, batch_request, isin_valid
 from listener.dev.simulators.terrapin import TerrapinSimulator, check_digit, generate_isins, is_isin
+from tests.conftest import UNIT, Answer
 
-# The suite's one scalable time unit (tests/conftest.py reads the same variable).
-UNIT = float(os.environ.get("LISTENER_TEST_UNIT", "1.0"))
 KEY = "k-test"
 PATH = "/api/v1/bond_reference"
 BOND, NOTE, APPLE, BAE = "US912810TM09", "US91282CJL55", "US0378331005", "GB0002634946"
-
-
-class Answer:
-    """A response, read whole."""
-
-    def __init__(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
-        self.status, self.headers, self.body = status, headers, body
-
-    def json(self) -> Any:
-        return loads_exact(self.body)
 
 
 @pytest.fixture
@@ -47,12 +35,6 @@ async def sim() -> AsyncIterator[TerrapinSimulator]:
     """Three registered ISINs; APPLE is valid but unknown."""
     async with TerrapinSimulator(api_keys={KEY}, isins=[BOND, NOTE, BAE]) as simulator:
         yield simulator
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10 * UNIT)) as session:
-        yield session
 
 
 async def post(

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from email.utils import parsedate_to_datetime
@@ -24,27 +23,16 @@ import orjson
 import pytest
 
 from handlers import Quarantine
-from handlers.polling import Page, PollRequest, Record, loads_exact
+from handlers.polling import Page, PollRequest, Record
 from handlers.tokenterminal import PROVIDER, metrics_target
 from listener.dev.simulators.rest import Hit
 from listener.dev.simulators.tokenterminal import TokenTerminalSimulator
+from tests.conftest import UNIT, Answer
 
-# The suite's one scalable time unit (tests/conftest.py reads the same variable).
-UNIT = float(os.environ.get("LISTENER_TEST_UNIT", "1.0"))
 KEY = "k-test"
 TODAY = date(2026, 11, 24)
 START = TODAY - timedelta(days=6)
 METRICS = ("fees", "revenue")
-
-
-class Answer:
-    """A response, read whole."""
-
-    def __init__(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
-        self.status, self.headers, self.body = status, headers, body
-
-    def json(self) -> Any:
-        return loads_exact(self.body)
 
 
 @pytest.fixture
@@ -58,12 +46,6 @@ async def sim() -> AsyncIterator[TokenTerminalSimulator]:
         today=TODAY,
     ) as simulator:
         yield simulator
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10 * UNIT)) as session:
-        yield session
 
 
 def target(project: str = "aave", metrics: tuple[str, ...] = METRICS, start: date = START) -> str:
