@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench chaos simulate demo clean dev-env promtool
+.PHONY: run test lint bench chaos simulate demo demo-replicas clean dev-env promtool
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -58,6 +58,11 @@ simulate: dev-env
 
 demo: dev-env
 	@set -a && . ./.env && set +a && exec $(BIN)/listener demo --config config.yaml
+
+# Three replicas (cluster.enabled) against the local RabbitMQ: who holds each unit, live,
+# while one is killed and comes back.
+demo-replicas: dev-env
+	@set -a && . ./.env && set +a && exec $(BIN)/listener demo --config config.yaml --replicas 3 --seconds 30
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

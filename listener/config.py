@@ -11,16 +11,13 @@ in ``settings`` (STYLE: each provider's settings model lives with its handler).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import (
-    BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
     SecretStr,
     ValidationError,
@@ -30,11 +27,14 @@ from pydantic import (
 )
 
 from handlers import load_provider
+from listener.config_types import Duration, Size, parse_duration, parse_rate, parse_size
+from listener.config_types import Model as _Model
 from listener.sources.signatures import decode_whsec
 
 __all__ = [
     "AdminConfig",
     "BrokerConfig",
+    "ClusterConfig",
     "Config",
     "HttpConfig",
     "JournalConfig",
@@ -49,50 +49,6 @@ __all__ = [
     "parse_rate",
     "parse_size",
 ]
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$")
-_SIZE_UNITS = {
-    None: 1,
-    "B": 1,
-    "KiB": 1024,
-    "MiB": 1024**2,
-    "GiB": 1024**3,
-    "KB": 1000,
-    "MB": 1000**2,
-    "GB": 1000**3,
-}
-
-
-def parse_duration(value: object) -> float:
-    """Parse ``500ms``/``30s``/``5m``/``2h``/``7d`` (or a number of seconds) into seconds."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration such as 500ms, 30s, 5m, 2h or 7d")
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str) and (match := _DURATION.match(value)):
-        return float(match[1]) * _DURATION_UNITS[match[2]]
-    raise ValueError(f"expected a duration such as 500ms, 30s, 5m, 2h or 7d, got {value!r}")
-
-
-def parse_size(value: object) -> int:
-    """Parse ``512KiB``/``1MiB``/``1GiB`` (or a number of bytes) into bytes."""
-    if isinstance(value, bool):
-        raise ValueError("expected a size such as 512KiB, 1MiB or 1GiB")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and (match := _SIZE.match(value)):
-        return int(float(match[1]) * _SIZE_UNITS[match[2]])
-    raise ValueError(f"expected a size such as 512KiB, 1MiB or 1GiB, got {value!r}")
-
-
-Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
-Size = Annotated[int, BeforeValidator(parse_size), Field(ge=0)]
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class LogConfig(_Model):
@@ -140,7 +96,12 @@ class BrokerConfig(_Model):
     url: SecretStr = SecretStr("amqp://guest:guest@localhost:5672/")
     exchange: str = Field(default="events", min_length=1)
     archive: ArchiveConfig = ArchiveConfig()
-    # Short, so a dead broker is noticed in seconds, not minutes (NOTES: aio-pika traps).
+    # Several nodes of one cluster, tried in order (instead of `url`; CONTRACT §10).
+    urls: tuple[SecretStr, ...] = ()
+    # The quarantine queue's type: quorum replicates it over the cluster's nodes.
+    queue_type: Literal["classic", "quorum"] = "classic"
+    # Short, so a dead broker is noticed in seconds, not minutes (NOTES: aio-pika traps);
+    # 3 s when cluster.enabled and not set (a lost holder is noticed within two).
     heartbeat: Duration = 5.0
     # Deadline of our own around every publish (covers reconnect waits and blocked connections).
     publish_timeout: Duration = 10.0
@@ -156,6 +117,31 @@ class BrokerConfig(_Model):
     def _amqp_url(cls, value: SecretStr) -> SecretStr:
         check_amqp_url(value.get_secret_value())
         return value
+
+    @field_validator("urls")
+    @classmethod
+    def _amqp_urls(cls, value: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
+        for url in value:
+            check_amqp_url(url.get_secret_value())
+        return value
+
+    @model_validator(mode="after")
+    def _url_or_urls(self) -> BrokerConfig:
+        if self.urls and "url" in self.model_fields_set:
+            raise ValueError("give broker.url or broker.urls, not both")
+        return self
+
+    @property
+    def nodes(self) -> tuple[SecretStr, ...]:
+        """The broker URLs to try, in order: ``urls``, else ``url``."""
+        return self.urls or (self.url,)
+
+
+class ClusterConfig(_Model):
+    # True when several replicas run: streams and polls are units held under a lease.
+    enabled: bool = False
+    # How often a standby tries a free unit (with jitter).
+    lease_retry: Duration = Field(default=2.0, gt=0)
 
 
 class JournalConfig(_Model):
@@ -335,22 +321,6 @@ class StreamSourceConfig(_SourceBase):
             raise ProviderSettingsError(problems)
 
 
-_RATE = re.compile(r"^\s*(\d+)\s*/\s*(\S+)\s*$")
-
-
-def parse_rate(value: object) -> tuple[int, float]:
-    """``800/1m`` → (800 requests, 60.0 seconds); also ``90/60s``, ``5/1s``."""
-    if isinstance(value, list | tuple) and len(value) == 2:
-        return int(value[0]), parse_duration(value[1])
-    match = _RATE.match(value) if isinstance(value, str) else None
-    if match is None:
-        raise ValueError("expected requests per window, such as 800/1m or 90/60s")
-    count, window = int(match[1]), parse_duration(match[2])
-    if count < 1 or window <= 0:
-        raise ValueError("the budget needs at least 1 request in a window longer than 0s")
-    return count, window
-
-
 class PollSourceConfig(_SourceBase):
     kind: Literal["poll"]
     url: str = Field(pattern=r"^https?://\S+$")
@@ -385,12 +355,16 @@ SourceConfig = Annotated[
 ]
 
 
+CLUSTER_HEARTBEAT = 3.0
+
+
 class Config(_Model):
     log: LogConfig = LogConfig()
     http: HttpConfig = HttpConfig()
     admin: AdminConfig = AdminConfig()
     broker: BrokerConfig = BrokerConfig()
     journal: JournalConfig = JournalConfig()
+    cluster: ClusterConfig = ClusterConfig()
     sources: tuple[SourceConfig, ...]
     # SIGTERM drains the journal to the broker for at most this long (CONTRACT §8).
     shutdown_timeout: Duration = 20.0
@@ -403,6 +377,10 @@ class Config(_Model):
         paths = [s.path for s in self.sources if isinstance(s, WebhookSourceConfig)]
         if len(set(paths)) != len(paths):
             raise ValueError("webhook paths must be unique")
+        if self.cluster.enabled and "heartbeat" not in self.broker.model_fields_set:
+            # Detection within two heartbeats is part of the failover promise (CONTRACT §10).
+            broker = self.broker.model_copy(update={"heartbeat": CLUSTER_HEARTBEAT})
+            object.__setattr__(self, "broker", broker)
         return self
 
 

@@ -144,6 +144,12 @@ class Metrics:
             "Keys the last reload found changed that only a restart applies.",
             registry=r,
         )
+        self.lease_held = Gauge(
+            "listener_lease_held",
+            "1 while this replica holds the unit's lease (cluster.enabled; CONTRACT §10).",
+            ["unit"],
+            registry=r,
+        )
         self.publish_seconds = Histogram(
             "listener_publish_seconds",
             "Publish to broker confirm.",

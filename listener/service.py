@@ -36,6 +36,7 @@ from aiohttp import web
 from listener.admin.app import AdminApp
 from listener.broker.asyncapi import build_document
 from listener.broker.publisher import Publisher
+from listener.cluster.coordinator import Coordinator, units_of
 from listener.config import Config
 from listener.config_loader import load_config, secret_values
 from listener.exceptions import ConfigError
@@ -105,6 +106,8 @@ class Service:
         self.publisher: Publisher | None = None
         self.admin: AdminApp | None = None
         self.transports: list[Transport] = []
+        #: cluster.enabled: holds the units (streams, polls) this replica runs.
+        self.coordinator: Coordinator | None = None
         self.exit_pending = 0
         self._asyncapi: bytes | None = None
 
@@ -191,6 +194,8 @@ class Service:
         states: dict[str, Mapping[str, Any]] = {}
         for transport in self.transports:
             states.update(transport.states())
+        if self.coordinator is not None:
+            states.update(self.coordinator.views())
         return {s.name: states[s.name] for s in self.config.sources if s.name in states}
 
     def poll_now(self, name: str) -> str:
@@ -226,8 +231,23 @@ class Service:
             self.journal = journal
             publisher = Publisher(config=config.broker, journal=journal, metrics=self.metrics)
             self.publisher = publisher
-            context = TransportContext(http=config.http, journal=journal, metrics=self.metrics)
+            context = TransportContext(
+                http=config.http,
+                journal=journal,
+                metrics=self.metrics,
+                units=config.cluster.enabled,
+            )
             self.transports = build_transports(config, context)
+            if config.cluster.enabled:
+                self.coordinator = Coordinator(
+                    units=units_of(self.runtimes),
+                    cluster=config.cluster,
+                    broker=config.broker,
+                    journal=journal,
+                    publisher=publisher,
+                    metrics=self.metrics,
+                )
+            coordinator = self.coordinator
             self.admin = AdminApp(
                 config=config.admin,
                 metrics=self.metrics,
@@ -241,10 +261,13 @@ class Service:
             )
             async with asyncio.TaskGroup() as tasks:
                 publishing = tasks.create_task(publisher.run(), name="publisher")
+                # Under cluster.enabled the coordinator runs each unit while it holds it.
                 sourcing = [
                     tasks.create_task(supervised(r, metrics=self.metrics), name=f"source:{r.name}")
-                    for r in self.runtimes
+                    for r in (() if coordinator else self.runtimes)
                 ]
+                if coordinator is not None:
+                    sourcing.append(tasks.create_task(coordinator.run(), name="cluster"))
                 upkeep = tasks.create_task(self._maintenance(journal), name="maintenance")
                 async with (
                     _site(self.admin.app, config.admin.host, config.admin.port) as admin_port,
@@ -267,6 +290,8 @@ class Service:
                     log.info("shutdown_started", pending=journal.pending_count)
                     for transport in self.transports:
                         transport.stop_intake()
+                    if coordinator is not None:
+                        await coordinator.stop()  # units stopped, leases released
                     for task in sourcing:
                         task.cancel()
                     upkeep.cancel()

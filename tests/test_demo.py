@@ -184,3 +184,21 @@ async def test_simulate_getstoken_signs_every_webhook(
     ids = {p["id"] for p in stub.accepted}
     assert ids == {f"evt_{n}" for n in range(1, len(stub.accepted) + 1)}
     assert f"accepted {len(stub.accepted)}," in out
+
+
+async def test_demo_replicas_shows_a_failover(tmp_path: Path, broker_url: str) -> None:
+    """`demo --replicas 3`: real processes; the killed holder's unit is taken over, held once."""
+    config = write_config(tmp_path, broker_url)
+    code, out, err = await run_cli(
+        "demo", "--replicas", "3", "--seconds", "12", "--config", str(config),
+        cwd=tmp_path, timeout=90,
+    )
+    assert code == 0, out + err
+    summary = re.search(
+        r"failover after SIGKILL (?P<failover>[\d.]+)s; longest double hold (?P<double>[\d.]+)s;"
+        r" units not held once at the end: (?P<unheld>\d+)$",
+        out.strip(),
+    )
+    assert summary is not None, out + err
+    assert float(summary["failover"]) < 10
+    assert summary["unheld"] == "0"

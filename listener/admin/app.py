@@ -33,7 +33,7 @@ __all__ = ["AdminApp", "Component"]
 # A component reports {"status": ..., ...}; "ok", "listening", "connected" count as healthy,
 # "degraded" as ready but worth a look.
 Component = Callable[[], Mapping[str, Any]]
-HEALTHY = frozenset({"ok", "listening", "connected", "polling"})
+HEALTHY = frozenset({"ok", "listening", "connected", "polling", "standby"})
 READY = HEALTHY | {"degraded"}
 # Keys whose values may hold a peer's own words: kept off the unauthenticated /readyz.
 _PRIVATE = frozenset({"last_error", "error", "conflicts", "mismatches"})

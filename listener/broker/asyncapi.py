@@ -70,7 +70,7 @@ def _vhost(url: str) -> str:
 
 
 def _server(config: Config) -> dict[str, Any]:
-    url = config.broker.url.get_secret_value()
+    url = config.broker.nodes[0].get_secret_value()
     parts = urlsplit(url)
     port = parts.port or (5671 if parts.scheme == "amqps" else 5672)
     return {
@@ -259,7 +259,7 @@ def _quarantine(
 def build_document(config: Config) -> dict[str, Any]:
     """The AsyncAPI 3.0 document of what ``config`` publishes (plain JSON data)."""
     topology = Topology(config.broker.exchange)
-    vhost = _vhost(config.broker.url.get_secret_value())
+    vhost = _vhost(config.broker.nodes[0].get_secret_value())
     published = _published(config)
     models = {model for _, model, _ in published.values()}
     refs, definitions = models_json_schema(

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aiormq
@@ -40,6 +41,7 @@ from listener.broker.topology import (
     TopologyReport,
     declare_topology,
     properties_for,
+    raw_connection,
 )
 from listener.config import BrokerConfig, mask_url
 from listener.exceptions import JournalError, PublishNacked, PublishTimeout
@@ -79,6 +81,11 @@ class Publisher:
         # Set when the shutdown drain starts: retries stop waiting out the backoff.
         self._hurry = asyncio.Event()
         self._closing = False
+        # broker.urls: the node connected to, and whether to move on to the next one.
+        self._node = 0
+        self._move_on = False
+        # Told True/False when the connection comes up or is lost (cluster leases).
+        self._watchers: list[Callable[[bool], None]] = []
         # Set by confirms and by journal commits: the drain loop's one wake-up call.
         self._wake = asyncio.Event()
         journal.add_commit_listener(self._wake.set)
@@ -90,6 +97,19 @@ class Publisher:
         """Whether the broker connection is up right now."""
         conn = self._connection
         return conn is not None and not conn.is_closed and conn.connected.is_set()
+
+    def watch(self, watcher: Callable[[bool], None]) -> None:
+        """Call ``watcher(up)`` whenever the connection comes up or is lost."""
+        self._watchers.append(watcher)
+
+    def raw_connection(self) -> aiormq.abc.AbstractConnection | None:
+        """The aiormq connection the publisher publishes on, while it is up."""
+        up = self.connected and self._connection is not None and self._connection.transport
+        return raw_connection(self._connection) if up and self._connection else None
+
+    def _tell(self, up: bool) -> None:
+        for watcher in self._watchers:
+            watcher(up)
 
     def state(self) -> dict[str, Any]:
         """Component status for ``/readyz``: ok, degraded, conflict or unavailable."""
@@ -117,6 +137,8 @@ class Publisher:
             await self._connect()
             delays = backoff(self._config.retry_initial, self._config.retry_max)
             while True:
+                if self._move_on:
+                    await self._next_node()
                 healthy = await self._session()
                 if healthy:
                     delays = backoff(self._config.retry_initial, self._config.retry_max)
@@ -127,9 +149,7 @@ class Publisher:
     async def wait_drained(self) -> None:
         """
         Return once nothing is pending in the journal (shutdown drain; deferred excluded).
-
-        Draining cuts the backoff short: a session that failed just before SIGTERM is
-        tried again now, and then at ``retry_initial``, not after a grown delay.
+        Draining cuts the backoff short (a failed session is tried again now).
         """
         self._hurry.set()
         while self._journal.pending_count > 0:
@@ -149,7 +169,7 @@ class Publisher:
         await asyncio.sleep(min(delay, self._config.retry_initial))
 
     async def _connect(self) -> None:
-        url = mask_url(self._config.url.get_secret_value())
+        url = ", ".join(mask_url(node.get_secret_value()) for node in self._config.nodes)
 
         def failed(exc: BaseException, delay: float, attempt: int) -> None:
             self._last_error = f"{type(exc).__name__}: {exc}"
@@ -163,7 +183,9 @@ class Publisher:
                 log.warning("broker_unreachable_journaling_only", url=url)
 
         while True:
-            connection = await connect_retrying(self._config, name="listener", on_failure=failed)
+            connection, self._node = await connect_retrying(
+                self._config, name="listener", on_failure=failed, start=self._node
+            )
             try:
                 async with asyncio.timeout(self._config.connect_timeout * 2):
                     channel = await connection.channel(
@@ -180,16 +202,33 @@ class Publisher:
         connection.close_callbacks.add(self._on_lost)
         connection.reconnect_callbacks.add(self._on_reconnect)
         self._last_error = None
-        log.info("broker_connected", exchange=self._config.exchange)
+        log.info("broker_connected", exchange=self._config.exchange, node=self._node)
+        self._tell(True)
+
+    async def _next_node(self) -> None:
+        """broker.urls: the node failed; connect from the next one on (CONTRACT §10)."""
+        self._move_on = False
+        if self._connection is not None:
+            old, self._connection = self._connection, None
+            old.close_callbacks.discard(self._on_lost)
+            await close_quietly(old)
+        self._node = (self._node + 1) % len(self._config.nodes)
+        await self._connect()
 
     def _on_lost(self, *_: object) -> None:
         self._metrics.broker_connected.set(0)
         if not self._closing:
             log.warning("broker_connection_lost")
+            # Several nodes: the next session connects to the next one (aio-pika would
+            # retry only this one).
+            self._move_on = len(self._config.nodes) > 1
+            self._wake.set()
+        self._tell(False)
 
     def _on_reconnect(self, *_: object) -> None:
         self._metrics.broker_connected.set(1)
         log.info("broker_reconnected")
+        self._tell(True)
 
     async def _close(self) -> None:
         self._metrics.broker_connected.set(0)
@@ -292,7 +331,7 @@ class Publisher:
         after = 0
         next_check = 0.0
         wake = self._wake
-        while window.failure is None:
+        while window.failure is None and not self._move_on:  # (or on to the next node)
             wake.clear()
             room = window.room
             if not backlog and room > 0:
@@ -321,8 +360,7 @@ class Publisher:
                 await self._flush_returned()
             if not window.outstanding and not backlog and journal.pending_count == 0:
                 self._drained.set()
-            # Sleep until a confirm, an append or a commit wakes us, or the oldest
-            # publish passes its deadline (one timer for the window, not one each).
+            # Until a confirm, an append, a commit or the oldest publish's deadline.
             await window.wait(DEFERRED_CHECK, clear=False)
 
     def _outgoing(self, stored: StoredEntry) -> Outgoing:

@@ -134,12 +134,19 @@ async def declare_topology(
 
         await step(f"exchange {name!r}", exchange_fix, exchange)
 
+    # queue_type quorum: replicated over the cluster's nodes (CONTRACT §10).
+    # (classic stays undeclared: queues made before this key existed carry no argument)
+    quorum = config.queue_type == "quorum"
+    quarantine_args: FieldTable = {"x-queue-type": "quorum"} if quorum else {}
+
     async def quarantine_queue(ch: aiormq.abc.AbstractChannel) -> None:
-        await ch.queue_declare(names.quarantine_queue, durable=True)
+        await ch.queue_declare(names.quarantine_queue, durable=True, arguments=quarantine_args)
         await ch.queue_bind(names.quarantine_queue, names.quarantine_exchange, routing_key="#")
 
     await step(
-        f"queue {names.quarantine_queue!r}", "delete it (after draining it)", quarantine_queue
+        f"queue {names.quarantine_queue!r}",
+        "delete it (after draining it), or set broker.queue_type to its type",
+        quarantine_queue,
     )
     if config.archive.enabled:
         age = max_age(config.archive.max_age)

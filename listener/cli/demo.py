@@ -22,6 +22,7 @@ from listener.cli.common import CONFIG_OPTION, load_or_exit
 from listener.config import Config, mask_url
 from listener.config_loader import config_path, load_config
 from listener.dev.demo import Demo
+from listener.dev.replicas import ReplicasDemo
 from listener.exceptions import ConfigError
 from listener.logs import configure_logging
 from listener.loop import run_async
@@ -30,7 +31,7 @@ __all__ = ["command"]
 
 
 @contextlib.contextmanager
-def _display(console: Console, demo: Demo) -> Iterator[Callable[[], None]]:
+def _display(console: Console, demo: Demo | ReplicasDemo) -> Iterator[Callable[[], None]]:
     """A live table on a terminal (logs printed above it); otherwise nothing until the end."""
     stderr = sys.stderr
     secrets_ = demo.redacted()
@@ -78,14 +79,25 @@ def _base_config(config_file: Path | None) -> Config:
     show_default=True,
     help="How long the simulators produce.",
 )
+@click.option(
+    "--replicas",
+    type=click.IntRange(min=2, max=9),
+    default=None,
+    help="Run this many `listener run` replicas (cluster.enabled) instead, show which "
+    "holds each stream unit, kill one and start it again.",
+)
 @CONFIG_OPTION
-def command(seconds: float, config_file: Path | None) -> None:
+def command(seconds: float, replicas: int | None, config_file: Path | None) -> None:
     """Run the real pipeline against built-in simulators and show what flows."""
     base = _base_config(config_file)
     console = Console()
 
     async def main() -> tuple[str, int]:
-        demo = Demo(base=base, seconds=seconds)
+        demo: Demo | ReplicasDemo
+        if replicas is not None:
+            demo = ReplicasDemo(base=base, replicas=replicas, seconds=seconds)
+        else:
+            demo = Demo(base=base, seconds=seconds)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, demo.interrupt)

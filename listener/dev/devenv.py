@@ -23,6 +23,9 @@ SECRETS: dict[str, Callable[[], str]] = {
     "TOKENTERMINAL_API_KEY": lambda: f"dev_{secrets.token_urlsafe(24)}",
     "TERRAPIN_API_KEY": lambda: f"dev_{secrets.token_urlsafe(24)}",
     "LISTENER_ADMIN_KEY": lambda: f"adm_{secrets.token_urlsafe(32)}",
+    # docker/compose.cluster.yaml's (hex: nothing to percent-encode in the broker URLs).
+    "RABBITMQ_ERLANG_COOKIE": lambda: secrets.token_hex(32),
+    "RABBITMQ_PASSWORD": lambda: secrets.token_hex(24),
 }
 
 

@@ -6,7 +6,8 @@ The journal package: every line of SQL the listener runs lives here.
 * :mod:`listener.journal.lock` - one daemon per journal file.
 """
 
+from listener.journal.checkpoints import Checkpoint
 from listener.journal.schema import SCHEMA, Cursor, Status, StoredEntry, row_to_entry
 from listener.journal.store import Journal
 
-__all__ = ["SCHEMA", "Cursor", "Journal", "Status", "StoredEntry", "row_to_entry"]
+__all__ = ["SCHEMA", "Checkpoint", "Cursor", "Journal", "Status", "StoredEntry", "row_to_entry"]

@@ -31,8 +31,8 @@ from typing import Any, Literal, TypeVar
 from listener.config import JournalConfig
 from listener.envelope import Entry
 from listener.exceptions import JournalError, JournalFull
+from listener.journal.checkpoints import Checkpoints
 from listener.journal.lock import JournalLock
-from listener.journal.reads import Reads
 from listener.journal.schema import (
     Cursor,
     connect,
@@ -65,7 +65,7 @@ class _Stats:
     commits: int = 0
 
 
-class Journal(Reads):
+class Journal(Checkpoints):
     """
     The durable local store of every accepted event.
 

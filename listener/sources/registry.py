@@ -42,6 +42,8 @@ class TransportContext:
     http: HttpConfig
     journal: Journal
     metrics: Metrics
+    #: cluster.enabled: one runtime per unit (each stream subscription on its own).
+    units: bool = False
 
 
 class Transport(Protocol):

@@ -113,6 +113,12 @@ class StreamSource:
         self._max_size = config.max_size
 
     @property
+    def unit_key(self) -> str | None:
+        """A source of one subscription is a cluster unit with that cursor."""
+        subs = self._subs.all
+        return subs[0].key if len(subs) == 1 else None
+
+    @property
     def events_received(self) -> int:
         """Events journaled (new, not duplicates) since the source started."""
         return self._intake.events_received
@@ -206,7 +212,8 @@ class StreamSource:
 
     def use_config(self, config: StreamSourceConfig) -> None:
         """SIGHUP: the same source with new secrets, used from the next connect on."""
-        self._config = config
+        # (a cluster unit keeps its one subscription)
+        self._config = config.model_copy(update={"subscriptions": self._config.subscriptions})
 
     def _grow_max_size(self) -> None:
         # Whatever comes next, a frame was refused: keep a record of it for operators.
@@ -422,6 +429,12 @@ class StreamTransport(RuntimeTransport):
         *,
         context: TransportContext,
     ) -> None:
+        if context.units:  # a runtime per subscription: each is a unit (CONTRACT §10)
+            sources = [
+                (c.model_copy(update={"subscriptions": (sub,)}), p)
+                for c, p in sources
+                for sub in c.subscriptions
+            ]
         self.runtimes = tuple(
             StreamSource(config=c, provider=p, journal=context.journal, metrics=context.metrics)
             for c, p in sources

@@ -3,7 +3,8 @@ Print the chaos table: ``python -m tests.chaos.report [RESULTS] [--all]``.
 
 Reads the JSON lines the ledger wrote (default: :func:`tests.chaos.ledger.results_path`)
 and prints the rows of the last run (every run with ``--all``) as a Markdown table:
-scenario, acknowledged, delivered, lost, duplicates, time to recover, and the
+scenario, acknowledged, delivered, lost, duplicates, time to recover, failover (the
+replica scenarios: a unit held again and delivering), and the
 scenario's own figures (notes; ``extra`` = delivered but never acknowledged). Exits 1 when a
 row shows a loss or a scenario that never reached its check, so CI can gate on it.
 """
@@ -26,6 +27,7 @@ COLUMNS = (
     ("lost", "lost"),
     ("duplicates", "duplicates"),
     ("recover_s", "time to recover (s)"),
+    ("failover_s", "failover (s)"),
     ("outcome", "outcome"),
     ("notes", "notes"),
 )
@@ -44,8 +46,11 @@ def load_rows(path: Path, *, every_run: bool = False) -> list[dict[str, Any]]:
 
 def _cell(row: dict[str, Any], key: str) -> str:
     value = row.get(key)
+    if key == "failover_s":  # the replica scenarios' own figure, kept in their notes
+        value = (row.get("notes") or {}).get("failover_s")
     if key == "notes":
         notes = {**({"extra": row["extra"]} if row.get("extra") else {}), **(value or {})}
+        notes.pop("failover_s", None)
         return ", ".join(f"{k}={v}" for k, v in notes.items()) or "-"
     if value is None:
         return "-"

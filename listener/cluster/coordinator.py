@@ -1,0 +1,442 @@
+"""
+Units held by exactly one replica (CONTRACT §10): every stream subscription and every
+poll source is a unit, run (supervised) only while this replica holds its lease.
+
+* **Taking**: every ``lease_retry`` (±25%), while the publisher's connection is up,
+  the coordinator tries free units, one at a time, as long as it holds no more units
+  than the least loaded replica it hears on the presence exchange (so three replicas
+  and three units end up one each; no replica takes a second unit while another holds
+  none, give or take one). A replica that holds two more than the least loaded one
+  releases its newest unit (the hand-over below).
+* **Hand-over**: after taking a lease, the unit's cursor in RabbitMQ is merged into the
+  journal (the newer wins) before the unit starts; while it runs, its checkpoint is
+  written to RabbitMQ once every event up to it is confirmed (checked every second).
+* **Fencing**: when the connection is lost, every unit is stopped at once (before the
+  publisher reconnects; the broker drops the leases with the connection). A broker
+  that has not answered a probe for two heartbeats counts as lost (aiormq itself
+  waits three heartbeats and more; the broker drops a silent peer after about two):
+  the units stop, and are taken again only once it answers. A lease found gone
+  (deleted by hand) stops its unit too. On shutdown, :meth:`stop` stops the
+  units and releases their leases as soon as intake stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import secrets
+import socket
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import aiormq
+import structlog
+from aiormq.abc import AbstractConnection
+
+from listener.broker.publisher import Publisher
+from listener.cluster import leases
+from listener.config import BrokerConfig, ClusterConfig
+from listener.journal import Checkpoint, Journal
+from listener.metrics import Metrics
+from listener.sources.supervisor import SourceRuntime, supervised
+
+__all__ = ["Coordinator", "Unit", "units_of"]
+
+log = structlog.get_logger("listener.cluster")
+
+CHECKPOINT_INTERVAL = 1.0
+# A replica not heard for this many lease_retry is gone.
+PRESENCE_TTL = 3
+# Waiting for a stopping unit (a stream says goodbye within 2 s).
+STOP_TIMEOUT = 5.0
+_AMQP_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, TimeoutError, RuntimeError)
+
+Holder = Literal["self", "other", "none"]
+
+
+@dataclass(eq=False)
+class Unit:
+    """One unit: a runtime and what its checkpoint is (``key``: a stream cursor's key)."""
+
+    name: str
+    source: str
+    key: str | None
+    runtime: SourceRuntime
+    task: asyncio.Task[None] | None = None
+    held: bool = False
+    acquired_at: float = 0.0
+    other_until: float = 0.0
+    not_before: float = 0.0
+    written: tuple[Any, ...] | None = None
+    candidate: tuple[tuple[Any, ...], Checkpoint] | None = None
+    runs: int = field(default=0)
+
+    def holder(self) -> Holder:
+        """``self``, ``other`` (a peer holds it, as last heard) or ``none``."""
+        if self.held:
+            return "self"
+        return "other" if time.monotonic() < self.other_until else "none"
+
+
+def units_of(runtimes: Sequence[SourceRuntime]) -> list[Unit]:
+    """
+    One unit per runtime: a runtime with a ``unit_key`` (a stream source holding one
+    subscription) is ``<source>.<key>`` with that cursor; any other is ``<source>``,
+    whose checkpoint is its poll state.
+    """
+    units = []
+    for runtime in runtimes:
+        key = getattr(runtime, "unit_key", None)
+        name = runtime.name if key is None else f"{runtime.name}.{key}"
+        units.append(Unit(name=name, source=runtime.name, key=key, runtime=runtime))
+    return units
+
+
+class Coordinator:
+    """Takes, runs, checkpoints and gives up this replica's units."""
+
+    def __init__(
+        self,
+        *,
+        units: Sequence[Unit],
+        cluster: ClusterConfig,
+        broker: BrokerConfig,
+        journal: Journal,
+        publisher: Publisher,
+        metrics: Metrics,
+    ) -> None:
+        self.units = list(units)
+        self.replica = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
+        self._retry = cluster.lease_retry
+        self._heartbeat = max(broker.heartbeat, 0.5)
+        # A connection that stopped answering: nothing is taken on it until it answers.
+        self._suspect: AbstractConnection | None = None
+        self._queue_type = broker.queue_type
+        self._names = leases.Names(broker.exchange)
+        self._journal = journal
+        self._publisher = publisher
+        self._metrics = metrics
+        self._conn: AbstractConnection | None = None
+        self._say: Any = None
+        self._peers: dict[str, tuple[float, frozenset[str]]] = {}
+        self._wake = asyncio.Event()
+        self._stopping = False
+        for unit in self.units:
+            metrics.lease_held.labels(unit.name).set(0)
+        publisher.watch(self._on_broker)
+
+    # -- views --------------------------------------------------------------------------
+
+    def held(self) -> list[Unit]:
+        """The units this replica holds now."""
+        return [u for u in self.units if u.held]
+
+    def unit_of(self, runtime: object) -> Unit | None:
+        """The unit a runtime belongs to."""
+        return next((u for u in self.units if u.runtime is runtime), None)
+
+    def views(self) -> dict[str, dict[str, Any]]:
+        """
+        Each unit source's state for ``/readyz`` and ``/v1/sources``, with each unit's
+        holder; a source none of whose units is held here is ``standby`` (healthy).
+        """
+        by_source: dict[str, list[Unit]] = {}
+        for unit in self.units:
+            by_source.setdefault(unit.source, []).append(unit)
+        views = {}
+        for source, units in by_source.items():
+            states = [dict(u.runtime.state()) for u in units]
+            view = dict(states[0])
+            if units[0].key is None:
+                view.update(unit=units[0].name, holder=units[0].holder())
+            else:
+                view["subscriptions"] = [
+                    {**sub, "unit": unit.name, "holder": unit.holder()}
+                    for unit, state in zip(units, states, strict=True)
+                    for sub in state.get("subscriptions", ())
+                ]
+                view["events_received"] = sum(s.get("events_received", 0) for s in states)
+                times = [s["last_event_at"] for s in states if s.get("last_event_at")]
+                view["last_event_at"] = max(times, default=None)
+            held = [s["status"] for u, s in zip(units, states, strict=True) if u.held]
+            unhealthy = [h for h in held if h not in {"connected", "polling"}]
+            view["status"] = unhealthy[0] if unhealthy else held[0] if held else "standby"
+            views[source] = view
+        return views
+
+    # -- the loops ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Take and keep units until cancelled (then everything held is stopped)."""
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._lease_loop(), name="cluster:leases")
+                tasks.create_task(self._checkpoint_loop(), name="cluster:checkpoints")
+                tasks.create_task(self._watchdog(), name="cluster:watchdog")
+        finally:
+            self._fence("stopped")
+
+    async def stop(self) -> None:
+        """Shutdown: stop every unit and release its lease (CONTRACT §10)."""
+        self._stopping = True
+        conn = self._conn
+        held = self.held()
+        for unit in held:
+            await self._stop_unit(unit)
+        if conn is not None and not conn.is_closed:
+            for unit in held:
+                try:
+                    await leases.release(conn, self._names.lease(unit.name))
+                except _AMQP_ERRORS as exc:
+                    log.warning("lease_release_failed", unit=unit.name, error=str(exc))
+            await self._announce(leaving=True)
+        log.info("cluster_released", units=[u.name for u in held])
+
+    def _on_broker(self, up: bool) -> None:
+        if up:
+            self._wake.set()
+        else:
+            self._fence("broker connection lost")
+
+    def _fence(self, why: str) -> None:
+        """Stop every unit now: without the connection, no lease is ours any more."""
+        stopped = [u.name for u in self.units if u.held]
+        for unit in self.units:
+            if unit.task is not None and not unit.task.done():
+                unit.task.cancel()
+            self._set_held(unit, held=False)
+        self._conn, self._say = None, None
+        if stopped:
+            log.warning("cluster_fenced", reason=why, stopped=stopped)
+
+    async def _lease_loop(self) -> None:
+        while not self._stopping:
+            conn = self._publisher.raw_connection()
+            if conn is not None and conn is self._suspect:
+                conn = None
+            try:
+                if conn is not None and conn is not self._conn:
+                    await self._join(conn)
+                if conn is not None and self._conn is conn:
+                    await self._round(conn)
+            except _AMQP_ERRORS as exc:
+                log.warning("cluster_round_failed", error=f"{type(exc).__name__}: {exc}")
+            self._wake.clear()
+            delay = self._retry * random.uniform(0.75, 1.25)  # noqa: S311 - jitter
+            try:
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+
+    async def _watchdog(self) -> None:
+        """Fence when the broker has not answered for two heartbeats (see the docstring)."""
+        last_ok = time.monotonic()
+        while True:
+            await asyncio.sleep(self._heartbeat / 3)
+            conn = self._publisher.raw_connection()
+            if conn is None:
+                last_ok = time.monotonic()
+                continue
+            if not await self._answers(conn):
+                silent = time.monotonic() - last_ok
+                if silent > 2 * self._heartbeat and self._suspect is not conn:
+                    self._suspect = conn
+                    self._fence(f"the broker has not answered for {silent:.1f}s")
+            else:
+                last_ok = time.monotonic()
+                if self._suspect is conn:
+                    self._suspect = None
+                    self._wake.set()
+
+    async def _answers(self, conn: AbstractConnection) -> bool:
+        try:
+            async with asyncio.timeout(self._heartbeat):
+                await leases.probe(conn)
+        except _AMQP_ERRORS:
+            return False
+        except asyncio.CancelledError:
+            # aiormq cancels what waits on a connection that closes; our own cancel goes on.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            return False
+        return True
+
+    async def _join(self, conn: AbstractConnection) -> None:
+        self._fence("a new broker connection")  # nothing held from before survives it
+        self._peers.clear()
+        self._say = await leases.join_presence(conn, self._names.presence, self._heard)
+        self._conn = conn
+        await self._announce(hello=True)
+        await asyncio.sleep(min(self._retry / 4, 0.5))  # the peers' answers come in
+
+    def _heard(self, body: dict[str, Any]) -> None:
+        replica = body.get("replica")
+        if not isinstance(replica, str) or replica == self.replica:
+            return
+        units = frozenset(str(u) for u in body.get("held", ()) if isinstance(u, str))
+        if body.get("leaving"):
+            self._peers.pop(replica, None)
+        else:
+            known = replica in self._peers
+            self._peers[replica] = (time.monotonic(), units)
+            if body.get("hello") and not known:
+                self._wake.set()  # answer a newcomer at once (the next round announces)
+        until = time.monotonic() + PRESENCE_TTL * self._retry
+        for unit in self.units:
+            if unit.name in units and not unit.held:
+                unit.other_until = until
+
+    async def _announce(self, *, hello: bool = False, leaving: bool = False) -> None:
+        conn = self._conn
+        try:
+            if self._say is None and conn is not None:  # its channel closed: open another
+                self._say = await leases.join_presence(conn, self._names.presence, self._heard)
+            if self._say is None:
+                return
+            held = [] if leaving else [u.name for u in self.held()]
+            body = {"replica": self.replica, "held": held, "hello": hello, "leaving": leaving}
+            await self._say(body)
+        except _AMQP_ERRORS as exc:  # presence is advice; the leases are what count
+            self._say = None
+            log.warning("cluster_presence_failed", error=f"{type(exc).__name__}: {exc}")
+
+    def _least_loaded_peer(self) -> int | None:
+        now = time.monotonic()
+        ttl = PRESENCE_TTL * self._retry
+        alive = [len(units) for seen, units in self._peers.values() if now - seen < ttl]
+        return min(alive) if alive else None
+
+    async def _round(self, conn: AbstractConnection) -> None:
+        for unit in self.held():  # a lease deleted under us: stop its unit
+            if not await leases.still_held(conn, self._names.lease(unit.name)):
+                log.warning("lease_lost", unit=unit.name)
+                await self._stop_unit(unit)
+        await self._announce()
+        least = self._least_loaded_peer()
+        held = self.held()
+        if least is not None and len(held) >= least + 2:
+            newest = max(held, key=lambda u: u.acquired_at)
+            await self._give_up(conn, newest)
+            return
+        now = time.monotonic()
+        free = [u for u in self.units if not u.held and now >= u.not_before]
+        random.shuffle(free)
+        for unit in free:
+            if self._stopping or (least is not None and len(self.held()) > least):
+                return
+            if unit.task is not None and not unit.task.done():
+                continue  # still stopping from before
+            if await leases.take(conn, self._names.lease(unit.name)):
+                await self._start_unit(conn, unit)
+                await self._announce()
+                if least is not None:
+                    least = self._least_loaded_peer()
+            else:
+                unit.other_until = now + PRESENCE_TTL * self._retry
+
+    async def _start_unit(self, conn: AbstractConnection, unit: Unit) -> None:
+        queue = self._names.cursor(unit.name)
+        try:
+            cursor = await leases.read_cursor(conn, queue, queue_type=self._queue_type)
+            adopted = 0
+            if cursor is not None and isinstance(state := cursor.get("state"), Mapping):
+                adopted = await self._journal.adopt(unit.source, unit.key, state)
+            elif unit.key is not None:
+                # The first holder ever: before it subscribes, say that a holder began
+                # without a position, so one taking over before its first cursor is
+                # written resumes from all the provider still holds (since_seq 0), not
+                # from "now" (what this one journaled meanwhile may not be published).
+                marker = {"seq": None, "resend_all": True}
+                await leases.write_cursor(
+                    conn, queue, self._cursor_body(unit, marker), queue_type=self._queue_type
+                )
+        except BaseException:
+            await leases.release(conn, self._names.lease(unit.name))
+            raise
+        if self._conn is not conn:  # fenced meanwhile: the lease went with the connection
+            return
+        if self._stopping:  # shutdown began meanwhile: give it back at once
+            await leases.release(conn, self._names.lease(unit.name))
+            return
+        self._set_held(unit, held=True)
+        unit.acquired_at = time.monotonic()
+        unit.written, unit.candidate = None, None
+        unit.runs += 1
+        unit.task = asyncio.create_task(
+            supervised(unit.runtime, metrics=self._metrics), name=f"unit:{unit.name}"
+        )
+        log.info(
+            "lease_taken",
+            unit=unit.name,
+            replica=self.replica,
+            cursor_from=cursor.get("replica") if cursor else None,
+            adopted=adopted,
+        )
+
+    async def _give_up(self, conn: AbstractConnection, unit: Unit) -> None:
+        """Rebalance: write the checkpoint if it is confirmed, stop, release."""
+        await self._checkpoint(conn, unit)
+        await self._stop_unit(unit)
+        await leases.release(conn, self._names.lease(unit.name))
+        unit.not_before = time.monotonic() + PRESENCE_TTL * self._retry
+        log.info("lease_given_up", unit=unit.name, reason="rebalance")
+
+    async def _stop_unit(self, unit: Unit) -> None:
+        self._set_held(unit, held=False)
+        task = unit.task
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=STOP_TIMEOUT)
+
+    def _set_held(self, unit: Unit, *, held: bool) -> None:
+        unit.held = held
+        self._metrics.lease_held.labels(unit.name).set(1 if held else 0)
+
+    # -- checkpoints --------------------------------------------------------------------
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await asyncio.sleep(CHECKPOINT_INTERVAL)
+            conn = self._conn
+            if conn is None:
+                continue
+            for unit in self.held():
+                try:
+                    await self._checkpoint(conn, unit)
+                except _AMQP_ERRORS as exc:
+                    log.warning("cursor_write_failed", unit=unit.name, error=str(exc))
+                    break
+
+    async def _checkpoint(self, conn: AbstractConnection, unit: Unit) -> None:
+        """Write the unit's checkpoint to RabbitMQ once every event up to it is confirmed."""
+        journal = self._journal
+        if unit.candidate is None:
+            version = await journal.checkpoint_version(unit.source, unit.key)
+            if version == unit.written:
+                return
+            unit.candidate = (version, await journal.checkpoint(unit.source, unit.key))
+        version, checkpoint = unit.candidate
+        if not await journal.confirmed_through(unit.source, checkpoint.watermark):
+            return
+        if not unit.held or self._conn is not conn:
+            return  # only the holder writes, on the connection that holds the lease
+        body = self._cursor_body(unit, checkpoint.state)
+        await leases.write_cursor(
+            conn, self._names.cursor(unit.name), body, queue_type=self._queue_type
+        )
+        unit.written, unit.candidate = version, None
+
+    def _cursor_body(self, unit: Unit, state: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            "unit": unit.name,
+            "source": unit.source,
+            "key": unit.key,
+            "replica": self.replica,
+            "written_at": time.time(),
+            "state": dict(state),
+        }

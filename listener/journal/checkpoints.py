@@ -1,0 +1,176 @@
+"""
+Checkpoints of a cluster unit (CONTRACT §10): what a new holder of a stream subscription
+or a poll source needs to go on where the last one stopped, read from the journal and
+merged into it. A mixin of :class:`listener.journal.store.Journal`.
+
+* A stream subscription's checkpoint is its cursor: ``{"seq": n}``; or, from a first
+  holder that has no position yet, ``{"seq": null, "resend_all": true}``: resume with
+  ``since_seq`` 0 (all the provider still holds) where this journal has no cursor.
+* A poll source's is its state: the content seen per key, renamed items, primed
+  resources, each with the time it was written.
+
+:meth:`Checkpoints.checkpoint` reads the state and the journal's last ``seq`` (the
+*watermark*) in one read transaction: every event the state covers is at or below it.
+:meth:`Checkpoints.confirmed_through` says when every event of the source up to a
+watermark is published (confirmed), which is when the checkpoint may be handed over.
+:meth:`Checkpoints.adopt` merges one into this journal, keeping whichever is newer.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from listener.journal.reads import Reads
+
+__all__ = ["Checkpoint", "Checkpoints"]
+
+_UNCONFIRMED = (
+    "SELECT EXISTS (SELECT 1 FROM events WHERE status = 0 AND seq <= ? AND source = ?)"
+    " OR EXISTS (SELECT 1 FROM events WHERE status = 3 AND seq <= ? AND source = ?)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """A unit's state as of ``watermark`` (the journal's last event ``seq`` then)."""
+
+    watermark: int
+    state: Mapping[str, Any]
+
+
+def _read_checkpoint(conn: sqlite3.Connection, source: str, key: str | None) -> Checkpoint:
+    conn.execute("BEGIN")  # one snapshot for the state and the watermark
+    try:
+        ((watermark,),) = conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchall()
+        state: dict[str, Any]
+        if key is not None:
+            row = conn.execute(
+                "SELECT seq FROM cursors WHERE source = ? AND key = ?", (source, key)
+            ).fetchone()
+            state = {"seq": int(row[0]) if row else None}
+        else:
+            state = {
+                "states": [
+                    [k, h, bytes(c).decode(), at]
+                    for k, h, c, at in conn.execute(
+                        "SELECT key, hash, content, updated_at FROM poll_state WHERE source = ?",
+                        (source,),
+                    )
+                ],
+                "aliases": conn.execute(
+                    "SELECT item, current, updated_at FROM poll_aliases WHERE source = ?",
+                    (source,),
+                ).fetchall(),
+                "primed": conn.execute(
+                    "SELECT resource, primed_at FROM poll_resources WHERE source = ?", (source,)
+                ).fetchall(),
+            }
+    finally:
+        conn.execute("COMMIT")
+    return Checkpoint(int(watermark), state)
+
+
+def _version(conn: sqlite3.Connection, source: str, key: str | None) -> tuple[Any, ...]:
+    if key is not None:
+        row = conn.execute(
+            "SELECT seq FROM cursors WHERE source = ? AND key = ?", (source, key)
+        ).fetchone()
+        return (row[0] if row else None,)
+    return tuple(
+        conn.execute(
+            "SELECT (SELECT max(updated_at) FROM poll_state WHERE source = ?1),"
+            " (SELECT count(*) FROM poll_state WHERE source = ?1),"
+            " (SELECT max(updated_at) FROM poll_aliases WHERE source = ?1),"
+            " (SELECT count(*) FROM poll_resources WHERE source = ?1)",
+            (source,),
+        ).fetchone()
+    )
+
+
+def _adopt(conn: sqlite3.Connection, source: str, key: str | None, state: Mapping[str, Any]) -> int:
+    """Merge ``state`` in, newer wins; return how many rows changed."""
+    now = time.time()
+    cur = conn.cursor()
+    cur.execute("BEGIN IMMEDIATE")
+    try:
+        changed = 0
+        if key is not None:
+            seq = state.get("seq")
+            if seq is None and state.get("resend_all"):
+                seq = 0  # a holder began without a position: all the provider holds
+            if isinstance(seq, int):
+                cur.execute(
+                    "INSERT INTO cursors (source, key, seq, updated_at) VALUES (?, ?, ?, ?)"
+                    " ON CONFLICT (source, key) DO UPDATE SET seq = excluded.seq,"
+                    " updated_at = excluded.updated_at WHERE excluded.seq > cursors.seq",
+                    (source, key, seq, now),
+                )
+                changed += cur.rowcount
+        else:
+            for k, h, content, at in state.get("states", ()):
+                cur.execute(
+                    "INSERT INTO poll_state (source, key, hash, content, updated_at)"
+                    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (source, key) DO UPDATE SET"
+                    " hash = excluded.hash, content = excluded.content,"
+                    " updated_at = excluded.updated_at"
+                    " WHERE excluded.updated_at > poll_state.updated_at",
+                    (source, k, h, str(content).encode(), float(at)),
+                )
+                changed += cur.rowcount
+            for item, current, at in state.get("aliases", ()):
+                cur.execute(
+                    "INSERT INTO poll_aliases (source, item, current, updated_at)"
+                    " VALUES (?, ?, ?, ?) ON CONFLICT (source, item) DO UPDATE SET"
+                    " current = excluded.current, updated_at = excluded.updated_at"
+                    " WHERE excluded.updated_at > poll_aliases.updated_at",
+                    (source, item, current, float(at)),
+                )
+                changed += cur.rowcount
+            for resource, at in state.get("primed", ()):
+                cur.execute(
+                    "INSERT INTO poll_resources (source, resource, primed_at) VALUES (?, ?, ?)"
+                    " ON CONFLICT (source, resource) DO NOTHING",
+                    (source, resource, float(at)),
+                )
+                changed += cur.rowcount
+        cur.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return changed
+
+
+class Checkpoints(Reads):
+    """Read, confirm and merge unit checkpoints (see the module docstring)."""
+
+    _writer: sqlite3.Connection | None
+    _write_thread: ThreadPoolExecutor
+
+    async def checkpoint(self, source: str, key: str | None) -> Checkpoint:
+        """The unit's state and watermark (``key``: a subscription; ``None``: a poll source)."""
+        return await self._on(self._read_thread, _read_checkpoint, self._reader, source, key)
+
+    async def checkpoint_version(self, source: str, key: str | None) -> tuple[Any, ...]:
+        """Something that changes whenever the unit's checkpoint does (cheap to read)."""
+        return await self._on(self._read_thread, _version, self._reader, source, key)
+
+    async def confirmed_through(self, source: str, watermark: int) -> bool:
+        """Whether every event of ``source`` up to ``watermark`` is published."""
+
+        def read(conn: sqlite3.Connection) -> bool:
+            ((open_,),) = conn.execute(
+                _UNCONFIRMED, (watermark, source, watermark, source)
+            ).fetchall()
+            return not open_
+
+        return await self._on(self._read_thread, read, self._reader)
+
+    async def adopt(self, source: str, key: str | None, state: Mapping[str, Any]) -> int:
+        """Merge a checkpoint from another replica in (newer wins); rows changed."""
+        return await self._on(self._write_thread, _adopt, self._writer, source, key, state)

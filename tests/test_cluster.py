@@ -1,0 +1,276 @@
+"""
+Several replicas (CONTRACT §10), in this process: real broker, real Layerx402 simulator,
+real services. Leases, spreading, hand-over of the cursor, fencing on a lost broker
+connection, ``broker.urls`` and a quorum quarantine queue. The same with real
+``listener run`` processes, SIGKILL and a broker restart: tests/chaos/test_replicas.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiormq
+import pytest
+
+from listener.cluster import leases
+from listener.config import Config
+from listener.dev.simulators.layerx402 import Layerx402Simulator
+from listener.service import Service
+from tests.conftest import UNIT, config_data, running, tap, wait_for
+from tests.faults import proxy
+from tests.test_streams import expected_ids, lx_source
+
+pytestmark = pytest.mark.usefixtures("cleanup_topology")
+
+MINTS = [
+    "So11111111111111111111111111111111111111112",
+    "EPjFWdd5AufqSSqeM2qN1xzybapC8G4wEGGkZwyTDt1v",
+    "Es9vMFrzaCERmJfrF8H2yFnByPjv2Y6Gk8tgTKxnxEq5",
+]
+SUBS = [{"channel": "trades", "params": {"mint": m}} for m in MINTS]
+
+
+def replica_config(
+    tmp_path: Path, name: str, broker_url: str, exchange: str, sim_url: str, **extra: Any
+) -> Config:
+    directory = tmp_path / name
+    directory.mkdir(exist_ok=True)
+    data = config_data(
+        directory,
+        broker_url=broker_url,
+        exchange=exchange,
+        sources=[lx_source(sim_url, subscriptions=SUBS)],
+        cluster={"enabled": True, "lease_retry": "300ms"},
+        **extra,
+    )
+    if "urls" in data["broker"]:
+        del data["broker"]["url"]
+    return Config.model_validate(data)
+
+
+def holders(services: list[Service]) -> dict[str, list[int]]:
+    """unit → the indexes of the services that hold it now."""
+    held: dict[str, list[int]] = {}
+    for index, service in enumerate(services):
+        assert service.coordinator is not None
+        for unit in service.coordinator.units:
+            held.setdefault(unit.name, [])
+            if unit.held:
+                held[unit.name].append(index)
+    return held
+
+
+def counts(sim: Layerx402Simulator) -> list[int]:
+    return [sim.subscribers("trades", {"mint": m}) for m in MINTS]
+
+
+@contextlib.asynccontextmanager
+async def replicas(configs: list[Config]) -> AsyncIterator[list[Service]]:
+    async with contextlib.AsyncExitStack() as stack:
+        yield [await stack.enter_async_context(running(c)) for c in configs]
+
+
+async def test_three_units_spread_over_three_replicas_each_held_once(
+    tmp_path: Path, broker_url: str, exchange_name: str
+) -> None:
+    """Each subscription is held by exactly one connection at the server, one unit each."""
+    async with Layerx402Simulator(rate=50) as sim:
+        configs = [
+            replica_config(tmp_path, f"r{i}", broker_url, exchange_name, sim.url) for i in range(3)
+        ]
+        async with replicas(configs) as services:
+            await wait_for(lambda: counts(sim) == [1, 1, 1], timeout=15 * UNIT, what="all held")
+            await wait_for(
+                lambda: sorted(len(v) for v in holders(services).values()) == [1, 1, 1]
+                and sorted(len(s.coordinator.held()) for s in services if s.coordinator)
+                == [1, 1, 1],
+                timeout=15 * UNIT,
+                what="one unit each",
+            )
+            for _ in range(20):  # never two connections for one subscription
+                assert max(counts(sim)) <= 1, counts(sim)
+                assert all(len(v) <= 1 for v in holders(services).values())
+                await asyncio.sleep(0.1)
+            # /v1/sources's view: each subscription names its holder.
+            views = [s.source_states()["lx"] for s in services]
+            for view in views:
+                assert view["status"] in {"connected", "standby"}
+                assert len(view["subscriptions"]) == 3
+            for i, mint in enumerate(MINTS):
+                seen = Counter(
+                    sub["holder"]
+                    for view in views
+                    for sub in view["subscriptions"]
+                    if sub["params"]["mint"] == mint
+                )
+                assert seen["self"] == 1 and seen["other"] == 2, (i, seen)
+            metrics = services[0].metrics.render().decode()
+            assert 'listener_lease_held{unit="lx.trades?mint=' in metrics
+
+
+async def test_sigterm_hands_the_units_over_with_their_cursor(
+    tmp_path: Path, broker_url: str, exchange_name: str
+) -> None:
+    """
+    Rebalance, then SIGTERM: the holder releases at once and the other resumes from the
+    cursor in RabbitMQ: nothing lost, nothing received twice.
+    """
+    async with (
+        Layerx402Simulator(rate="manual") as sim,
+        tap(broker_url, exchange_name) as t,
+    ):
+        first = replica_config(tmp_path, "a", broker_url, exchange_name, sim.url)
+        second = replica_config(tmp_path, "b", broker_url, exchange_name, sim.url)
+        async with running(first) as a:
+            await wait_for(lambda: counts(sim) == [1, 1, 1], timeout=10 * UNIT, what="held")
+            for mint in MINTS:
+                sim.emit("trades", {"mint": mint}, 20)
+            await t.wait_count(60)
+            await asyncio.sleep(1.5)  # a checkpoint round writes the cursors
+            async with running(second) as b:
+                assert b.coordinator is not None
+                assert a.coordinator is not None
+                # b holds none, a three: a gives one up (rebalance), b takes it over
+                # from the cursor a wrote.
+                await wait_for(
+                    lambda: len(b.coordinator.held()) == 1 and len(a.coordinator.held()) == 2,
+                    timeout=10 * UNIT,
+                    what="rebalanced",
+                )
+                await wait_for(
+                    lambda: b.source_states()["lx"]["status"] == "connected",
+                    timeout=5 * UNIT,
+                    what="b connected",
+                )
+                a.stop()
+                stopped = time.monotonic()
+                await wait_for(
+                    lambda: len(b.coordinator.held()) == 3, timeout=10 * UNIT, what="taken over"
+                )
+                failover = time.monotonic() - stopped
+                assert failover < 0.3 * 1.25 + 2.0, failover
+                await wait_for(lambda: counts(sim) == [1, 1, 1], timeout=10 * UNIT, what="resub")
+                for mint in MINTS:
+                    sim.emit("trades", {"mint": mint}, 20)
+                expected = {i for ids in expected_ids(sim).values() for i in ids}
+                await t.wait_ids(expected, timeout=20 * UNIT)
+    seen = Counter(t.ids)
+    assert set(seen) == expected  # lost: none
+    # The cursor was handed over: the events before it were not received again.
+    duplicates = sum(n - 1 for n in seen.values())
+    assert duplicates == 0, duplicates
+
+
+async def test_a_replica_cut_off_from_the_broker_stops_its_units(
+    tmp_path: Path, broker_url: str, exchange_name: str
+) -> None:
+    """Blackholed from the broker: its units stop (fencing) and the other replica takes them."""
+    host, port = "127.0.0.1", aiormq_port(broker_url)
+    async with (
+        Layerx402Simulator(rate=20) as sim,
+        proxy(host, port) as cut_off,
+    ):
+        through = broker_url.replace(f"{host}:{port}", f"{host}:{cut_off.port}")
+        first = replica_config(
+            tmp_path, "a", through, exchange_name, sim.url, broker={"heartbeat": "1s"}
+        )
+        second = replica_config(tmp_path, "b", broker_url, exchange_name, sim.url)
+        async with running(first) as a:
+            assert a.coordinator is not None
+            await wait_for(lambda: len(a.coordinator.held()) == 3, timeout=10 * UNIT, what="a")
+            async with running(second) as b:
+                assert b.coordinator is not None
+                cut_off.blackhole()
+                cut = time.monotonic()
+                await wait_for(lambda: a.coordinator.held() == [], timeout=10 * UNIT, what="fenced")
+                fenced = time.monotonic() - cut
+                await wait_for(
+                    lambda: len(b.coordinator.held()) == 3, timeout=15 * UNIT, what="b took over"
+                )
+                await wait_for(lambda: counts(sim) == [1, 1, 1], timeout=10 * UNIT, what="once")
+                assert fenced < 3.5, fenced  # two heartbeats of 1 s, and a probe
+                cut_off.restore()
+
+
+def aiormq_port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1].split("/", maxsplit=1)[0])
+
+
+async def test_lease_queue_is_exclusive_to_one_connection(
+    broker_url: str, exchange_name: str
+) -> None:
+    """The lease primitive: a second connection is refused; it frees with the holder's connection."""
+    names = leases.Names(exchange_name)
+    queue = names.lease("lx.trades?mint=x")
+    one = await aiormq.connect(broker_url)
+    two = await aiormq.connect(broker_url)
+    try:
+        assert await leases.take(one, queue)
+        assert not await leases.take(two, queue)
+        assert await leases.still_held(one, queue)
+        await one.close()
+        assert await leases.take(two, queue)
+        await leases.write_cursor(two, names.cursor("u"), {"state": {"seq": 1}}, queue_type="classic")
+        await leases.write_cursor(two, names.cursor("u"), {"state": {"seq": 2}}, queue_type="classic")
+        cursor = await leases.read_cursor(two, names.cursor("u"), queue_type="classic")
+        assert cursor == {"state": {"seq": 2}}  # the last one only
+        assert await leases.read_cursor(two, names.cursor("u"), queue_type="classic") == cursor
+        await leases.release(two, queue)
+        assert not await leases.still_held(two, queue)
+    finally:
+        channel = await two.channel()
+        await channel.queue_delete(names.cursor("u"))
+        await two.close()
+        if not one.is_closed:
+            await one.close()
+
+
+async def test_broker_urls_move_on_to_a_node_that_answers(
+    tmp_path: Path, broker_url: str, exchange_name: str
+) -> None:
+    """broker.urls: a dead first node is skipped; losing a node moves on to the next."""
+    host, port = "127.0.0.1", aiormq_port(broker_url)
+    async with (
+        proxy(host, port) as node_a,
+        proxy(host, port) as node_b,
+        tap(broker_url, exchange_name) as t,
+        Layerx402Simulator(rate=20) as sim,
+    ):
+        node_a.refuse()
+        urls = [broker_url.replace(f":{port}", f":{p.port}") for p in (node_a, node_b)]
+        config = replica_config(
+            tmp_path,
+            "a",
+            broker_url,
+            exchange_name,
+            sim.url,
+            broker={"urls": urls, "queue_type": "quorum"},
+        )
+        async with running(config) as service:
+            await t.wait_count(5)
+            assert service.publisher is not None and service.publisher.connected
+            node_a.restore()
+            node_b.refuse()
+            node_b.cut()  # node b goes: the publisher moves on to a
+            before = len(t.messages)
+            await wait_for(lambda: len(t.messages) > before + 5, timeout=15 * UNIT, what="via a")
+            assert node_a.connections >= 1
+        # queue_type: quorum made the quarantine queue a quorum queue: declaring it as
+        # such agrees, as a classic one is refused (406).
+        check = await aiormq.connect(broker_url)
+        try:
+            quarantine = f"{exchange_name}.quarantine"
+            channel = await check.channel()
+            await channel.queue_declare(
+                quarantine, durable=True, arguments={"x-queue-type": "quorum"}
+            )
+            with pytest.raises(aiormq.exceptions.ChannelPreconditionFailed):
+                await channel.queue_declare(quarantine, durable=True)
+        finally:
+            await check.close()
