@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import (
+    AfterValidator,
     BeforeValidator,
     Field,
     SecretStr,
@@ -92,12 +93,17 @@ class ArchiveConfig(_Model):
     max_age: Duration = 7 * 86400.0
 
 
+def _checked_url(url: SecretStr) -> SecretStr:
+    check_amqp_url(url.get_secret_value())
+    return url
+
+
 class BrokerConfig(_Model):
     url: SecretStr = SecretStr("amqp://guest:guest@localhost:5672/")
     exchange: str = Field(default="events", min_length=1)
     archive: ArchiveConfig = ArchiveConfig()
     # Several nodes of one cluster, tried in order (instead of `url`; CONTRACT §10).
-    urls: tuple[SecretStr, ...] = ()
+    urls: tuple[Annotated[SecretStr, AfterValidator(_checked_url)], ...] = ()
     # The quarantine queue's type: quorum replicates it over the cluster's nodes.
     queue_type: Literal["classic", "quorum"] = "classic"
     # Short, so a dead broker is noticed in seconds, not minutes (NOTES: aio-pika traps);
@@ -116,13 +122,6 @@ class BrokerConfig(_Model):
     @classmethod
     def _amqp_url(cls, value: SecretStr) -> SecretStr:
         check_amqp_url(value.get_secret_value())
-        return value
-
-    @field_validator("urls")
-    @classmethod
-    def _amqp_urls(cls, value: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
-        for url in value:
-            check_amqp_url(url.get_secret_value())
         return value
 
     @model_validator(mode="after")

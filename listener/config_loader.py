@@ -223,7 +223,7 @@ def render_config(config: Config) -> dict[str, Any]:
 
     def walk(value: Any, key: str) -> Any:
         if isinstance(value, SecretStr):
-            return mask_url(value.get_secret_value()) if key == "url" else "***"
+            return mask_url(value.get_secret_value()) if key in ("url", "urls") else "***"
         if isinstance(value, BaseModel):
             out = {f: walk(getattr(value, f), f) for f in type(value).model_fields}
             # A source's provider keys are written beside its own: show them there.
@@ -239,4 +239,8 @@ def render_config(config: Config) -> dict[str, Any]:
 
     rendered = walk(config, "")
     assert isinstance(rendered, dict)  # a model renders as a mapping
+    if config.broker.urls:  # the nodes are used, not the default url
+        del rendered["broker"]["url"]
+    else:
+        del rendered["broker"]["urls"]
     return rendered

@@ -12,18 +12,24 @@ import contextlib
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import aiormq
+import orjson
 import pytest
 
 from listener.cluster import leases
 from listener.config import Config
+from listener.config_loader import load_config
 from listener.dev.simulators.layerx402 import Layerx402Simulator
+from listener.dev.simulators.tokenterminal import TokenTerminalSimulator
+from listener.exceptions import ConfigError
 from listener.service import Service
 from tests.conftest import UNIT, config_data, running, tap, wait_for
 from tests.faults import proxy
+from tests.test_poll import poll_once, tt_source
 from tests.test_streams import expected_ids, lx_source
 
 pytestmark = pytest.mark.usefixtures("cleanup_topology")
@@ -170,11 +176,16 @@ async def test_sigterm_hands_the_units_over_with_their_cursor(
 async def test_a_replica_cut_off_from_the_broker_stops_its_units(
     tmp_path: Path, broker_url: str, exchange_name: str
 ) -> None:
-    """Blackholed from the broker: its units stop (fencing) and the other replica takes them."""
+    """
+    Blackholed from the broker before it could write a cursor: its units stop (fencing),
+    the other replica takes them and resumes from all the provider holds, so what the
+    cut-off one journaled but cannot publish arrives anyway, before it is reconnected.
+    """
     host, port = "127.0.0.1", aiormq_port(broker_url)
     async with (
-        Layerx402Simulator(rate=20) as sim,
+        Layerx402Simulator(rate="manual") as sim,
         proxy(host, port) as cut_off,
+        tap(broker_url, exchange_name) as t,
     ):
         through = broker_url.replace(f"{host}:{port}", f"{host}:{cut_off.port}")
         first = replica_config(
@@ -184,10 +195,18 @@ async def test_a_replica_cut_off_from_the_broker_stops_its_units(
         async with running(first) as a:
             assert a.coordinator is not None
             await wait_for(lambda: len(a.coordinator.held()) == 3, timeout=10 * UNIT, what="a")
+            await asyncio.sleep(1.5)  # checkpoint rounds pass: a has no position to write
             async with running(second) as b:
                 assert b.coordinator is not None
                 cut_off.blackhole()
                 cut = time.monotonic()
+                for mint in MINTS:  # a journals these and cannot publish them
+                    sim.emit("trades", {"mint": mint}, 10)
+                await wait_for(
+                    lambda: a.source_states()["lx"]["events_received"] == 30,
+                    timeout=5 * UNIT,
+                    what="a journaled them",
+                )
                 await wait_for(lambda: a.coordinator.held() == [], timeout=10 * UNIT, what="fenced")
                 fenced = time.monotonic() - cut
                 await wait_for(
@@ -195,6 +214,8 @@ async def test_a_replica_cut_off_from_the_broker_stops_its_units(
                 )
                 await wait_for(lambda: counts(sim) == [1, 1, 1], timeout=10 * UNIT, what="once")
                 assert fenced < 3.5, fenced  # two heartbeats of 1 s, and a probe
+                expected = {i for ids in expected_ids(sim).values() for i in ids}
+                await t.wait_ids(expected, timeout=10 * UNIT)  # a is still cut off
                 cut_off.restore()
 
 
@@ -274,3 +295,77 @@ async def test_broker_urls_move_on_to_a_node_that_answers(
                 await channel.queue_declare(quarantine, durable=True)
         finally:
             await check.close()
+
+
+async def test_a_poll_source_is_a_unit_handed_over_with_its_state(
+    tmp_path: Path, broker_url: str, exchange_name: str
+) -> None:
+    """
+    One replica polls; the other stands by (not polling). After a SIGTERM the other
+    takes the poll state from RabbitMQ: no first-sight events again, only what changed.
+    """
+    async with (
+        TokenTerminalSimulator(projects=["aave"], chains=["ethereum"], null_share=0) as sim,
+        tap(broker_url, exchange_name) as t,
+    ):
+        def config(name: str) -> Config:
+            directory = tmp_path / name
+            directory.mkdir()
+            return Config.model_validate(
+                config_data(
+                    directory,
+                    broker_url=broker_url,
+                    exchange=exchange_name,
+                    sources=[tt_source(sim.url)],
+                    cluster={"enabled": True, "lease_retry": "300ms"},
+                )
+            )
+
+        async with running(config("a")) as a:
+            await t.wait_count(4)  # 3 days of lookback + today: first sight
+            await asyncio.sleep(1.5)  # the state's checkpoint is written once confirmed
+            async with running(config("b")) as b:
+                assert a.coordinator is not None and b.coordinator is not None
+                await asyncio.sleep(1.0)
+                assert [u.name for u in a.coordinator.held()] == ["tt"]
+                assert b.coordinator.held() == []
+                standby = b.source_states()["tt"]
+                assert (standby["status"], standby["holder"]) == ("standby", "other")
+                polled = len(sim.ledger)
+                a.stop()
+                await wait_for(lambda: b.coordinator.held() != [], timeout=5, what="taken over")
+                await wait_for(lambda: len(sim.ledger) > polled, timeout=10, what="b polls")
+                await poll_once(b, "tt")
+                assert len(t.messages) == 4  # b knew what a had seen
+                past = (datetime.now(UTC).date() - timedelta(days=1)).isoformat()
+                sim.restate("aave", past, "fees", "99.5", chain="ethereum")
+                await poll_once(b, "tt")
+                await t.wait_count(5)
+                changed = orjson.loads(t.messages[-1].body)["data"]
+                assert changed["changed"] == ["fees"] and changed["row"]["fees"] == "99.5"
+    assert len(set(t.ids)) == 5
+
+
+def test_cluster_configuration(tmp_path: Path) -> None:
+    """3 s heartbeat by default under cluster.enabled; url or urls, not both; bad node named."""
+    path = tmp_path / "config.yaml"
+
+    def load(text: str) -> Config:
+        path.write_text(text)
+        return load_config(path, environ={})
+
+    clustered = load("cluster: {enabled: true}\nsources: []\n")
+    assert clustered.broker.heartbeat == 3.0 and clustered.cluster.lease_retry == 2.0
+    assert load("sources: []\n").broker.heartbeat == 5.0
+    assert load("cluster: {enabled: true}\nbroker: {heartbeat: 10s}\nsources: []\n").broker.heartbeat == 10.0
+    nodes = load("broker: {urls: ['amqp://a:5672/', 'amqp://b:5672/']}\nsources: []\n").broker.nodes
+    assert [n.get_secret_value() for n in nodes] == ["amqp://a:5672/", "amqp://b:5672/"]
+    with pytest.raises(ConfigError) as both:
+        load("broker: {url: 'amqp://a/', urls: ['amqp://b/']}\nsources: []\n")
+    assert any("broker" in p and "not both" in p for p in both.value.problems), both.value.problems
+    with pytest.raises(ConfigError) as bad:
+        load("broker: {urls: ['amqp://a/', 'http://b/']}\nsources: []\n")
+    assert any(p.startswith("broker.urls[1]") for p in bad.value.problems), bad.value.problems
+    with pytest.raises(ConfigError) as quorum:
+        load("broker: {queue_type: mirrored}\nsources: []\n")
+    assert any(p.startswith("broker.queue_type") for p in quorum.value.problems)

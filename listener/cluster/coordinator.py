@@ -421,6 +421,9 @@ class Coordinator:
                 return
             unit.candidate = (version, await journal.checkpoint(unit.source, unit.key))
         version, checkpoint = unit.candidate
+        if unit.key is not None and checkpoint.state.get("seq") is None:
+            unit.written, unit.candidate = version, None
+            return  # no position yet: the marker written when it was taken stays
         if not await journal.confirmed_through(unit.source, checkpoint.watermark):
             return
         if not unit.held or self._conn is not conn:
