@@ -199,11 +199,17 @@ class Service:
         return {s.name: states[s.name] for s in self.config.sources if s.name in states}
 
     def poll_now(self, name: str) -> str:
-        """Poll source ``name`` now: ``ok``, ``not_poll`` (another kind) or ``not_found``."""
+        """
+        Poll source ``name`` now: ``ok``, ``not_poll`` (another kind), ``not_found``, or
+        ``not_held`` (cluster.enabled: another replica holds it).
+        """
         if not any(s.name == name for s in self.config.sources):
             return "not_found"
         for runtime in self.runtimes:
             if runtime.name == name and callable(poll := getattr(runtime, "poll_now", None)):
+                unit = self.coordinator.unit_of(runtime) if self.coordinator else None
+                if unit is not None and not unit.held:
+                    return "not_held"
                 poll()
                 return "ok"
         return "not_poll"

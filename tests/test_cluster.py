@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import aiormq
 import orjson
 import pytest
@@ -331,6 +332,13 @@ async def test_a_poll_source_is_a_unit_handed_over_with_its_state(
                 assert b.coordinator.held() == []
                 standby = b.source_states()["tt"]
                 assert (standby["status"], standby["holder"]) == ("standby", "other")
+                async with aiohttp.ClientSession() as http:
+                    admin = f"http://127.0.0.1:{b.admin_port}"
+                    async with http.get(f"{admin}/readyz") as ready:
+                        assert ready.status == 200  # a healthy standby is ready
+                        body = await ready.json()
+                    assert body["sources"]["tt"]["status"] == "standby", body
+                assert b.poll_now("tt") == "not_held" and a.poll_now("tt") == "ok"
                 polled = len(sim.ledger)
                 a.stop()
                 await wait_for(lambda: b.coordinator.held() != [], timeout=5, what="taken over")

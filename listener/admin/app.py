@@ -147,4 +147,8 @@ class AdminApp:
             return error_response(404, "NOT_FOUND", f"no source named {name[:100]!r}")
         if outcome == "not_poll":
             return error_response(409, "NOT_A_POLL_SOURCE", f"{name[:100]!r} is not a poll source")
+        if outcome == "not_held":
+            return error_response(
+                409, "NOT_HELD_HERE", f"another replica polls {name[:100]!r} (see /v1/sources)"
+            )
         return ok({"name": name, "polling": True}, status=202)

@@ -67,7 +67,7 @@ def _errors(*statuses: int) -> dict[str, Any]:
         401: "No valid Bearer key.",
         403: "The key lacks the scope.",
         404: "Not found.",
-        409: "Too many replays running, or not a poll source.",
+        409: "Too many replays running, not a poll source, or one another replica polls.",
         429: "Over the rate limit (see Retry-After).",
         503: "The broker is unreachable.",
     }
