@@ -36,7 +36,8 @@ from aiohttp import web
 from listener.admin.app import AdminApp
 from listener.broker.asyncapi import build_document
 from listener.broker.publisher import Publisher
-from listener.cluster.coordinator import Coordinator, units_of
+from listener.cluster.coordinator import Coordinator
+from listener.cluster.units import units_of
 from listener.config import Config
 from listener.config_loader import load_config, secret_values
 from listener.exceptions import ConfigError

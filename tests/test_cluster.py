@@ -377,3 +377,34 @@ def test_cluster_configuration(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as quorum:
         load("broker: {queue_type: mirrored}\nsources: []\n")
     assert any(p.startswith("broker.queue_type") for p in quorum.value.problems)
+
+
+async def test_a_malformed_cursor_is_ignored_not_fatal(
+    tmp_path: Path, broker_url: str, exchange_name: str
+) -> None:
+    """A cursor message that is no checkpoint: logged, the unit runs from its own journal."""
+    names = leases.Names(exchange_name)
+    connection = await aiormq.connect(broker_url)
+    try:
+        await leases.write_cursor(
+            connection, names.cursor("tt"), {"state": {"states": [[1]]}}, queue_type="classic"
+        )
+        async with (
+            TokenTerminalSimulator(projects=["aave"], chains=["ethereum"], null_share=0) as sim,
+            tap(broker_url, exchange_name) as t,
+        ):
+            data = config_data(
+                tmp_path,
+                broker_url=broker_url,
+                exchange=exchange_name,
+                sources=[tt_source(sim.url)],
+                cluster={"enabled": True, "lease_retry": "300ms"},
+            )
+            async with running(Config.model_validate(data)) as service:
+                await t.wait_count(4)  # polled: first sight of 4 rows
+                assert service.coordinator is not None
+                assert [u.name for u in service.coordinator.held()] == ["tt"]
+    finally:
+        channel = await connection.channel()
+        await channel.queue_delete(names.cursor("tt"))
+        await connection.close()

@@ -84,8 +84,7 @@ class Publisher:
         # broker.urls: the node connected to, and whether to move on to the next one.
         self._node = 0
         self._move_on = False
-        # Told True/False when the connection comes up or is lost (cluster leases).
-        self._watchers: list[Callable[[bool], None]] = []
+        self._watchers: list[Callable[[bool], None]] = []  # (:meth:`watch`)
         # Set by confirms and by journal commits: the drain loop's one wake-up call.
         self._wake = asyncio.Event()
         journal.add_commit_listener(self._wake.set)
@@ -104,7 +103,7 @@ class Publisher:
 
     def raw_connection(self) -> aiormq.abc.AbstractConnection | None:
         """The aiormq connection the publisher publishes on, while it is up."""
-        up = self.connected and self._connection is not None and self._connection.transport
+        up = self.connected and not self._move_on and self._connection is not None
         return raw_connection(self._connection) if up and self._connection else None
 
     def _tell(self, up: bool) -> None:
@@ -208,6 +207,7 @@ class Publisher:
     async def _next_node(self) -> None:
         """broker.urls: the node failed; connect from the next one on (CONTRACT §10)."""
         self._move_on = False
+        self._tell(False)  # (aio-pika may have reconnected to that node meanwhile)
         if self._connection is not None:
             old, self._connection = self._connection, None
             old.close_callbacks.discard(self._on_lost)

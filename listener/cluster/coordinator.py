@@ -23,14 +23,14 @@ poll source is a unit, run (supervised) only while this replica holds its lease.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import secrets
 import socket
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import aiormq
 import structlog
@@ -38,12 +38,13 @@ from aiormq.abc import AbstractConnection
 
 from listener.broker.publisher import Publisher
 from listener.cluster import leases
+from listener.cluster.units import Unit, source_views
 from listener.config import BrokerConfig, ClusterConfig
-from listener.journal import Checkpoint, Journal
+from listener.journal import Journal
 from listener.metrics import Metrics
-from listener.sources.supervisor import SourceRuntime, supervised
+from listener.sources.supervisor import supervised
 
-__all__ = ["Coordinator", "Unit", "units_of"]
+__all__ = ["Coordinator"]
 
 log = structlog.get_logger("listener.cluster")
 
@@ -54,45 +55,14 @@ PRESENCE_TTL = 3
 STOP_TIMEOUT = 5.0
 _AMQP_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, TimeoutError, RuntimeError)
 
-Holder = Literal["self", "other", "none"]
 
-
-@dataclass(eq=False)
-class Unit:
-    """One unit: a runtime and what its checkpoint is (``key``: a stream cursor's key)."""
-
-    name: str
-    source: str
-    key: str | None
-    runtime: SourceRuntime
-    task: asyncio.Task[None] | None = None
-    held: bool = False
-    acquired_at: float = 0.0
-    other_until: float = 0.0
-    not_before: float = 0.0
-    written: tuple[Any, ...] | None = None
-    candidate: tuple[tuple[Any, ...], Checkpoint] | None = None
-    runs: int = field(default=0)
-
-    def holder(self) -> Holder:
-        """``self``, ``other`` (a peer holds it, as last heard) or ``none``."""
-        if self.held:
-            return "self"
-        return "other" if time.monotonic() < self.other_until else "none"
-
-
-def units_of(runtimes: Sequence[SourceRuntime]) -> list[Unit]:
+def _our_cancel(exc: BaseException) -> bool:
     """
-    One unit per runtime: a runtime with a ``unit_key`` (a stream source holding one
-    subscription) is ``<source>.<key>`` with that cursor; any other is ``<source>``,
-    whose checkpoint is its poll state.
+    Whether ``exc`` is this task being cancelled, not aiormq cancelling what waited on
+    a connection that closed (it raises CancelledError into the waiters).
     """
-    units = []
-    for runtime in runtimes:
-        key = getattr(runtime, "unit_key", None)
-        name = runtime.name if key is None else f"{runtime.name}.{key}"
-        units.append(Unit(name=name, source=runtime.name, key=key, runtime=runtime))
-    return units
+    task = asyncio.current_task()
+    return isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling() > 0
 
 
 class Coordinator:
@@ -120,7 +90,7 @@ class Coordinator:
         self._publisher = publisher
         self._metrics = metrics
         self._conn: AbstractConnection | None = None
-        self._say: Any = None
+        self._presence: leases.Presence | None = None
         self._peers: dict[str, tuple[float, frozenset[str]]] = {}
         self._wake = asyncio.Event()
         self._stopping = False
@@ -139,33 +109,8 @@ class Coordinator:
         return next((u for u in self.units if u.runtime is runtime), None)
 
     def views(self) -> dict[str, dict[str, Any]]:
-        """
-        Each unit source's state for ``/readyz`` and ``/v1/sources``, with each unit's
-        holder; a source none of whose units is held here is ``standby`` (healthy).
-        """
-        by_source: dict[str, list[Unit]] = {}
-        for unit in self.units:
-            by_source.setdefault(unit.source, []).append(unit)
-        views = {}
-        for source, units in by_source.items():
-            states = [dict(u.runtime.state()) for u in units]
-            view = dict(states[0])
-            if units[0].key is None:
-                view.update(unit=units[0].name, holder=units[0].holder())
-            else:
-                view["subscriptions"] = [
-                    {**sub, "unit": unit.name, "holder": unit.holder()}
-                    for unit, state in zip(units, states, strict=True)
-                    for sub in state.get("subscriptions", ())
-                ]
-                view["events_received"] = sum(s.get("events_received", 0) for s in states)
-                times = [s["last_event_at"] for s in states if s.get("last_event_at")]
-                view["last_event_at"] = max(times, default=None)
-            held = [s["status"] for u, s in zip(units, states, strict=True) if u.held]
-            unhealthy = [h for h in held if h not in {"connected", "polling"}]
-            view["status"] = unhealthy[0] if unhealthy else held[0] if held else "standby"
-            views[source] = view
-        return views
+        """Each unit source's state, with each unit's holder (:func:`source_views`)."""
+        return source_views(self.units)
 
     # -- the loops ------------------------------------------------------------------------
 
@@ -178,21 +123,29 @@ class Coordinator:
                 tasks.create_task(self._watchdog(), name="cluster:watchdog")
         finally:
             self._fence("stopped")
+            running = {u.task for u in self.units if u.task is not None and not u.task.done()}
+            if running:  # before the journal closes under them
+                await asyncio.wait(running, timeout=STOP_TIMEOUT)
 
     async def stop(self) -> None:
-        """Shutdown: stop every unit and release its lease (CONTRACT §10)."""
+        """
+        Shutdown: stop every unit (all at once) and release its lease (CONTRACT §10),
+        within ``STOP_TIMEOUT`` for each step; never raises.
+        """
         self._stopping = True
         conn = self._conn
         held = self.held()
-        for unit in held:
-            await self._stop_unit(unit)
-        if conn is not None and not conn.is_closed:
-            for unit in held:
-                try:
-                    await leases.release(conn, self._names.lease(unit.name))
-                except _AMQP_ERRORS as exc:
-                    log.warning("lease_release_failed", unit=unit.name, error=str(exc))
-            await self._announce(leaving=True)
+        await self._stop_units(held)
+        try:
+            async with asyncio.timeout(STOP_TIMEOUT):
+                if conn is not None and not conn.is_closed:
+                    for unit in held:
+                        await leases.release(conn, self._names.lease(unit.name))
+                    await self._announce(leaving=True)
+        except (*_AMQP_ERRORS, asyncio.CancelledError) as exc:
+            if _our_cancel(exc):
+                raise
+            log.warning("lease_release_failed", error=f"{type(exc).__name__}: {exc}")
         log.info("cluster_released", units=[u.name for u in held])
 
     def _on_broker(self, up: bool) -> None:
@@ -208,12 +161,13 @@ class Coordinator:
             if unit.task is not None and not unit.task.done():
                 unit.task.cancel()
             self._set_held(unit, held=False)
-        self._conn, self._say = None, None
+        self._conn = None  # (the presence channel is closed when joining again)
         if stopped:
             log.warning("cluster_fenced", reason=why, stopped=stopped)
 
     async def _lease_loop(self) -> None:
         while not self._stopping:
+            self._wake.clear()  # (a wake-up during the round is kept)
             conn = self._publisher.raw_connection()
             if conn is not None and conn is self._suspect:
                 conn = None
@@ -224,7 +178,12 @@ class Coordinator:
                     await self._round(conn)
             except _AMQP_ERRORS as exc:
                 log.warning("cluster_round_failed", error=f"{type(exc).__name__}: {exc}")
-            self._wake.clear()
+            except asyncio.CancelledError as exc:
+                if _our_cancel(exc):
+                    raise
+                log.warning("cluster_round_failed", error="the connection closed")
+            except Exception:  # a bug or the journal failing: logged, tried again next round
+                log.exception("cluster_round_failed")
             delay = self._retry * random.uniform(0.75, 1.25)  # noqa: S311 - jitter
             try:
                 async with asyncio.timeout(delay):
@@ -241,7 +200,10 @@ class Coordinator:
             if conn is None:
                 last_ok = time.monotonic()
                 continue
-            if not await self._answers(conn):
+            # Probe with what is left of two heartbeats: fenced at 2 x heartbeat, before
+            # the broker frees our leases for others (it drops a silent peer after that).
+            left = 2 * self._heartbeat - (time.monotonic() - last_ok)
+            if not await self._answers(conn, max(left, self._heartbeat / 6)):
                 silent = time.monotonic() - last_ok
                 if silent > 2 * self._heartbeat and self._suspect is not conn:
                     self._suspect = conn
@@ -252,16 +214,14 @@ class Coordinator:
                     self._suspect = None
                     self._wake.set()
 
-    async def _answers(self, conn: AbstractConnection) -> bool:
+    async def _answers(self, conn: AbstractConnection, within: float) -> bool:
         try:
-            async with asyncio.timeout(self._heartbeat):
+            if await leases.blocked(conn):
+                return True  # a resource alarm: the broker is there (it said so)
+            async with asyncio.timeout(within):
                 await leases.probe(conn)
-        except _AMQP_ERRORS:
-            return False
-        except asyncio.CancelledError:
-            # aiormq cancels what waits on a connection that closes; our own cancel goes on.
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
+        except (*_AMQP_ERRORS, asyncio.CancelledError) as exc:
+            if _our_cancel(exc):
                 raise
             return False
         return True
@@ -269,7 +229,9 @@ class Coordinator:
     async def _join(self, conn: AbstractConnection) -> None:
         self._fence("a new broker connection")  # nothing held from before survives it
         self._peers.clear()
-        self._say = await leases.join_presence(conn, self._names.presence, self._heard)
+        if self._presence is not None:
+            await self._presence.close()
+        self._presence = await leases.Presence.join(conn, self._names.presence, self._heard)
         self._conn = conn
         await self._announce(hello=True)
         await asyncio.sleep(min(self._retry / 4, 0.5))  # the peers' answers come in
@@ -293,16 +255,18 @@ class Coordinator:
 
     async def _announce(self, *, hello: bool = False, leaving: bool = False) -> None:
         conn = self._conn
+        if conn is None or await leases.blocked(conn):
+            return  # a publish would turn a blocking connection into a blocked one
         try:
-            if self._say is None and conn is not None:  # its channel closed: open another
-                self._say = await leases.join_presence(conn, self._names.presence, self._heard)
-            if self._say is None:
-                return
+            if self._presence is None:  # its channel failed: open another
+                self._presence = await leases.Presence.join(conn, self._names.presence, self._heard)
             held = [] if leaving else [u.name for u in self.held()]
             body = {"replica": self.replica, "held": held, "hello": hello, "leaving": leaving}
-            await self._say(body)
+            await self._presence.say(body)
         except _AMQP_ERRORS as exc:  # presence is advice; the leases are what count
-            self._say = None
+            presence, self._presence = self._presence, None
+            if presence is not None:
+                await presence.close()
             log.warning("cluster_presence_failed", error=f"{type(exc).__name__}: {exc}")
 
     def _least_loaded_peer(self) -> int | None:
@@ -345,7 +309,10 @@ class Coordinator:
             cursor = await leases.read_cursor(conn, queue, queue_type=self._queue_type)
             adopted = 0
             if cursor is not None and isinstance(state := cursor.get("state"), Mapping):
-                adopted = await self._journal.adopt(unit.source, unit.key, state)
+                try:
+                    adopted = await self._journal.adopt(unit.source, unit.key, state)
+                except ValueError as exc:  # not a checkpoint of ours: go on from the journal
+                    log.warning("cursor_unusable", unit=unit.name, error=str(exc)[:200])
             elif unit.key is not None:
                 # The first holder ever: before it subscribes, say that a holder began
                 # without a position, so one taking over before its first cursor is
@@ -356,7 +323,8 @@ class Coordinator:
                     conn, queue, self._cursor_body(unit, marker), queue_type=self._queue_type
                 )
         except BaseException:
-            await leases.release(conn, self._names.lease(unit.name))
+            with contextlib.suppress(*_AMQP_ERRORS):  # gone with the connection otherwise
+                await leases.release(conn, self._names.lease(unit.name))
             raise
         if self._conn is not conn:  # fenced meanwhile: the lease went with the connection
             return
@@ -387,11 +355,18 @@ class Coordinator:
         log.info("lease_given_up", unit=unit.name, reason="rebalance")
 
     async def _stop_unit(self, unit: Unit) -> None:
-        self._set_held(unit, held=False)
-        task = unit.task
-        if task is not None and not task.done():
-            task.cancel()
-            await asyncio.wait({task}, timeout=STOP_TIMEOUT)
+        await self._stop_units([unit])
+
+    async def _stop_units(self, units: Sequence[Unit]) -> None:
+        """Cancel the units' runtimes together and wait for them (bounded)."""
+        tasks = set()
+        for unit in units:
+            self._set_held(unit, held=False)
+            if unit.task is not None and not unit.task.done():
+                unit.task.cancel()
+                tasks.add(unit.task)
+        if tasks:
+            await asyncio.wait(tasks, timeout=STOP_TIMEOUT)
 
     def _set_held(self, unit: Unit, *, held: bool) -> None:
         unit.held = held
@@ -403,13 +378,18 @@ class Coordinator:
         while True:
             await asyncio.sleep(CHECKPOINT_INTERVAL)
             conn = self._conn
-            if conn is None:
+            if conn is None or await leases.blocked(conn):
                 continue
             for unit in self.held():
                 try:
                     await self._checkpoint(conn, unit)
-                except _AMQP_ERRORS as exc:
-                    log.warning("cursor_write_failed", unit=unit.name, error=str(exc))
+                except (*_AMQP_ERRORS, asyncio.CancelledError) as exc:
+                    if _our_cancel(exc):
+                        raise
+                    log.warning("cursor_write_failed", unit=unit.name, error=repr(exc)[:200])
+                    break
+                except Exception:  # the journal failing: the cursor waits for the next round
+                    log.exception("cursor_write_failed", unit=unit.name)
                     break
 
     async def _checkpoint(self, conn: AbstractConnection, unit: Unit) -> None:

@@ -18,10 +18,11 @@ when the broker cannot be asked.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiormq
@@ -32,7 +33,8 @@ from pamqp.common import FieldTable
 
 __all__ = [
     "Names",
-    "join_presence",
+    "Presence",
+    "blocked",
     "probe",
     "read_cursor",
     "release",
@@ -194,30 +196,66 @@ async def read_cursor(
         return body if isinstance(body, dict) else None
 
 
-async def join_presence(
-    connection: AbstractConnection,
-    exchange: str,
-    on_message: Callable[[dict[str, Any]], None],
-) -> Callable[[dict[str, Any]], Awaitable[None]]:
+class Presence:
     """
-    Read the presence exchange (through an exclusive queue, gone with the connection)
-    and return the function that says something on it.
+    This replica on the presence exchange: what it hears goes to ``on_message``; it
+    speaks with :meth:`say`. An exclusive queue of its own, gone with the connection.
     """
-    channel = await connection.channel()
-    await channel.exchange_declare(exchange, exchange_type="fanout", durable=True)
-    declared = await channel.queue_declare("", exclusive=True, auto_delete=True)
-    assert declared.queue is not None  # a server-named queue has a name
-    await channel.queue_bind(declared.queue, exchange)
 
-    async def deliver(message: DeliveredMessage) -> None:
-        with contextlib.suppress(orjson.JSONDecodeError):
-            body = orjson.loads(message.body)
-            if isinstance(body, dict):
-                on_message(body)
+    def __init__(self, channel: AbstractChannel, exchange: str) -> None:
+        self._channel = channel
+        self._exchange = exchange
 
-    await channel.basic_consume(declared.queue, deliver, no_ack=True)
+    @classmethod
+    async def join(
+        cls,
+        connection: AbstractConnection,
+        exchange: str,
+        on_message: Callable[[dict[str, Any]], None],
+    ) -> Presence:
+        """Declare the exchange and a queue of ours on it, and start hearing."""
+        channel = await connection.channel()
+        try:
+            await channel.exchange_declare(
+                exchange, exchange_type="fanout", durable=True, timeout=_OP_TIMEOUT
+            )
+            declared = await channel.queue_declare(
+                "", exclusive=True, auto_delete=True, timeout=_OP_TIMEOUT
+            )
+            assert declared.queue is not None  # a server-named queue has a name
+            await channel.queue_bind(declared.queue, exchange, timeout=_OP_TIMEOUT)
 
-    async def say(body: dict[str, Any]) -> None:
-        await channel.basic_publish(orjson.dumps(body), exchange=exchange, timeout=_OP_TIMEOUT)
+            async def deliver(message: DeliveredMessage) -> None:
+                with contextlib.suppress(orjson.JSONDecodeError):
+                    body = orjson.loads(message.body)
+                    if isinstance(body, dict):
+                        on_message(body)
 
-    return say
+            await channel.basic_consume(declared.queue, deliver, no_ack=True, timeout=_OP_TIMEOUT)
+        except BaseException:
+            await cls(channel, exchange).close()
+            raise
+        return cls(channel, exchange)
+
+    async def say(self, body: dict[str, Any]) -> None:
+        """Publish ``body`` to every replica (no confirm: presence is advice)."""
+        await self._channel.basic_publish(
+            orjson.dumps(body), exchange=self._exchange, timeout=_OP_TIMEOUT
+        )
+
+    async def close(self) -> None:
+        """Stop hearing (the queue goes with the channel's consumer and connection)."""
+        if not self._channel.is_closed:
+            with contextlib.suppress(Exception):  # a closing connection takes it anyway
+                async with asyncio.timeout(_OP_TIMEOUT):
+                    await self._channel.close()
+
+
+async def blocked(connection: AbstractConnection) -> bool:
+    """Whether the broker blocked the connection (a resource alarm: Connection.Blocked)."""
+    try:
+        async with asyncio.timeout(0.001):
+            await connection.ready()
+    except TimeoutError:
+        return True
+    return False

@@ -93,7 +93,19 @@ def _version(conn: sqlite3.Connection, source: str, key: str | None) -> tuple[An
 
 
 def _adopt(conn: sqlite3.Connection, source: str, key: str | None, state: Mapping[str, Any]) -> int:
-    """Merge ``state`` in, newer wins; return how many rows changed."""
+    """
+    Merge ``state`` in, newer wins; return how many rows changed.
+
+    Raises:
+        ValueError: ``state`` is not a checkpoint of this shape (nothing is merged).
+    """
+    try:
+        return _merge(conn, source, key, state)
+    except (TypeError, ValueError, AttributeError, sqlite3.InterfaceError) as exc:
+        raise ValueError(f"not a checkpoint: {type(exc).__name__}: {exc}") from exc
+
+
+def _merge(conn: sqlite3.Connection, source: str, key: str | None, state: Mapping[str, Any]) -> int:
     now = time.time()
     cur = conn.cursor()
     cur.execute("BEGIN IMMEDIATE")
@@ -172,5 +184,10 @@ class Checkpoints(Reads):
         return await self._on(self._read_thread, read, self._reader)
 
     async def adopt(self, source: str, key: str | None, state: Mapping[str, Any]) -> int:
-        """Merge a checkpoint from another replica in (newer wins); rows changed."""
+        """
+        Merge a checkpoint from another replica in (newer wins); rows changed.
+
+        Raises:
+            ValueError: it is not a checkpoint (nothing merged).
+        """
         return await self._on(self._write_thread, _adopt, self._writer, source, key, state)
