@@ -408,3 +408,27 @@ async def test_a_malformed_cursor_is_ignored_not_fatal(
         channel = await connection.channel()
         await channel.queue_delete(names.cursor("tt"))
         await connection.close()
+
+
+async def test_shutdown_ends_even_when_a_cancel_is_swallowed(
+    tmp_path: Path, broker_url: str, exchange_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aiormq may swallow a cancel landing in a channel operation: shutdown still ends."""
+    swallowed = 0
+
+    async def swallowing_probe(_: object) -> None:
+        nonlocal swallowed
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            swallowed += 1  # as aiormq does while the connection closes under it
+
+    monkeypatch.setattr(leases, "probe", swallowing_probe)
+    data = config_data(
+        tmp_path, broker_url=broker_url, exchange=exchange_name, cluster={"enabled": True}
+    )
+    started = time.monotonic()
+    async with running(Config.model_validate(data)):
+        await asyncio.sleep(1.5)  # the watchdog is inside a probe
+    assert swallowed >= 1
+    assert time.monotonic() - started < 15

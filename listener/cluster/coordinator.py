@@ -116,12 +116,22 @@ class Coordinator:
 
     async def run(self) -> None:
         """Take and keep units until cancelled (then everything held is stopped)."""
+        loops = [
+            asyncio.create_task(self._lease_loop(), name="cluster:leases"),
+            asyncio.create_task(self._checkpoint_loop(), name="cluster:checkpoints"),
+            asyncio.create_task(self._watchdog(), name="cluster:watchdog"),
+        ]
         try:
-            async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(self._lease_loop(), name="cluster:leases")
-                tasks.create_task(self._checkpoint_loop(), name="cluster:checkpoints")
-                tasks.create_task(self._watchdog(), name="cluster:watchdog")
+            await asyncio.gather(*loops)
         finally:
+            # aiormq can swallow a cancel that lands in a channel operation while the
+            # connection closes: the loops also end on _stopping, and are cancelled
+            # again until they have (a TaskGroup would wait forever for such a one).
+            self._stopping = True
+            while pending := [t for t in loops if not t.done()]:
+                for task in pending:
+                    task.cancel()
+                await asyncio.wait(pending, timeout=1.0)
             self._fence("stopped")
             running = {u.task for u in self.units if u.task is not None and not u.task.done()}
             if running:  # before the journal closes under them
@@ -194,7 +204,7 @@ class Coordinator:
     async def _watchdog(self) -> None:
         """Fence when the broker has not answered for two heartbeats (see the docstring)."""
         last_ok = time.monotonic()
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self._heartbeat / 3)
             conn = self._publisher.raw_connection()
             if conn is None:
@@ -223,6 +233,9 @@ class Coordinator:
         except (*_AMQP_ERRORS, asyncio.CancelledError) as exc:
             if _our_cancel(exc):
                 raise
+            return False
+        except Exception:  # not a broker answer either; logged, counted as silence
+            log.exception("cluster_probe_failed")
             return False
         return True
 
@@ -375,7 +388,7 @@ class Coordinator:
     # -- checkpoints --------------------------------------------------------------------
 
     async def _checkpoint_loop(self) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(CHECKPOINT_INTERVAL)
             conn = self._conn
             if conn is None or await leases.blocked(conn):
