@@ -144,12 +144,14 @@ async def test_sigterm_hands_the_units_over_with_their_cursor(
                 assert b.coordinator is not None
                 assert a.coordinator is not None
                 # b holds none, a three: a gives one up (rebalance), b takes it over
-                # from the cursor a wrote.
+                # from the cursor a wrote; one only (a waits to hear b's new count).
                 await wait_for(
                     lambda: len(b.coordinator.held()) == 1 and len(a.coordinator.held()) == 2,
                     timeout=10 * UNIT,
                     what="rebalanced",
                 )
+                await asyncio.sleep(1.5)  # several rounds: no second give-up
+                assert (len(a.coordinator.held()), len(b.coordinator.held())) == (2, 1)
                 await wait_for(
                     lambda: b.source_states()["lx"]["status"] == "connected",
                     timeout=5 * UNIT,

@@ -84,6 +84,7 @@ class Coordinator:
         self._heartbeat = max(broker.heartbeat, 0.5)
         # A connection that stopped answering: nothing is taken on it until it answers.
         self._suspect: AbstractConnection | None = None
+        self._gave_up_at = 0.0  # (monotonic) the last rebalance
         self._queue_type = broker.queue_type
         self._names = leases.Names(broker.exchange)
         self._journal = journal
@@ -282,11 +283,17 @@ class Coordinator:
                 await presence.close()
             log.warning("cluster_presence_failed", error=f"{type(exc).__name__}: {exc}")
 
-    def _least_loaded_peer(self) -> int | None:
+    def _least_loaded_peer(self, *, heard_since: float = 0.0) -> int | None:
+        """
+        The fewest units a live peer holds; ``None`` when none is heard (or, with
+        ``heard_since``, when one has not spoken since then: its count may be stale).
+        """
         now = time.monotonic()
         ttl = PRESENCE_TTL * self._retry
-        alive = [len(units) for seen, units in self._peers.values() if now - seen < ttl]
-        return min(alive) if alive else None
+        alive = [(seen, len(units)) for seen, units in self._peers.values() if now - seen < ttl]
+        if not alive or any(seen <= heard_since for seen, _ in alive):
+            return None
+        return min(count for _, count in alive)
 
     async def _round(self, conn: AbstractConnection) -> None:
         for unit in self.held():  # a lease deleted under us: stop its unit
@@ -294,12 +301,16 @@ class Coordinator:
                 log.warning("lease_lost", unit=unit.name)
                 await self._stop_unit(unit)
         await self._announce()
-        least = self._least_loaded_peer()
         held = self.held()
-        if least is not None and len(held) >= least + 2:
+        # Give one up only on counts every peer said after the last give-up (else the
+        # one taking it has not said so yet, and a second would go too).
+        fresh = self._least_loaded_peer(heard_since=self._gave_up_at)
+        if fresh is not None and len(held) >= fresh + 2:
             newest = max(held, key=lambda u: u.acquired_at)
             await self._give_up(conn, newest)
+            self._gave_up_at = time.monotonic()
             return
+        least = self._least_loaded_peer()
         now = time.monotonic()
         free = [u for u in self.units if not u.held and now >= u.not_before]
         random.shuffle(free)
