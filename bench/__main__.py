@@ -33,6 +33,7 @@ from bench.common import (
     table,
 )
 from bench.loadgen import LoadResult, generate, wrk_path
+from bench.naive import naive_peer
 from bench.replay import run as replay_run
 from bench.webhooks import EndToEnd, end_to_end
 
@@ -156,33 +157,60 @@ def _webhooks(args: argparse.Namespace, background: float) -> PublishResult:
             archive=args.archive,
             profile=args.profile,
         )
+        say(f"naive peer: HMAC + pydantic + a confirmed publish per request, {seconds:g} s")
+        naive = naive_peer(e2e_requests, seconds=seconds, concurrency=args.concurrency)
+        say(f"naive peer: {naive[0].rate:,.0f} req/s")
         for path in directory.glob("requests-*"):
             path.unlink()
     _report(
         args,
         background,
-        a_load,
-        a_cores,
+        (a_load, a_cores),
         b,
         lean,
         e2e,
-        e2e_requests.body_size,
-        e2e_requests.event_size,
+        naive,
+        (e2e_requests.body_size, e2e_requests.event_size),
     )
     return b
+
+
+def _cpu_per_event(
+    e2e: EndToEnd,
+    confirmed: float,
+    ceiling_a_run: tuple[LoadResult, dict[str, float]],
+    lean: PublishResult | None,
+) -> None:
+    """Goal 2: the listener's CPU per event against A's per request + lean's per message."""
+    a, a_cores = ceiling_a_run
+    listener = e2e.cores.get("listener")
+    if listener is None or confirmed <= 0 or a.rate <= 0 or lean is None or lean.rate <= 0:
+        return
+    ours = listener / confirmed * 1e6
+    floor = (
+        a_cores.get("aiohttp", 0.0) / a.rate * 1e6
+        + lean.cores.get("aio-pika", 0.0) / (lean.rate) * 1e6
+    )
+    if floor > 0:
+        print(
+            f"CPU per event: listener {ours:,.0f} µs; A per request + lean per message "
+            f"{floor:,.0f} µs -> {ours / floor:.2f}x (goal <= 1.2)"
+        )
 
 
 def _report(
     args: argparse.Namespace,
     background: float,
-    a: LoadResult,
-    a_cores: dict[str, float],
+    ceiling_a_run: tuple[LoadResult, dict[str, float]],
     b: PublishResult,
     lean: PublishResult | None,
     e2e: EndToEnd,
-    body_size: int,
-    event_size: int,
+    naive: tuple[LoadResult, dict[str, float], int],
+    sizes: tuple[int, int],
 ) -> None:
+    a, a_cores = ceiling_a_run
+    body_size, event_size = sizes
+    naive_load, naive_cores, naive_queued = naive
     seconds = args.seconds
     tool = a.tool
     rows = [
@@ -233,6 +261,13 @@ def _report(
             "-",
             "",
         ],
+        [
+            "N   naive peer: HMAC + pydantic + confirmed publish per request",
+            fmt_rate(naive_load.rate),
+            fmt_ms(naive_load.p50_ms),
+            fmt_ms(naive_load.p99_ms),
+            describe_cores(naive_cores),
+        ],
     ]
     lower = min(a.rate, b.rate)
     confirmed = e2e.confirmed_rate
@@ -257,6 +292,11 @@ def _report(
             fmt_ratio(ratio(confirmed, lower)),
             fmt_ratio(ratio(accepted, lower)),
         ],
+        [
+            "end to end / naive peer (goal >= 2)",
+            fmt_ratio(ratio(confirmed, naive_load.rate)),
+            fmt_ratio(ratio(accepted, naive_load.rate)),
+        ],
     ]
     score = ratio(confirmed, lower) or 0.0
     verdict = "PASS" if score >= TARGET else "BELOW"
@@ -277,6 +317,7 @@ def _report(
     print(table(ratios, ["ratio", "confirmed", "accepted"]))
     print()
     print(f"target: ≥ {TARGET} of the lower ceiling -> {score:.2f} {verdict}")
+    _cpu_per_event(e2e, confirmed, (a, a_cores), lean)
     print()
     load = e2e.load
     details = [
@@ -288,6 +329,8 @@ def _report(
         f"{e2e.in_queue_seconds - e2e.confirm_seconds + e2e.drain_seconds:.2f} s and the "
         f"journal had nothing pending {e2e.drain_seconds:.2f} s after it stopped",
         f"listener exit code {e2e.exit_code}",
+        f"naive peer: requests {naive_load.requests:,}, 2xx {naive_load.ok:,}, errors "
+        f"{naive_load.errors:,}; its queue holds {naive_queued:,}",
     ]
     failures = e2e.counters.get("listener_publish_failures_total", 0)
     duplicates = e2e.counters.get("listener_events_duplicate_total", 0)
