@@ -119,6 +119,9 @@ async def test_three_units_spread_over_three_replicas_each_held_once(
                 assert seen["self"] == 1 and seen["other"] == 2, (i, seen)
             metrics = services[0].metrics.render().decode()
             assert 'listener_lease_held{unit="lx.trades?mint=' in metrics
+            for service in services:  # its one unit's connection is up: the source is
+                text = service.metrics.render().decode()
+                assert 'listener_source_connected{source="lx"} 1.0' in text
 
 
 async def test_sigterm_hands_the_units_over_with_their_cursor(

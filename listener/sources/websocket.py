@@ -18,14 +18,14 @@ quarantined, and the next connections take frames up to 4, 16, ... times the lim
 (at most 64), so a retained event the server sends first after every reconnect is
 received once, quarantined with its head as ``frame_too_large``, and passed.
 
-Backpressure: when the journal is over its limit the socket is not read (websockets'
-bounded ``max_queue`` pushes back to TCP); if the server drops us meanwhile, the
-next connection resumes with ``since_seq``. There is no unbounded queue here.
+Backpressure: over the journal's limit the socket is not read (websockets' bounded
+``max_queue`` pushes back to TCP); a drop meanwhile resumes with ``since_seq``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -439,3 +439,12 @@ class StreamTransport(RuntimeTransport):
             StreamSource(config=c, provider=p, journal=context.journal, metrics=context.metrics)
             for c, p in sources
         )
+        if context.units:  # a source is connected while any of its units' connections is
+            for name in {r.name for r in self.runtimes}:
+                mine = tuple(r for r in self.runtimes if r.name == name)
+                gauge = context.metrics.source_connected.labels(name)
+                gauge.set_function(functools.partial(_any_connected, mine))
+
+
+def _any_connected(runtimes: tuple[StreamSource, ...]) -> float:
+    return float(any(r.status == "connected" for r in runtimes))
