@@ -7,7 +7,9 @@ public port (the webhook routes the transports mounted).
 
 Every source runtime runs under a supervisor (:func:`listener.sources.supervisor.supervised`):
 an exception in one source is logged, counted and the source restarted; it never ends
-the TaskGroup. Only shutdown does.
+the TaskGroup. Only shutdown does. Under ``cluster.enabled`` the stream and poll
+runtimes are units (:mod:`listener.cluster`): each runs, supervised, only while this
+replica holds its lease, and stopping intake also releases the leases.
 
 Stop (SIGTERM/SIGINT), in this fixed order, as arq's ``close()``:
 
