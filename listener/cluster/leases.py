@@ -81,7 +81,7 @@ class Names:
 async def _channel(
     connection: AbstractConnection, *, confirms: bool = False
 ) -> AsyncIterator[AbstractChannel]:
-    channel = await connection.channel(publisher_confirms=confirms)
+    channel = await connection.channel(publisher_confirms=confirms, timeout=_OP_TIMEOUT)
     try:
         yield channel
     finally:
@@ -124,13 +124,6 @@ async def release(connection: AbstractConnection, queue: str) -> None:
     """Delete the lease queue: another replica may take the unit now."""
     async with _channel(connection) as channel:
         await channel.queue_delete(queue, timeout=_OP_TIMEOUT)
-
-
-def _cursor_arguments(queue_type: str) -> FieldTable:
-    arguments: FieldTable = {"x-max-length": 1}
-    if queue_type == "quorum":
-        arguments["x-queue-type"] = "quorum"
-    return arguments
 
 
 @contextlib.asynccontextmanager
@@ -214,7 +207,7 @@ class Presence:
         on_message: Callable[[dict[str, Any]], None],
     ) -> Presence:
         """Declare the exchange and a queue of ours on it, and start hearing."""
-        channel = await connection.channel()
+        channel = await connection.channel(publisher_confirms=False, timeout=_OP_TIMEOUT)
         try:
             await channel.exchange_declare(
                 exchange, exchange_type="fanout", durable=True, timeout=_OP_TIMEOUT
