@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import re
 import sqlite3
@@ -707,10 +708,22 @@ def small_filesystem(where: Path, size: str) -> Iterator[Path]:
 
 
 def fill(fs: Path, leave: int = 96 * 1024) -> Path:
-    """Fill ``fs`` with a ballast file leaving ``leave`` bytes; return the ballast."""
+    """
+    Fill ``fs`` with a ballast file leaving ``leave`` bytes; return the ballast. The
+    journal grows meanwhile: when it took the last bytes first, the disk is full anyway.
+    """
     ballast = fs / "ballast"
     stat = os.statvfs(fs)
-    ballast.write_bytes(b"\0" * max(stat.f_bavail * stat.f_frsize - leave, 0))
+    want = max(stat.f_bavail * stat.f_frsize - leave, 0)
+    chunk = b"\0" * (1 << 20)
+    with ballast.open("wb", buffering=0) as out:
+        while want > 0:
+            try:
+                want -= out.write(chunk[: min(want, len(chunk))]) or 0
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                break
     return ballast
 
 
