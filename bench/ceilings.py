@@ -23,6 +23,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -39,13 +40,14 @@ from bench.common import (
     python_module,
     run_uvloop,
     say,
+    serve_post,
     unique,
     wait_port,
     with_loadgen,
 )
 from bench.loadgen import LoadResult, RequestSet, run_load
 
-__all__ = ["PublishResult", "ceiling_a", "ceiling_b"]
+__all__ = ["PublishResult", "ceiling_a", "ceiling_b", "drive"]
 
 
 # -- A: the bare aiohttp handler ---------------------------------------------------------
@@ -60,33 +62,23 @@ async def _serve(port: int) -> None:
         await request.read()
         return web.Response(status=200, body=body, content_type="application/json")
 
-    app = web.Application()
-    app.router.add_post("/{tail:.*}", ok)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port, reuse_address=True)
-    await site.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    import signal  # noqa: PLC0415
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        await runner.cleanup()
+    await serve_post(ok, port)
 
 
-def ceiling_a(
-    requests: RequestSet, *, seconds: float, concurrency: int = CONCURRENCY
+def drive(
+    argv: Sequence[str],
+    port: int,
+    role: str,
+    requests: RequestSet,
+    *,
+    seconds: float,
+    concurrency: int,
 ) -> tuple[LoadResult, dict[str, float]]:
-    """Run the bare server in a subprocess and drive it; the load and the CPU per role."""
-    port = free_port()
-    with child(python_module("bench.ceilings", "serve", "--port", str(port))) as proc:
+    """Run the server ``argv`` (listening on ``port``) and drive it; the load and CPU per role."""
+    with child(argv) as proc:
         wait_port(port, proc=proc)
         meter = CpuMeter()
-        meter.add("aiohttp", proc.pid)
+        meter.add(role, proc.pid)
         meter.add("broker", broker_pid())
         meter.start()
         result = run_load(
@@ -94,6 +86,15 @@ def ceiling_a(
         )
         meter.stop()
     return result, with_loadgen(meter.cores(), result)
+
+
+def ceiling_a(
+    requests: RequestSet, *, seconds: float, concurrency: int = CONCURRENCY
+) -> tuple[LoadResult, dict[str, float]]:
+    """Run the bare server in a subprocess and drive it; the load and the CPU per role."""
+    port = free_port()
+    argv = python_module("bench.ceilings", "serve", "--port", str(port))
+    return drive(argv, port, "aiohttp", requests, seconds=seconds, concurrency=concurrency)
 
 
 # -- B: the bare aio-pika publisher ------------------------------------------------------

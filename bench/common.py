@@ -445,3 +445,25 @@ def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
 def say(message: str) -> None:
     """Progress on stderr, so the figures on stdout stay clean."""
     print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+async def serve_post(
+    handler: Callable[[aiohttp.web.Request], Coroutine[Any, Any, aiohttp.web.StreamResponse]],
+    port: int,
+) -> None:
+    """Serve ``handler`` for every POST on 127.0.0.1:``port`` until SIGTERM/SIGINT."""
+    from aiohttp import web  # noqa: PLC0415 - the server processes only
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", handler)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port, reuse_address=True).start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()

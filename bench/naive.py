@@ -15,27 +15,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 from typing import Any
 
+from bench.ceilings import drive
 from bench.common import (
     BROKER_URL,
     CONCURRENCY,
     WHSEC,
-    CpuMeter,
-    broker_pid,
-    child,
     cleanup_topology,
     declare_tap,
     free_port,
     python_module,
     queue_count,
     run_uvloop,
+    serve_post,
     unique,
-    wait_port,
-    with_loadgen,
 )
-from bench.loadgen import LoadResult, RequestSet, run_load
+from bench.loadgen import LoadResult, RequestSet
 
 __all__ = ["naive_peer"]
 
@@ -73,19 +69,9 @@ async def _serve(port: int, exchange_name: str) -> None:
         )
         return web.Response(status=200, body=b'{"success": true}')
 
-    app = web.Application()
-    app.router.add_post("/{tail:.*}", receive)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port, reuse_address=True).start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        await serve_post(receive, port)
     finally:
-        await runner.cleanup()
         await connection.close()
 
 
@@ -98,20 +84,13 @@ def naive_peer(
     port = free_port()
     try:
         argv = python_module("bench.naive", "serve", "--port", str(port), "--exchange", exchange)
-        with child(argv) as proc:
-            wait_port(port, proc=proc)
-            meter = CpuMeter()
-            meter.add("naive peer", proc.pid)
-            meter.add("broker", broker_pid())
-            meter.start()
-            result = run_load(
-                f"http://127.0.0.1:{port}", requests, seconds=seconds, concurrency=concurrency
-            )
-            meter.stop()
+        load, cores = drive(
+            argv, port, "naive peer", requests, seconds=seconds, concurrency=concurrency
+        )
         queued = asyncio.run(queue_count(queue))
     finally:
         asyncio.run(cleanup_topology(exchange, queue))
-    return result, with_loadgen(meter.cores(), result), queued
+    return load, cores, queued
 
 
 def main(argv: list[str] | None = None) -> None:

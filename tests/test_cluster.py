@@ -24,6 +24,7 @@ import pytest
 from listener.cluster import leases
 from listener.config import Config
 from listener.config_loader import load_config
+from listener.dev.replicas import MINTS
 from listener.dev.simulators.layerx402 import Layerx402Simulator
 from listener.dev.simulators.tokenterminal import TokenTerminalSimulator
 from listener.exceptions import ConfigError
@@ -35,11 +36,6 @@ from tests.test_streams import expected_ids, lx_source
 
 pytestmark = pytest.mark.usefixtures("cleanup_topology")
 
-MINTS = [
-    "So11111111111111111111111111111111111111112",
-    "EPjFWdd5AufqSSqeM2qN1xzybapC8G4wEGGkZwyTDt1v",
-    "Es9vMFrzaCERmJfrF8H2yFnByPjv2Y6Gk8tgTKxnxEq5",
-]
 SUBS = [{"channel": "trades", "params": {"mint": m}} for m in MINTS]
 
 

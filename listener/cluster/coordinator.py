@@ -358,7 +358,6 @@ class Coordinator:
         self._set_held(unit, held=True)
         unit.acquired_at = time.monotonic()
         unit.written, unit.candidate = None, None
-        unit.runs += 1
         unit.task = asyncio.create_task(
             supervised(unit.runtime, metrics=self._metrics), name=f"unit:{unit.name}"
         )

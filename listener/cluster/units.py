@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from listener.journal import Checkpoint
@@ -34,7 +34,6 @@ class Unit:
     not_before: float = 0.0
     written: tuple[Any, ...] | None = None
     candidate: tuple[tuple[Any, ...], Checkpoint] | None = None
-    runs: int = field(default=0)
 
     def holder(self) -> Holder:
         """``self``, ``other`` (a peer holds it, as last heard) or ``none``."""

@@ -38,7 +38,7 @@ from listener.config import Config
 from listener.config_loader import secret_values
 from listener.dev.simulators.layerx402 import Layerx402Simulator
 
-__all__ = ["ReplicasDemo"]
+__all__ = ["MINTS", "ReplicasDemo", "held_units"]
 
 MINTS = (
     "So11111111111111111111111111111111111111112",
@@ -48,6 +48,11 @@ MINTS = (
 LEASE_RETRY = 1.0
 HEARTBEAT = 3.0
 _HELD = re.compile(r'^listener_lease_held\{unit="([^"]+)"\} 1\.0$', re.MULTILINE)
+
+
+def held_units(metrics: str) -> set[str]:
+    """The units a replica's ``/metrics`` text says it holds (``listener_lease_held`` 1)."""
+    return set(_HELD.findall(metrics))
 
 
 def _free_port() -> int:
@@ -105,7 +110,7 @@ class Replica:
             return
         try:
             async with http.get(f"http://127.0.0.1:{self.admin_port}/metrics") as answer:
-                self.held = set(_HELD.findall(await answer.text()))
+                self.held = held_units(await answer.text())
         except (aiohttp.ClientError, TimeoutError):
             self.held = set()
 

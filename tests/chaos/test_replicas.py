@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from listener.dev.replicas import held_units
 from listener.dev.simulators.layerx402 import Layerx402Simulator
 from tests.chaos import rabbit
 from tests.chaos.ledger import Ledger, ledger
@@ -31,7 +31,6 @@ pytestmark = [pytest.mark.chaos, pytest.mark.usefixtures("cleanup_topology")]
 
 LEASE_RETRY = 1.0
 HEARTBEAT = 3.0  # the cluster default
-_HELD = re.compile(r'^listener_lease_held\{unit="([^"]+)"\} 1\.0$', re.MULTILINE)
 
 
 class Replicas:
@@ -69,7 +68,7 @@ class Replicas:
                     continue
                 try:
                     async with http.get(f"http://127.0.0.1:{process.admin_port}/metrics") as r:
-                        self.held[i] = set(_HELD.findall(await r.text()))
+                        self.held[i] = held_units(await r.text())
                 except (aiohttp.ClientError, TimeoutError):
                     self.held[i] = set()
 
