@@ -2,42 +2,42 @@
 Publishing with confirms, the lean way (NOTES: "where the time goes"): the one confirm
 window the daemon, replay and redrive all publish through.
 
-:func:`send_batch` writes many messages in one socket write on the aiormq channel
-under an aio-pika confirm channel and returns one confirm future per message: no
-``aio_pika.Message``, no task and no timer per message. It does the bookkeeping of
-aiormq's own ``Channel.basic_publish`` (delivery tags, ``confirmations``,
-``message_id_delivery_tag`` so a Basic.Return fails the right publish), but marshals
-every message's frames into one ``ChannelFrame``. Every publish is ``mandatory``: an
-unroutable message comes back instead of vanishing (the channel must be opened with
-``on_return_raises=True``). Those aiormq internals are pinned in ``pyproject.toml`` and
-checked by ``tests/test_confirms.py``.
+:class:`ConfirmWindow` writes many messages in one socket write on the aiormq channel
+under an aio-pika confirm channel: no ``aio_pika.Message``, no task, timer or future
+per message. It does the bookkeeping of aiormq's own ``Channel.basic_publish``
+(delivery tags, ``confirmations``, ``message_id_delivery_tag`` so a Basic.Return finds
+the right publish), but each publish's frames are bytes built in one pass
+(:mod:`listener.broker.frames`), and what waits in ``confirmations`` is a small
+:class:`_Pending` that settles the window when aiormq acks, nacks or returns it. Every
+publish is ``mandatory``: an unroutable message comes back instead of vanishing (the
+channel must be opened with ``on_return_raises=True``). Those aiormq internals are
+pinned in ``pyproject.toml`` and checked by ``tests/test_confirms.py``.
 
-:class:`ConfirmWindow` keeps up to ``size`` publishes awaiting their confirm. Each
-message's outcome is its own (STYLE: "one message, one fate"): an ack, a return
-(unroutable) or a nack is handed to ``on_settled`` and never ends the window; only what
-concerns the connection does (no confirm within the deadline, the channel closing),
-through :attr:`ConfirmWindow.failure`.
+The window keeps up to ``size`` publishes awaiting their confirm. Each message's
+outcome is its own (STYLE: "one message, one fate"): an ack, a return (unroutable) or
+a nack is handed to ``on_settled`` and never ends the window; only what concerns the
+connection does (no confirm within the deadline, the channel closing), through
+:attr:`ConfirmWindow.failure`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import aiormq
 from aiormq.abc import ChannelFrame
 from pamqp.commands import Basic
-from pamqp.header import ContentHeader
 
+from listener.broker.frames import publish_frames
 from listener.exceptions import PublishError, PublishNacked, PublishReturned, PublishTimeout
 
-__all__ = ["ConfirmWindow", "Outcome", "Outgoing", "send_batch", "unroute"]
+__all__ = ["ConfirmWindow", "Outcome", "Outgoing"]
 
 # What a settled publish came to: None for an ack, else the per-message error.
 Outcome = PublishReturned | PublishNacked | None
@@ -58,77 +58,50 @@ class Outgoing:
         return self.properties.message_id or ""
 
 
-async def send_batch(
-    channel: aiormq.Channel, messages: Sequence[Outgoing]
-) -> list[asyncio.Future[Any]]:
+class _Pending:
     """
-    Publish ``messages`` in one socket write; return one confirm future per message.
+    One publish awaiting its confirm. It sits in aiormq's ``channel.confirmations``
+    where aiormq keeps a future, and answers the calls aiormq makes on one there
+    (``done``, ``cancelled``, ``set_result``, ``set_exception``) by settling the window
+    at once: no future, no done-callbacks, nothing scheduled per message.
+    """
 
-    A future resolves to Basic.Ack, or fails with ``aiormq.exceptions.PublishError``
-    (returned unroutable) or ``DeliveryError`` (nacked); all fail if the channel closes.
-    """
-    frames: list[Any] = []
-    futures: list[asyncio.Future[Any]] = []
-    async with channel.lock:
-        first_tag = channel.delivery_tag
-        try:
-            for message in messages:
-                channel.delivery_tag += 1
-                tag = channel.delivery_tag
-                future = channel.create_future()
-                channel.confirmations[tag] = future
-                message_id = message.message_id
-                channel.message_id_delivery_tag[message_id] = tag
-                future.add_done_callback(functools.partial(_forget, channel, message_id, tag))
-                futures.append(future)
-                frames.append(
-                    Basic.Publish(
-                        exchange=message.exchange, routing_key=message.routing_key, mandatory=True
-                    )
-                )
-                frames.append(
-                    ContentHeader(properties=message.properties, body_size=len(message.body))
-                )
-                frames.extend(channel._split_body(message.body))
-            await channel.write_queue.put(
-                ChannelFrame.marshall(channel_number=channel.number, frames=frames)
-            )
-        except BaseException:
-            # Nothing reached the broker: give the delivery tags back, as aiormq does.
-            channel.delivery_tag = first_tag
-            for tag, future in enumerate(futures, start=first_tag + 1):
-                channel.confirmations.pop(tag, None)
-                future.cancel()
-            raise
-    return futures
+    __slots__ = ("_window", "deadline", "done_", "message", "started", "tag")
+
+    def __init__(
+        self, window: ConfirmWindow, message: Outgoing, tag: int, started: float, deadline: float
+    ) -> None:
+        self._window = window
+        self.message = message
+        self.tag = tag
+        self.started = started
+        self.deadline = deadline
+        self.done_ = False
+
+    def done(self) -> bool:
+        return self.done_
+
+    def cancelled(self) -> bool:
+        return self.done_  # only ever done early by cancel_outstanding (aiormq: "ignored")
+
+    def set_result(self, result: Any) -> None:
+        self._window._settled(self, result, None)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._window._settled(self, None, exc)
 
 
-def unroute(channel: aiormq.Channel, message_id: str, future: asyncio.Future[Any]) -> None:
-    """
-    Stop a Basic.Return still on its way from finding ``future``; call before cancelling it.
-
-    aiormq routes a return to its publish by ``message_id`` and fails that publish's
-    future; on a cancelled one ``set_exception`` raises InvalidStateError in aiormq's
-    frame reader, which closes the channel (publishing then stalls until the connection
-    is replaced). :func:`send_batch` forgets the id only in a done callback, a loop turn
-    later: too late when the return is already being read. Forget it now.
-    """
-    tag = channel.message_id_delivery_tag.get(message_id)
-    if tag is not None and channel.confirmations.get(tag) is future:
+def _forget(channel: aiormq.Channel, pending: _Pending) -> None:
+    """Drop the publish's message_id → tag entry (a later publish may reuse the id)."""
+    message_id = pending.message.message_id
+    if channel.message_id_delivery_tag.get(message_id) == pending.tag:
         del channel.message_id_delivery_tag[message_id]
 
 
-def _forget(channel: aiormq.Channel, message_id: str, tag: int, _: object) -> None:
-    if channel.message_id_delivery_tag.get(message_id) == tag:
-        channel.message_id_delivery_tag.pop(message_id, None)
-
-
-def outcome_of(message: Outgoing, future: asyncio.Future[Any]) -> Outcome | BaseException:
-    """What a settled confirm future stands for: an ack, a per-message error, or a failure."""
-    error = future.exception()
+def _outcome(message: Outgoing, result: Any, error: BaseException | None) -> Outcome | PublishError:
+    """What the broker's answer to a publish stands for: an ack, a message's error, a failure."""
     message_id = message.message_id
     if error is None:
-        result = future.result()
         if isinstance(result, Basic.Ack):
             return None
         return PublishNacked(f"broker answered {result!r}", message_id=message_id)
@@ -174,11 +147,13 @@ class ConfirmWindow:
         self._size = size
         self._chunk = max(1, min(chunk or size // 4 or 1, size))
         self._buffer: list[Outgoing] = []
-        self._waiting: collections.deque[tuple[float, asyncio.Future[Any], Outgoing]] = (
-            collections.deque()
-        )
+        # Written and not yet settled, in write order (the oldest holds the deadline).
+        self._waiting: collections.deque[_Pending] = collections.deque()
         self._in_flight: set[str] = set()
         self._on_settled = on_settled
+        # A closing channel fails no future of ours (there are none): watch it instead.
+        self._closing = channel.closing
+        self._closing.add_done_callback(self._channel_closed)
         #: Set by confirms: waiters wake on it (the daemon shares it with journal commits).
         self.wake = wake if wake is not None else asyncio.Event()
         #: The first failure that ended the window (a deadline, the channel closing).
@@ -236,18 +211,16 @@ class ConfirmWindow:
         """
         if not batch or self.failure is not None:
             return
-        started = time.monotonic()
         try:
             # The deadline covers the write too: a dead connection's queue stops draining.
             async with asyncio.timeout(self._timeout):
-                futures = await send_batch(self._channel, batch)
+                await self._write(batch)
         except TimeoutError:
             self._fail(
                 PublishTimeout(
                     f"could not write within {self._timeout}s", message_id=batch[0].message_id
                 )
             )
-            return
         except (aiormq.exceptions.AMQPError, ConnectionError, OSError, RuntimeError) as exc:
             # The channel closed under us (connection lost).
             self._fail(
@@ -256,12 +229,59 @@ class ConfirmWindow:
                     message_id=batch[0].message_id,
                 )
             )
-            return
-        deadline = started + self._timeout
-        for message, future in zip(batch, futures, strict=True):
-            self._in_flight.add(message.message_id)
-            future.add_done_callback(functools.partial(self._settled, message, started))
-            self._waiting.append((deadline, future, message))
+
+    async def _write(self, batch: Sequence[Outgoing]) -> None:
+        """
+        Register each publish where aiormq looks for it (its delivery tag in
+        ``confirmations``, its message_id in ``message_id_delivery_tag`` for a
+        Basic.Return) and write all their frames as one ``ChannelFrame``.
+        """
+        channel = self._channel
+        number, max_content = channel.number, channel.max_content_size
+        async with channel.lock:
+            if channel.is_closed:
+                raise aiormq.exceptions.ChannelInvalidStateError("the channel is closed")
+            started = time.monotonic()
+            deadline = started + self._timeout
+            first_tag = channel.delivery_tag
+            # (aiormq types its values as futures: ours only act like one, see _Pending)
+            confirmations: dict[int, Any] = cast(dict[int, Any], channel.confirmations)
+            by_id = channel.message_id_delivery_tag
+            written: list[_Pending] = []
+            payload: list[bytes] = []
+            try:
+                for message in batch:
+                    tag = first_tag + len(written) + 1
+                    pending = _Pending(self, message, tag, started, deadline)
+                    confirmations[tag] = pending
+                    by_id[message.message_id] = tag
+                    written.append(pending)
+                    payload.append(
+                        publish_frames(
+                            number,
+                            max_content,
+                            exchange=message.exchange,
+                            routing_key=message.routing_key,
+                            properties=message.properties,
+                            body=message.body,
+                        )
+                    )
+                channel.delivery_tag = first_tag + len(written)
+                await channel.write_queue.put(
+                    ChannelFrame(payload=b"".join(payload), should_close=False)
+                )
+            except BaseException:
+                # Nothing reached the broker: give the delivery tags back, as aiormq does.
+                channel.delivery_tag = first_tag
+                for pending in written:
+                    pending.done_ = True
+                    confirmations.pop(pending.tag, None)
+                    if by_id.get(pending.message.message_id) == pending.tag:
+                        del by_id[pending.message.message_id]
+                raise
+        for pending in written:
+            self._in_flight.add(pending.message.message_id)
+            self._waiting.append(pending)
 
     async def publish(self, message: Outgoing) -> None:
         """
@@ -302,30 +322,31 @@ class ConfirmWindow:
         publish passes its deadline (then :attr:`failure` is set): one timer for the window.
         ``clear=False``: the caller clears :attr:`wake` itself, before it looks for work.
         """
-        while self._waiting and self._waiting[0][1].done():
-            self._waiting.popleft()
+        waiting = self._waiting
+        while waiting and waiting[0].done_:
+            waiting.popleft()
         if clear:
             self.wake.clear()
         limit = max_wait
-        if self._waiting:
-            oldest = max(self._waiting[0][0] - time.monotonic(), 0.0)
+        if waiting:
+            oldest = max(waiting[0].deadline - time.monotonic(), 0.0)
             limit = oldest if limit is None else min(limit, oldest)
         elif limit is None:
-            await asyncio.sleep(0)  # settled futures whose callbacks have yet to run
+            await asyncio.sleep(0)
             return
         try:
             async with asyncio.timeout(limit):
                 await self.wake.wait()
         except TimeoutError:
             pass
-        if self._waiting and self._waiting[0][0] <= time.monotonic():
-            future, message = self._waiting[0][1], self._waiting[0][2]
-            if not future.done():
-                self._fail(
-                    PublishTimeout(
-                        f"no confirm within {self._timeout}s", message_id=message.message_id
-                    )
+        while waiting and waiting[0].done_:
+            waiting.popleft()
+        if waiting and waiting[0].deadline <= time.monotonic():
+            self._fail(
+                PublishTimeout(
+                    f"no confirm within {self._timeout}s", message_id=waiting[0].message.message_id
                 )
+            )
 
     async def drain(self) -> None:
         """Wait until every publish written so far has settled (or the window failed)."""
@@ -333,21 +354,32 @@ class ConfirmWindow:
             await self.wait()
 
     def cancel_outstanding(self) -> None:
-        """Give up on what has no confirm yet (an unknown outcome)."""
-        for _, future, message in self._waiting:
-            if not future.done():
-                unroute(self._channel, message.message_id, future)
-                future.cancel()
+        """Give up on what has no confirm yet (an unknown outcome); the window is done."""
+        channel = self._channel
+        for pending in self._waiting:
+            if not pending.done_:
+                pending.done_ = True
+                self._in_flight.discard(pending.message.message_id)
+                # A confirm or a Basic.Return still on its way finds nothing.
+                confirmations: dict[int, Any] = cast(dict[int, Any], channel.confirmations)
+                if confirmations.get(pending.tag) is pending:
+                    del confirmations[pending.tag]
+                _forget(channel, pending)
         self._waiting.clear()
+        self._closing.remove_done_callback(self._channel_closed)
+        self._closing.cancel()  # (an observer of the channel's closing: only it stops)
 
     # -- outcomes ------------------------------------------------------------------------
 
-    def _settled(self, message: Outgoing, started: float, future: asyncio.Future[Any]) -> None:
-        self._in_flight.discard(message.message_id)
-        self.wake.set()
-        if future.cancelled():
+    def _settled(self, pending: _Pending, result: Any, error: BaseException | None) -> None:
+        if pending.done_:
             return
-        outcome = outcome_of(message, future)
+        pending.done_ = True
+        message = pending.message
+        self._in_flight.discard(message.message_id)
+        _forget(self._channel, pending)
+        self.wake.set()
+        outcome = _outcome(message, result, error)
         if outcome is None:
             self.confirmed += 1
         elif isinstance(outcome, PublishReturned):
@@ -355,14 +387,22 @@ class ConfirmWindow:
         elif isinstance(outcome, PublishNacked):
             self.nacked += 1
         else:
-            self._fail(
-                outcome
-                if isinstance(outcome, PublishError)
-                else PublishError(str(outcome), message_id=message.message_id)
-            )
+            self._fail(outcome)
             return
         if self._on_settled is not None:
-            self._on_settled(message, outcome, time.monotonic() - started)
+            self._on_settled(message, outcome, time.monotonic() - pending.started)
+
+    def _channel_closed(self, closing: asyncio.Future[Any]) -> None:
+        if closing.cancelled():
+            return
+        error = closing.exception()
+        self._fail(
+            PublishError(
+                "broker connection failed: the channel closed"
+                + (f": {type(error).__name__}: {error}" if error is not None else ""),
+                message_id="",
+            )
+        )
 
     def _fail(self, exc: PublishError) -> None:
         if self.failure is None:

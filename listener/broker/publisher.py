@@ -24,7 +24,6 @@ The publisher: drains the journal to RabbitMQ with publisher confirms (CONTRACT 
 from __future__ import annotations
 
 import asyncio
-import collections
 import time
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +32,7 @@ import aiormq
 import structlog
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 
+from listener.broker.backlog import Backlog
 from listener.broker.confirms import ConfirmWindow, Outcome, Outgoing
 from listener.broker.connection import close_quietly, connect_retrying
 from listener.broker.topology import (
@@ -327,8 +327,8 @@ class Publisher:
     async def _publish_until_failure(self, window: ConfirmWindow) -> None:
         journal = self._journal
         size = self._config.confirm_window
-        backlog: collections.deque[StoredEntry] = collections.deque()
-        after = 0
+        taken = Backlog(journal)
+        backlog = taken.items
         next_check = 0.0
         wake = self._wake
         while window.failure is None and not self._move_on:  # (or on to the next node)
@@ -339,9 +339,7 @@ class Publisher:
                     next_check = time.monotonic() + DEFERRED_CHECK
                     backlog.extend(await journal.due_deferred(now=time.time(), limit=size))
                 if not backlog:
-                    backlog.extend(await journal.pending(after_seq=after, limit=2 * size))
-                    if backlog:
-                        after = backlog[-1].seq
+                    await taken.fill(2 * size)
             # Refill in chunks (not one message per confirm): one socket write per chunk.
             if backlog and (room >= size // 4 or not window.outstanding):
                 batch: list[Outgoing] = []

@@ -1,8 +1,10 @@
 """
 The journal: SQLite in WAL mode as store-and-forward (CONTRACT §8).
 
-Data flows one way: intake → :meth:`Journal.append` (durable) → the publisher reads
-:meth:`Journal.pending` in ``seq`` order → :meth:`Journal.mark_published`.
+Data flows one way: intake → :meth:`Journal.append` (durable) → the publisher takes
+the committed rows from :attr:`Journal.fresh` in memory (or reads
+:meth:`Journal.pending` where one is missing), in ``seq`` order →
+:meth:`Journal.mark_published`.
 
 Writes go through one writer task that takes every operation queued while the
 previous transaction was committing and commits them together (group commit): under
@@ -20,6 +22,7 @@ never holds up publishing (WAL lets all three proceed beside a commit).
 from __future__ import annotations
 
 import asyncio
+import collections
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -35,6 +38,7 @@ from listener.journal.checkpoints import Checkpoints
 from listener.journal.lock import JournalLock
 from listener.journal.schema import (
     Cursor,
+    StoredEntry,
     connect,
 )
 from listener.journal.writes import (
@@ -54,6 +58,9 @@ from listener.journal.writes import (
 __all__ = ["Journal"]
 
 _T = TypeVar("_T")
+
+# How many appended rows wait in memory for the publisher (:attr:`Journal.fresh`).
+FRESH_MAX = 8192
 
 
 @dataclass(slots=True)
@@ -93,6 +100,11 @@ class Journal(Checkpoints):
         self._listeners: list[Callable[[], None]] = []
         self._failed: BaseException | None = None
         self._failed_until = 0.0
+        #: The rows this process appended, as they commit, oldest first: the publisher
+        #: takes them from here instead of reading them back (it reads the file when a
+        #: seq is missing: the first rows after a start, rows another process added,
+        #: rows that fell off this bounded deque while the broker was away).
+        self.fresh: collections.deque[StoredEntry] = collections.deque(maxlen=FRESH_MAX)
 
     @property
     def path(self) -> Path:
@@ -293,11 +305,12 @@ class Journal(Checkpoints):
                 if isinstance(op, Append):
                     count += len(op.entries)
             try:
-                results = await self._on(self._write_thread, self._write, ops)
+                results, fresh = await self._on(self._write_thread, self._write, ops)
             except Exception as exc:  # the whole transaction rolled back: fail every waiter
                 self._whole_failure(ops, exc)
                 continue
             self._failed = None
+            self.fresh.extend(StoredEntry(seq, entry) for seq, entry in fresh)
             retry: list[Mark] = []
             for op, result in zip(ops, results, strict=True):
                 if isinstance(result, Exception):
@@ -338,7 +351,7 @@ class Journal(Checkpoints):
             for op in ops:
                 self._queue.put_nowait(op)
 
-    def _write(self, ops: list[Op]) -> list[Any]:
+    def _write(self, ops: list[Op]) -> tuple[list[Any], list[tuple[int, Entry]]]:
         conn = self._writer
         assert conn is not None  # opened before the writer task starts
         committed = commit(conn, ops)
@@ -349,7 +362,7 @@ class Journal(Checkpoints):
         if now - self._stats.size_checked > 1.0:
             self._stats.size_checked = now
             self._measure_size()
-        return committed.results
+        return committed.results, committed.fresh
 
     def _measure_size(self) -> None:
         assert self._writer is not None  # opened first

@@ -45,7 +45,8 @@ _CURSOR_NEW = (
     "INSERT INTO cursors (source, key, seq, updated_at) VALUES (?, ?, ?, ?)"
     " ON CONFLICT (source, key) DO NOTHING"
 )
-_MARK = "UPDATE events SET status = 1, published_at = ? WHERE seq = ? AND status = ?"
+# One statement per run of consecutive seqs (confirms come mostly in seq order).
+_MARK = "UPDATE events SET status = 1, published_at = ? WHERE seq BETWEEN ? AND ? AND status = ?"
 # Retry after base * 2^attempts seconds, capped (the old attempts: SET reads old values).
 _DEFER = (
     "UPDATE events SET status = 3, attempts = attempts + 1,"
@@ -113,6 +114,9 @@ class Committed:
     results: list[Any] = field(default_factory=list)
     pending: int = 0
     deferred: int = 0
+    #: The rows this transaction added, ``(seq, entry)`` in seq order (the publisher's
+    #: in-memory handoff, :attr:`listener.journal.store.Journal.fresh`).
+    fresh: list[tuple[int, Entry]] = field(default_factory=list)
 
 
 _OP_ERRORS = (sqlite3.Error, OverflowError, ValueError, TypeError)
@@ -147,19 +151,21 @@ def _run(conn: sqlite3.Connection, ops: Sequence[Op], *, savepoints: bool) -> Co
         for op in ops:
             if not savepoints:
                 try:
-                    result, pending, deferred = _apply(cur, op)
+                    result, pending, deferred = _apply(cur, op, out.fresh)
                 except _OP_ERRORS as exc:
                     raise _OneFailed from exc
             else:
                 cur.execute("SAVEPOINT op")
+                mark = len(out.fresh)
                 try:
-                    result, pending, deferred = _apply(cur, op)
+                    result, pending, deferred = _apply(cur, op, out.fresh)
                 except _OP_ERRORS as exc:
                     # This operation alone is undone; the transaction goes on. If SQLite
                     # already rolled the whole transaction back (a full disk), ROLLBACK
                     # TO fails and the whole batch fails.
                     cur.execute("ROLLBACK TO op")
                     cur.execute("RELEASE op")
+                    del out.fresh[mark:]
                     out.results.append(exc)
                     continue
                 cur.execute("RELEASE op")
@@ -174,8 +180,11 @@ def _run(conn: sqlite3.Connection, ops: Sequence[Op], *, savepoints: bool) -> Co
     return out
 
 
-def _apply(cur: sqlite3.Cursor, op: Op) -> tuple[Any, int, int]:
-    """Run one operation; return its result and how it moves (pending, deferred)."""
+def _apply(cur: sqlite3.Cursor, op: Op, fresh: list[tuple[int, Entry]]) -> tuple[Any, int, int]:
+    """
+    Run one operation; return its result and how it moves (pending, deferred); the
+    rows an append adds go to ``fresh``.
+    """
     if isinstance(op, Append):
         flags = []
         for e in op.entries:
@@ -195,7 +204,10 @@ def _apply(cur: sqlite3.Cursor, op: Op) -> tuple[Any, int, int]:
                     e.event_id,
                 ),
             )
-            flags.append(cur.rowcount == 1)
+            added = cur.rowcount == 1
+            flags.append(added)
+            if added:
+                fresh.append((cur.lastrowid or 0, e))
         now = time.time()
         for c in op.cursors:
             if c.prev is None:
@@ -217,8 +229,9 @@ def _apply(cur: sqlite3.Cursor, op: Op) -> tuple[Any, int, int]:
         return flags, sum(flags), 0
     if isinstance(op, Mark):
         status = Status.DEFERRED if op.deferred else Status.PENDING
-        cur.executemany(_MARK, ((op.at, seq, status) for seq in op.seqs))
-        marked = cur.rowcount
+        marked = 0
+        for first, last in _runs(op.seqs):
+            marked += cur.execute(_MARK, (op.at, first, last, status)).rowcount
         return None, (0 if op.deferred else -marked), (-marked if op.deferred else 0)
     # Defer: from pending (a first return) or deferred (a retry returned again).
     placeholders = ",".join("?" * len(op.seqs))
@@ -228,6 +241,17 @@ def _apply(cur: sqlite3.Cursor, op: Op) -> tuple[Any, int, int]:
     ).fetchall()
     cur.executemany(_DEFER, ((op.at, op.cap, op.base, op.error, seq) for seq in op.seqs))
     return None, -from_pending, from_pending
+
+
+def _runs(seqs: Sequence[int]) -> list[tuple[int, int]]:
+    """``seqs`` as runs of consecutive numbers, ``(first, last)`` each."""
+    runs: list[tuple[int, int]] = []
+    for seq in sorted(set(seqs)):
+        if runs and runs[-1][1] == seq - 1:
+            runs[-1] = (runs[-1][0], seq)
+        else:
+            runs.append((seq, seq))
+    return runs
 
 
 def measure_size(conn: sqlite3.Connection) -> int:
