@@ -1,12 +1,13 @@
 """
 The one confirm window (listener/broker/confirms.py) and the aiormq internals it
 writes to. aiormq is pinned in pyproject.toml to the range this is tested with; when
-an upgrade changes what ``send_batch`` relies on, the first test here fails naming it.
+an upgrade changes what the window relies on, the first test here fails naming it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 from collections.abc import AsyncIterator
 from importlib.metadata import version
@@ -17,10 +18,11 @@ import pytest
 from aiormq.abc import ChannelFrame
 from pamqp.commands import Basic
 
+from listener.broker import confirms
 from listener.broker.confirms import ConfirmWindow, Outcome, Outgoing
 from listener.exceptions import PublishNacked, PublishReturned
 
-# What send_batch() and unroute() do with an aiormq Channel, besides its public API.
+# What ConfirmWindow does with an aiormq Channel, besides its public API.
 CHANNEL_INTERNALS = (
     "lock",  # an async context manager held while frames are written
     "delivery_tag",  # the last delivery tag, an int we advance
@@ -28,16 +30,16 @@ CHANNEL_INTERNALS = (
     "message_id_delivery_tag",  # message_id → delivery tag, for Basic.Return
     "write_queue",  # the connection's queue of marshalled frames
     "number",  # the channel number
-    "create_future",  # a future tied to the channel
-    "_split_body",  # body → content frames of the negotiated frame size
+    "max_content_size",  # the largest body frame's payload (frame_max - 8)
+    "closing",  # an observer future of the channel's closing
 )
 
 
 def _fail(what: str) -> str:
     return (
         f"aiormq {version('aiormq')} changed {what}, which listener/broker/confirms.py relies on"
-        " (send_batch writes frames itself): pin aiormq to the tested range in pyproject.toml"
-        " or adapt send_batch"
+        " (ConfirmWindow writes frames itself): pin aiormq to the tested range in pyproject.toml"
+        " or adapt it"
     )
 
 
@@ -64,11 +66,16 @@ async def test_aiormq_internals_are_there(channel: aiormq.Channel) -> None:
         "Channel.message_id_delivery_tag"
     )
     assert isinstance(channel.write_queue, asyncio.Queue), _fail("Channel.write_queue")
-    frames = list(channel._split_body(b"x" * 10))
-    assert frames and all(hasattr(f, "value") for f in frames), _fail("Channel._split_body")
-    assert "frames" in inspect.signature(ChannelFrame.marshall).parameters, _fail(
-        "ChannelFrame.marshall"
+    assert isinstance(channel.max_content_size, int), _fail("Channel.max_content_size")
+    assert isinstance(channel.closing, asyncio.Future), _fail("Channel.closing")
+    fields = [f.name for f in dataclasses.fields(ChannelFrame)]
+    assert fields[:2] == ["payload", "should_close"], _fail("ChannelFrame")
+    # What aiormq calls on what waits in confirmations (confirms._Pending answers them).
+    source = inspect.getsource(aiormq.Channel._confirm_delivery) + inspect.getsource(
+        aiormq.Channel._on_return_frame
     )
+    for call in ("confirmation.done()", "confirmation.set_result(", "confirmation.set_exception("):
+        assert call in source, _fail(f"what Channel does with confirmations ({call})")
 
 
 async def _publish(channel: aiormq.Channel, messages: list[Outgoing]) -> list[tuple[str, Outcome]]:
@@ -136,3 +143,96 @@ async def test_a_nack_is_the_messages_own(
     finally:
         await side.queue_delete(queue_name)
         await connection.close()
+
+
+async def test_a_closing_channel_fails_the_window_at_once(
+    channel: aiormq.Channel, exchange_name: str
+) -> None:
+    """
+    Publishing to an exchange that does not exist makes the broker close the channel:
+    the window fails then, not at its 30 s deadline, and forgets what was in flight.
+    """
+    started = asyncio.get_running_loop().time()
+    window = ConfirmWindow(channel, size=8, timeout=30)
+    await window.send([_message(f"c{i}", f"{exchange_name}.absent", "k") for i in range(3)])
+    while window.failure is None and asyncio.get_running_loop().time() - started < 10:
+        await window.wait(0.5)
+    assert window.failure is not None
+    assert "channel closed" in str(window.failure)
+    assert asyncio.get_running_loop().time() - started < 5
+    window.cancel_outstanding()
+    assert window.outstanding == 0
+    assert not any(isinstance(c, confirms._Pending) for c in channel.confirmations.values())
+    assert channel.message_id_delivery_tag == {}
+
+
+def test_frames_are_pamqps_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one-pass frame builder writes what pamqp would, and takes its fast path for events."""
+    import random
+    from datetime import UTC, datetime
+
+    from listener.broker import frames
+
+    rng = random.Random(7)
+    slow = frames._pamqp_frames
+    fallbacks: list[int] = []
+
+    def counted(*args: object) -> bytes:
+        fallbacks.append(1)
+        return slow(*args)  # type: ignore[arg-type]  # the same arguments, passed on
+
+    monkeypatch.setattr(frames, "_pamqp_frames", counted)
+    for _ in range(600):
+        headers = rng.choice([None, None, None, {"x-quarantine-reason": "schema_violation"}])
+        props = Basic.Properties(
+            content_type=rng.choice([None, "", "application/cloudevents+json"]),
+            delivery_mode=rng.choice([None, 1, 2]),
+            message_id=rng.choice([None, "", "evt_" + "x" * rng.randint(0, 60), "é" * 20]),
+            message_type=rng.choice([None, "token.updated"]),
+            timestamp=rng.choice([None, datetime.fromtimestamp(rng.randint(0, 2**33), UTC)]),
+            app_id=rng.choice([None, "", "listener"]),
+            headers=headers,
+        )
+        body = rng.randbytes(rng.choice([0, 1, 99, 100, 101, 350, 4000]))
+        exchange = rng.choice(["", "lx", "é" * 100, "x" * 300])
+        routing_key = rng.choice(["", "token.updated", "q" * 256])
+        max_content = rng.choice([100, 131064])
+        args = (1 + rng.randint(0, 3), max_content, exchange, routing_key, props, body)
+        try:
+            expected = slow(*args)
+        except (ValueError, TypeError) as exc:  # a value AMQP cannot carry: pamqp says so
+            with pytest.raises(type(exc)):
+                frames.publish_frames(
+                    args[0],
+                    max_content,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    properties=props,
+                    body=body,
+                )
+            continue
+        fast = frames.publish_frames(
+            args[0],
+            max_content,
+            exchange=exchange,
+            routing_key=routing_key,
+            properties=props,
+            body=body,
+        )
+        assert fast == expected, (props, len(body), max_content)
+    # An event's publish (short strings, no headers) takes the fast path once pamqp has
+    # checked its exchange name.
+    event = Basic.Properties(
+        content_type="application/cloudevents+json",
+        delivery_mode=2,
+        message_id="evt_1",
+        message_type="token.updated",
+        timestamp=datetime.now(UTC),
+        app_id="listener",
+    )
+    fallbacks.clear()
+    for _ in range(3):
+        frames.publish_frames(
+            1, 131064, exchange="lx.fast", routing_key="t", properties=event, body=b"{}"
+        )
+    assert len(fallbacks) == 1

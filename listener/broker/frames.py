@@ -55,11 +55,11 @@ def _short(value: str) -> bytes | None:
 def _properties(props: Basic.Properties) -> tuple[int, bytes] | None:
     """(flags, encoded values), or ``None`` when pamqp must do it."""
     for name in _OTHERS:
-        if getattr(props, name) is not None:
+        if (value := getattr(props, name)) is not None and value != "":  # (pamqp: "" is unset)
             return None
     flags = 0
     parts: list[bytes] = []
-    if props.content_type is not None:
+    if props.content_type:
         if (short := _short(props.content_type)) is None:
             return None
         flags |= _CONTENT_TYPE
@@ -67,7 +67,7 @@ def _properties(props: Basic.Properties) -> tuple[int, bytes] | None:
     if props.delivery_mode is not None:
         flags |= _DELIVERY_MODE
         parts.append(bytes((props.delivery_mode,)))
-    if props.message_id is not None:
+    if props.message_id:
         if (short := _short(props.message_id)) is None:
             return None
         flags |= _MESSAGE_ID
@@ -76,7 +76,7 @@ def _properties(props: Basic.Properties) -> tuple[int, bytes] | None:
         flags |= _TIMESTAMP
         parts.append(_U64.pack(calendar.timegm(props.timestamp.utctimetuple())))
     for flag, text in ((_TYPE, props.message_type), (_APP_ID, props.app_id)):
-        if text is not None:
+        if text:
             if (short := _short(text)) is None:
                 return None
             flags |= flag
@@ -99,7 +99,7 @@ def publish_frames(
     """
     ex, rk = _short(exchange), _short(routing_key)
     props = _properties(properties)
-    if ex is None or rk is None or props is None:
+    if ex is None or rk is None or props is None or exchange not in _CHECKED:
         return _pamqp_frames(channel, max_content, exchange, routing_key, properties, body)
     flags, values = props
     method = ex + rk + b"\x01"  # bits: mandatory
@@ -121,6 +121,10 @@ def publish_frames(
     return b"".join(parts)
 
 
+# Exchange names pamqp has accepted (it checks their characters and length; so do we).
+_CHECKED: set[str] = set()
+
+
 def _pamqp_frames(  # noqa: PLR0917 - publish_frames' arguments, passed on
     channel: int,
     max_content: int,
@@ -131,10 +135,11 @@ def _pamqp_frames(  # noqa: PLR0917 - publish_frames' arguments, passed on
 ) -> bytes:
     from pamqp.body import ContentBody  # noqa: PLC0415 - the uncommon path only
 
+    method = Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=True)
+    if len(_CHECKED) < 1000:  # (a handful in practice: the exchange and its quarantine)
+        _CHECKED.add(exchange)
     frames: list[bytes] = [
-        pamqp_frame.marshal(
-            Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=True), channel
-        ),
+        pamqp_frame.marshal(method, channel),
         pamqp_frame.marshal(ContentHeader(properties=properties, body_size=len(body)), channel),
     ]
     if len(body) < max_content:
