@@ -196,3 +196,32 @@ async def test_deferred_rows_leave_the_head(tmp_path: Path) -> None:
         assert journal.deferred_count == 0
     async with Journal(config=config(tmp_path)) as journal:
         assert (journal.pending_count, journal.deferred_count) == (2, 0)
+
+
+async def test_handoff_holds_each_new_row_with_its_seq(tmp_path: Path) -> None:
+    """
+    Group commits insert many rows a statement; the in-memory handoff names each new
+    row with the seq the file gave it, whether the batch went in together or, because
+    a duplicate or a tombstoned id was among it, a row at a time.
+    """
+    async with Journal(config=config(tmp_path, retention="1h", dedupe_window="2h")) as journal:
+        await journal.append([entry(0)])
+        (first,) = await journal.pending(after_seq=0, limit=10)
+        await journal.mark_published([first.seq], wait=True)
+        assert await journal.prune(now=time.time() + 4000) == 1  # evt_0 is a tombstone now
+        journal.fresh.clear()
+        together = await asyncio.gather(*(journal.append([entry(i)]) for i in range(1, 150)))
+        mixed = await asyncio.gather(
+            journal.append([entry(150), entry(151)]),
+            journal.append([entry(0)]),  # pruned within the dedupe window
+            journal.append([entry(7)]),  # a duplicate
+            journal.append([entry(152, source="other"), entry(152, source="other")]),
+        )
+        assert all(r == [True] for r in together)
+        assert mixed == [[True, True], [False], [False], [True, False]]
+        handed = [(s.seq, s.entry.source, s.entry.event_id) for s in journal.fresh]
+        stored = await journal.query(
+            "SELECT seq, source, event_id FROM events WHERE status = 0 ORDER BY seq"
+        )
+        assert handed == [tuple(row) for row in stored]
+        assert len(handed) == 149 + 3
