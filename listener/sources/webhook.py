@@ -195,6 +195,13 @@ class WebhookTransport:
         limit = self.http.max_body
         if request.content_length is not None and request.content_length > limit:
             raise _BodyTooLarge
+        content = request.content
+        if content.is_eof():
+            # The whole body came with the headers (the common case): nothing to wait for.
+            whole = content.read_nowait(-1)
+            if len(whole) > limit:
+                raise _BodyTooLarge
+            return whole
         # A slow drip is cut by closing the connection when read_timeout passes: one
         # timer handle per request, cheaper on this hot path than asyncio.timeout().
         loop = self._loop
@@ -204,7 +211,7 @@ class WebhookTransport:
         expiry = loop.call_later(self.http.read_timeout, _expire, transport)
         body = bytearray()
         try:
-            while chunk := await request.content.readany():
+            while chunk := await content.readany():
                 body += chunk
                 if len(body) > limit:
                     raise _BodyTooLarge
