@@ -40,7 +40,7 @@ from listener.ops.replay_request import replay_request
 from listener.service import Service
 from listener.sources.intake import Intake
 from listener.sources.signatures import sign
-from listener.sources.websocket_policy import Delays, Outcome, close_policy
+from listener.sources.websocket_policy import QUICK_RECONNECT, Delays, Outcome, close_policy
 from tests.conftest import config_data, make_config, running, tap, wait_for
 from tests.faults import proxy
 from tests.test_adminapi import Api, wait_replay
@@ -603,6 +603,29 @@ def test_huge_retry_after_is_capped() -> None:
     )
     assert status == "reconnecting"
     assert 0 < delay <= 900, delay
+
+
+def test_a_healthy_connection_dropped_is_retried_at_once_then_backed_off() -> None:
+    """
+    The first reconnect after a healthy connection drops comes within a quarter second,
+    jittered; a connection that fails again backs off as usual; auth failures and an
+    unhealthy connection never take the quick path.
+    """
+    delays = Delays(1.0, 60.0)
+    quick = [
+        close_policy(Outcome(code=1006, lasted=31.0), delays, healthy_after=30.0)[1]
+        for _ in range(50)
+    ]
+    assert all(0 < d <= QUICK_RECONNECT for d in quick)
+    assert len({round(d, 4) for d in quick}) > 1, "jittered"
+    again = close_policy(Outcome(code=1006, lasted=0.2), delays, healthy_after=30.0)[1]
+    assert 0.5 <= again <= 1.0, "then the usual backoff, from reconnect.initial"
+    status, delay = close_policy(
+        Outcome(code=4001, lasted=31.0, unauthorized=True), Delays(1.0, 60.0), healthy_after=30.0
+    )
+    assert status == "unauthorized" and delay >= 0.5
+    fresh = Delays(1.0, 60.0)
+    assert close_policy(Outcome(code=1006, lasted=2.0), fresh, healthy_after=30.0)[1] >= 0.5
 
 
 async def test_provider_error_text_stays_off_readyz(

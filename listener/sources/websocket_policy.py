@@ -11,11 +11,15 @@ every provider:
 * forbidden → ``forbidden``, the same;
 * rate limited → wait the ``retry_after`` of the preceding error frame (capped at
   :data:`RETRY_AFTER_CAP`), when given;
-* anything else → exponential backoff with jitter, reset after ``healthy_after``.
+* anything else → exponential backoff with jitter, reset after ``healthy_after``; the
+  first retry after a connection that had been healthy comes within
+  :data:`QUICK_RECONNECT` (jittered: a fleet does not return in lockstep), the usual
+  backoff after that (a blip costs a quarter of a second, not ``reconnect.initial``).
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -27,6 +31,7 @@ from listener.envelope import rfc3339
 from listener.retry import backoff
 
 __all__ = [
+    "QUICK_RECONNECT",
     "RETRY_AFTER_CAP",
     "Delays",
     "Outcome",
@@ -40,6 +45,8 @@ __all__ = [
 # A server's retry_after is honoured up to this long (a hostile or broken value must
 # not park the source for years).
 RETRY_AFTER_CAP = 900.0
+# The first reconnect after a healthy connection dropped comes within this long.
+QUICK_RECONNECT = 0.25
 
 SourceStatus = Literal[
     "starting", "connected", "reconnecting", "unauthorized", "forbidden", "stopped"
@@ -117,10 +124,15 @@ def close_policy(
     if kind == "forbidden":
         return "forbidden", next(delays.auth)
     delays.auth = backoff(max(delays.initial, 1.0), delays.maximum)
-    if outcome.lasted >= healthy_after:
+    healthy = outcome.lasted >= healthy_after
+    if healthy:
         delays.general = backoff(delays.initial, delays.maximum)
     if kind == "rate_limited" and outcome.retry_after is not None:
         return "reconnecting", max(min(outcome.retry_after, RETRY_AFTER_CAP), next(delays.general))
+    if healthy and kind != "rate_limited":
+        # Not cryptographic: only spreads a fleet's reconnects apart.
+        quick = min(QUICK_RECONNECT, delays.initial) * random.uniform(0.2, 1.0)  # noqa: S311
+        return "reconnecting", quick
     return "reconnecting", next(delays.general)
 
 
