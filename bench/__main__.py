@@ -1,8 +1,10 @@
 """
 ``python -m bench`` (``make bench``): the webhook part (ceiling A, ceiling B, then the
 listener end to end), the stream part (a bare websockets client and the listener on one
-Layerx402 simulator, beside ceiling B), then the replay part; prints tables of figures
-and ratios, then the poll part. Never asserts a timing. ``--only webhooks|streams|replay|polls``
+Layerx402 simulator, beside ceiling B), then the replay part, then the drain part (the
+publisher alone on 200,000 journaled events, beside a raw ceiling R); prints tables of
+figures and ratios, then the poll part. Never asserts a timing.
+``--only webhooks|streams|replay|drain|polls``
 runs one part.
 """
 
@@ -16,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import polls, streams
+from bench import drain, polls, streams
 from bench.ceilings import PublishResult, ceiling_a, ceiling_b
 from bench.common import (
     CONCURRENCY,
@@ -40,7 +42,7 @@ from bench.webhooks import EndToEnd, end_to_end
 TARGET = 0.6
 # Cores busy elsewhere on the host above which the figures are flagged as noisy.
 BUSY = 0.15
-PARTS = ("webhooks", "streams", "replay", "polls")
+PARTS = ("webhooks", "streams", "replay", "drain", "polls")
 # Requests signed for ceiling A (replayed in a loop: the bare handler does not care).
 A_REQUESTS = 50_000
 # Headroom over ceiling A's rate when sizing the end-to-end request set, which must not
@@ -117,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print("replay: listener replay into one queue, from the journal and from the archive")
         replay_run(events=10_000 if args.quick else 40_000, seconds=args.seconds)
+    if "drain" in parts:
+        print()
+        print("drain: the publisher alone, on a journal that a broker outage left full")
+        drain.run(events=50_000 if args.quick else drain.EVENTS)
     if "polls" in parts:
         print()
         print("polls: Terrapin 5,000 ISINs (10% changed) and Token Terminal 200 x 31 days")

@@ -112,7 +112,7 @@ class BrokerConfig(_Model):
     # Deadline of our own around every publish (covers reconnect waits and blocked connections).
     publish_timeout: Duration = 10.0
     # Publishes awaiting a confirm at once.
-    confirm_window: int = Field(default=256, ge=1, le=65535)
+    confirm_window: int = Field(default=2048, ge=1, le=65535)
     connect_timeout: Duration = 5.0
     # First retry delay after a failed publish or connect; doubles up to retry_max.
     retry_initial: Duration = 0.5

@@ -1,0 +1,224 @@
+"""
+The publisher alone: the daemon starting on a journal that holds 200,000 pending
+events (what a long broker outage leaves behind), draining it into one durable queue,
+beside a raw ceiling R measured in the same run (:mod:`bench.raw`: a minimal client
+that builds its frames once and keeps 4,096 publishes in flight over one socket).
+
+Measured on the daemon (``python -m listener run``, no sources, archive off): the
+rate from its first confirmed event until the journal has nothing pending (its own
+counters, polled on the admin port every 100 ms), and its resident memory while it
+drains (sampled with each poll; the peak is the kernel's ``VmHWM``). Goals (the
+performance issue): rate ≥ 0.5 x R, peak RSS < 150 MB and flat.
+
+``python -m bench.drain [--events N]`` runs it alone; ``python -m bench`` runs it after
+the replay part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import aiohttp
+import yaml
+
+from bench.common import (
+    BROKER_URL,
+    cleanup_topology,
+    declare_tap,
+    fetch_metrics,
+    fmt_bytes,
+    fmt_rate,
+    fmt_ratio,
+    free_port,
+    peak_rss,
+    python_module,
+    say,
+    stop_child,
+    table,
+    unique,
+)
+from bench.raw import ceiling_r
+from handlers import Event
+from listener.config import JournalConfig
+from listener.envelope import event_entry
+from listener.journal import Journal
+
+__all__ = ["Drain", "run"]
+
+EVENTS = 200_000
+RATIO_GOAL = 0.5
+RSS_GOAL = 150 * 1024 * 1024
+POLL = 0.1
+
+
+@dataclass
+class Drain:
+    """What one drain measured."""
+
+    events: int
+    published: int
+    seconds: float
+    peak_rss: int | None
+    rss: list[tuple[int, int]] = field(default_factory=list)  # (events left, bytes)
+
+    @property
+    def rate(self) -> float:
+        return self.published / self.seconds if self.seconds > 0 else 0.0
+
+
+async def _fill(path: Path, events: int) -> None:
+    """Journal ``events`` pending ~1 KiB CloudEvents."""
+    now = time.time()
+    moment = datetime.fromtimestamp(now - 60, UTC)
+    pad = "x" * 700
+    async with Journal(config=JournalConfig(path=path)) as journal:
+        for start in range(0, events, 2000):
+            await journal.append(
+                [
+                    event_entry(
+                        source="bench",
+                        provider="getstoken",
+                        event=Event(
+                            id=f"evt_{i}",
+                            type="getstoken.badge.issued",
+                            time=moment,
+                            data={"badge_id": f"b_{i}", "user_id": "u_1", "pad": pad},
+                        ),
+                        received_at=now - 60,
+                    )
+                    for i in range(start, min(start + 2000, events))
+                ]
+            )
+
+
+def _rss(pid: int) -> int | None:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+async def _drain(directory: Path, events: int, exchange: str) -> Drain:
+    journal = directory / "journal.db"
+    say(f"drain: journaling {events:,} pending events")
+    await _fill(journal, events)
+    admin_port = free_port()
+    config = {
+        "log": {"level": "warning", "format": "json"},
+        "http": {"host": "127.0.0.1", "port": free_port()},
+        "admin": {"host": "127.0.0.1", "port": admin_port},
+        "broker": {"url": BROKER_URL, "exchange": exchange, "archive": {"enabled": False}},
+        "journal": {"path": str(journal), "synchronous": "full"},
+        "sources": [],
+    }
+    path = directory / "listener.yaml"
+    path.write_text(yaml.safe_dump(config))
+    admin = f"http://127.0.0.1:{admin_port}"
+    say("drain: the listener drains it")
+    with (directory / "listener.log").open("wb") as log:
+        proc = subprocess.Popen(  # noqa: ASYNC220 - returns at once
+            python_module("listener", "run", "--config", str(path)),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        rss: list[tuple[int, int]] = []
+        first: tuple[float, float] | None = None  # (when, published) at the first confirm
+        deadline = time.monotonic() + 600
+        async with aiohttp.ClientSession() as session:
+            while True:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the listener ended or did not drain in 10 minutes")
+                try:
+                    counters = await fetch_metrics(session, admin)
+                except aiohttp.ClientError:
+                    await asyncio.sleep(POLL)
+                    continue
+                now = time.monotonic()
+                published = counters.get("listener_events_published_total", 0.0)
+                pending = int(counters.get("listener_journal_pending", events))
+                if (resident := _rss(proc.pid)) is not None:
+                    rss.append((pending, resident))
+                if first is None and published > 0:
+                    first = (now, published)
+                if first is not None and pending == 0 and published >= events:
+                    break
+                await asyncio.sleep(POLL)
+        assert first is not None
+        peak = peak_rss(proc.pid)
+        return Drain(events, int(published - first[1]), now - first[0], peak, rss)
+    finally:
+        stop_child(proc)
+
+
+def _rss_profile(drain: Drain) -> str:
+    """RSS when 100/75/50/25/0 % of the events were left."""
+    points = []
+    for share in (1.0, 0.75, 0.5, 0.25, 0.0):
+        left = int(drain.events * share)
+        sample = min(drain.rss, key=lambda s: abs(s[0] - left), default=None)
+        if sample is not None:
+            points.append(f"{round(share * 100)}% {fmt_bytes(sample[1])}")
+    return ", ".join(points)
+
+
+def run(*, events: int = EVENTS) -> list[list[str]]:
+    """Measure R and the daemon's drain; print and return the table rows."""
+    raw_exchange, exchange = unique("bench.raw"), unique("bench.drain")
+    asyncio.run(declare_tap(raw_exchange, f"{raw_exchange}.tap"))
+    asyncio.run(declare_tap(exchange, f"{exchange}.tap"))
+    try:
+        say(f"drain: ceiling R, {events:,} messages")
+        raw = ceiling_r(raw_exchange, count=events, seconds=60.0)
+        with tempfile.TemporaryDirectory(prefix="bench-drain-") as tmp:
+            drain = asyncio.run(_drain(Path(tmp), events, exchange))
+    finally:
+        asyncio.run(cleanup_topology(raw_exchange, f"{raw_exchange}.tap"))
+        asyncio.run(cleanup_topology(exchange, f"{exchange}.tap"))
+    ratio = drain.rate / raw.rate if raw.rate else None
+    rows = [
+        ["R   raw client: frames built once, 4,096 in flight", fmt_rate(raw.rate), "-", "-"],
+        [
+            f"listener draining {events:,} journaled events",
+            fmt_rate(drain.rate),
+            fmt_ratio(ratio),
+            fmt_bytes(drain.peak_rss),
+        ],
+    ]
+    print(table(rows, ["run", "rate", "÷ R", "peak RSS"]))
+    print(f"RSS while draining (share of events left): {_rss_profile(drain)}")
+    verdict = (
+        "PASS"
+        if ratio is not None
+        and ratio >= RATIO_GOAL
+        and drain.peak_rss is not None
+        and drain.peak_rss < RSS_GOAL
+        else "BELOW"
+    )
+    print(
+        f"goal: drain ≥ {RATIO_GOAL} x R and peak RSS < {fmt_bytes(RSS_GOAL)} -> "
+        f"{fmt_ratio(ratio)}, {fmt_bytes(drain.peak_rss)} {verdict}"
+    )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.drain", description=__doc__)
+    parser.add_argument("--events", type=int, default=EVENTS, help="journaled events (200,000)")
+    args = parser.parse_args()
+    run(events=args.events)
+
+
+if __name__ == "__main__":
+    main()
