@@ -36,8 +36,9 @@ from bench.common import (
 )
 from bench.loadgen import LoadResult, generate, wrk_path
 from bench.naive import naive_peer
+from bench.paced import PacedResult
 from bench.replay import run as replay_run
-from bench.webhooks import EndToEnd, end_to_end
+from bench.webhooks import EndToEnd, accept_latency, end_to_end
 
 TARGET = 0.6
 # Cores busy elsewhere on the host above which the figures are flagged as noisy.
@@ -48,6 +49,9 @@ A_REQUESTS = 50_000
 # Headroom over ceiling A's rate when sizing the end-to-end request set, which must not
 # wrap (a replayed id would be answered as a duplicate and never published).
 E2E_HEADROOM = 1.25
+# Goal 3: accept latency paced at this share of the confirmed maximum.
+PACE = 0.5
+LATENCY_GOAL_MS = 10.0
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -168,6 +172,12 @@ def _webhooks(args: argparse.Namespace, background: float) -> PublishResult:
         say(f"naive peer: {naive[0].rate:,.0f} req/s")
         for path in directory.glob("requests-*"):
             path.unlink()
+        pace = e2e.confirmed_rate * PACE
+        say(f"accept latency: the listener paced at {pace:,.0f}/s (half its maximum)")
+        paced_requests = generate(directory, int(pace * seconds * 1.2) + 1000, 1, tag="p")
+        paced = accept_latency(
+            paced_requests, rate=pace, seconds=seconds, concurrency=args.concurrency
+        )
     _report(
         args,
         background,
@@ -178,7 +188,23 @@ def _webhooks(args: argparse.Namespace, background: float) -> PublishResult:
         naive,
         (e2e_requests.body_size, e2e_requests.event_size),
     )
+    _latency(pace, paced)
     return b
+
+
+def _latency(pace: float, paced: PacedResult) -> None:
+    """Goal 3: accept latency at half the sustained maximum, from each request's due time."""
+    verdict = "PASS" if paced.p99_ms < LATENCY_GOAL_MS else "BELOW"
+    print(
+        f"accept latency paced at {pace:,.0f}/s (half the confirmed maximum; open loop, "
+        f"from each request's due time): p50 {fmt_ms(paced.p50_ms)}, p99 "
+        f"{fmt_ms(paced.p99_ms)}, p99.9 {fmt_ms(paced.p999_ms)}, max {fmt_ms(paced.max_ms)} "
+        f"-> p99 goal < {LATENCY_GOAL_MS} ms {verdict}"
+    )
+    print(
+        f"  ({paced.ok:,} 2xx, {paced.errors:,} errors at {paced.rate:,.0f}/s; "
+        f"{paced.behind:,} started over 1 ms late)"
+    )
 
 
 def _cpu_per_event(

@@ -25,9 +25,11 @@ Measured:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,8 +59,9 @@ from bench.common import (
     with_loadgen,
 )
 from bench.loadgen import LoadResult, RequestSet, run_load
+from bench.paced import PacedResult, paced_load
 
-__all__ = ["EndToEnd", "end_to_end", "listener_config"]
+__all__ = ["EndToEnd", "accept_latency", "end_to_end", "listener_config"]
 
 POLL = 0.02
 
@@ -120,15 +123,20 @@ def listener_config(
     }
 
 
-async def _run(
-    requests: RequestSet,
-    *,
-    seconds: float,
-    concurrency: int,
-    archive: bool,
-    profile: Path | None,
-    directory: Path,
-) -> EndToEnd:
+@dataclass
+class _Running:
+    proc: subprocess.Popen[bytes]
+    url: str
+    admin: str
+    exchange: str
+    queue: str
+    log_path: Path
+    exit_code: int | None = None  # once stopped
+
+
+@contextlib.asynccontextmanager
+async def _listener(directory: Path, *, archive: bool) -> AsyncIterator[_Running]:
+    """The listener in its own process on a fresh exchange with a tap queue, until ready."""
     exchange = unique("bench.e2e")
     queue = f"{exchange}.tap"
     http_port, admin_port = free_port(), free_port()
@@ -145,9 +153,9 @@ async def _run(
         )
     )
     log_path = directory / "listener.log"
-    admin = f"http://127.0.0.1:{admin_port}"
     await declare_tap(exchange, queue)
     proc: subprocess.Popen[bytes] | None = None
+    running: _Running | None = None
     try:
         with log_path.open("wb") as log:
             # Popen returns at once; the listener's process is what we measure.
@@ -156,8 +164,37 @@ async def _run(
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
+        running = _Running(
+            proc,
+            f"http://127.0.0.1:{http_port}",
+            f"http://127.0.0.1:{admin_port}",
+            exchange,
+            queue,
+            log_path,
+        )
         async with aiohttp.ClientSession() as session:
-            await wait_ready(session, admin, proc, within=30.0)
+            await wait_ready(session, running.admin, proc, within=30.0)
+        yield running
+    finally:
+        if proc is not None:
+            code = stop_child(proc)
+            if running is not None:
+                running.exit_code = code
+        await cleanup_topology(exchange, queue)
+
+
+async def _run(
+    requests: RequestSet,
+    *,
+    seconds: float,
+    concurrency: int,
+    archive: bool,
+    profile: Path | None,
+    directory: Path,
+) -> EndToEnd:
+    async with _listener(directory, archive=archive) as running:
+        proc, admin, queue = running.proc, running.admin, running.queue
+        async with aiohttp.ClientSession() as session:
             meter = CpuMeter()
             meter.add("listener", proc.pid)
             meter.add("broker", broker_pid())
@@ -165,11 +202,7 @@ async def _run(
             meter.start()
             started = time.monotonic()
             load = await asyncio.to_thread(
-                run_load,
-                f"http://127.0.0.1:{http_port}",
-                requests,
-                seconds=seconds,
-                concurrency=concurrency,
+                run_load, running.url, requests, seconds=seconds, concurrency=concurrency
             )
             load_ended = time.monotonic()
             meter.stop()
@@ -213,10 +246,7 @@ async def _run(
         if spy is not None:
             spy.wait()
         queued = await queue_count(queue)
-    finally:
-        exit_code = stop_child(proc) if proc is not None else None
-        await cleanup_topology(exchange, queue)
-    log_tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-20:])
+    log_tail = "\n".join(running.log_path.read_text(errors="replace").splitlines()[-20:])
     return EndToEnd(
         load=load,
         received=int(counters.get("listener_events_received_total", 0)),
@@ -228,9 +258,39 @@ async def _run(
         pending_at_end_of_load=pending_at_end,
         cores=with_loadgen(meter.cores(), load),
         counters=counters,
-        exit_code=exit_code,
+        exit_code=running.exit_code,
         log_tail=log_tail,
     )
+
+
+async def _paced(
+    requests: RequestSet, *, rate: float, seconds: float, concurrency: int, directory: Path
+) -> PacedResult:
+    async with _listener(directory, archive=False) as running:
+        return await asyncio.to_thread(
+            paced_load,
+            running.url,
+            requests,
+            rate=rate,
+            seconds=seconds,
+            connections=concurrency,
+        )
+
+
+def accept_latency(
+    requests: RequestSet, *, rate: float, seconds: float, concurrency: int = CONCURRENCY
+) -> PacedResult:
+    """
+    The listener under an open-loop load of ``rate`` requests per second (the
+    performance issue's goal 3: at half its sustained maximum, p99 < 10 ms): latency
+    from each request's due time to its 2xx, so queueing counts.
+    """
+    with tempfile.TemporaryDirectory(prefix="bench-paced-") as tmp:
+        return asyncio.run(
+            _paced(
+                requests, rate=rate, seconds=seconds, concurrency=concurrency, directory=Path(tmp)
+            )
+        )
 
 
 def end_to_end(
