@@ -18,14 +18,17 @@ watermark is published (confirmed), which is when the checkpoint may be handed o
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from listener.journal.reads import Reads
+
+_W = TypeVar("_W")
 
 __all__ = ["Checkpoint", "Checkpoints"]
 
@@ -163,6 +166,13 @@ class Checkpoints(Reads):
 
     _writer: sqlite3.Connection | None
     _write_thread: ThreadPoolExecutor
+    #: Held by every use of the writer connection (commits may run on the loop's thread).
+    _writing: asyncio.Lock
+
+    async def _on_writer(self, fn: Callable[..., _W], *args: Any) -> _W:
+        """Run ``fn(*args)`` on the writer thread, between commits."""
+        async with self._writing:
+            return await self._on(self._write_thread, fn, *args)
 
     async def checkpoint(self, source: str, key: str | None) -> Checkpoint:
         """The unit's state and watermark (``key``: a subscription; ``None``: a poll source)."""
@@ -190,4 +200,4 @@ class Checkpoints(Reads):
         Raises:
             ValueError: it is not a checkpoint (nothing merged).
         """
-        return await self._on(self._write_thread, _adopt, self._writer, source, key, state)
+        return await self._on_writer(_adopt, self._writer, source, key, state)

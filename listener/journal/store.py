@@ -9,14 +9,17 @@ the committed rows from :attr:`Journal.fresh` in memory (or reads
 Writes go through one writer task that takes every operation queued while the
 previous transaction was committing and commits them together (group commit): under
 concurrency many webhooks share one fsync, and nobody hears "accepted" before the
-transaction holding their event is committed. Each operation runs inside its own
-``SAVEPOINT``: one that fails (a value SQLite cannot store, a constraint) is rolled
-back alone and fails only its own waiter; its neighbours commit (STYLE: "advance only
+transaction holding their event is committed. An operation that fails (a value SQLite
+cannot store, a constraint) is rolled back alone (a ``SAVEPOINT`` each, taken only once
+one failed) and fails only its own waiter; its neighbours commit (STYLE: "advance only
 from durable outcomes").
 
-Threads: one writer connection; one reader for the publisher and the sources
-(pending rows, cursors); one more for the admin API and replays, so a long admin query
-never holds up publishing (WAL lets all three proceed beside a commit).
+Threads: one writer connection, whose commits run on the event loop's thread while they
+are quick and on the writer thread otherwise (:meth:`Journal._commit` says why), and
+whose upkeep (retention, counts) always runs on the writer thread, never beside a
+commit; one reader for the publisher and the sources (rows missing from the handoff,
+cursors); one more for the admin API and replays, so a long admin query never holds up
+publishing (WAL lets all three proceed beside a commit).
 """
 
 from __future__ import annotations
@@ -27,20 +30,19 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from listener.config import JournalConfig
 from listener.envelope import Entry
 from listener.exceptions import JournalError, JournalFull
-from listener.journal.checkpoints import Checkpoints
 from listener.journal.lock import JournalLock
 from listener.journal.schema import (
     Cursor,
     StoredEntry,
     connect,
 )
+from listener.journal.upkeep import Stats, Upkeep
 from listener.journal.writes import (
     Append,
     Defer,
@@ -50,29 +52,24 @@ from listener.journal.writes import (
     commit,
     count_open,
     measure_size,
-    prune_batch,
-    prune_tombstones,
-    retry_now,
 )
 
 __all__ = ["Journal"]
 
 _T = TypeVar("_T")
 
+
 # How many appended rows wait in memory for the publisher (:attr:`Journal.fresh`).
 FRESH_MAX = 8192
+# Commits run on the event loop's thread while they are quick (see _commit): a batch
+# larger than INLINE_BYTES, or any while one took over INLINE_SLOW in the last
+# INLINE_PAUSE seconds (a slow disk), goes to the writer thread instead.
+INLINE_BYTES = 256 * 1024
+INLINE_SLOW = 0.02
+INLINE_PAUSE = 10.0
 
 
-@dataclass(slots=True)
-class _Stats:
-    pending: int = 0
-    deferred: int = 0
-    size: int = 0
-    size_checked: float = 0.0
-    commits: int = 0
-
-
-class Journal(Checkpoints):
+class Journal(Upkeep):
     """
     The durable local store of every accepted event.
 
@@ -94,7 +91,9 @@ class Journal(Checkpoints):
         self._query_thread = ThreadPoolExecutor(1, thread_name_prefix="journal-query")
         self._queue: asyncio.Queue[Op] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
-        self._stats = _Stats()
+        self._threaded_until = 0.0
+        self._writing = asyncio.Lock()
+        self._stats = Stats()
         self._capacity = asyncio.Event()
         self._capacity.set()
         self._listeners: list[Callable[[], None]] = []
@@ -158,6 +157,7 @@ class Journal(Checkpoints):
         await self._close_connections()
 
     async def _close_connections(self) -> None:
+        threads = (self._write_thread, self._read_thread, self._query_thread)
         for name, thread in (
             ("_writer", self._write_thread),
             ("_reader", self._read_thread),
@@ -167,6 +167,7 @@ class Journal(Checkpoints):
             if conn is not None:
                 setattr(self, name, None)
                 await self._on(thread, conn.close)
+        for thread in threads:
             thread.shutdown(wait=True)
         if self._lock is not None:
             self._lock.release()
@@ -305,7 +306,8 @@ class Journal(Checkpoints):
                 if isinstance(op, Append):
                     count += len(op.entries)
             try:
-                results, fresh = await self._on(self._write_thread, self._write, ops)
+                async with self._writing:
+                    results, fresh = await self._commit(ops)
             except Exception as exc:  # the whole transaction rolled back: fail every waiter
                 self._whole_failure(ops, exc)
                 continue
@@ -327,6 +329,28 @@ class Journal(Checkpoints):
             self._update_capacity()
             for listener in self._listeners:
                 listener()
+
+    async def _commit(self, ops: list[Op]) -> tuple[list[Any], list[tuple[int, Entry]]]:
+        """
+        Commit ``ops`` on this thread while commits are quick, else on the writer thread.
+
+        On the writer thread each SQLite call gives up Python's lock and must win it
+        back from the busy event loop (up to ``sys.getswitchinterval()`` each time),
+        which made a commit several times longer than its work; on this thread a commit
+        of a few dozen events blocks the loop for about a millisecond, the fsync
+        included (and now and then SQLite's automatic WAL checkpoint, a few ms: a
+        checkpointer of its own on the writer thread measured worse). A commit slower
+        than ``INLINE_SLOW`` (a slow disk) or a batch over ``INLINE_BYTES`` sends the
+        commits to the thread for ``INLINE_PAUSE``: a slow disk stalls the loop once.
+        """
+        now = time.monotonic()
+        if now >= self._threaded_until and _body_bytes(ops) <= INLINE_BYTES:
+            try:
+                return self._write(ops)
+            finally:
+                if time.monotonic() - now > INLINE_SLOW:
+                    self._threaded_until = time.monotonic() + INLINE_PAUSE
+        return await self._on(self._write_thread, self._write, ops)
 
     def _whole_failure(self, ops: list[Op], exc: Exception) -> None:
         self._failed = exc
@@ -372,57 +396,6 @@ class Journal(Checkpoints):
         """Call ``listener()`` after every successful commit (the publisher's wake-up)."""
         self._listeners.append(listener)
 
-    async def retry_now(self, routing_keys: Sequence[str]) -> None:
-        """
-        Make every deferred entry of these routing keys due now: one of them was just
-        confirmed, so the others are likely routable again too (a binding came back).
-        """
-        if routing_keys:
-            assert self._writer is not None  # opened first
-            await self._on(self._write_thread, retry_now, self._writer, routing_keys)
-
-    async def recount(self) -> None:
-        """
-        Count pending and deferred rows again (on the writer's thread, between commits):
-        a command on the same file (redrive) may have added some.
-        """
-
-        def count() -> None:
-            assert self._writer is not None  # opened first
-            self._stats.pending, self._stats.deferred = count_open(self._writer)
-
-        await self._on(self._write_thread, count)
-        self._update_capacity()
-
-    # -- maintenance --------------------------------------------------------------
-
-    async def prune(self, *, now: float | None = None, batch: int = 500) -> int:
-        """
-        Delete published events older than ``journal.retention``, ``batch`` rows per
-        transaction so ingestion never waits long, keeping their ids as tombstones for
-        ``journal.dedupe_window``. Quarantined rows are kept.
-        """
-        moment = now if now is not None else time.time()
-        cutoff = moment - self._config.retention
-        total = 0
-        while True:
-            deleted: int = await self._on(
-                self._write_thread, prune_batch, self._writer, cutoff, moment, batch
-            )
-            total += deleted
-            if deleted < batch:
-                break
-            await asyncio.sleep(0)
-        await self._on(
-            self._write_thread, prune_tombstones, self._writer, moment - self._config.dedupe_window
-        )
-        if total:
-            # Deleted rows free pages: re-measure now, or a journal held over max_size
-            # would wait for a commit that its own limit refuses.
-            await self._on(self._write_thread, self._measure_size)
-            self._update_capacity()
-        return total
-
     def state(self) -> dict[str, Any]:
         """Component status for ``/readyz``."""
         reason = self.over_limit()
@@ -436,3 +409,14 @@ class Journal(Checkpoints):
             "size_bytes": self._stats.size,
             **({"reason": reason} if reason else {}),
         }
+
+
+def _body_bytes(ops: Sequence[Op]) -> int:
+    # (a body that is not bytes fails its own operation in commit(), not this sum)
+    return sum(
+        len(e.body)
+        for op in ops
+        if isinstance(op, Append)
+        for e in op.entries
+        if isinstance(e.body, bytes)
+    )

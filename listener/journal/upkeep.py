@@ -1,0 +1,89 @@
+"""
+The journal's upkeep, a mixin of :class:`listener.journal.store.Journal`: deferred rows
+made due again, the counts taken again, retention. Each runs on the writer thread
+between commits (:meth:`~listener.journal.checkpoints.Checkpoints._on_writer`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from listener.config import JournalConfig
+from listener.journal.checkpoints import Checkpoints
+from listener.journal.writes import count_open, prune_batch, prune_tombstones, retry_now
+
+__all__ = ["Stats", "Upkeep"]
+
+
+@dataclass(slots=True)
+class Stats:
+    """The journal's counts, kept up to date by each commit."""
+
+    pending: int = 0
+    deferred: int = 0
+    size: int = 0
+    size_checked: float = 0.0
+    commits: int = 0
+
+
+class Upkeep(Checkpoints):
+    """Maintenance of the journal file (see the module docstring)."""
+
+    _config: JournalConfig
+    _stats: Stats
+
+    def _update_capacity(self) -> None:
+        raise NotImplementedError  # (the Journal's)
+
+    def _measure_size(self) -> None:
+        raise NotImplementedError  # (the Journal's)
+
+    async def retry_now(self, routing_keys: Sequence[str]) -> None:
+        """
+        Make every deferred entry of these routing keys due now: one of them was just
+        confirmed, so the others are likely routable again too (a binding came back).
+        """
+        if routing_keys:
+            assert self._writer is not None  # opened first
+            await self._on_writer(retry_now, self._writer, routing_keys)
+
+    async def recount(self) -> None:
+        """
+        Count pending and deferred rows again (on the writer's thread, between commits):
+        a command on the same file (redrive) may have added some.
+        """
+
+        def count() -> None:
+            assert self._writer is not None  # opened first
+            self._stats.pending, self._stats.deferred = count_open(self._writer)
+
+        await self._on_writer(count)
+        self._update_capacity()
+
+    # -- maintenance --------------------------------------------------------------
+
+    async def prune(self, *, now: float | None = None, batch: int = 500) -> int:
+        """
+        Delete published events older than ``journal.retention``, ``batch`` rows per
+        transaction so ingestion never waits long, keeping their ids as tombstones for
+        ``journal.dedupe_window``. Quarantined rows are kept.
+        """
+        moment = now if now is not None else time.time()
+        cutoff = moment - self._config.retention
+        total = 0
+        while True:
+            deleted: int = await self._on_writer(prune_batch, self._writer, cutoff, moment, batch)
+            total += deleted
+            if deleted < batch:
+                break
+            await asyncio.sleep(0)
+        await self._on_writer(prune_tombstones, self._writer, moment - self._config.dedupe_window)
+        if total:
+            # Deleted rows free pages: re-measure now, or a journal held over max_size
+            # would wait for a commit that its own limit refuses.
+            await self._on_writer(self._measure_size)
+            self._update_capacity()
+        return total
