@@ -225,3 +225,34 @@ async def test_handoff_holds_each_new_row_with_its_seq(tmp_path: Path) -> None:
         )
         assert handed == [tuple(row) for row in stored]
         assert len(handed) == 149 + 3
+
+
+async def test_another_process_writing_never_stalls_the_loop(tmp_path: Path) -> None:
+    """
+    Commits run on the event loop's thread while they are quick; while another
+    connection (a redrive command) holds the write lock, the append waits for it on the
+    writer thread instead, and the loop goes on meanwhile.
+    """
+    async with Journal(config=config(tmp_path)) as journal:
+        assert await journal.append([entry(1)]) == [True]  # (inline)
+        other = sqlite3.connect(tmp_path / "j.db", isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticker = asyncio.create_task(tick())
+        append = asyncio.create_task(journal.append([entry(2)]))
+        await asyncio.sleep(0.5)
+        assert not append.done()  # waiting for the lock...
+        assert ticks >= 10  # ...and not on the loop's thread
+        other.execute("COMMIT")
+        assert await append == [True]
+        ticker.cancel()
+        other.close()
+        rows = await journal.pending(after_seq=0, limit=10)
+        assert [r.entry.event_id for r in rows] == ["evt_1", "evt_2"]

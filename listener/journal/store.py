@@ -38,6 +38,7 @@ from listener.envelope import Entry
 from listener.exceptions import JournalError, JournalFull
 from listener.journal.lock import JournalLock
 from listener.journal.schema import (
+    BUSY_TIMEOUT_MS,
     Cursor,
     StoredEntry,
     connect,
@@ -67,6 +68,8 @@ FRESH_MAX = 8192
 INLINE_BYTES = 256 * 1024
 INLINE_SLOW = 0.02
 INLINE_PAUSE = 10.0
+# On the loop's thread, another process's write lock is waited for this long at most.
+INLINE_BUSY_MS = 5
 
 
 class Journal(Upkeep):
@@ -92,6 +95,7 @@ class Journal(Upkeep):
         self._queue: asyncio.Queue[Op] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._threaded_until = 0.0
+        self._busy_ms = BUSY_TIMEOUT_MS  # the writer connection's busy_timeout
         self._writing = asyncio.Lock()
         self._stats = Stats()
         self._capacity = asyncio.Event()
@@ -340,17 +344,36 @@ class Journal(Upkeep):
         of a few dozen events blocks the loop for about a millisecond, the fsync
         included (and now and then SQLite's automatic WAL checkpoint, a few ms: a
         checkpointer of its own on the writer thread measured worse). A commit slower
-        than ``INLINE_SLOW`` (a slow disk) or a batch over ``INLINE_BYTES`` sends the
-        commits to the thread for ``INLINE_PAUSE``: a slow disk stalls the loop once.
+        than ``INLINE_SLOW`` (a slow disk), a batch over ``INLINE_BYTES`` or another
+        process holding the write lock (``INLINE_BUSY_MS``) sends the commits to the
+        thread for ``INLINE_PAUSE``: a slow disk stalls the loop once, a lock never.
         """
         now = time.monotonic()
         if now >= self._threaded_until and _body_bytes(ops) <= INLINE_BYTES:
             try:
+                self._busy_timeout(INLINE_BUSY_MS)
                 return self._write(ops)
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
+                    raise
+                # Another process holds the write lock (a redrive): wait for it on the
+                # writer thread, not here. BEGIN failed: nothing of ops was written.
+                self._threaded_until = time.monotonic() + INLINE_PAUSE
             finally:
                 if time.monotonic() - now > INLINE_SLOW:
                     self._threaded_until = time.monotonic() + INLINE_PAUSE
-        return await self._on(self._write_thread, self._write, ops)
+        return await self._on(self._write_thread, self._write_waiting, ops)
+
+    def _busy_timeout(self, ms: int) -> None:
+        """How long the writer waits for another process's write lock (a PRAGMA, on change)."""
+        if self._busy_ms != ms:
+            assert self._writer is not None  # opened first
+            self._writer.execute(f"PRAGMA busy_timeout={ms}")
+            self._busy_ms = ms
+
+    def _write_waiting(self, ops: list[Op]) -> tuple[list[Any], list[tuple[int, Entry]]]:
+        self._busy_timeout(BUSY_TIMEOUT_MS)
+        return self._write(ops)
 
     def _whole_failure(self, ops: list[Op], exc: Exception) -> None:
         self._failed = exc
