@@ -58,6 +58,8 @@ DEFER_BASE = 1.0
 DEFER_CAP = 60.0
 # How often the session looks for deferred messages that are due.
 DEFERRED_CHECK = 1.0
+# Write once this many can go (a quarter of the window if less) or none is in flight.
+REFILL = 64
 
 
 class Publisher:
@@ -341,7 +343,7 @@ class Publisher:
                 if not backlog:
                     await taken.fill(2 * size)
             # Refill in chunks (not one message per confirm): one socket write per chunk.
-            if backlog and (room >= size // 4 or not window.outstanding):
+            if backlog and (room >= min(size // 4, REFILL) or not window.outstanding):
                 batch: list[Outgoing] = []
                 while backlog and len(batch) < room:
                     if window.in_flight(backlog[0].entry.event_id):
