@@ -1,7 +1,8 @@
 """
 ``python -m bench`` (``make bench``): the webhook part (ceiling A, ceiling B, then the
 listener end to end), the stream part (a bare websockets client and the listener on one
-Layerx402 simulator, beside ceiling B), then the replay part, then the drain part (the
+Layerx402 simulator, beside ceiling B; then how soon a dropped healthy connection is
+back), then the replay part, then the drain part (the
 publisher alone on 200,000 journaled events, beside a raw ceiling R); prints tables of
 figures and ratios, then the poll part. Never asserts a timing.
 ``--only webhooks|streams|replay|drain|polls``
@@ -18,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import drain, polls, streams
+from bench import drain, polls, reconnect, streams
 from bench.ceilings import PublishResult, ceiling_a, ceiling_b
 from bench.common import (
     CONCURRENCY,
@@ -119,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         print()
         streams.report(part, b, archive=args.archive)
+        print()
+        reconnect.run()
     if "replay" in parts:
         print()
         print("replay: listener replay into one queue, from the journal and from the archive")
