@@ -71,6 +71,11 @@ class Metrics:
         self.journal_bytes = Gauge(
             "listener_journal_bytes", "Bytes of the journal database in use.", registry=r
         )
+        self.asyncio_tasks = Gauge(
+            "listener_asyncio_tasks",
+            "Tasks on the daemon's event loop (flat on a healthy daemon).",
+            registry=r,
+        )
         self.broker_connected = Gauge(
             "listener_broker_connected", "1 while the broker connection is up.", registry=r
         )

@@ -230,6 +230,8 @@ class Service:
             self.metrics.journal_pending.set(self.journal.pending_count)
             self.metrics.journal_deferred.set(self.journal.deferred_count)
             self.metrics.journal_bytes.set(self.journal.size_bytes)
+        with contextlib.suppress(RuntimeError):  # (no running loop: nothing to count)
+            self.metrics.asyncio_tasks.set(len(asyncio.all_tasks()))
 
     async def run(self) -> None:
         """Run until :meth:`stop`, then shut down in order."""
