@@ -33,7 +33,8 @@ from listener.admin import api as admin_api
 from listener.config import Config
 from listener.dev.devenv import write_dev_env
 from listener.dev.simulators.layerx402 import Layerx402Simulator
-from listener.envelope import Entry, rfc3339
+from listener.envelope import Entry, event_entry, rfc3339
+from listener.journal import Journal
 from listener.metrics import Metrics
 from listener.ops.replay import Replay
 from listener.ops.replay_request import replay_request
@@ -129,6 +130,42 @@ async def test_unroutable_event_is_deferred_while_the_rest_flow_once(
             await late.wait_ids({"evt_unroutable"}, timeout=70)  # backoff caps at 60 s
             await wait_for(lambda: journal.deferred_count == 0, timeout=10, what="deferred 0")
         assert sorted(t.ids) == ids
+
+
+async def test_two_rows_sharing_a_message_id_keep_their_own_fates(
+    tmp_path: Path, broker_url: str, exchange_name: str
+) -> None:
+    """
+    Two sources may send one event id (a quarantined payload's id is its digest): one
+    unroutable, one routable, journaled side by side. They never share a batch (aiormq
+    finds a Basic.Return's publish by message_id), so the returned one is deferred and
+    the other is published: never the other way round (a row marked published that the
+    broker dropped).
+    """
+    raw = raw_config(tmp_path, broker_url, exchange_name, broker={"archive": {"enabled": False}})
+    config = Config.model_validate(raw)
+    now = time.time()
+
+    def row(source: str, type_: str, data: dict[str, Any]) -> Entry:
+        event = Event(id="evt_shared", type=f"getstoken.{type_}", time=None, data=data)
+        return event_entry(source=source, provider="getstoken", event=event, received_at=now)
+
+    badge = {"badge_id": "b_1", "user_id": "u_1", "badge_type": "gold"}
+    async with Journal(config=config.journal) as journal:
+        await journal.append(
+            [row("other", "user.created", {"user_id": "u_1"}), row("gst", "badge.issued", badge)]
+        )
+    async with (
+        tap(broker_url, exchange_name, routing_key="getstoken.badge.issued") as t,
+        running(config) as service,
+    ):
+        live = service.journal
+        assert live is not None
+        await t.wait_ids({"evt_shared"}, timeout=15)
+        await wait_for(lambda: live.deferred_count == 1, timeout=15, what="one deferred")
+        rows = await live.query("SELECT source, status FROM events ORDER BY source")
+    assert [tuple(r) for r in rows] == [("gst", 1), ("other", 3)]
+    assert t.ids == ["evt_shared"]
 
 
 # -- 5: a topology that exists with other settings -------------------------------------------

@@ -256,3 +256,29 @@ async def test_another_process_writing_never_stalls_the_loop(tmp_path: Path) -> 
         other.close()
         rows = await journal.pending(after_seq=0, limit=10)
         assert [r.entry.event_id for r in rows] == ["evt_1", "evt_2"]
+
+
+async def test_backlog_never_takes_a_row_twice_across_sessions(tmp_path: Path) -> None:
+    """
+    The publisher takes rows from the handoff, or reads the file where seqs are
+    missing; rows a read took leave the handoff at once, so a later session (a new
+    Backlog) never takes them again once they are published.
+    """
+    from listener.broker.backlog import Backlog
+
+    async with Journal(config=config(tmp_path)) as journal:
+        await journal.append([entry(i) for i in range(1, 6)])
+        journal.fresh.clear()  # (rows from before a restart: on file only)
+        await journal.append([entry(i) for i in range(6, 11)])
+        first = Backlog(journal)
+        await first.fill(100)
+        assert [s.seq for s in first.items] == list(range(1, 11))
+        assert first.reads == 1 and not journal.fresh
+        await journal.mark_published([s.seq for s in first.items], wait=True)
+        second = Backlog(journal, rescan=0.0)
+        for _ in range(3):
+            await second.fill(100)
+        assert list(second.items) == []
+        await journal.append([entry(11)])
+        await second.fill(100)
+        assert [s.entry.event_id for s in second.items] == ["evt_11"]

@@ -73,3 +73,7 @@ class Backlog:
             self._read_at = time.monotonic()
             if horizon is not None:
                 self._after = max(self._after, horizon - 1)
+        # What the read took leaves the handoff now, not at the next fill: a row left
+        # there could be published and marked, and taken again by the next session.
+        while fresh and fresh[0].seq <= self._after:
+            fresh.popleft()

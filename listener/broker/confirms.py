@@ -31,6 +31,7 @@ from types import TracebackType
 from typing import Any, cast
 
 import aiormq
+import structlog
 from aiormq.abc import ChannelFrame
 from pamqp.commands import Basic
 
@@ -38,6 +39,8 @@ from listener.broker.frames import publish_frames
 from listener.exceptions import PublishError, PublishNacked, PublishReturned, PublishTimeout
 
 __all__ = ["ConfirmWindow", "Outcome", "Outgoing"]
+
+log = structlog.get_logger("listener.confirms")
 
 # What a settled publish came to: None for an ack, else the per-message error.
 Outcome = PublishReturned | PublishNacked | None
@@ -358,12 +361,11 @@ class ConfirmWindow:
         channel = self._channel
         for pending in self._waiting:
             if not pending.done_:
+                # Settled, unsettled: it stays in confirmations, where a late ack finds it
+                # done and aiormq drops it quietly (a missing tag is logged as an error);
+                # a Basic.Return still on its way finds no message_id.
                 pending.done_ = True
                 self._in_flight.discard(pending.message.message_id)
-                # A confirm or a Basic.Return still on its way finds nothing.
-                confirmations: dict[int, Any] = cast(dict[int, Any], channel.confirmations)
-                if confirmations.get(pending.tag) is pending:
-                    del confirmations[pending.tag]
                 _forget(channel, pending)
         self._waiting.clear()
         self._closing.remove_done_callback(self._channel_closed)
@@ -390,7 +392,10 @@ class ConfirmWindow:
             self._fail(outcome)
             return
         if self._on_settled is not None:
-            self._on_settled(message, outcome, time.monotonic() - pending.started)
+            try:
+                self._on_settled(message, outcome, time.monotonic() - pending.started)
+            except Exception:  # (this runs in aiormq's frame reader: never let it close it)
+                log.exception("confirm_callback_failed", message_id=message.message_id)
 
     def _channel_closed(self, closing: asyncio.Future[Any]) -> None:
         if closing.cancelled():

@@ -9,9 +9,8 @@ The publisher: drains the journal to RabbitMQ with publisher confirms (CONTRACT 
 * One message, one fate (STYLE): a message the broker returns (unroutable) or nacks is
   set aside in the journal as *deferred*, counted, logged, and retried with backoff
   away from the head (1 s doubling to 1 min; all of a routing key at once when one of
-  them goes through again); it never ends the session, never holds
-  up the messages behind it, and is never the reason others are published twice.
-  ``/readyz`` shows the publisher ``degraded`` while any is deferred.
+  them goes through again); it never ends the session, holds up the messages behind
+  it or makes others go twice. ``/readyz`` shows ``degraded`` while any is deferred.
 * What ends a session concerns the connection: no confirm within
   ``broker.publish_timeout`` (a blocked or dead broker; our own deadline, which also
   covers reconnect waits), or the channel closing. In-flight publishes then have an
@@ -58,8 +57,8 @@ DEFER_BASE = 1.0
 DEFER_CAP = 60.0
 # How often the session looks for deferred messages that are due.
 DEFERRED_CHECK = 1.0
-# Write once this many can go (a quarter of the window if less) or none is in flight.
-REFILL = 64
+REFILL = 64  # write once this many can go (a quarter of the window if less) or none flies
+FILL_MAX = 512  # entries taken at once (bodies may be 1 MiB each)
 
 
 class Publisher:
@@ -270,12 +269,7 @@ class Publisher:
         return True
 
     async def _session(self) -> bool:
-        """
-        Publish pending entries with a sliding window until the connection fails.
-
-        Returns:
-            Whether the session did well enough to reset the backoff.
-        """
+        """Publish with a sliding window until the connection fails; ``True``: reset backoff."""
         assert self._channel is not None  # connected first
         try:
             async with asyncio.timeout(self._config.publish_timeout):
@@ -341,15 +335,18 @@ class Publisher:
                     next_check = time.monotonic() + DEFERRED_CHECK
                     backlog.extend(await journal.due_deferred(now=time.time(), limit=size))
                 if not backlog:
-                    await taken.fill(2 * size)
+                    await taken.fill(min(2 * size, FILL_MAX))
             # Refill in chunks (not one message per confirm): one socket write per chunk.
             if backlog and (room >= min(size // 4, REFILL) or not window.outstanding):
                 batch: list[Outgoing] = []
+                ids: set[str] = set()
                 while backlog and len(batch) < room:
-                    if window.in_flight(backlog[0].entry.event_id):
-                        # Never two publishes with one message_id in flight on a channel
-                        # (NOTES: aiormq matches returns by message_id).
+                    message_id = backlog[0].entry.event_id
+                    if message_id in ids or window.in_flight(message_id):
+                        # One publish per message_id in flight (aiormq matches returns
+                        # by id, NOTES; sources may share ids, quarantine ids are digests).
                         break
+                    ids.add(message_id)
                     batch.append(self._outgoing(backlog.popleft()))
                 if batch:
                     await window.send(batch)

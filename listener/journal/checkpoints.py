@@ -19,6 +19,7 @@ watermark is published (confirmed), which is when the checkpoint may be handed o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
 from collections.abc import Callable, Mapping
@@ -29,6 +30,22 @@ from typing import Any, TypeVar
 from listener.journal.reads import Reads
 
 _W = TypeVar("_W")
+
+
+async def finish(job: asyncio.Future[_W]) -> _W:
+    """
+    Await a job on the writer thread; when cancelled, still wait for it to end before
+    raising, so the caller's lock on the writer connection is held until the thread
+    lets go of it (a cancelled await does not stop the thread).
+    """
+    try:
+        return await asyncio.shield(job)
+    except asyncio.CancelledError:
+        while not job.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({job})
+        raise
+
 
 __all__ = ["Checkpoint", "Checkpoints"]
 
@@ -172,7 +189,9 @@ class Checkpoints(Reads):
     async def _on_writer(self, fn: Callable[..., _W], *args: Any) -> _W:
         """Run ``fn(*args)`` on the writer thread, between commits."""
         async with self._writing:
-            return await self._on(self._write_thread, fn, *args)
+            return await finish(
+                asyncio.get_running_loop().run_in_executor(self._write_thread, fn, *args)
+            )
 
     async def checkpoint(self, source: str, key: str | None) -> Checkpoint:
         """The unit's state and watermark (``key``: a subscription; ``None``: a poll source)."""

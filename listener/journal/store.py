@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -36,6 +37,7 @@ from typing import Any, Literal, TypeVar
 from listener.config import JournalConfig
 from listener.envelope import Entry
 from listener.exceptions import JournalError, JournalFull
+from listener.journal.checkpoints import finish
 from listener.journal.lock import JournalLock
 from listener.journal.schema import (
     BUSY_TIMEOUT_MS,
@@ -50,6 +52,7 @@ from listener.journal.writes import (
     Mark,
     Op,
     PollWrite,
+    body_bytes,
     commit,
     count_open,
     measure_size,
@@ -62,6 +65,7 @@ _T = TypeVar("_T")
 
 # How many appended rows wait in memory for the publisher (:attr:`Journal.fresh`).
 FRESH_MAX = 8192
+FRESH_BODY = 16 * 1024  # bytes: at most 128 MiB in the handoff
 # Commits run on the event loop's thread while they are quick (see _commit): a batch
 # larger than INLINE_BYTES, or any while one took over INLINE_SLOW in the last
 # INLINE_PAUSE seconds (a slow disk), goes to the writer thread instead.
@@ -316,7 +320,10 @@ class Journal(Upkeep):
                 self._whole_failure(ops, exc)
                 continue
             self._failed = None
-            self.fresh.extend(StoredEntry(seq, entry) for seq, entry in fresh)
+            # Large bodies are read back from the file instead (the handoff's memory).
+            self.fresh.extend(
+                StoredEntry(seq, entry) for seq, entry in fresh if len(entry.body) <= FRESH_BODY
+            )
             retry: list[Mark] = []
             for op, result in zip(ops, results, strict=True):
                 if isinstance(result, Exception):
@@ -349,7 +356,7 @@ class Journal(Upkeep):
         thread for ``INLINE_PAUSE``: a slow disk stalls the loop once, a lock never.
         """
         now = time.monotonic()
-        if now >= self._threaded_until and _body_bytes(ops) <= INLINE_BYTES:
+        if now >= self._threaded_until and body_bytes(ops) <= INLINE_BYTES:
             try:
                 self._busy_timeout(INLINE_BUSY_MS)
                 return self._write(ops)
@@ -362,7 +369,9 @@ class Journal(Upkeep):
             finally:
                 if time.monotonic() - now > INLINE_SLOW:
                     self._threaded_until = time.monotonic() + INLINE_PAUSE
-        return await self._on(self._write_thread, self._write_waiting, ops)
+        return await finish(
+            asyncio.get_running_loop().run_in_executor(self._write_thread, self._write_waiting, ops)
+        )
 
     def _busy_timeout(self, ms: int) -> None:
         """How long the writer waits for another process's write lock (a PRAGMA, on change)."""
@@ -408,7 +417,10 @@ class Journal(Upkeep):
         now = time.monotonic()
         if now - self._stats.size_checked > 1.0:
             self._stats.size_checked = now
-            self._measure_size()
+            # After the commit: an error here (SQLITE_BUSY) must not look like the
+            # commit's own, which would write the operations again.
+            with contextlib.suppress(sqlite3.Error):
+                self._measure_size()
         return committed.results, committed.fresh
 
     def _measure_size(self) -> None:
@@ -432,14 +444,3 @@ class Journal(Upkeep):
             "size_bytes": self._stats.size,
             **({"reason": reason} if reason else {}),
         }
-
-
-def _body_bytes(ops: Sequence[Op]) -> int:
-    # (a body that is not bytes fails its own operation in commit(), not this sum)
-    return sum(
-        len(e.body)
-        for op in ops
-        if isinstance(op, Append)
-        for e in op.entries
-        if isinstance(e.body, bytes)
-    )

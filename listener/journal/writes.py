@@ -26,6 +26,7 @@ __all__ = [
     "Mark",
     "Op",
     "PollWrite",
+    "body_bytes",
     "commit",
     "count_open",
     "measure_size",
@@ -404,3 +405,15 @@ def prune_batch(conn: sqlite3.Connection, cutoff: float, now: float, batch: int)
 def prune_tombstones(conn: sqlite3.Connection, cutoff: float) -> None:
     """Forget ids pruned before ``cutoff`` (older than ``dedupe_window``)."""
     conn.execute("DELETE FROM tombstones WHERE pruned_at < ?", (cutoff,))
+
+
+def body_bytes(ops: Sequence[Op]) -> int:
+    """Bytes of the event bodies the appends among ``ops`` carry."""
+    # (a body that is not bytes fails its own operation in commit(), not this sum)
+    return sum(
+        len(e.body)
+        for op in ops
+        if isinstance(op, Append)
+        for e in op.entries
+        if isinstance(e.body, bytes)
+    )
