@@ -9,8 +9,8 @@ The publisher: drains the journal to RabbitMQ with publisher confirms (CONTRACT 
 * One message, one fate (STYLE): a message the broker returns (unroutable) or nacks is
   set aside in the journal as *deferred*, counted, logged, and retried with backoff
   away from the head (1 s doubling to 1 min; all of a routing key at once when one of
-  them goes through again); it never ends the session, holds up the messages behind
-  it or makes others go twice. ``/readyz`` shows ``degraded`` while any is deferred.
+  them goes through again); it never ends the session, nor holds up the messages
+  behind it, nor makes others go twice. ``/readyz`` shows ``degraded`` meanwhile.
 * What ends a session concerns the connection: no confirm within
   ``broker.publish_timeout`` (a blocked or dead broker; our own deadline, which also
   covers reconnect waits), or the channel closing. In-flight publishes then have an
@@ -333,7 +333,8 @@ class Publisher:
             if not backlog and room > 0:
                 if journal.deferred_count and time.monotonic() >= next_check:
                     next_check = time.monotonic() + DEFERRED_CHECK
-                    backlog.extend(await journal.due_deferred(now=time.time(), limit=size))
+                    due = await journal.due_deferred(now=time.time(), limit=min(size, FILL_MAX))
+                    backlog.extend(due)
                 if not backlog:
                     await taken.fill(min(2 * size, FILL_MAX))
             # Refill in chunks (not one message per confirm): one socket write per chunk.

@@ -110,7 +110,9 @@ class Journal(Upkeep):
         #: The rows this process appended, as they commit, oldest first: the publisher
         #: takes them from here instead of reading them back (it reads the file when a
         #: seq is missing: the first rows after a start, rows another process added,
-        #: rows that fell off this bounded deque while the broker was away).
+        #: rows with a large body, rows that fell off this bounded deque while the
+        #: broker was away, and the seqs a duplicate used up: SQLite's AUTOINCREMENT
+        #: spends one on an insert that conflicts).
         self.fresh: collections.deque[StoredEntry] = collections.deque(maxlen=FRESH_MAX)
 
     @property
