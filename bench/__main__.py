@@ -84,6 +84,12 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         "(.svg flamegraph, .json speedscope, else collapsed stacks), and during the "
         "four-subscription stream window into <name>-streams<suffix>; needs py-spy",
     )
+    parser.add_argument(
+        "--soak",
+        metavar="DURATION",
+        default=None,
+        help="run only the soak (bench/soak.py) for DURATION: 30m, 90s, 1h",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.seconds = 3
@@ -96,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     if not broker_reachable():
         print("RabbitMQ not reachable on 127.0.0.1:5672; start one with: rabbitmq-server -detached")
         return 2
+    if args.soak is not None:
+        from bench.soak import main_for  # noqa: PLC0415 - only the soak needs it
+
+        return main_for(args.soak)
     parts = PARTS if args.only is None else (args.only,)
     started = time.monotonic()
     background = background_load()
