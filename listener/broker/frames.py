@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import calendar
 import struct
+from collections.abc import Sequence
 
 from pamqp import frame as pamqp_frame
 from pamqp.commands import Basic
@@ -111,14 +112,16 @@ def publish_frames(
         values,
         _END,
     ]
-    size = len(body)
-    if size < max_content:
-        parts += (_BODY_HEAD.pack(3, channel, size), body, _END)
-    else:
-        for start in range(0, size, max_content):
-            chunk = body[start : start + max_content]
-            parts += (_BODY_HEAD.pack(3, channel, len(chunk)), chunk, _END)
+    for chunk in _chunks(body, max_content):
+        parts += (_BODY_HEAD.pack(3, channel, len(chunk)), chunk, _END)
     return b"".join(parts)
+
+
+def _chunks(body: bytes, max_content: int) -> Sequence[bytes]:
+    """The body frames' payloads, as aiormq splits them (one, empty or not, when it fits)."""
+    if len(body) < max_content:
+        return (body,)
+    return [body[start : start + max_content] for start in range(0, len(body), max_content)]
 
 
 # Exchange names pamqp has accepted (it checks their characters and length; so do we).
@@ -142,10 +145,5 @@ def _pamqp_frames(  # noqa: PLR0917 - publish_frames' arguments, passed on
         pamqp_frame.marshal(method, channel),
         pamqp_frame.marshal(ContentHeader(properties=properties, body_size=len(body)), channel),
     ]
-    if len(body) < max_content:
-        frames.append(pamqp_frame.marshal(ContentBody(body), channel))
-    else:
-        for start in range(0, len(body), max_content):
-            chunk = body[start : start + max_content]
-            frames.append(pamqp_frame.marshal(ContentBody(chunk), channel))
+    frames += (pamqp_frame.marshal(ContentBody(c), channel) for c in _chunks(body, max_content))
     return b"".join(frames)

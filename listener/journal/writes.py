@@ -219,6 +219,21 @@ def _run(
     return out
 
 
+def _row(e: Entry) -> tuple[Any, ...]:
+    """An entry's values in the order of the events columns the inserts name."""
+    return (
+        e.source,
+        e.event_id,
+        e.kind,
+        e.routing_key,
+        e.body,
+        e.time,
+        e.received_at,
+        e.reason,
+        e.detail,
+    )
+
+
 def _insert_all(cur: sqlite3.Cursor, entries: Sequence[Entry]) -> range:
     """
     Insert every one of ``entries`` in a few statements; return their seqs, in order.
@@ -240,19 +255,7 @@ def _insert_all(cur: sqlite3.Cursor, entries: Sequence[Entry]) -> range:
     for start in range(0, len(entries), _ROWS_PER_INSERT):
         chunk = entries[start : start + _ROWS_PER_INSERT]
         values = ",".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(chunk))
-        params: list[Any] = []
-        for e in chunk:
-            params += (
-                e.source,
-                e.event_id,
-                e.kind,
-                e.routing_key,
-                e.body,
-                e.time,
-                e.received_at,
-                e.reason,
-                e.detail,
-            )
+        params = [value for e in chunk for value in _row(e)]
         added += cur.execute(_INSERT_ROWS.format(values=values), params).rowcount
     if added != len(entries) or cur.lastrowid is None:
         raise _RowByRow
@@ -278,22 +281,7 @@ def _apply(
     if isinstance(op, Append):
         flags = []
         for e in op.entries if inserted is None else ():
-            cur.execute(
-                _INSERT,
-                (
-                    e.source,
-                    e.event_id,
-                    e.kind,
-                    e.routing_key,
-                    e.body,
-                    e.time,
-                    e.received_at,
-                    e.reason,
-                    e.detail,
-                    e.source,
-                    e.event_id,
-                ),
-            )
+            cur.execute(_INSERT, (*_row(e), e.source, e.event_id))
             added = cur.rowcount == 1
             flags.append(added)
             if added:
