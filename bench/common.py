@@ -236,12 +236,21 @@ def with_loadgen(cores: dict[str, float], load: Any) -> dict[str, float]:
 
 def peak_rss(pid: int) -> int | None:
     """The peak resident set size of ``pid`` in bytes (``VmHWM``), if readable."""
+    return _status_bytes(pid, "VmHWM:")
+
+
+def current_rss(pid: int) -> int | None:
+    """The resident set size of ``pid`` in bytes now (``VmRSS``), if readable."""
+    return _status_bytes(pid, "VmRSS:")
+
+
+def _status_bytes(pid: int, field: str) -> int | None:
     try:
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return None
     for line in status.splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field):
             return int(line.split()[1]) * 1024
     return None
 

@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
@@ -30,7 +28,9 @@ import yaml
 
 from bench.common import (
     BROKER_URL,
+    child,
     cleanup_topology,
+    current_rss,
     declare_tap,
     fetch_metrics,
     fmt_bytes,
@@ -40,14 +40,12 @@ from bench.common import (
     peak_rss,
     python_module,
     say,
-    stop_child,
     table,
     unique,
 )
 from bench.raw import ceiling_r
-from handlers import Event
+from bench.replay import badge_entries
 from listener.config import JournalConfig
-from listener.envelope import event_entry
 from listener.journal import Journal
 
 __all__ = ["Drain", "run"]
@@ -75,38 +73,9 @@ class Drain:
 
 async def _fill(path: Path, events: int) -> None:
     """Journal ``events`` pending ~1 KiB CloudEvents."""
-    now = time.time()
-    moment = datetime.fromtimestamp(now - 60, UTC)
-    pad = "x" * 700
     async with Journal(config=JournalConfig(path=path)) as journal:
         for start in range(0, events, 2000):
-            await journal.append(
-                [
-                    event_entry(
-                        source="bench",
-                        provider="getstoken",
-                        event=Event(
-                            id=f"evt_{i}",
-                            type="getstoken.badge.issued",
-                            time=moment,
-                            data={"badge_id": f"b_{i}", "user_id": "u_1", "pad": pad},
-                        ),
-                        received_at=now - 60,
-                    )
-                    for i in range(start, min(start + 2000, events))
-                ]
-            )
-
-
-def _rss(pid: int) -> int | None:
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return None
-    for line in status.splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return None
+            await journal.append(badge_entries(start, min(start + 2000, events)))
 
 
 async def _drain(directory: Path, events: int, exchange: str) -> Drain:
@@ -126,13 +95,8 @@ async def _drain(directory: Path, events: int, exchange: str) -> Drain:
     path.write_text(yaml.safe_dump(config))
     admin = f"http://127.0.0.1:{admin_port}"
     say("drain: the listener drains it")
-    with (directory / "listener.log").open("wb") as log:
-        proc = subprocess.Popen(  # noqa: ASYNC220 - returns at once
-            python_module("listener", "run", "--config", str(path)),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
+    argv = python_module("listener", "run", "--config", str(path))
+    with child(argv, log=directory / "listener.log") as proc:
         rss: list[tuple[int, int]] = []
         first: tuple[float, float] | None = None  # (when, published) at the first confirm
         deadline = time.monotonic() + 600
@@ -148,8 +112,8 @@ async def _drain(directory: Path, events: int, exchange: str) -> Drain:
                 now = time.monotonic()
                 published = counters.get("listener_events_published_total", 0.0)
                 pending = int(counters.get("listener_journal_pending", events))
-                if (resident := _rss(proc.pid)) is not None:
-                    rss.append((pending, resident))
+                if (size := current_rss(proc.pid)) is not None:
+                    rss.append((pending, size))
                 if first is None and published > 0:
                     first = (now, published)
                 if first is not None and pending == 0 and published >= events:
@@ -158,8 +122,6 @@ async def _drain(directory: Path, events: int, exchange: str) -> Drain:
         assert first is not None
         peak = peak_rss(proc.pid)
         return Drain(events, int(published - first[1]), now - first[0], peak, rss)
-    finally:
-        stop_child(proc)
 
 
 def _rss_profile(drain: Drain) -> str:

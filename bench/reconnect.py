@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import yaml
 
-from bench.common import fmt_ms, free_port, python_module, say, stop_child, unique
+from bench.common import child, fmt_ms, free_port, python_module, say, unique
 from bench.streams import API_KEY, SOURCE, SUBSCRIPTIONS, listener_config
 from listener.dev.simulators.layerx402 import Layerx402Simulator
 
@@ -60,13 +59,8 @@ async def _measure(directory: Path) -> list[float]:
         config["sources"][0]["reconnect"] = {"healthy_after": f"{HEALTHY_AFTER:g}s"}
         path = directory / "listener.yaml"
         path.write_text(yaml.safe_dump(config))
-        with (directory / "listener.log").open("wb") as log:
-            proc = subprocess.Popen(  # noqa: ASYNC220 - returns at once
-                python_module("listener", "run", "--config", str(path)),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        try:
+        argv = python_module("listener", "run", "--config", str(path))
+        with child(argv, log=directory / "listener.log"):
             await _connected(simulator)
             took: list[float] = []
             for _ in range(DROPS):
@@ -76,8 +70,6 @@ async def _measure(directory: Path) -> list[float]:
                 await _connected(simulator)
                 took.append((time.monotonic() - started) * 1000)
             return took
-        finally:
-            stop_child(proc)
 
 
 def run() -> list[float]:

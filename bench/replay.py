@@ -32,7 +32,7 @@ from handlers import Event
 from listener.broker.confirms import ConfirmWindow, Outgoing
 from listener.broker.topology import declare_topology, properties_for, raw_connection
 from listener.config import Config
-from listener.envelope import event_entry
+from listener.envelope import Entry, event_entry
 from listener.journal import Journal
 
 BROKER_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -41,12 +41,12 @@ EVENTS = 40_000
 _RATE = re.compile(r"replayed (\d+) of (\d+) events .* in ([\d.]+)s \((\d+)/s\)")
 
 
-async def _prepare(config: Config, events: int) -> None:
-    """Journal ``events`` published events and put the same into the archive stream."""
+def badge_entries(start: int, stop: int) -> list[Entry]:
+    """Journal entries ``evt_<start>`` … ``evt_<stop - 1>``: ~1 KiB CloudEvents, a minute old."""
     now = time.time()
     moment = datetime.fromtimestamp(now - 60, UTC)
     pad = "x" * 700  # a ~1 KiB CloudEvent, like ceiling B's messages
-    entries = [
+    return [
         event_entry(
             source="bench",
             provider="getstoken",
@@ -58,8 +58,13 @@ async def _prepare(config: Config, events: int) -> None:
             ),
             received_at=now - 60,
         )
-        for i in range(events)
+        for i in range(start, stop)
     ]
+
+
+async def _prepare(config: Config, events: int) -> None:
+    """Journal ``events`` published events and put the same into the archive stream."""
+    entries = badge_entries(0, events)
     connection = await aio_pika.connect(BROKER_URL)
     try:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
