@@ -45,6 +45,7 @@ from listener.config_loader import load_config, secret_values
 from listener.exceptions import ConfigError
 from listener.journal import Journal
 from listener.logs import redact_also
+from listener.memory import Trimmer
 from listener.metrics import Metrics
 from listener.reload import ReloadPlan, plan_reload
 from listener.sources.registry import Transport, TransportContext, build_transports
@@ -334,6 +335,7 @@ class Service:
             log.info("shutdown_drained", seconds=round(time.monotonic() - started, 3))
 
     async def _maintenance(self, journal: Journal) -> None:
+        memory = Trimmer()
         while True:
             try:
                 deleted = await journal.prune()
@@ -344,4 +346,7 @@ class Service:
                 if deleted:
                     log.info("journal_pruned", deleted=deleted)
             self._refresh_metrics()
+            if trimmed := await memory.maybe_trim():  # (after a drain, a replay)
+                before, after = (round(n / 2**20, 1) for n in trimmed)
+                log.info("memory_trimmed", resident_mib_before=before, resident_mib_after=after)
             await asyncio.sleep(MAINTENANCE_INTERVAL)

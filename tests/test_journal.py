@@ -205,6 +205,7 @@ async def test_handoff_holds_each_new_row_with_its_seq(tmp_path: Path) -> None:
     a duplicate or a tombstoned id was among it, a row at a time.
     """
     async with Journal(config=config(tmp_path, retention="1h", dedupe_window="2h")) as journal:
+        journal.hand_off(True)  # (as while a publish session is on)
         await journal.append([entry(0)])
         (first,) = await journal.pending(after_seq=0, limit=10)
         await journal.mark_published([first.seq], wait=True)
@@ -267,14 +268,16 @@ async def test_backlog_never_takes_a_row_twice_across_sessions(tmp_path: Path) -
     from listener.broker.backlog import Backlog
 
     async with Journal(config=config(tmp_path)) as journal:
-        await journal.append([entry(i) for i in range(1, 6)])
-        journal.fresh.clear()  # (rows from before a restart: on file only)
+        await journal.append([entry(i) for i in range(1, 6)])  # (no session: file only)
+        journal.hand_off(True)
         await journal.append([entry(i) for i in range(6, 11)])
+        assert [s.seq for s in journal.fresh] == list(range(6, 11))
         first = Backlog(journal)
         await first.fill(100)
         assert [s.seq for s in first.items] == list(range(1, 11))
         assert first.reads == 1 and not journal.fresh
         await journal.mark_published([s.seq for s in first.items], wait=True)
+        first.close()
         second = Backlog(journal, rescan=0.0)
         for _ in range(3):
             await second.fill(100)
@@ -282,3 +285,29 @@ async def test_backlog_never_takes_a_row_twice_across_sessions(tmp_path: Path) -
         await journal.append([entry(11)])
         await second.fill(100)
         assert [s.entry.event_id for s in second.items] == ["evt_11"]
+
+
+async def test_no_publish_session_no_rows_held_in_memory(tmp_path: Path) -> None:
+    """
+    The handoff holds rows only while a publish session takes them: appended with
+    none on (the broker away), they are on file only, and a session that ends lets go
+    of what it had not taken; the next session reads them from the file, each once.
+    """
+    from listener.broker.backlog import Backlog
+
+    async with Journal(config=config(tmp_path)) as journal:
+        await journal.append([entry(i) for i in range(1, 4)])
+        assert not journal.fresh
+        session = Backlog(journal)
+        await journal.append([entry(i) for i in range(4, 7)])
+        assert [s.seq for s in journal.fresh] == [4, 5, 6]
+        session.close()  # (the connection was lost before it took them)
+        assert not journal.fresh
+        await journal.append([entry(i) for i in range(7, 9)])
+        assert not journal.fresh
+        following = Backlog(journal, rescan=0.0)
+        await journal.append([entry(9)])
+        for _ in range(3):
+            await following.fill(100)
+        assert [s.seq for s in following.items] == list(range(1, 10))
+        assert following.reads >= 1 and not journal.fresh

@@ -2,12 +2,15 @@
 What the publisher sends next, in ``seq`` order, without reading back what it was just
 handed.
 
-The journal keeps the rows this process appended, as they commit, in
-:attr:`listener.journal.Journal.fresh`. The publisher takes them from there while
-their seqs follow on from the last one it took; where one is missing it reads the
-file (``status = 0 AND seq > after``), which covers the first rows after a start or a
-new session, rows another process added (``listener quarantine redrive``), and rows
-that fell off the bounded handoff while the broker was away. With nothing of its own
+While a publish session is on (from a :class:`Backlog`'s making to its
+:meth:`~Backlog.close`), the journal keeps the rows this process appends, as they
+commit, in :attr:`listener.journal.Journal.fresh`. The publisher takes them from there
+while their seqs follow on from the last one it took; where one is missing it reads
+the file (``status = 0 AND seq > after``), which covers the first rows after a start,
+rows appended between sessions (the broker away or blocking: the journal keeps none
+then, so an outage does not leave the process holding a full handoff's memory), rows
+another process added (``listener quarantine redrive``), and rows that fell off the
+bounded handoff. With nothing of its own
 in hand it still looks at the file once every ``rescan`` seconds, for other
 processes' rows.
 
@@ -32,10 +35,14 @@ RESCAN = 1.0
 
 
 class Backlog:
-    """One publish session's queue of entries to send (see the module docstring)."""
+    """
+    One publish session's queue of entries to send (see the module docstring). The
+    journal keeps the handoff from when this is made until :meth:`close`.
+    """
 
     def __init__(self, journal: Journal, *, rescan: float = RESCAN) -> None:
         self._journal = journal
+        journal.hand_off(True)
         self._rescan = rescan
         self._after = 0
         self._read_at = -math.inf
@@ -43,6 +50,10 @@ class Backlog:
         self.items: collections.deque[StoredEntry] = collections.deque()
         #: Reads of the file so far (tests, benchmarks).
         self.reads = 0
+
+    def close(self) -> None:
+        """The session is over: the journal stops keeping rows for it and drops those held."""
+        self._journal.hand_off(False)
 
     def __len__(self) -> int:
         return len(self.items)

@@ -303,9 +303,11 @@ class Publisher:
             on_settled=self._settled,
             wake=self._wake,
         )
+        taken = Backlog(self._journal)  # (the journal keeps the handoff until closed)
         try:
-            await self._publish_until_failure(window)
+            await self._publish_until_failure(window, taken)
         finally:
+            taken.close()
             # What has no confirm now has an unknown outcome and is published again next
             # session (consumers deduplicate on message_id).
             window.cancel_outstanding()
@@ -320,10 +322,9 @@ class Publisher:
             self._record_failure(reason, window.failure)
         return self._confirmed_any
 
-    async def _publish_until_failure(self, window: ConfirmWindow) -> None:
+    async def _publish_until_failure(self, window: ConfirmWindow, taken: Backlog) -> None:
         journal = self._journal
         size = self._config.confirm_window
-        taken = Backlog(journal)
         backlog = taken.items
         next_check = 0.0
         wake = self._wake

@@ -109,11 +109,23 @@ class Journal(Upkeep):
         self._failed_until = 0.0
         #: The rows this process appended, as they commit, oldest first: the publisher
         #: takes them from here instead of reading them back (it reads the file when a
-        #: seq is missing: the first rows after a start, rows another process added,
-        #: rows with a large body, rows that fell off this bounded deque while the
-        #: broker was away, and the seqs a duplicate used up: SQLite's AUTOINCREMENT
-        #: spends one on an insert that conflicts).
+        #: seq is missing: the first rows after a start, rows appended while no publish
+        #: session took them (:meth:`hand_off`), rows another process added, rows with
+        #: a large body, rows that fell off this bounded deque, and the seqs a
+        #: duplicate used up: SQLite's AUTOINCREMENT spends one on a conflicting insert).
         self.fresh: collections.deque[StoredEntry] = collections.deque(maxlen=FRESH_MAX)
+        self._handoff = False  # whether a publish session takes from fresh (hand_off)
+
+    def hand_off(self, on: bool) -> None:
+        """
+        Keep the rows appended from now on in :attr:`fresh` (``on``: a publish session
+        takes them), or stop and let go of those held: with nobody taking them (the
+        broker away, blocked, or none yet) they would only fill the deque and fall off
+        it, and the memory they held stayed with the process after the outage.
+        """
+        self._handoff = on
+        if not on:
+            self.fresh.clear()
 
     @property
     def path(self) -> Path:
@@ -190,21 +202,6 @@ class Journal(Upkeep):
         return await asyncio.get_running_loop().run_in_executor(thread, fn, *args)
 
     # -- capacity ---------------------------------------------------------------
-
-    @property
-    def pending_count(self) -> int:
-        """Entries waiting for their first confirm (status pending)."""
-        return self._stats.pending
-
-    @property
-    def deferred_count(self) -> int:
-        """Entries the broker returned or nacked, waiting for their retry."""
-        return self._stats.deferred
-
-    @property
-    def size_bytes(self) -> int:
-        """Bytes of the database in use (pages minus free pages), sampled."""
-        return self._stats.size
 
     def over_limit(self) -> str | None:
         """Why the journal takes no more right now, or ``None`` while it has room."""
@@ -322,10 +319,10 @@ class Journal(Upkeep):
                 self._whole_failure(ops, exc)
                 continue
             self._failed = None
-            # Large bodies are read back from the file instead (the handoff's memory).
-            self.fresh.extend(
-                StoredEntry(seq, entry) for seq, entry in fresh if len(entry.body) <= FRESH_BODY
-            )
+            if self._handoff:  # (large bodies are read back from the file instead)
+                self.fresh.extend(
+                    StoredEntry(seq, e) for seq, e in fresh if len(e.body) <= FRESH_BODY
+                )
             retry: list[Mark] = []
             for op, result in zip(ops, results, strict=True):
                 if isinstance(result, Exception):

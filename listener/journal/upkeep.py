@@ -35,6 +35,21 @@ class Upkeep(Checkpoints):
     _config: JournalConfig
     _stats: Stats
 
+    @property
+    def pending_count(self) -> int:
+        """Entries waiting for their first confirm (status pending)."""
+        return self._stats.pending
+
+    @property
+    def deferred_count(self) -> int:
+        """Entries the broker returned or nacked, waiting for their retry."""
+        return self._stats.deferred
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes of the database in use (pages minus free pages), sampled."""
+        return self._stats.size
+
     def _update_capacity(self) -> None:
         raise NotImplementedError  # (the Journal's)
 
