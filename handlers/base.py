@@ -94,14 +94,20 @@ class NoSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def too_deep(value: Any, *, size: int, limit: int = MAX_DEPTH) -> bool:
+def too_deep(value: Any, *, raw: bytes | str, limit: int = MAX_DEPTH) -> bool:
     """
-    Whether parsed JSON ``value`` nests deeper than ``limit`` containers.
+    Whether parsed JSON ``value`` (parsed from ``raw``) nests deeper than ``limit``
+    containers.
 
-    ``size`` is the length of the raw text: each level takes two bytes, so text
-    shorter than ``2 * limit`` cannot be too deep and is not walked (the hot path).
+    Each container opens with a ``{`` or ``[`` in the text, so text with no more than
+    ``limit`` of them (counted in C, strings included) cannot be too deep and is not
+    walked: the hot path.
     """
-    if size < 2 * limit:
+    if isinstance(raw, str):
+        opens = raw.count("{") + raw.count("[")
+    else:
+        opens = raw.count(b"{") + raw.count(b"[")
+    if opens <= limit:
         return False
     level: list[Any] = [value]
     depth = 0

@@ -240,7 +240,7 @@ class GetSmartToken:
             return Quarantine("invalid_json", f"not JSON: {exc}")
         if not isinstance(payload, dict):
             return Quarantine("schema_violation", "(payload): expected a JSON object")
-        if too_deep(payload, size=len(body)):
+        if too_deep(payload, raw=body):
             return Quarantine("too_deep", f"nested deeper than {MAX_DEPTH} levels")
         try:
             envelope = Envelope.model_validate(payload)

@@ -155,7 +155,7 @@ class GitHub:
             return Quarantine("invalid_json", f"not JSON: {exc}")
         if not isinstance(payload, dict):
             return Quarantine("schema_violation", "(payload): expected a JSON object")
-        if too_deep(payload, size=len(body)):
+        if too_deep(payload, raw=body):
             return Quarantine("too_deep", f"nested deeper than {MAX_DEPTH} levels")
         event = _event_name(headers, payload)
         model = MODELS.get(event or "")

@@ -390,7 +390,7 @@ def parse_frame(raw: str | bytes) -> ServerFrame:
         return Unparseable(Quarantine(reason="invalid_json", detail=f"not JSON: {exc}"))
     if not isinstance(frame, dict):
         return Unparseable(_violation("a frame must be a JSON object"))
-    if too_deep(frame, size=len(raw)):
+    if too_deep(frame, raw=raw):
         return _too_deep(frame)
     kind = frame.get("type")
     # Ordered by frequency: events dominate a busy stream.

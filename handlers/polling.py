@@ -316,6 +316,6 @@ def read_answer(body: bytes) -> Any:
         payload = loads_exact(body)
     except ValueError as exc:
         return Quarantine("invalid_json", f"not JSON: {one_line(str(exc), 200)}")
-    if too_deep(payload, size=len(body)):
+    if too_deep(payload, raw=body):
         return Quarantine("too_deep", f"nested deeper than {MAX_DEPTH} levels")
     return payload

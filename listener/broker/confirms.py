@@ -35,7 +35,7 @@ import structlog
 from aiormq.abc import ChannelFrame
 from pamqp.commands import Basic
 
-from listener.broker.frames import publish_frames
+from listener.broker.frames import Prebuilt, publish_frames
 from listener.exceptions import PublishError, PublishNacked, PublishReturned, PublishTimeout
 
 __all__ = ["ConfirmWindow", "Outcome", "Outgoing"]
@@ -53,7 +53,7 @@ class Outgoing:
     body: bytes
     exchange: str
     routing_key: str
-    properties: Basic.Properties
+    properties: Basic.Properties | Prebuilt
     token: Any = None
 
     @property

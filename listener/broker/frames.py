@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import calendar
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from pamqp import frame as pamqp_frame
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
-__all__ = ["publish_frames"]
+__all__ = ["Prebuilt", "prebuilt", "publish_frames"]
 
 _END = b"\xce"
 _METHOD_HEAD = struct.Struct(">BHIHHH")  # type 1, channel, size; class 60, method 40, ticket
@@ -53,30 +54,80 @@ def _short(value: str) -> bytes | None:
     return bytes((len(raw),)) + raw if len(raw) <= 255 else None
 
 
+@dataclass(frozen=True, slots=True)
+class Prebuilt:
+    """
+    Properties already in wire form (:func:`prebuilt`), and how to make pamqp's object
+    of the same for the uncommon path: building and reading back a
+    ``Basic.Properties`` per event took 7.5 µs, this 1.
+    """
+
+    flags: int
+    values: bytes
+    message_id: str
+    build: Callable[[], Basic.Properties]
+
+
+def prebuilt(
+    build: Callable[[], Basic.Properties],
+    *,
+    content_type: str,
+    message_id: str,
+    message_type: str,
+    timestamp: int,
+    app_id: str,
+) -> Prebuilt | None:
+    """
+    The wire form of the properties ``build()`` would return (persistent, no headers,
+    nothing else set), or ``None`` when pamqp must do it.
+    """
+    encoded = _encode(content_type, 2, message_id, timestamp, message_type, app_id)
+    return None if encoded is None else Prebuilt(*encoded, message_id, build)
+
+
 def _properties(props: Basic.Properties) -> tuple[int, bytes] | None:
     """(flags, encoded values), or ``None`` when pamqp must do it."""
     for name in _OTHERS:
         if (value := getattr(props, name)) is not None and value != "":  # (pamqp: "" is unset)
             return None
+    moment = props.timestamp
+    return _encode(
+        props.content_type,
+        props.delivery_mode,
+        props.message_id,
+        None if moment is None else calendar.timegm(moment.utctimetuple()),
+        props.message_type,
+        props.app_id,
+    )
+
+
+def _encode(  # noqa: PLR0917 - the properties in their wire order
+    content_type: str | None,
+    delivery_mode: int | None,
+    message_id: str | None,
+    timestamp: int | None,
+    message_type: str | None,
+    app_id: str | None,
+) -> tuple[int, bytes] | None:
     flags = 0
     parts: list[bytes] = []
-    if props.content_type:
-        if (short := _short(props.content_type)) is None:
+    if content_type:
+        if (short := _short(content_type)) is None:
             return None
         flags |= _CONTENT_TYPE
         parts.append(short)
-    if props.delivery_mode is not None:
+    if delivery_mode is not None:
         flags |= _DELIVERY_MODE
-        parts.append(bytes((props.delivery_mode,)))
-    if props.message_id:
-        if (short := _short(props.message_id)) is None:
+        parts.append(bytes((delivery_mode,)))
+    if message_id:
+        if (short := _short(message_id)) is None:
             return None
         flags |= _MESSAGE_ID
         parts.append(short)
-    if props.timestamp is not None:
+    if timestamp is not None:
         flags |= _TIMESTAMP
-        parts.append(_U64.pack(calendar.timegm(props.timestamp.utctimetuple())))
-    for flag, text in ((_TYPE, props.message_type), (_APP_ID, props.app_id)):
+        parts.append(_U64.pack(timestamp))
+    for flag, text in ((_TYPE, message_type), (_APP_ID, app_id)):
         if text:
             if (short := _short(text)) is None:
                 return None
@@ -91,7 +142,7 @@ def publish_frames(
     *,
     exchange: str,
     routing_key: str,
-    properties: Basic.Properties,
+    properties: Basic.Properties | Prebuilt,
     body: bytes,
 ) -> bytes:
     """
@@ -99,8 +150,13 @@ def publish_frames(
     at most ``max_content`` bytes (the channel's ``frame_max - 8``).
     """
     ex, rk = _short(exchange), _short(routing_key)
-    props = _properties(properties)
+    if isinstance(properties, Prebuilt):
+        props: tuple[int, bytes] | None = (properties.flags, properties.values)
+    else:
+        props = _properties(properties)
     if ex is None or rk is None or props is None or exchange not in _CHECKED:
+        if isinstance(properties, Prebuilt):
+            properties = properties.build()
         return _pamqp_frames(channel, max_content, exchange, routing_key, properties, body)
     flags, values = props
     method = ex + rk + b"\x01"  # bits: mandatory

@@ -39,7 +39,7 @@ from listener.broker.topology import (
     Topology,
     TopologyReport,
     declare_topology,
-    properties_for,
+    publish_properties,
     raw_connection,
 )
 from listener.config import BrokerConfig, mask_url
@@ -367,7 +367,7 @@ class Publisher:
         exchange = (
             self._names.exchange if entry.kind == "event" else self._names.quarantine_exchange
         )
-        return Outgoing(entry.body, exchange, entry.routing_key, properties_for(stored), stored)
+        return Outgoing(entry.body, exchange, entry.routing_key, publish_properties(stored), stored)
 
     def _settled(self, message: Outgoing, outcome: Outcome, seconds: float) -> None:
         stored: StoredEntry = message.token

@@ -34,6 +34,7 @@ from aio_pika.abc import AbstractConnection
 from pamqp.commands import Basic
 from pamqp.common import FieldTable
 
+from listener.broker.frames import Prebuilt, prebuilt
 from listener.config import BrokerConfig
 from listener.envelope import APP_ID, CONTENT_TYPE
 from listener.journal import StoredEntry
@@ -45,6 +46,7 @@ __all__ = [
     "TopologyReport",
     "declare_topology",
     "properties_for",
+    "publish_properties",
     "raw_connection",
 ]
 
@@ -186,7 +188,24 @@ def raw_connection(connection: AbstractConnection) -> aiormq.abc.AbstractConnect
     return transport.connection
 
 
-def properties_for(stored: StoredEntry, headers: dict[str, Any] | None = None) -> Any:
+def publish_properties(stored: StoredEntry) -> Basic.Properties | Prebuilt:
+    """:func:`properties_for` an entry, for an event already in wire form (the hot path)."""
+    entry = stored.entry
+    if entry.kind == "event" and entry.event_id and entry.routing_key:
+        wire = prebuilt(
+            lambda: properties_for(stored),
+            content_type=CONTENT_TYPE,
+            message_id=entry.event_id,
+            message_type=entry.routing_key,
+            timestamp=int(entry.received_at),
+            app_id=APP_ID,
+        )
+        if wire is not None:
+            return wire
+    return properties_for(stored)
+
+
+def properties_for(stored: StoredEntry, headers: dict[str, Any] | None = None) -> Basic.Properties:
     """The AMQP properties of a journal entry (CONTRACT §4); identical on replay."""
     entry = stored.entry
     moment = datetime.fromtimestamp(int(entry.received_at), UTC)
