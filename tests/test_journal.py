@@ -181,6 +181,24 @@ async def test_pruned_ids_stay_duplicates(tmp_path: Path) -> None:
         assert await journal.append([entry(1)]) == [True]
 
 
+async def test_tombstones_expire_in_batches_oldest_first(tmp_path: Path) -> None:
+    """Retention forgets every expired tombstone, a batch at a time, and no other."""
+    async with Journal(config=config(tmp_path, retention="1h", dedupe_window="2h")) as journal:
+        now = time.time()
+        for moment, ids in ((now + 4000, range(10)), (now + 8000, range(10, 15))):
+            await journal.append([entry(i) for i in ids])
+            rows = await journal.pending(after_seq=0, limit=100)
+            await journal.mark_published([r.seq for r in rows], wait=True)
+            assert await journal.prune(now=moment, batch=3) == len(ids)
+        # At now + 11300 the first ten are past the window (pruned at +4000), the last
+        # five (pruned at +8000) are not.
+        assert await journal.prune(now=now + 11300, batch=3) == 0
+        (left,) = await journal.query("SELECT count(*) FROM tombstones")
+        assert left == (5,)
+        again = await journal.append([entry(i) for i in range(15)])
+        assert again == [True] * 10 + [False] * 5
+
+
 async def test_deferred_rows_leave_the_head(tmp_path: Path) -> None:
     """A deferred row is not pending; it comes back when due and is marked on confirm."""
     async with Journal(config=config(tmp_path)) as journal:

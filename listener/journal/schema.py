@@ -121,6 +121,8 @@ _ADDED_COLUMNS = (
 _ADDED_INDEXES = (
     "CREATE INDEX IF NOT EXISTS events_deferred ON events (retry_at) WHERE status = 3",
     "CREATE INDEX IF NOT EXISTS events_type ON events (routing_key, seq)",
+    # Retention forgets expired tombstones through it, not by scanning them all.
+    "CREATE INDEX IF NOT EXISTS tombstones_pruned ON tombstones (pruned_at)",
 )
 
 COLUMNS = "seq, source, event_id, kind, routing_key, body, time, received_at, reason, detail"

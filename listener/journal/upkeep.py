@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from listener.config import JournalConfig
@@ -80,6 +80,16 @@ class Upkeep(Checkpoints):
 
     # -- maintenance --------------------------------------------------------------
 
+    async def _in_batches(self, fn: Callable[..., int], *args: float, batch: int) -> int:
+        """Run ``fn(writer, *args, batch)`` until it deletes fewer than ``batch``; the total."""
+        total = 0
+        while True:
+            deleted: int = await self._on_writer(fn, self._writer, *args, batch)
+            total += deleted
+            if deleted < batch:
+                return total
+            await asyncio.sleep(0)  # (commits waiting for the writer go first)
+
     async def prune(self, *, now: float | None = None, batch: int = 500) -> int:
         """
         Delete published events older than ``journal.retention``, ``batch`` rows per
@@ -87,15 +97,10 @@ class Upkeep(Checkpoints):
         ``journal.dedupe_window``. Quarantined rows are kept.
         """
         moment = now if now is not None else time.time()
-        cutoff = moment - self._config.retention
-        total = 0
-        while True:
-            deleted: int = await self._on_writer(prune_batch, self._writer, cutoff, moment, batch)
-            total += deleted
-            if deleted < batch:
-                break
-            await asyncio.sleep(0)
-        await self._on_writer(prune_tombstones, self._writer, moment - self._config.dedupe_window)
+        total = await self._in_batches(
+            prune_batch, moment - self._config.retention, moment, batch=batch
+        )
+        await self._in_batches(prune_tombstones, moment - self._config.dedupe_window, batch=batch)
         if total:
             # Deleted rows free pages: re-measure now, or a journal held over max_size
             # would wait for a commit that its own limit refuses.
