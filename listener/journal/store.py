@@ -64,8 +64,8 @@ _T = TypeVar("_T")
 
 
 # How many appended rows wait in memory for the publisher (:attr:`Journal.fresh`).
-FRESH_MAX = 8192
-FRESH_BODY = 16 * 1024  # bytes: at most 128 MiB in the handoff
+FRESH_MAX = 2048
+FRESH_BODY = 16 * 1024  # bytes: at most 32 MiB in the handoff
 # Commits run on the event loop's thread while they are quick (see _commit): a batch
 # larger than INLINE_BYTES, or any while one took over INLINE_SLOW in the last
 # INLINE_PAUSE seconds (a slow disk), goes to the writer thread instead.
