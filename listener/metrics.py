@@ -6,18 +6,33 @@ share counters.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-__all__ = ["OTHER_TYPE", "Metrics"]
+__all__ = ["OTHER_TYPE", "Metrics", "watch_loop_lag"]
 
 OTHER_TYPE = "other"
 # Cached (source, type) lookups kept at most; unknown types map to one label anyway.
 _CHILD_CACHE = 10_000
 
+LOOP_LAG_INTERVAL = 0.1  # seconds between the event loop lag probes
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+async def watch_loop_lag(histogram: Histogram, *, interval: float = LOOP_LAG_INTERVAL) -> None:
+    """
+    Observe, every ``interval``, how late a sleep of that length woke: the time a
+    request arriving then would have waited for the loop (a long callback, a commit
+    on a slow disk, or the process not scheduled on a busy host). Runs until cancelled.
+    """
+    loop = asyncio.get_running_loop()
+    while True:
+        due = loop.time() + interval
+        await asyncio.sleep(interval)
+        histogram.observe(max(0.0, loop.time() - due))
 
 
 class Metrics:
@@ -164,6 +179,12 @@ class Metrics:
         self.event_lag_seconds = Histogram(
             "listener_event_lag_seconds",
             "Receipt to broker confirm.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.loop_lag_seconds = Histogram(
+            "listener_event_loop_lag_seconds",
+            "How late the event loop woke from a short sleep (busy, or not scheduled).",
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )

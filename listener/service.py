@@ -46,7 +46,7 @@ from listener.exceptions import ConfigError
 from listener.journal import Journal
 from listener.logs import redact_also
 from listener.memory import Trimmer
-from listener.metrics import Metrics
+from listener.metrics import Metrics, watch_loop_lag
 from listener.reload import ReloadPlan, plan_reload
 from listener.sources.registry import Transport, TransportContext, build_transports
 from listener.sources.supervisor import SourceRuntime, supervised
@@ -281,6 +281,7 @@ class Service:
                 if coordinator is not None:
                     sourcing.append(tasks.create_task(coordinator.run(), name="cluster"))
                 upkeep = tasks.create_task(self._maintenance(journal), name="maintenance")
+                probe = tasks.create_task(watch_loop_lag(self.metrics.loop_lag_seconds))
                 async with (
                     _site(self.admin.app, config.admin.host, config.admin.port) as admin_port,
                     _site(
@@ -307,6 +308,7 @@ class Service:
                     for task in sourcing:
                         task.cancel()
                     upkeep.cancel()
+                    probe.cancel()
                     # 2. drain
                     await self._drain(publisher, journal)
                 # 3. close the broker (sites closed by the context managers above)

@@ -211,3 +211,27 @@ def test_a_source_shows_one_status_at_a_time() -> None:
     assert 'listener_source_status{source="lx",status="reconnecting"} 1.0' in text
     assert 'status="connected"' not in text
     assert 'listener_source_status{source="tt",status="polling"} 1.0' in text
+
+
+async def test_event_loop_lag_shows_a_blocked_loop() -> None:
+    """The loop lag probe records how long a callback held the loop, and little otherwise."""
+    import asyncio
+    import time
+
+    from listener.metrics import watch_loop_lag
+
+    metrics = Metrics()
+    probe = asyncio.create_task(watch_loop_lag(metrics.loop_lag_seconds, interval=0.01))
+    await asyncio.sleep(0.1)
+    time.sleep(0.3)  # (a callback that holds the loop)
+    await asyncio.sleep(0.1)
+    probe.cancel()
+    samples = {
+        (s.name, s.labels.get("le")): s.value for s in metrics.loop_lag_seconds.collect()[0].samples
+    }
+    count = samples[("listener_event_loop_lag_seconds_count", None)]
+    assert count >= 10
+    # Exactly one wake-up was late by the blocked 0.3 s; the others were not.
+    late = count - samples[("listener_event_loop_lag_seconds_bucket", "0.25")]
+    assert late == 1
+    assert samples[("listener_event_loop_lag_seconds_sum", None)] >= 0.28
