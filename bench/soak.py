@@ -60,6 +60,7 @@ from bench.soak_load import (
 __all__ = ["Options", "main", "main_for", "parse_duration", "run"]
 
 LAG = "listener_event_lag_seconds"
+LOOP = "listener_event_loop_lag_seconds"
 AFTER_SAMPLE = 10.0  # the broker restart starts this long after a sample began
 TAIL = 10.0  # the webhook load runs past the last sample, which sees it at full strength
 GROWTH = 0.05
@@ -67,7 +68,7 @@ TASK_SCRAPES = 5
 LAG_LIMIT = 1.0  # seconds
 MIB = 2**20
 HEAD = ("min", "RSS MiB", "FDs", "tasks", "journal MiB", "pending", "received", "published")
-HEAD += ("lag p99 ms", "tap purged", "events")
+HEAD += ("lag p99 ms", "loop p99 ms", "tap purged", "events")
 COUNTERS = (
     ("received", "listener_events_received_total"),
     ("published", "listener_events_published_total"),
@@ -158,6 +159,7 @@ class Sample:
     received: int
     published: int
     lag_p99: float | None  # seconds, over the minute before
+    loop_p99: float | None = None  # the event loop's lag, seconds, over the minute before
     purged: int | None = None
 
     def row(self, before: Sample | None, events: list[tuple[float, str]]) -> list[str]:
@@ -174,6 +176,7 @@ class Sample:
             "-" if before is None else f"{self.received - before.received:,}",
             "-" if before is None else f"{self.published - before.published:,}",
             "-" if lag is None else f"{lag * 1000:,.0f}",
+            "-" if self.loop_p99 is None else f"{self.loop_p99 * 1000:,.1f}",
             "-" if self.purged is None else f"{self.purged:,}",
             "; ".join(dict.fromkeys(texts)),
         ]
@@ -267,9 +270,10 @@ async def _sample(
         if len(tasks) < TASK_SCRAPES:
             await asyncio.sleep(1.0)
     rss, fds = _process(pid)
-    lag = None
+    lag = loop = None
     if before is not None:
         lag = bucket_quantile(parse_buckets(before, LAG), parse_buckets(text, LAG), 0.99)
+        loop = bucket_quantile(parse_buckets(before, LOOP), parse_buckets(text, LOOP), 0.99)
     sample = Sample(
         minute=minute,
         rss=rss,
@@ -280,6 +284,7 @@ async def _sample(
         received=int(metrics.get("listener_events_received_total", 0)),
         published=int(metrics.get("listener_events_published_total", 0)),
         lag_p99=lag,
+        loop_p99=loop,
     )
     return sample, text
 
