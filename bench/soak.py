@@ -68,7 +68,7 @@ TASK_SCRAPES = 5
 LAG_LIMIT = 1.0  # seconds
 MIB = 2**20
 HEAD = ("min", "RSS MiB", "FDs", "tasks", "journal MiB", "pending", "received", "published")
-HEAD += ("lag p99 ms", "loop p99 ms", "tap purged", "events")
+HEAD += ("lag p99 ms", "loop p99/max ms", "tap purged", "events")
 COUNTERS = (
     ("received", "listener_events_received_total"),
     ("published", "listener_events_published_total"),
@@ -160,6 +160,7 @@ class Sample:
     published: int
     lag_p99: float | None  # seconds, over the minute before
     loop_p99: float | None = None  # the event loop's lag, seconds, over the minute before
+    loop_max: float | None = None  # its longest, as the upper bound of its bucket
     purged: int | None = None
 
     def row(self, before: Sample | None, events: list[tuple[float, str]]) -> list[str]:
@@ -176,7 +177,9 @@ class Sample:
             "-" if before is None else f"{self.received - before.received:,}",
             "-" if before is None else f"{self.published - before.published:,}",
             "-" if lag is None else f"{lag * 1000:,.0f}",
-            "-" if self.loop_p99 is None else f"{self.loop_p99 * 1000:,.1f}",
+            "-"
+            if self.loop_p99 is None or self.loop_max is None
+            else f"{self.loop_p99 * 1000:,.1f} / ≤{self.loop_max * 1000:,.0f}",
             "-" if self.purged is None else f"{self.purged:,}",
             "; ".join(dict.fromkeys(texts)),
         ]
@@ -270,10 +273,11 @@ async def _sample(
         if len(tasks) < TASK_SCRAPES:
             await asyncio.sleep(1.0)
     rss, fds = _process(pid)
-    lag = loop = None
+    lag = loop = loop_max = None
     if before is not None:
         lag = bucket_quantile(parse_buckets(before, LAG), parse_buckets(text, LAG), 0.99)
-        loop = bucket_quantile(parse_buckets(before, LOOP), parse_buckets(text, LOOP), 0.99)
+        loops = parse_buckets(before, LOOP), parse_buckets(text, LOOP)
+        loop, loop_max = bucket_quantile(*loops, 0.99), bucket_quantile(*loops, 1.0)
     sample = Sample(
         minute=minute,
         rss=rss,
@@ -285,6 +289,7 @@ async def _sample(
         published=int(metrics.get("listener_events_published_total", 0)),
         lag_p99=lag,
         loop_p99=loop,
+        loop_max=loop_max,
     )
     return sample, text
 
