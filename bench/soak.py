@@ -32,6 +32,7 @@ from bench.common import (
     broker_reachable,
     bucket_quantile,
     cleanup_topology,
+    current_rss,
     declare_tap,
     fetch_metrics_text,
     free_port,
@@ -254,12 +255,7 @@ def report(
 
 def _process(pid: int) -> tuple[int, int]:
     """RSS (``VmRSS``, bytes) and open file descriptors of ``pid``."""
-    rss = 0
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                rss = int(line.split()[1]) * 1024
-    return rss, len(os.listdir(f"/proc/{pid}/fd"))
+    return current_rss(pid) or 0, len(os.listdir(f"/proc/{pid}/fd"))
 
 
 async def _sample(

@@ -281,7 +281,9 @@ class Service:
                 if coordinator is not None:
                     sourcing.append(tasks.create_task(coordinator.run(), name="cluster"))
                 upkeep = tasks.create_task(self._maintenance(journal), name="maintenance")
-                probe = tasks.create_task(watch_loop_lag(self.metrics.loop_lag_seconds))
+                probe = tasks.create_task(
+                    watch_loop_lag(self.metrics.loop_lag_seconds), name="loop-lag"
+                )
                 async with (
                     _site(self.admin.app, config.admin.host, config.admin.port) as admin_port,
                     _site(

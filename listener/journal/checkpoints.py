@@ -32,21 +32,6 @@ from listener.journal.reads import Reads
 _W = TypeVar("_W")
 
 
-async def finish(job: asyncio.Future[_W]) -> _W:
-    """
-    Await a job on the writer thread; when cancelled, still wait for it to end before
-    raising, so the caller's lock on the writer connection is held until the thread
-    lets go of it (a cancelled await does not stop the thread).
-    """
-    try:
-        return await asyncio.shield(job)
-    except asyncio.CancelledError:
-        while not job.done():
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait({job})
-        raise
-
-
 __all__ = ["Checkpoint", "Checkpoints"]
 
 _UNCONFIRMED = (
@@ -189,9 +174,23 @@ class Checkpoints(Reads):
     async def _on_writer(self, fn: Callable[..., _W], *args: Any) -> _W:
         """Run ``fn(*args)`` on the writer thread, between commits."""
         async with self._writing:
-            return await finish(
-                asyncio.get_running_loop().run_in_executor(self._write_thread, fn, *args)
-            )
+            return await self._writer_job(fn, *args)
+
+    async def _writer_job(self, fn: Callable[..., _W], *args: Any) -> _W:
+        """
+        Run ``fn(*args)`` on the writer thread (the caller holds ``_writing``); when
+        cancelled, still wait for it to end before raising, so the caller's lock on the
+        writer connection is held until the thread lets go of it (a cancelled await
+        does not stop the thread).
+        """
+        job = asyncio.get_running_loop().run_in_executor(self._write_thread, fn, *args)
+        try:
+            return await asyncio.shield(job)
+        except asyncio.CancelledError:
+            while not job.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait({job})
+            raise
 
     async def checkpoint(self, source: str, key: str | None) -> Checkpoint:
         """The unit's state and watermark (``key``: a subscription; ``None``: a poll source)."""

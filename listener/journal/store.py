@@ -37,7 +37,6 @@ from typing import Any, Literal, TypeVar
 from listener.config import JournalConfig
 from listener.envelope import Entry
 from listener.exceptions import JournalError, JournalFull
-from listener.journal.checkpoints import finish
 from listener.journal.lock import JournalLock
 from listener.journal.schema import (
     BUSY_TIMEOUT_MS,
@@ -368,9 +367,7 @@ class Journal(Upkeep):
             finally:
                 if time.monotonic() - now > INLINE_SLOW:
                     self._threaded_until = time.monotonic() + INLINE_PAUSE
-        return await finish(
-            asyncio.get_running_loop().run_in_executor(self._write_thread, self._write_waiting, ops)
-        )
+        return await self._writer_job(self._write_waiting, ops)
 
     def _busy_timeout(self, ms: int) -> None:
         """How long the writer waits for another process's write lock (a PRAGMA, on change)."""
