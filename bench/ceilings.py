@@ -11,7 +11,10 @@ The two ceilings, each measured in a process of its own on uvloop.
   message`` uses the ordinary API (``exchange.publish(aio_pika.Message(...))``);
   ``--mode lean`` the path the listener takes (the underlying aiormq channel's
   ``basic_publish`` with a ``Basic.Properties``, NOTES), shown for reference only.
-  The rate counts from the first publish until the last confirm.
+  The rate counts from the first publish until the last confirm. With ``--rate R``
+  it publishes open loop, message ``n`` due at ``n / R`` seconds, and also prints each
+  publish -> confirm time's p50 and p99 (``confirm_ms``): the broker's own confirm
+  latency at that rate.
 """
 
 from __future__ import annotations
@@ -109,6 +112,8 @@ class PublishResult:
     failed: int
     seconds: float
     cores: dict[str, float]
+    # Paced runs only: each publish -> its confirm, p50 and p99 in milliseconds.
+    confirm_ms: tuple[float, float] | None = None
 
     @property
     def rate(self) -> float:
@@ -117,7 +122,7 @@ class PublishResult:
 
 
 async def _publish(
-    seconds: float, window: int, size: int, mode: str, broker: int | None
+    seconds: float, window: int, size: int, mode: str, broker: int | None, rate: float = 0.0
 ) -> dict[str, Any]:
     import aio_pika  # noqa: PLC0415
     from pamqp.commands import Basic  # noqa: PLC0415
@@ -182,6 +187,14 @@ async def _publish(
                 routing_key=routing_key,
             )
 
+        latencies: list[float] = []
+
+        async def timed(n: int) -> Any:
+            sent = time.monotonic()
+            result = await message(n)
+            latencies.append(time.monotonic() - sent)
+            return result
+
         meter = CpuMeter()
         meter.add("aio-pika", os.getpid())
         meter.add("broker", broker)
@@ -190,9 +203,13 @@ async def _publish(
         deadline = started + seconds
         n = 0
         while time.monotonic() < deadline:
+            if rate > 0:  # open loop: message n is due at started + n / rate
+                delay = started + n / rate - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
             await slots.acquire()
             n += 1
-            task = asyncio.create_task(message(n))
+            task = asyncio.create_task(timed(n) if rate > 0 else message(n))
             tasks.add(task)
             task.add_done_callback(settled)
         while tasks:
@@ -204,13 +221,27 @@ async def _publish(
             await channel.exchange_delete(exchange_name)
     finally:
         await connection.close()
-    return {**counts, "seconds": elapsed, "cores": meter.cores()}
+    result: dict[str, Any] = {**counts, "seconds": elapsed, "cores": meter.cores()}
+    if latencies:
+        latencies.sort()
+        result["confirm_ms"] = [
+            latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 for q in (0.5, 0.99)
+        ]
+    return result
 
 
 def ceiling_b(
-    *, seconds: float, mode: str = "message", window: int = CONFIRM_WINDOW, size: int = MESSAGE_SIZE
+    *,
+    seconds: float,
+    mode: str = "message",
+    window: int = CONFIRM_WINDOW,
+    size: int = MESSAGE_SIZE,
+    rate: float = 0.0,
 ) -> PublishResult:
-    """Run the publisher in a subprocess; confirmed messages/s and CPU per role."""
+    """
+    Run the publisher in a subprocess; confirmed messages/s and CPU per role. With a
+    ``rate``, paced (open loop) at that many messages a second, and the confirm latency.
+    """
     import subprocess  # noqa: PLC0415
 
     argv = python_module(
@@ -226,6 +257,8 @@ def ceiling_b(
         mode,
         "--broker-pid",
         str(broker_pid() or 0),
+        "--rate",
+        f"{rate:g}",
     )
     out = subprocess.run(argv, stdout=subprocess.PIPE, check=True).stdout
     data = json.loads(out)
@@ -235,6 +268,7 @@ def ceiling_b(
         failed=data["failed"],
         seconds=data["seconds"],
         cores=data["cores"],
+        confirm_ms=tuple(data["confirm_ms"]) if "confirm_ms" in data else None,
     )
 
 
@@ -250,12 +284,15 @@ def main() -> None:
     publish.add_argument("--size", type=int, default=MESSAGE_SIZE)
     publish.add_argument("--mode", choices=["message", "lean"], default="message")
     publish.add_argument("--broker-pid", type=int, default=0)
+    publish.add_argument("--rate", type=float, default=0.0, help="paced: messages/s (0: flat out)")
     args = parser.parse_args()
     if args.command == "serve":
         run_uvloop(lambda: _serve(args.port))
         return
     result = run_uvloop(
-        lambda: _publish(args.seconds, args.window, args.size, args.mode, args.broker_pid or None)
+        lambda: _publish(
+            args.seconds, args.window, args.size, args.mode, args.broker_pid or None, args.rate
+        )
     )
     sys.stdout.write(json.dumps(result))
     say(f"ceiling B ({args.mode}): {result['confirmed'] / result['seconds']:,.0f} msg/s")

@@ -21,7 +21,10 @@ Every part runs in its own process, the listener and the bare client on uvloop:
   ``archive=True``, as in the webhook part), first with one subscription, then four
   (trades for two mints, token for one mint, portfolio for one wallet); then, as ``Lp``,
   with one subscription from a second simulator paced at half the flat-out confirmed
-  rate, to show the lag at a rate the listener sustains.
+  rate, to show the lag at a rate the listener sustains; and, as ``Bp``, ceiling B's
+  publisher paced at that same rate with the listener's confirm window, timing each
+  publish -> confirm: what the broker's confirms of persistent messages alone take at
+  that rate, the floor under the listener's receipt -> confirm lag.
 
 Each run waits for the first event, lets ``warmup`` seconds pass, then measures a
 fixed window:
@@ -70,7 +73,7 @@ import aiohttp
 import orjson
 import yaml
 
-from bench.ceilings import PublishResult
+from bench.ceilings import PublishResult, ceiling_b
 from bench.common import (
     BROKER_URL,
     CONFIRM_WINDOW,
@@ -111,6 +114,11 @@ TARGET = 0.5
 # this many seconds.
 PACED_SHARE = 0.5
 PACED_SECONDS = 5.0
+# Goal for the paced run's receipt -> broker confirm p99 (issue 13, goal 5).
+PACED_LAG_GOAL_MS = 50.0
+# The paced bare publisher keeps as many in flight as the listener may (its default
+# broker.confirm_window), so both wait only for the broker.
+PACED_WINDOW = 2048
 API_KEY = "bench-layerx402-key"
 SOURCE = "lx"
 LAG = "listener_event_lag_seconds"
@@ -507,6 +515,8 @@ class StreamPart:
     listener: dict[int, ListenerRun]
     paced_rate: float = 0.0
     paced: ListenerRun | None = None
+    # B paced at the same rate: what the broker's confirms alone take there.
+    paced_b: PublishResult | None = None
 
 
 def _simulator(port: int, directory: Path, rate: float = 0.0) -> Any:
@@ -577,6 +587,8 @@ def run(
                     profile=None,
                     directory=directory / "listener-paced",
                 )
+            say(f"streams: the bare aio-pika publisher paced at {part.paced_rate:,.0f}/s")
+            part.paced_b = ceiling_b(seconds=window, window=PACED_WINDOW, rate=part.paced_rate)
     return part
 
 
@@ -657,6 +669,17 @@ def report(part: StreamPart, b: PublishResult, *, archive: bool) -> list[str]:
             rows += _listener_rows(f"L{count}", done)
     if part.paced is not None:
         rows += _listener_rows("Lp", part.paced)
+    if part.paced_b is not None and part.paced_b.confirm_ms is not None:
+        rows.append(
+            [
+                f"Bp   aio-pika publish paced, w={PACED_WINDOW} [publish -> broker confirm]",
+                fmt_rate(part.paced_b.rate),
+                fmt_ms(part.paced_b.confirm_ms[0]),
+                fmt_ms(part.paced_b.confirm_ms[1]),
+                "",
+                describe_cores(part.paced_b.cores),
+            ]
+        )
     ratios: list[list[str]] = []
     scores: dict[int, float] = {}
     for count in SUBSCRIPTIONS:
@@ -715,6 +738,7 @@ def report(part: StreamPart, b: PublishResult, *, archive: bool) -> list[str]:
         for count, score in scores.items()
     )
     print(f"target: ≥ {TARGET} of the lower ceiling -> {verdicts}")
+    _paced_verdict(part)
     print()
     notes: list[str] = []
     runs_done = [(f"L{count}", done) for count, done in part.listener.items()]
@@ -757,6 +781,24 @@ def report(part: StreamPart, b: PublishResult, *, archive: bool) -> list[str]:
             print(done.log_tail)
     sys.stdout.flush()
     return notes
+
+
+def _paced_verdict(part: StreamPart) -> None:
+    """The paced lag against its goal, beside what the broker's confirms alone take."""
+    if part.paced is None or part.paced.lag_p99_ms is None:
+        return
+    lag = part.paced.lag_p99_ms
+    line = (
+        f"paced at {part.paced_rate:,.0f}/s: receipt -> broker confirm p99 {fmt_ms(lag)} -> "
+        f"goal < {PACED_LAG_GOAL_MS:g} ms {'PASS' if lag < PACED_LAG_GOAL_MS else 'BELOW'}"
+    )
+    floor = part.paced_b.confirm_ms if part.paced_b is not None else None
+    if floor is not None:
+        line += (
+            f"; a bare aio-pika publisher at the same rate waits p99 {fmt_ms(floor[1])} "
+            f"for its confirms alone ({_ratio(lag, floor[1]) or 0:.2f} x)"
+        )
+    print(line)
 
 
 def _listener_rows(name: str, done: ListenerRun) -> list[list[str]]:
