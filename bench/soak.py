@@ -62,6 +62,7 @@ __all__ = ["Options", "main", "main_for", "parse_duration", "run"]
 
 LAG = "listener_event_lag_seconds"
 LOOP = "listener_event_loop_lag_seconds"
+WAIT = "listener_journal_wait_seconds"
 AFTER_SAMPLE = 10.0  # the broker restart starts this long after a sample began
 TAIL = 10.0  # the webhook load runs past the last sample, which sees it at full strength
 GROWTH = 0.05
@@ -69,7 +70,7 @@ TASK_SCRAPES = 5
 LAG_LIMIT = 1.0  # seconds
 MIB = 2**20
 HEAD = ("min", "RSS MiB", "FDs", "tasks", "journal MiB", "pending", "received", "published")
-HEAD += ("lag p99 ms", "loop p99/max ms", "tap purged", "events")
+HEAD += ("lag p99 ms", "loop p99/max ms", "journal wait p99/max ms", "tap purged", "events")
 COUNTERS = (
     ("received", "listener_events_received_total"),
     ("published", "listener_events_published_total"),
@@ -162,6 +163,8 @@ class Sample:
     lag_p99: float | None  # seconds, over the minute before
     loop_p99: float | None = None  # the event loop's lag, seconds, over the minute before
     loop_max: float | None = None  # its longest, as the upper bound of its bucket
+    # An append's wait from queued to durable, seconds, over the minute before: p99, longest.
+    wait: tuple[float | None, float | None] = (None, None)
     purged: int | None = None
 
     def row(self, before: Sample | None, events: list[tuple[float, str]]) -> list[str]:
@@ -181,6 +184,9 @@ class Sample:
             "-"
             if self.loop_p99 is None or self.loop_max is None
             else f"{self.loop_p99 * 1000:,.1f} / ≤{self.loop_max * 1000:,.0f}",
+            "-"
+            if None in self.wait
+            else f"{(self.wait[0] or 0) * 1000:,.1f} / ≤{(self.wait[1] or 0) * 1000:,.0f}",
             "-" if self.purged is None else f"{self.purged:,}",
             "; ".join(dict.fromkeys(texts)),
         ]
@@ -270,7 +276,10 @@ async def _sample(
             await asyncio.sleep(1.0)
     rss, fds = _process(pid)
     lag = loop = loop_max = None
+    wait: tuple[float | None, float | None] = (None, None)
     if before is not None:
+        waits = parse_buckets(before, WAIT), parse_buckets(text, WAIT)
+        wait = bucket_quantile(*waits, 0.99), bucket_quantile(*waits, 1.0)
         lag = bucket_quantile(parse_buckets(before, LAG), parse_buckets(text, LAG), 0.99)
         loops = parse_buckets(before, LOOP), parse_buckets(text, LOOP)
         loop, loop_max = bucket_quantile(*loops, 0.99), bucket_quantile(*loops, 1.0)
@@ -286,6 +295,7 @@ async def _sample(
         lag_p99=lag,
         loop_p99=loop,
         loop_max=loop_max,
+        wait=wait,
     )
     return sample, text
 

@@ -20,6 +20,8 @@ _CHILD_CACHE = 10_000
 
 LOOP_LAG_INTERVAL = 0.1  # seconds between the event loop lag probes
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# A commit with its fsync takes a few tenths of a millisecond on a quick disk.
+_JOURNAL_BUCKETS = (0.00025, 0.0005, *_LATENCY_BUCKETS)
 
 
 async def watch_loop_lag(histogram: Histogram, *, interval: float = LOOP_LAG_INTERVAL) -> None:
@@ -182,12 +184,31 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.journal_commit_seconds = Histogram(
+            "listener_journal_commit_seconds",
+            "One journal transaction, its fsync included.",
+            buckets=_JOURNAL_BUCKETS,
+            registry=r,
+        )
+        self.journal_wait_seconds = Histogram(
+            "listener_journal_wait_seconds",
+            "An append from queued to durable: what an accepted event waits for the journal.",
+            buckets=_JOURNAL_BUCKETS,
+            registry=r,
+        )
         self.loop_lag_seconds = Histogram(
             "listener_event_loop_lag_seconds",
             "How late the event loop woke from a short sleep (busy, or not scheduled).",
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+
+    def journal_timed(self, commit: float, waits: list[float]) -> None:
+        """Observe one journal commit and the waits of the appends it made durable."""
+        self.journal_commit_seconds.observe(commit)
+        observe = self.journal_wait_seconds.observe
+        for wait in waits:
+            observe(wait)
 
     def declare_types(self, source: str, types: Iterable[str]) -> None:
         """The event types ``source`` may label; any other counts as :data:`OTHER_TYPE`."""

@@ -241,6 +241,7 @@ class Service:
             config=config.journal, retry_after=config.http.retry_after, lock=True
         ) as journal:
             self.journal = journal
+            journal.timed = self.metrics.journal_timed
             publisher = Publisher(config=config.broker, journal=journal, metrics=self.metrics)
             self.publisher = publisher
             context = TransportContext(

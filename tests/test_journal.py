@@ -15,6 +15,7 @@ from listener.config import JournalConfig
 from listener.envelope import Entry
 from listener.exceptions import JournalCorrupt, JournalError, JournalFull, JournalLocked
 from listener.journal import Cursor, Journal
+from listener.metrics import Metrics
 
 
 def entry(i: int, *, source: str = "s", kind: str = "event") -> Entry:
@@ -206,7 +207,10 @@ async def test_deferred_rows_leave_the_head(tmp_path: Path) -> None:
         rows = await journal.pending(after_seq=0, limit=10)
         await journal.defer([rows[0].seq], base=60, error="returned")
         assert journal.pending_count == 2 and journal.deferred_count == 1
-        assert [r.entry.event_id for r in await journal.pending(after_seq=0, limit=10)] == ["evt_1", "evt_2"]
+        assert [r.entry.event_id for r in await journal.pending(after_seq=0, limit=10)] == [
+            "evt_1",
+            "evt_2",
+        ]
         assert await journal.due_deferred(now=time.time(), limit=10) == []
         due = await journal.due_deferred(now=time.time() + 61, limit=10)
         assert [r.entry.event_id for r in due] == ["evt_0"]
@@ -329,3 +333,47 @@ async def test_no_publish_session_no_rows_held_in_memory(tmp_path: Path) -> None
             await following.fill(100)
         assert [s.seq for s in following.items] == list(range(1, 10))
         assert following.reads >= 1 and not journal.fresh
+
+
+async def test_timing_reports_each_commit_and_the_waits_queued_behind_upkeep(
+    tmp_path: Path,
+) -> None:
+    """
+    ``timed`` gets each commit's own time and every append's wait from queued to
+    durable; an append queued while upkeep holds the writer waits that long, and the
+    commit after it does not (the two histograms tell a slow disk from a queue).
+    """
+    seen: list[tuple[float, list[float]]] = []
+    async with Journal(config=config(tmp_path)) as journal:
+        journal.timed = lambda commit, waits: seen.append((commit, waits))
+        await journal.append([entry(0)])
+        assert len(seen) == 1 and len(seen[0][1]) == 1
+        assert 0 < seen[0][0] <= seen[0][1][0]
+        seen.clear()
+        async with journal._writing:  # as a retention batch on the writer thread
+            queued = [journal.submit([entry(i)]) for i in (1, 2, 3)]
+            await asyncio.sleep(0.3)
+        await asyncio.gather(*queued)
+        await journal.mark_published([1], wait=True)  # a commit without an append
+    waits = [w for _, ws in seen for w in ws]
+    assert len(waits) == 3 and min(waits) >= 0.29, seen
+    assert all(commit < 0.29 for commit, _ in seen), seen
+    assert [ws for _, ws in seen][-1] == []
+
+
+def test_metrics_observe_commits_and_waits() -> None:
+    """Sub-millisecond commits land in their own buckets; each wait is one observation."""
+    metrics = Metrics()
+    metrics.journal_timed(0.0004, [0.0004, 0.3])
+
+    def samples(name: str) -> dict[str | None, float]:
+        histogram = getattr(metrics, name)
+        return {
+            s.labels.get("le"): s.value
+            for s in histogram.collect()[0].samples
+            if s.name.endswith(("_count", "_bucket"))
+        }
+
+    commit, wait = samples("journal_commit_seconds"), samples("journal_wait_seconds")
+    assert commit[None] == 1 and commit["0.0005"] == 1 and commit["0.00025"] == 0
+    assert wait[None] == 2 and wait["0.0005"] == 1 and wait["0.25"] == 1 and wait["0.5"] == 2

@@ -114,6 +114,9 @@ class Journal(Upkeep):
         #: duplicate used up: SQLite's AUTOINCREMENT spends one on a conflicting insert).
         self.fresh: collections.deque[StoredEntry] = collections.deque(maxlen=FRESH_MAX)
         self._handoff = False  # whether a publish session takes from fresh (hand_off)
+        #: After each commit: its own seconds, and each append's from queued to durable
+        #: (the service observes them; the journal knows no metrics).
+        self.timed: Callable[[float, list[float]], None] | None = None
 
     def hand_off(self, on: bool) -> None:
         """
@@ -274,7 +277,7 @@ class Journal(Upkeep):
         if (reason := self.over_limit()) is not None:
             raise JournalFull(retry_after=self._retry_after, reason=reason)
         done: asyncio.Future[list[bool]] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(Append(entries, cursors, done, poll))
+        self._queue.put_nowait(Append(entries, cursors, done, poll, time.monotonic()))
         return done
 
     async def mark_published(
@@ -313,11 +316,15 @@ class Journal(Upkeep):
                     count += len(op.entries)
             try:
                 async with self._writing:
+                    began = time.monotonic()
                     results, fresh = await self._commit(ops)
             except Exception as exc:  # the whole transaction rolled back: fail every waiter
                 self._whole_failure(ops, exc)
                 continue
             self._failed = None
+            if self.timed is not None:
+                end = time.monotonic()
+                self.timed(end - began, [end - op.queued for op in ops if isinstance(op, Append)])
             if self._handoff:  # (large bodies are read back from the file instead)
                 self.fresh.extend(
                     StoredEntry(seq, e) for seq, e in fresh if len(e.body) <= FRESH_BODY

@@ -99,6 +99,7 @@ class Append:
     cursors: Sequence[Cursor]
     done: asyncio.Future[list[bool]] | None
     poll: PollWrite | None = None
+    queued: float = 0.0  # time.monotonic() when queued
 
 
 @dataclass(slots=True)
