@@ -218,6 +218,14 @@ def _latency(pace: float, paced: PacedResult) -> None:
         f"  ({paced.ok:,} 2xx, {paced.errors:,} errors at {paced.rate:,.0f}/s; "
         f"{paced.behind:,} started over 1 ms late)"
     )
+    if paced.inside:
+        inside = ", ".join(f"{label} {fmt_ms(ms)}" for label, ms in paced.inside.items())
+        print(f"  inside the listener over the run (bucket-interpolated): {inside}")
+    if paced.commits and paced.seconds:
+        print(
+            f"  journal commits {paced.commits / paced.seconds:,.0f}/s "
+            f"({paced.ok / paced.commits:.1f} accepted requests per commit)"
+        )
 
 
 def _cpu_per_event(

@@ -39,7 +39,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -66,6 +66,9 @@ class PacedResult:
     p999_ms: float
     max_ms: float
     behind: int
+    # Quantiles of the listener's own histograms over the run, in ms (bench.webhooks).
+    inside: dict[str, float] = field(default_factory=dict)
+    commits: float = 0.0  # the journal's commits over the run (bench.webhooks)
 
     @property
     def rate(self) -> float:
@@ -109,7 +112,7 @@ def paced_load(
         say(f"paced: only {data['planned']} requests for {rate * seconds:.0f}: stopped early")
     if data["unsent"] > data["planned"] // 1000:  # a few at the very end are jitter
         say(f"paced: {data['unsent']} requests due during the run were never sent")
-    return PacedResult(**{field.name: data[field.name] for field in fields(PacedResult)})
+    return PacedResult(**{f.name: data[f.name] for f in fields(PacedResult) if f.name in data})
 
 
 # -- the child process --------------------------------------------------------------------

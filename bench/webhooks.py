@@ -45,10 +45,13 @@ from bench.common import (
     WHSEC,
     CpuMeter,
     broker_pid,
+    bucket_quantile,
     cleanup_topology,
     declare_tap,
     fetch_metrics,
+    fetch_metrics_text,
     free_port,
+    parse_buckets,
     py_spy,
     python_module,
     queue_count,
@@ -263,11 +266,22 @@ async def _run(
     )
 
 
+COMMIT = "listener_journal_commit_seconds"
+# Where a paced request's time goes inside the listener: (label, histogram, quantile).
+INSIDE = (
+    ("journal wait p50", "listener_journal_wait_seconds", 0.5),
+    ("p99", "listener_journal_wait_seconds", 0.99),
+    ("journal commit p99", COMMIT, 0.99),
+    ("event loop lag p99", "listener_event_loop_lag_seconds", 0.99),
+)
+
+
 async def _paced(
     requests: RequestSet, *, rate: float, seconds: float, concurrency: int, directory: Path
 ) -> PacedResult:
-    async with _listener(directory, archive=False) as running:
-        return await asyncio.to_thread(
+    async with _listener(directory, archive=False) as running, aiohttp.ClientSession() as session:
+        before = await fetch_metrics_text(session, running.admin)
+        result = await asyncio.to_thread(
             paced_load,
             running.url,
             requests,
@@ -275,6 +289,16 @@ async def _paced(
             seconds=seconds,
             connections=concurrency,
         )
+        after = await fetch_metrics_text(session, running.admin)
+    for label, histogram, q in INSIDE:
+        buckets = parse_buckets(before, histogram), parse_buckets(after, histogram)
+        value = bucket_quantile(*buckets, q)
+        if value is not None:
+            result.inside[label] = value * 1000
+    commits = parse_buckets(before, COMMIT), parse_buckets(after, COMMIT)
+    if commits[1]:
+        result.commits = max(commits[1].values()) - max(commits[0].values(), default=0.0)
+    return result
 
 
 def accept_latency(
