@@ -63,6 +63,7 @@ __all__ = ["Options", "main", "main_for", "parse_duration", "run"]
 LAG = "listener_event_lag_seconds"
 LOOP = "listener_event_loop_lag_seconds"
 WAIT = "listener_journal_wait_seconds"
+COMMIT = "listener_journal_commit_seconds"
 AFTER_SAMPLE = 10.0  # the broker restart starts this long after a sample began
 TAIL = 10.0  # the webhook load runs past the last sample, which sees it at full strength
 GROWTH = 0.05
@@ -70,7 +71,8 @@ TASK_SCRAPES = 5
 LAG_LIMIT = 1.0  # seconds
 MIB = 2**20
 HEAD = ("min", "RSS MiB", "FDs", "tasks", "journal MiB", "pending", "received", "published")
-HEAD += ("lag p99 ms", "loop p99/max ms", "journal wait p99/max ms", "tap purged", "events")
+HEAD += ("lag p99 ms", "loop p99/max ms", "journal wait p99/max ms", "commit max ms")
+HEAD += ("tap purged", "events")
 COUNTERS = (
     ("received", "listener_events_received_total"),
     ("published", "listener_events_published_total"),
@@ -165,6 +167,7 @@ class Sample:
     loop_max: float | None = None  # its longest, as the upper bound of its bucket
     # An append's wait from queued to durable, seconds, over the minute before: p99, longest.
     wait: tuple[float | None, float | None] = (None, None)
+    commit_max: float | None = None  # the longest journal commit (bucket bound), seconds
     purged: int | None = None
 
     def row(self, before: Sample | None, events: list[tuple[float, str]]) -> list[str]:
@@ -187,6 +190,7 @@ class Sample:
             "-"
             if None in self.wait
             else f"{(self.wait[0] or 0) * 1000:,.1f} / ≤{(self.wait[1] or 0) * 1000:,.0f}",
+            "-" if self.commit_max is None else f"≤{self.commit_max * 1000:,.1f}",
             "-" if self.purged is None else f"{self.purged:,}",
             "; ".join(dict.fromkeys(texts)),
         ]
@@ -277,7 +281,10 @@ async def _sample(
     rss, fds = _process(pid)
     lag = loop = loop_max = None
     wait: tuple[float | None, float | None] = (None, None)
+    commit_max = None
     if before is not None:
+        commits = parse_buckets(before, COMMIT), parse_buckets(text, COMMIT)
+        commit_max = bucket_quantile(*commits, 1.0)
         waits = parse_buckets(before, WAIT), parse_buckets(text, WAIT)
         wait = bucket_quantile(*waits, 0.99), bucket_quantile(*waits, 1.0)
         lag = bucket_quantile(parse_buckets(before, LAG), parse_buckets(text, LAG), 0.99)
@@ -296,6 +303,7 @@ async def _sample(
         loop_p99=loop,
         loop_max=loop_max,
         wait=wait,
+        commit_max=commit_max,
     )
     return sample, text
 

@@ -15,6 +15,8 @@ from listener.config import JournalConfig
 from listener.envelope import Entry
 from listener.exceptions import JournalCorrupt, JournalError, JournalFull, JournalLocked
 from listener.journal import Cursor, Journal
+from listener.journal.upkeep import PRUNE_SLOW
+from listener.journal.writes import retention_bound
 from listener.metrics import Metrics
 
 
@@ -377,3 +379,81 @@ def test_metrics_observe_commits_and_waits() -> None:
     commit, wait = samples("journal_commit_seconds"), samples("journal_wait_seconds")
     assert commit[None] == 1 and commit["0.0005"] == 1 and commit["0.00025"] == 0
     assert wait[None] == 2 and wait["0.0005"] == 1 and wait["0.25"] == 1 and wait["0.5"] == 2
+
+
+async def _noop_prune_steps(tmp_path: Path, rows: int) -> int:
+    """SQLite VM steps (in hundreds, both connections) of a prune that finds nothing old."""
+    async with Journal(config=config(tmp_path, retention="1h")) as journal:
+        for start in range(0, rows, 1000):
+            await journal.append([entry(i) for i in range(start, min(start + 1000, rows))])
+        seqs = [r.seq for r in await journal.pending(after_seq=0, limit=rows)]
+        await journal.mark_published(seqs, wait=True)
+        steps = [0]
+
+        def count() -> int:
+            steps[0] += 1
+            return 0  # (go on)
+
+        for conn in (journal._writer, journal._reader):
+            assert conn is not None
+            conn.set_progress_handler(count, 100)
+        assert await journal.prune() == 0  # everything was published just now
+        for conn in (journal._writer, journal._reader):
+            assert conn is not None
+            conn.set_progress_handler(None, 100)
+        return steps[0]
+
+
+async def test_retention_reads_only_rows_old_enough(tmp_path: Path) -> None:
+    """
+    A round with nothing to delete reads about as much of a 20,000-row journal as of a
+    1,000-row one: the search for rows old enough stops at the first row received
+    after the cutoff instead of scanning every newer row (days of them by default).
+    """
+    small = await _noop_prune_steps(tmp_path / "small", 1_000)
+    large = await _noop_prune_steps(tmp_path / "large", 20_000)
+    assert large < small + 20, (small, large)
+
+
+async def test_retention_bound_is_the_first_row_received_after_the_cutoff(
+    tmp_path: Path,
+) -> None:
+    """The binary search skips deleted seqs and answers one past the end when all are older."""
+    async with Journal(config=config(tmp_path)) as journal:
+        assert journal._reader is not None
+        assert retention_bound(journal._reader, time.time()) == 0  # no rows
+        base = time.time()
+        rows = [dataclasses.replace(entry(i), received_at=base + i) for i in range(50)]
+        await journal.append(rows)
+        await journal.query("SELECT 1")  # (the reader sees the commit)
+        await journal._on_writer(
+            lambda: (
+                journal._writer
+                and journal._writer.execute("DELETE FROM events WHERE seq BETWEEN 10 AND 30")
+            )
+        )
+        reader = journal._reader
+        left = [(seq, at) for seq, at in reader.execute("SELECT seq, received_at FROM events")]
+        for cutoff in (base - 1, base + 5.5, base + 20, base + 30, base + 100):
+            bound = retention_bound(reader, cutoff)
+            assert all(at < cutoff for seq, at in left if seq < bound), cutoff
+            after = [at for seq, at in left if seq >= bound]
+            assert not after or after[0] >= cutoff, cutoff
+        assert retention_bound(reader, base + 5.5) == 7  # evt_6 has seq 7
+        assert retention_bound(reader, base + 100) == 51
+
+
+async def test_retention_batches_shrink_while_slow_and_grow_back(tmp_path: Path) -> None:
+    """A delete that holds the writer long halves the next batch; quick ones double it back."""
+    sizes: list[int] = []
+
+    def fake_delete(conn: object, size: int) -> int:
+        sizes.append(size)
+        if len(sizes) <= 3:
+            time.sleep(2 * PRUNE_SLOW)  # a busy host
+        return size if len(sizes) < 7 else 0
+
+    async with Journal(config=config(tmp_path)) as journal:
+        total = await journal._in_batches(fake_delete, batch=400)
+    assert sizes == [400, 200, 100, 50, 100, 200, 400]
+    assert total == sum(sizes[:-1])

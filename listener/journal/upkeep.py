@@ -13,9 +13,21 @@ from dataclasses import dataclass
 
 from listener.config import JournalConfig
 from listener.journal.checkpoints import Checkpoints
-from listener.journal.writes import count_open, prune_batch, prune_tombstones, retry_now
+from listener.journal.writes import (
+    count_open,
+    prune_batch,
+    prune_tombstones,
+    retention_bound,
+    retry_now,
+)
 
 __all__ = ["Stats", "Upkeep"]
+
+# Retention deletes in transactions of up to ``batch`` rows, halved while one holds the
+# writer longer than PRUNE_SLOW (a busy host: appends wait meanwhile), down to PRUNE_MIN,
+# and doubled again while they are quick.
+PRUNE_SLOW = 0.01
+PRUNE_MIN = 25
 
 
 @dataclass(slots=True)
@@ -81,13 +93,25 @@ class Upkeep(Checkpoints):
     # -- maintenance --------------------------------------------------------------
 
     async def _in_batches(self, fn: Callable[..., int], *args: float, batch: int) -> int:
-        """Run ``fn(writer, *args, batch)`` until it deletes fewer than ``batch``; the total."""
-        total = 0
+        """
+        Run ``fn(writer, *args, size)`` until it deletes fewer than ``size``, the size
+        kept between :data:`PRUNE_MIN` and ``batch`` by how long each took; the total.
+        """
+        total, size = 0, batch
+
+        def timed(size: int) -> tuple[int, float]:
+            began = time.perf_counter()
+            return fn(self._writer, *args, size), time.perf_counter() - began
+
         while True:
-            deleted: int = await self._on_writer(fn, self._writer, *args, batch)
+            deleted, took = await self._on_writer(timed, size)
             total += deleted
-            if deleted < batch:
+            if deleted < size:
                 return total
+            if took > PRUNE_SLOW:
+                size = max(size // 2, min(PRUNE_MIN, batch))
+            elif took < PRUNE_SLOW / 4:
+                size = min(size * 2, batch)
             await asyncio.sleep(0)  # (commits waiting for the writer go first)
 
     async def prune(self, *, now: float | None = None, batch: int = 500) -> int:
@@ -97,9 +121,9 @@ class Upkeep(Checkpoints):
         ``journal.dedupe_window``. Quarantined rows are kept.
         """
         moment = now if now is not None else time.time()
-        total = await self._in_batches(
-            prune_batch, moment - self._config.retention, moment, batch=batch
-        )
+        cutoff = moment - self._config.retention
+        bound = await self._on(self._read_thread, retention_bound, self._reader, cutoff)
+        total = await self._in_batches(prune_batch, cutoff, moment, bound, batch=batch)
         await self._in_batches(prune_tombstones, moment - self._config.dedupe_window, batch=batch)
         if total:
             # Deleted rows free pages: re-measure now, or a journal held over max_size

@@ -32,6 +32,7 @@ __all__ = [
     "measure_size",
     "prune_batch",
     "prune_tombstones",
+    "retention_bound",
     "retry_now",
 ]
 
@@ -363,19 +364,47 @@ def retry_now(conn: sqlite3.Connection, routing_keys: Sequence[str]) -> None:
     )
 
 
-def prune_batch(conn: sqlite3.Connection, cutoff: float, now: float, batch: int) -> int:
+def retention_bound(conn: sqlite3.Connection, cutoff: float) -> int:
     """
-    Delete up to ``batch`` published events older than ``cutoff``, keeping their ids
-    as tombstones, in one transaction; return how many went.
+    The first seq received at or after ``cutoff`` (one past the last row if none), by
+    binary search: receipt times rise with seq, near enough. A row published before
+    ``cutoff`` was received before it, so retention reads only the rows below this
+    seq; its last batch used to scan the whole table for more (days of events, the
+    writer held meanwhile). A row received out of order past it waits a round.
+    """
+    # Two statements: SQLite reads one end of the rowid b-tree for a lone MIN or MAX,
+    # but scans a whole index for the pair.
+    (low,) = conn.execute("SELECT MIN(seq) FROM events").fetchone()
+    (high,) = conn.execute("SELECT MAX(seq) FROM events").fetchone()
+    if low is None:
+        return 0
+    high += 1
+    while low < high:
+        mid = (low + high) // 2
+        row = conn.execute(
+            "SELECT seq, received_at FROM events WHERE seq >= ? ORDER BY seq LIMIT 1", (mid,)
+        ).fetchone()
+        if row is None or row[1] >= cutoff:
+            high = mid
+        else:
+            low = row[0] + 1
+    return int(low)
+
+
+def prune_batch(conn: sqlite3.Connection, cutoff: float, now: float, bound: int, batch: int) -> int:
+    """
+    Delete up to ``batch`` published events older than ``cutoff`` below seq ``bound``
+    (:func:`retention_bound`), keeping their ids as tombstones, in one transaction;
+    return how many went.
     """
     conn.execute("BEGIN IMMEDIATE")
     try:
         conn.execute("CREATE TEMP TABLE IF NOT EXISTS doomed (seq INTEGER PRIMARY KEY)")
         conn.execute("DELETE FROM doomed")
         conn.execute(
-            "INSERT INTO doomed SELECT seq FROM events WHERE status = 1 AND kind = 'event'"
-            " AND published_at < ? ORDER BY seq LIMIT ?",
-            (cutoff, batch),
+            "INSERT INTO doomed SELECT seq FROM events WHERE seq < ? AND status = 1"
+            " AND kind = 'event' AND published_at < ? ORDER BY seq LIMIT ?",
+            (bound, cutoff, batch),
         )
         conn.execute(
             "INSERT OR REPLACE INTO tombstones (source, event_id, pruned_at)"
