@@ -381,8 +381,8 @@ def test_metrics_observe_commits_and_waits() -> None:
     assert wait[None] == 2 and wait["0.0005"] == 1 and wait["0.25"] == 1 and wait["0.5"] == 2
 
 
-async def _noop_prune_steps(tmp_path: Path, rows: int) -> int:
-    """SQLite VM steps (in hundreds, both connections) of a prune that finds nothing old."""
+async def _upkeep_steps(tmp_path: Path, rows: int, upkeep: str) -> int:
+    """SQLite VM steps (in hundreds, both connections) of a maintenance round's ``upkeep``."""
     async with Journal(config=config(tmp_path, retention="1h")) as journal:
         for start in range(0, rows, 1000):
             await journal.append([entry(i) for i in range(start, min(start + 1000, rows))])
@@ -397,7 +397,11 @@ async def _noop_prune_steps(tmp_path: Path, rows: int) -> int:
         for conn in (journal._writer, journal._reader):
             assert conn is not None
             conn.set_progress_handler(count, 100)
-        assert await journal.prune() == 0  # everything was published just now
+        if upkeep == "prune":
+            assert await journal.prune() == 0  # everything was published just now
+        else:
+            await journal.recount()
+            assert (journal.pending_count, journal.deferred_count) == (0, 0)
         for conn in (journal._writer, journal._reader):
             assert conn is not None
             conn.set_progress_handler(None, 100)
@@ -410,8 +414,15 @@ async def test_retention_reads_only_rows_old_enough(tmp_path: Path) -> None:
     1,000-row one: the search for rows old enough stops at the first row received
     after the cutoff instead of scanning every newer row (days of them by default).
     """
-    small = await _noop_prune_steps(tmp_path / "small", 1_000)
-    large = await _noop_prune_steps(tmp_path / "large", 20_000)
+    small = await _upkeep_steps(tmp_path / "small", 1_000, "prune")
+    large = await _upkeep_steps(tmp_path / "large", 20_000, "prune")
+    assert large < small + 20, (small, large)
+
+
+async def test_recount_reads_only_the_open_rows(tmp_path: Path) -> None:
+    """Counting pending and deferred rows (every round) reads their indexes, not the table."""
+    small = await _upkeep_steps(tmp_path / "small", 1_000, "recount")
+    large = await _upkeep_steps(tmp_path / "large", 20_000, "recount")
     assert large < small + 20, (small, large)
 
 
