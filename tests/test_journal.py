@@ -15,7 +15,7 @@ from listener.config import JournalConfig
 from listener.envelope import Entry
 from listener.exceptions import JournalCorrupt, JournalError, JournalFull, JournalLocked
 from listener.journal import Cursor, Journal
-from listener.journal.upkeep import PRUNE_SLOW
+from listener.journal.upkeep import PRUNE_MIN, PRUNE_SLOW
 from listener.journal.writes import retention_bound
 from listener.metrics import Metrics
 
@@ -460,11 +460,11 @@ async def test_retention_batches_shrink_while_slow_and_grow_back(tmp_path: Path)
 
     def fake_delete(conn: object, size: int) -> int:
         sizes.append(size)
-        if len(sizes) <= 3:
+        if len(sizes) <= 4:
             time.sleep(2 * PRUNE_SLOW)  # a busy host
         return size if len(sizes) < 7 else 0
 
     async with Journal(config=config(tmp_path)) as journal:
-        total = await journal._in_batches(fake_delete, batch=400)
-    assert sizes == [400, 200, 100, 50, 100, 200, 400]
+        total = await journal._in_batches(fake_delete, batch=800)
+    assert sizes == [800, 400, 200, PRUNE_MIN, PRUNE_MIN, 200, 400]
     assert total == sum(sizes[:-1])
