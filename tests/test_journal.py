@@ -432,7 +432,7 @@ async def test_retention_bound_is_the_first_row_received_after_the_cutoff(
     """The binary search skips deleted seqs and answers one past the end when all are older."""
     async with Journal(config=config(tmp_path)) as journal:
         assert journal._reader is not None
-        assert retention_bound(journal._reader, time.time()) == 0  # no rows
+        assert retention_bound(journal._reader, time.time(), time.time()) == 0  # no rows
         base = time.time()
         rows = [dataclasses.replace(entry(i), received_at=base + i) for i in range(50)]
         await journal.append(rows)
@@ -445,13 +445,26 @@ async def test_retention_bound_is_the_first_row_received_after_the_cutoff(
         )
         reader = journal._reader
         left = [(seq, at) for seq, at in reader.execute("SELECT seq, received_at FROM events")]
+        end = base + 1000
         for cutoff in (base - 1, base + 5.5, base + 20, base + 30, base + 100):
-            bound = retention_bound(reader, cutoff)
+            bound = retention_bound(reader, cutoff, end)
             assert all(at < cutoff for seq, at in left if seq < bound), cutoff
             after = [at for seq, at in left if seq >= bound]
             assert not after or after[0] >= cutoff, cutoff
-        assert retention_bound(reader, base + 5.5) == 7  # evt_6 has seq 7
-        assert retention_bound(reader, base + 100) == 51
+        assert retention_bound(reader, base + 5.5, end) == 7  # evt_6 has seq 7
+        assert retention_bound(reader, base + 100, end) == 51
+        # Rows stamped in the future (the clock was set back since) do not stop the
+        # search wherever the probes land: the bound passes them.
+        writer = journal._writer
+        assert writer is not None
+        await journal._on_writer(
+            lambda: writer.execute(
+                "UPDATE events SET received_at = ? WHERE seq > 30 AND seq % 2 = 1",
+                (end + 10**6,),
+            )
+        )
+        await journal.query("SELECT 1")
+        assert retention_bound(reader, base + 100, end) == 51
 
 
 async def test_retention_batches_shrink_while_slow_and_grow_back(tmp_path: Path) -> None:

@@ -122,7 +122,7 @@ class Upkeep(Checkpoints):
         """
         moment = now if now is not None else time.time()
         cutoff = moment - self._config.retention
-        bound = await self._on(self._read_thread, retention_bound, self._reader, cutoff)
+        bound = await self._on(self._read_thread, retention_bound, self._reader, cutoff, moment)
         total = await self._in_batches(prune_batch, cutoff, moment, bound, batch=batch)
         await self._in_batches(prune_tombstones, moment - self._config.dedupe_window, batch=batch)
         if total:

@@ -363,13 +363,15 @@ def retry_now(conn: sqlite3.Connection, routing_keys: Sequence[str]) -> None:
     )
 
 
-def retention_bound(conn: sqlite3.Connection, cutoff: float) -> int:
+def retention_bound(conn: sqlite3.Connection, cutoff: float, now: float) -> int:
     """
     The first seq received at or after ``cutoff`` (one past the last row if none), by
     binary search: receipt times rise with seq, near enough. A row published before
     ``cutoff`` was received before it, so retention reads only the rows below this
     seq; its last batch used to scan the whole table for more (days of events, the
-    writer held meanwhile). A row received out of order past it waits a round.
+    writer held meanwhile). A row received out of order past it waits a round; one
+    stamped after ``now`` (the clock was set back since) counts as old, so it cannot
+    hold retention back until that time.
     """
     # Two statements: SQLite reads one end of the rowid b-tree for a lone MIN or MAX,
     # but scans a whole index for the pair.
@@ -383,7 +385,7 @@ def retention_bound(conn: sqlite3.Connection, cutoff: float) -> int:
         row = conn.execute(
             "SELECT seq, received_at FROM events WHERE seq >= ? ORDER BY seq LIMIT 1", (mid,)
         ).fetchone()
-        if row is None or row[1] >= cutoff:
+        if row is None or cutoff <= row[1] <= now:
             high = mid
         else:
             low = row[0] + 1
