@@ -311,6 +311,12 @@ def bucket_quantile(
     return lower
 
 
+def between_scrapes(before: str, after: str, histogram: str, *qs: float) -> list[float | None]:
+    """The ``qs`` quantiles (:func:`bucket_quantile`) of ``histogram`` between two scrapes."""
+    buckets = parse_buckets(before, histogram), parse_buckets(after, histogram)
+    return [bucket_quantile(*buckets, q) for q in qs]
+
+
 async def fetch_metrics_text(session: aiohttp.ClientSession, admin: str) -> str:
     """The listener's ``/metrics`` page."""
     async with session.get(f"{admin}/metrics") as response:

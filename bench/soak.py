@@ -29,14 +29,13 @@ import aiohttp
 import yaml
 
 from bench.common import (
+    between_scrapes,
     broker_reachable,
-    bucket_quantile,
     cleanup_topology,
     current_rss,
     declare_tap,
     fetch_metrics_text,
     free_port,
-    parse_buckets,
     parse_metrics,
     python_module,
     say,
@@ -279,17 +278,14 @@ async def _sample(
         if len(tasks) < TASK_SCRAPES:
             await asyncio.sleep(1.0)
     rss, fds = _process(pid)
-    lag = loop = loop_max = None
+    lag = loop = loop_max = commit_max = None
     wait: tuple[float | None, float | None] = (None, None)
-    commit_max = None
     if before is not None:
-        commits = parse_buckets(before, COMMIT), parse_buckets(text, COMMIT)
-        commit_max = bucket_quantile(*commits, 1.0)
-        waits = parse_buckets(before, WAIT), parse_buckets(text, WAIT)
-        wait = bucket_quantile(*waits, 0.99), bucket_quantile(*waits, 1.0)
-        lag = bucket_quantile(parse_buckets(before, LAG), parse_buckets(text, LAG), 0.99)
-        loops = parse_buckets(before, LOOP), parse_buckets(text, LOOP)
-        loop, loop_max = bucket_quantile(*loops, 0.99), bucket_quantile(*loops, 1.0)
+        (commit_max,) = between_scrapes(before, text, COMMIT, 1.0)
+        wait_p99, wait_max = between_scrapes(before, text, WAIT, 0.99, 1.0)
+        wait = wait_p99, wait_max
+        (lag,) = between_scrapes(before, text, LAG, 0.99)
+        loop, loop_max = between_scrapes(before, text, LOOP, 0.99, 1.0)
     sample = Sample(
         minute=minute,
         rss=rss,

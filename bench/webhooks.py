@@ -44,8 +44,8 @@ from bench.common import (
     WEBHOOK_PATH,
     WHSEC,
     CpuMeter,
+    between_scrapes,
     broker_pid,
-    bucket_quantile,
     cleanup_topology,
     declare_tap,
     fetch_metrics,
@@ -291,8 +291,7 @@ async def _paced(
         )
         after = await fetch_metrics_text(session, running.admin)
     for label, histogram, q in INSIDE:
-        buckets = parse_buckets(before, histogram), parse_buckets(after, histogram)
-        value = bucket_quantile(*buckets, q)
+        (value,) = between_scrapes(before, after, histogram, q)
         if value is not None:
             result.inside[label] = value * 1000
     commits = parse_buckets(before, COMMIT), parse_buckets(after, COMMIT)
