@@ -50,7 +50,7 @@ from listener.metrics import Metrics, watch_loop_lag
 from listener.reload import ReloadPlan, plan_reload
 from listener.sources.registry import Transport, TransportContext, build_transports
 from listener.sources.supervisor import SourceRuntime, supervised
-from listener.web import error_response, expect_continue, json_errors
+from listener.web import PublicRoutes
 
 __all__ = ["Service"]
 
@@ -60,10 +60,16 @@ MAINTENANCE_INTERVAL = 60.0
 
 
 @contextlib.asynccontextmanager
-async def _site(app: web.Application, host: str, port: int) -> AsyncIterator[int]:
+async def _site(app: web.Application | PublicRoutes, host: str, port: int) -> AsyncIterator[int]:
     # Our own shutdown bounds the drain; aiohttp's default 60 s is longer than
     # Kubernetes' 30 s grace (NOTES: shutdown facts).
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=2.0)
+    runner: web.AppRunner | web.ServerRunner
+    if isinstance(app, web.Application):
+        runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=2.0)
+    else:  # the public port: aiohttp's low-level server (see PublicRoutes)
+        runner = web.ServerRunner(
+            web.Server(app, access_log=None), handle_signals=False, shutdown_timeout=2.0
+        )
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port, reuse_address=True)
@@ -75,21 +81,12 @@ async def _site(app: web.Application, host: str, port: int) -> AsyncIterator[int
         await runner.cleanup()
 
 
-async def _not_found(_: web.Request) -> web.StreamResponse:
-    return error_response(404, "NOT_FOUND", "Not Found")
-
-
-def public_app(config: Config, transports: list[Transport]) -> web.Application:
-    """The public port's application: the transports' routes, JSON errors elsewhere."""
-    app = web.Application(
-        client_max_size=config.http.max_body, middlewares=[json_errors], handler_args={}
-    )
+def public_routes(transports: list[Transport]) -> PublicRoutes:
+    """The public port's routes: the transports' (webhooks), JSON errors elsewhere."""
+    routes = PublicRoutes()
     for transport in transports:
-        transport.mount(app)
-    # Every other request too gets a route of ours rather than aiohttp's system route
-    # for 404/405, whose Expect handling cannot be replaced (see expect_continue).
-    app.router.add_route("*", "/{tail:.*}", _not_found, expect_handler=expect_continue)
-    return app
+        transport.mount(routes)
+    return routes
 
 
 class Service:
@@ -288,7 +285,7 @@ class Service:
                 async with (
                     _site(self.admin.app, config.admin.host, config.admin.port) as admin_port,
                     _site(
-                        public_app(config, self.transports), config.http.host, config.http.port
+                        public_routes(self.transports), config.http.host, config.http.port
                     ) as public_port,
                 ):
                     self.admin_port, self.public_port = admin_port, public_port

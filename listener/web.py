@@ -10,18 +10,19 @@ exception alike, has the body ``{"success": false, "error": {"code", "message"}}
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import orjson
 import structlog
 from aiohttp import web
 
-__all__ = ["Handler", "error_response", "expect_continue", "json_errors", "ok"]
+__all__ = ["Handler", "PublicRoutes", "error_response", "expect_continue", "json_errors", "ok"]
 
 log = structlog.get_logger("listener.web")
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+_R = TypeVar("_R", bound=web.BaseRequest)
 
 _CODES = {
     400: "BAD_REQUEST",
@@ -55,8 +56,16 @@ def error_response(
 
 
 @web.middleware
-async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
     """aiohttp's own errors and any unexpected exception as the contract's JSON body."""
+    return await _json_errors(request, handler)
+
+
+async def _json_errors(
+    request: _R, handler: Callable[[_R], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
     try:
         return await handler(request)
     except web.HTTPException as exc:
@@ -70,7 +79,44 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return error_response(500, "INTERNAL", "an unexpected error; it was logged")
 
 
-async def expect_continue(request: web.Request) -> web.StreamResponse | None:
+class PublicRoutes:
+    """
+    The public port's request handler for aiohttp's low-level server: POST routes by
+    exact path, 405 (``Allow: POST``) for another method on one, 404 elsewhere, each
+    after :func:`expect_continue`, every error as the contract's JSON body.
+
+    It does what an ``Application`` with those routes and :func:`json_errors` did,
+    without its per-request router match, match-info object, middleware chain and
+    response-prepare signal: a sixth of what aiohttp spent per webhook request.
+    """
+
+    def __init__(self) -> None:
+        self._posts: dict[str, Handler] = {}
+
+    def add_post(self, path: str, handler: Handler) -> None:
+        """Route POST ``path`` to ``handler``."""
+        self._posts[path] = handler
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        return await _json_errors(request, self._route)
+
+    async def _route(self, request: web.BaseRequest) -> web.StreamResponse:
+        if request.headers.get("Expect"):
+            refused = await expect_continue(request)
+            await request.writer.drain()
+            if refused is not None:
+                return refused
+        handler = self._posts.get(request.rel_url.path_safe)
+        if handler is None:
+            return error_response(404, "NOT_FOUND", "Not Found")
+        if request.method != "POST":
+            return error_response(
+                405, "METHOD_NOT_ALLOWED", "Method Not Allowed", {"Allow": "POST"}
+            )
+        return await handler(request)
+
+
+async def expect_continue(request: web.BaseRequest) -> web.StreamResponse | None:
     """
     ``Expect: 100-continue`` as aiohttp does it; any other expectation is 417 with the
     JSON error body. (aiohttp's default handler echoes the header into its 417 text and

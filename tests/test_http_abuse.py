@@ -305,6 +305,57 @@ async def test_wrong_method_is_405(service: Service, method: str) -> None:
         assert reply.json()["error"]["code"] == "METHOD_NOT_ALLOWED"
 
 
+async def test_expect_100_continue_then_the_body_on_the_public_port(service: Service) -> None:
+    """``Expect: 100-continue`` gets the interim 100 before the body is sent, then the 200."""
+    assert service.public_port is not None
+    event = gst_event()
+    body = orjson.dumps(event)
+    head = request("POST", PATH, body, {**signed(body), "Expect": "100-continue"})[: -len(body)]
+    reader, writer = await asyncio.open_connection("127.0.0.1", service.public_port)
+    try:
+        writer.write(head)
+        async with asyncio.timeout(5 * UNIT):
+            interim = await reader.readuntil(b"\r\n\r\n")
+        assert interim.startswith(b"HTTP/1.1 100 Continue"), interim
+        writer.write(body)
+        reply = await read_reply(reader)
+    finally:
+        writer.close()
+    assert reply.status == 200 and reply.json()["data"]["id"] == event["id"]
+
+
+@pytest.mark.parametrize("path", [PATH, "/elsewhere"])
+async def test_other_expectations_are_417_with_the_json_body(service: Service, path: str) -> None:
+    """Any expectation but 100-continue is 417 with the contract's error body, nothing stored."""
+    assert service.public_port is not None and service.journal is not None
+    body = orjson.dumps(gst_event())
+    reply = await send(
+        service.public_port, request("POST", path, body, {**signed(body), "Expect": "teapot"})
+    )
+    assert reply.status == 417 and reply.json()["error"]["code"] == "EXPECTATION_FAILED"
+    assert service.journal.state()["pending"] == 0
+
+
+async def test_unexpected_exception_on_the_public_port_is_a_json_500(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A webhook handler that raises gives the contract's JSON 500, without its detail."""
+
+    def broken(*_: Any, **__: Any) -> Any:
+        raise RuntimeError("internal detail: /var/secret")
+
+    monkeypatch.setattr("listener.sources.webhook.Verifier.verify", broken)
+    async with running(abuse_config(tmp_path)) as svc:
+        assert svc.public_port is not None
+        body = orjson.dumps(gst_event())
+        reply = await send(svc.public_port, request("POST", PATH, body, signed(body)))
+    assert reply.status == 500 and reply.headers["content-type"].startswith("application/json")
+    assert reply.json() == {
+        "success": False,
+        "error": {"code": "INTERNAL", "message": "an unexpected error; it was logged"},
+    }
+
+
 CONTENT_TYPES = [
     None,
     "application/json",

@@ -17,13 +17,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from aiohttp import web
-
 from handlers import load_provider
 from listener.config import Config, HttpConfig
 from listener.journal import Journal
 from listener.metrics import Metrics
 from listener.sources.supervisor import SourceRuntime
+from listener.web import PublicRoutes
 
 __all__ = ["TRANSPORTS", "RuntimeTransport", "Transport", "TransportContext", "build_transports"]
 
@@ -53,8 +52,8 @@ class Transport(Protocol):
     #: Long-running parts, each supervised (a stream connection, a poll loop).
     runtimes: Sequence[SourceRuntime]
 
-    def mount(self, app: web.Application) -> None:
-        """Add routes to the public HTTP application (webhooks), if any."""
+    def mount(self, routes: PublicRoutes) -> None:
+        """Add routes to the public HTTP port (webhooks), if any."""
         ...
 
     def states(self) -> Mapping[str, Mapping[str, Any]]:
@@ -83,7 +82,7 @@ class RuntimeTransport:
     kind: str
     runtimes: Sequence[Any]
 
-    def mount(self, app: web.Application) -> None:
+    def mount(self, routes: PublicRoutes) -> None:
         """No HTTP routes."""
 
     def states(self) -> Mapping[str, Mapping[str, Any]]:

@@ -34,15 +34,11 @@ from listener.metrics import Metrics
 from listener.sources.intake import Intake
 from listener.sources.registry import TransportContext
 from listener.sources.signatures import Verifier
-from listener.web import Handler, error_response, expect_continue, ok
+from listener.web import Handler, PublicRoutes, error_response, ok
 
 __all__ = ["WebhookTransport"]
 
 log = structlog.get_logger("listener.webhooks")
-
-
-async def _post_only(_: web.Request) -> web.StreamResponse:
-    return error_response(405, "METHOD_NOT_ALLOWED", "Method Not Allowed", {"Allow": "POST"})
 
 
 class _BodyTooLarge(Exception):
@@ -91,7 +87,7 @@ class _Endpoint:
         self._rejected.labels(self.name, reason).inc()
         return error_response(503, "UNAVAILABLE", message, {"Retry-After": retry_after})
 
-    async def receive(self, request: web.Request) -> web.StreamResponse:
+    async def receive(self, request: web.BaseRequest) -> web.StreamResponse:
         transport = self._transport
         retry_after = str(transport.http.retry_after)
         if not transport.accepting:
@@ -164,12 +160,10 @@ class WebhookTransport:
             metrics.source_connected.labels(endpoint.name).set(1)
         self.runtimes: tuple[()] = ()
 
-    def mount(self, app: web.Application) -> None:
-        """Add one POST route per source (and a 405 for its other methods)."""
+    def mount(self, routes: PublicRoutes) -> None:
+        """Add one POST route per source (its other methods are 405)."""
         for endpoint in self._endpoints:
-            path = endpoint.source.path
-            app.router.add_post(path, endpoint.receive, expect_handler=expect_continue)
-            app.router.add_route("*", path, _post_only, expect_handler=expect_continue)
+            routes.add_post(endpoint.source.path, endpoint.receive)
 
     def states(self) -> Mapping[str, Mapping[str, Any]]:
         """Each source's state, by name."""
@@ -190,7 +184,7 @@ class WebhookTransport:
         """The route handler of source ``name`` (tests, benchmarks)."""
         return next(e.receive for e in self._endpoints if e.name == name)
 
-    async def read_body(self, request: web.Request) -> bytes:
+    async def read_body(self, request: web.BaseRequest) -> bytes:
         """The body, within ``max_body`` and ``read_timeout`` (a slow drip is cut)."""
         limit = self.http.max_body
         if request.content_length is not None and request.content_length > limit:
