@@ -1,9 +1,16 @@
-"""Memory handed back after a burst (listener.memory)."""
+"""Memory handed back after a burst (listener.memory); entries that hold what they use."""
 
 from __future__ import annotations
 
+import time
+import tracemalloc
+from collections.abc import Callable
+
+import orjson
 import pytest
 
+from handlers import Event, Quarantine
+from listener.envelope import Entry, event_entry, quarantine_entry
 from listener.memory import Trimmer, resident_bytes
 
 MIB = 1024 * 1024
@@ -28,3 +35,48 @@ async def test_a_burst_freed_is_handed_back_and_a_steady_state_is_left_alone() -
     assert after < before - 32 * MIB  # the holes went back to the system
     assert await trimmer.maybe_trim() is None  # and the new baseline is where it ended
     assert len(kept) == 2000
+
+
+def _allocated(build: Callable[[int], Entry]) -> tuple[list[Entry], int]:
+    """What 500 entries built by ``build(i)`` keep allocated (bytes, as traced)."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        entries = [build(i) for i in range(500)]
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    return entries, sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+
+
+@pytest.mark.parametrize("text", [900, 5000])
+def test_an_entry_body_holds_no_more_than_its_size(text: int) -> None:
+    """
+    An entry's CloudEvent is kept in a block of its own size, not in orjson's working
+    buffer (8 KB for a 1 KB event, 64 KB for 5 KB): thousands are held at once while
+    the publisher catches up after an outage.
+    """
+    now = time.time()
+
+    def build(i: int) -> Entry:
+        event = Event(id=f"evt_{i:08d}", type="p.t", time=None, data={"text": "x" * text})
+        return event_entry(source="s", provider="p", event=event, received_at=now)
+
+    entries, allocated = _allocated(build)
+    body = sum(len(e.body) for e in entries)
+    assert body > 500 * text
+    # The bodies, and per entry its object and id: well under a KB (orjson's buffers
+    # alone would be 8 KB and 64 KB each).
+    assert allocated < body + 500 * 600, (allocated, body)
+
+
+def test_a_quarantined_payload_made_by_orjson_is_held_at_its_size() -> None:
+    verdict = Quarantine("schema_violation", "x")
+
+    def build(i: int) -> Entry:
+        payload = orjson.dumps({"i": i, "text": "x" * 900})
+        return quarantine_entry(source="s", payload=payload, verdict=verdict, received_at=0.0)
+
+    entries, allocated = _allocated(build)
+    body = sum(len(e.body) for e in entries)
+    assert allocated < body + 500 * 600, (allocated, body)
