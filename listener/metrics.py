@@ -186,7 +186,7 @@ class Metrics:
         )
         self.journal_commit_seconds = Histogram(
             "listener_journal_commit_seconds",
-            "One journal transaction, with its fsync when it holds an accepted event.",
+            "One journal transaction, its fsync included.",
             buckets=_JOURNAL_BUCKETS,
             registry=r,
         )

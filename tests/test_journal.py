@@ -8,7 +8,6 @@ import os
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -16,7 +15,6 @@ from listener.config import JournalConfig
 from listener.envelope import Entry
 from listener.exceptions import JournalCorrupt, JournalError, JournalFull, JournalLocked
 from listener.journal import Cursor, Journal
-from listener.journal import store as store_module
 from listener.journal.upkeep import PRUNE_MIN, PRUNE_SLOW
 from listener.journal.writes import retention_bound
 from listener.metrics import Metrics
@@ -483,68 +481,3 @@ async def test_retention_batches_shrink_while_slow_and_grow_back(tmp_path: Path)
         total = await journal._in_batches(fake_delete, batch=800)
     assert sizes == [800, 400, 200, PRUNE_MIN, PRUNE_MIN, 200, 400]
     assert total == sum(sizes[:-1])
-
-
-async def test_only_a_transaction_with_an_append_waits_for_its_fsync(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """
-    Appends commit with synchronous=FULL (their 2xx and cursors wait on it); confirms,
-    deferrals and retention deletes alone commit without an fsync (NORMAL), and the
-    writer is at FULL again after each. A transaction mixing both is FULL.
-    """
-    seen: list[tuple[str, int]] = []
-    real_commit = store_module.commit
-
-    def recording(conn: sqlite3.Connection, ops: Any) -> Any:
-        ((level,),) = conn.execute("PRAGMA synchronous").fetchall()
-        seen.append(("+".join(sorted({type(op).__name__ for op in ops})), level))
-        return real_commit(conn, ops)
-
-    monkeypatch.setattr(store_module, "commit", recording)
-    full, normal = 2, 1
-    async with Journal(config=config(tmp_path)) as journal:
-        await journal.append([entry(1), entry(2)])
-        await journal.mark_published([1], wait=True)
-        await journal.defer([2], error="returned")
-        # Queued in the same turn (neither waits here): one transaction.
-        await journal.mark_published([2], wait=False, deferred=True)
-        await journal.submit([entry(3)])
-
-        def delete(conn: sqlite3.Connection, size: int) -> int:
-            ((level,),) = conn.execute("PRAGMA synchronous").fetchall()
-            seen.append(("delete", level))
-            return 0
-
-        await journal._in_batches(delete, batch=10)
-        await journal.append([entry(4)])
-        assert journal._writer is not None
-        ((after,),) = journal._writer.execute("PRAGMA synchronous").fetchall()
-    assert seen == [
-        ("Append", full),
-        ("Mark", normal),
-        ("Defer", normal),
-        ("Append+Mark", full),
-        ("delete", normal),
-        ("Append", full),
-    ]
-    assert after == full
-
-
-async def test_synchronous_normal_is_left_as_configured(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """With journal.synchronous: normal every transaction runs at NORMAL, none switches."""
-    levels: list[int] = []
-    real_commit = store_module.commit
-
-    def recording(conn: sqlite3.Connection, ops: Any) -> Any:
-        levels.append(conn.execute("PRAGMA synchronous").fetchall()[0][0])
-        return real_commit(conn, ops)
-
-    monkeypatch.setattr(store_module, "commit", recording)
-    async with Journal(config=config(tmp_path, synchronous="normal")) as journal:
-        await journal.append([entry(1)])
-        await journal.mark_published([1], wait=True)
-        await journal.append([entry(2)])
-    assert levels == [1, 1, 1]

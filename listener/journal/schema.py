@@ -17,11 +17,10 @@ opens as it is.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import re
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -185,23 +184,6 @@ def migrate(conn: sqlite3.Connection) -> None:
             conn.execute(f"ALTER TABLE events ADD COLUMN {name} {declaration}")
     for statement in _ADDED_INDEXES:
         conn.execute(statement)
-
-
-@contextlib.contextmanager
-def unsynced(conn: sqlite3.Connection) -> Iterator[None]:
-    """
-    Commit without an fsync inside the block (``synchronous=NORMAL``), then ``FULL``
-    again: for a transaction that holds no append, only bookkeeping (a broker's
-    confirms, deferrals). Nothing waits on it: the next append's fsync makes it durable
-    too (one WAL file, written in order), and one lost to a power cut only publishes
-    its events again, a duplicate as after any crash. An append always waits for its
-    own fsync: its 2xx, its stream cursor, its poll state hang on it.
-    """
-    conn.execute("PRAGMA synchronous=NORMAL")
-    try:
-        yield
-    finally:
-        conn.execute("PRAGMA synchronous=FULL")
 
 
 def connect(

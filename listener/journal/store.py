@@ -38,7 +38,12 @@ from listener.config import JournalConfig
 from listener.envelope import Entry
 from listener.exceptions import JournalError, JournalFull
 from listener.journal.lock import JournalLock
-from listener.journal.schema import BUSY_TIMEOUT_MS, Cursor, StoredEntry, connect, unsynced
+from listener.journal.schema import (
+    BUSY_TIMEOUT_MS,
+    Cursor,
+    StoredEntry,
+    connect,
+)
 from listener.journal.upkeep import Stats, Upkeep
 from listener.journal.writes import (
     Append,
@@ -408,10 +413,7 @@ class Journal(Upkeep):
     def _write(self, ops: list[Op]) -> tuple[list[Any], list[tuple[int, Entry]]]:
         conn = self._writer
         assert conn is not None  # opened before the writer task starts
-        # Only an append waits for its fsync: see unsynced (confirms, deferrals).
-        quick = self._config.synchronous == "full" and not any(isinstance(o, Append) for o in ops)
-        with unsynced(conn) if quick else contextlib.nullcontext():
-            committed = commit(conn, ops)
+        committed = commit(conn, ops)
         self._stats.pending += committed.pending
         self._stats.deferred += committed.deferred
         self._stats.commits += 1

@@ -9,12 +9,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 from listener.config import JournalConfig
 from listener.journal.checkpoints import Checkpoints
-from listener.journal.schema import unsynced
 from listener.journal.writes import (
     count_open,
     prune_batch,
@@ -102,13 +100,8 @@ class Upkeep(Checkpoints):
         total, size = 0, batch
 
         def timed(size: int) -> tuple[int, float]:
-            assert self._writer is not None  # opened first
             began = time.perf_counter()
-            # Deletes need no fsync of their own (see unsynced): a batch lost to a power
-            # cut is deleted again in the next round.
-            with unsynced(self._writer) if self._config.synchronous == "full" else nullcontext():
-                deleted = fn(self._writer, *args, size)
-            return deleted, time.perf_counter() - began
+            return fn(self._writer, *args, size), time.perf_counter() - began
 
         while True:
             deleted, took = await self._on_writer(timed, size)
