@@ -224,7 +224,9 @@ def _latency(pace: float, paced: PacedResult) -> None:
     if paced.commits and paced.seconds:
         print(
             f"  journal commits {paced.commits / paced.seconds:,.0f}/s "
-            f"({paced.ok / paced.commits:.1f} accepted requests per commit)"
+            f"({paced.ok / paced.commits:.1f} accepted requests per commit), "
+            f"{paced.commit_seconds / paced.seconds * 1000:,.0f} ms of commits per second"
+            " (the loop's time they take: commits run on its thread)"
         )
 
 

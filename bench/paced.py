@@ -69,6 +69,7 @@ class PacedResult:
     # Quantiles of the listener's own histograms over the run, in ms (bench.webhooks).
     inside: dict[str, float] = field(default_factory=dict)
     commits: float = 0.0  # the journal's commits over the run (bench.webhooks)
+    commit_seconds: float = 0.0  # and the time they took together
 
     @property
     def rate(self) -> float:

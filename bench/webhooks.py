@@ -52,6 +52,7 @@ from bench.common import (
     fetch_metrics_text,
     free_port,
     parse_buckets,
+    parse_metrics,
     py_spy,
     python_module,
     queue_count,
@@ -297,6 +298,10 @@ async def _paced(
     commits = parse_buckets(before, COMMIT), parse_buckets(after, COMMIT)
     if commits[1]:
         result.commits = max(commits[1].values()) - max(commits[0].values(), default=0.0)
+        sums = parse_metrics(before), parse_metrics(after)
+        result.commit_seconds = sums[1].get(f"{COMMIT}_sum", 0.0) - sums[0].get(
+            f"{COMMIT}_sum", 0.0
+        )
     return result
 
 
