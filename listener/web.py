@@ -87,7 +87,7 @@ class PublicRoutes:
 
     It does what an ``Application`` with those routes and :func:`json_errors` did,
     without its per-request router match, match-info object, middleware chain and
-    response-prepare signal: a sixth of what aiohttp spent per webhook request.
+    response-prepare signal: measured, 124 -> 109 µs of CPU per webhook request.
     """
 
     def __init__(self) -> None:
