@@ -51,7 +51,6 @@ from bench.common import (
     fetch_metrics,
     fetch_metrics_text,
     free_port,
-    parse_buckets,
     parse_metrics,
     py_spy,
     python_module,
@@ -295,13 +294,11 @@ async def _paced(
         (value,) = between_scrapes(before, after, histogram, q)
         if value is not None:
             result.inside[label] = value * 1000
-    commits = parse_buckets(before, COMMIT), parse_buckets(after, COMMIT)
-    if commits[1]:
-        result.commits = max(commits[1].values()) - max(commits[0].values(), default=0.0)
-        sums = parse_metrics(before), parse_metrics(after)
-        result.commit_seconds = sums[1].get(f"{COMMIT}_sum", 0.0) - sums[0].get(
-            f"{COMMIT}_sum", 0.0
-        )
+    totals = parse_metrics(before), parse_metrics(after)
+    result.commits, result.commit_seconds = (
+        totals[1].get(f"{COMMIT}_{part}", 0.0) - totals[0].get(f"{COMMIT}_{part}", 0.0)
+        for part in ("count", "sum")
+    )
     return result
 
 
