@@ -7,12 +7,17 @@ share counters.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
-from typing import Any
+import bisect
+import math
+import time
+from collections.abc import Iterable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
-__all__ = ["OTHER_TYPE", "Metrics", "watch_loop_lag"]
+__all__ = ["OTHER_TYPE", "LoopCounter", "LoopHistogram", "Metrics", "watch_loop_lag"]
 
 OTHER_TYPE = "other"
 # Cached (source, type) lookups kept at most; unknown types map to one label anyway.
@@ -37,23 +42,134 @@ async def watch_loop_lag(histogram: Histogram, *, interval: float = LOOP_LAG_INT
         histogram.observe(max(0.0, loop.time() - due))
 
 
+class LoopHistogram:
+    """
+    A histogram only the event loop's thread observes, for the per-event ones: no lock.
+    prometheus_client's ``Histogram.observe`` takes a lock for the bucket and another
+    for the sum (0.8 µs, measured); this is a list index and two additions (0.2 µs).
+    Exposed exactly as a ``Histogram`` is (``_bucket``, ``_count``, ``_sum``, ``_created``),
+    with its ``_name``, ``_type`` and ``_labelnames`` (no labels).
+    """
+
+    _type = "histogram"
+    _labelnames: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        *,
+        buckets: Sequence[float],
+        registry: CollectorRegistry,
+    ) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._bounds = tuple(float(b) for b in buckets)
+        # The bounds as prometheus_client spells them ("1.0", "+Inf"), for the same text.
+        self._les = tuple(
+            floatToGoString(b)  # type: ignore[no-untyped-call]  # the library leaves it unannotated
+            for b in (*self._bounds, math.inf)
+        )
+        self._counts = [0] * (len(self._bounds) + 1)  # the last: above every bound (+Inf)
+        self._sum = 0.0
+        self._created = time.time()
+        registry.register(self)
+
+    def observe(self, amount: float) -> None:
+        """Count ``amount`` in the first bucket whose bound it does not exceed."""
+        self._counts[bisect.bisect_left(self._bounds, amount)] += 1
+        self._sum += amount
+
+    def collect(self) -> list[Metric]:
+        """The histogram family (a scrape on another thread reads a copy of the counts)."""
+        counts, total = list(self._counts), self._sum
+        buckets: list[tuple[str, float]] = []
+        running = 0
+        for le, count in zip(self._les, counts, strict=True):
+            running += count
+            buckets.append((le, running))
+        family = HistogramMetricFamily(self._name, self._documentation)
+        family.add_metric([], buckets, total)
+        family.samples.append(Sample(f"{self._name}_created", {}, self._created))
+        return [family]
+
+    def describe(self) -> list[Metric]:
+        """The family without samples (the registry checks names with it)."""
+        return [HistogramMetricFamily(self._name, self._documentation)]
+
+
+class LoopCount:
+    """One labelled child of a :class:`LoopCounter`."""
+
+    __slots__ = ("created", "value")
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self.created = time.time()
+
+    def inc(self, amount: float = 1.0) -> None:
+        """Add ``amount``."""
+        self.value += amount
+
+
+class LoopCounter:
+    """
+    A labelled counter only the event loop's thread increments: no lock per event.
+    Exposed exactly as a ``Counter`` is, with its ``_name``, ``_type`` and ``_labelnames``.
+    """
+
+    _type = "counter"
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        *,
+        registry: CollectorRegistry,
+    ) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._labelnames = tuple(labelnames)
+        self._children: dict[tuple[str, ...], LoopCount] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> LoopCount:
+        """The child for these label values (created at zero on first use)."""
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = LoopCount()
+        return child
+
+    def collect(self) -> list[Metric]:
+        """The counter family, ``_total`` and ``_created`` per child."""
+        family = CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)
+        for values, child in list(self._children.items()):
+            family.add_metric(list(values), child.value, created=child.created)
+        return [family]
+
+    def describe(self) -> list[Metric]:
+        """The family without samples (the registry checks names with it)."""
+        return [CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)]
+
+
 class Metrics:
     """Every metric the listener exports, registered on one registry."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self._received_children: dict[tuple[str, str], Any] = {}
-        self._published_children: dict[tuple[str, str], Any] = {}
+        self._received_children: dict[tuple[str, str], LoopCount] = {}
+        self._published_children: dict[tuple[str, str], LoopCount] = {}
         # Event types each source's provider declares; others are labelled "other".
         self._known: dict[str, frozenset[str]] = {}
-        self.events_received = Counter(
+        self.events_received = LoopCounter(
             "listener_events_received",
             "Events accepted into the journal.",
             ["source", "type"],
             registry=r,
         )
-        self.events_published = Counter(
+        self.events_published = LoopCounter(
             "listener_events_published",
             "Events confirmed by the broker.",
             ["source", "type"],
@@ -172,25 +288,25 @@ class Metrics:
             ["unit"],
             registry=r,
         )
-        self.publish_seconds = Histogram(
+        self.publish_seconds = LoopHistogram(
             "listener_publish_seconds",
             "Publish to broker confirm.",
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.event_lag_seconds = Histogram(
+        self.event_lag_seconds = LoopHistogram(
             "listener_event_lag_seconds",
             "Receipt to broker confirm.",
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.journal_commit_seconds = Histogram(
+        self.journal_commit_seconds = LoopHistogram(
             "listener_journal_commit_seconds",
             "One journal transaction, its fsync included.",
             buckets=_JOURNAL_BUCKETS,
             registry=r,
         )
-        self.journal_wait_seconds = Histogram(
+        self.journal_wait_seconds = LoopHistogram(
             "listener_journal_wait_seconds",
             "An append from queued to durable: what an accepted event waits for the journal.",
             buckets=_JOURNAL_BUCKETS,
@@ -222,7 +338,7 @@ class Metrics:
         known = self._known.get(source)
         return type_ if known is None or type_ in known else OTHER_TYPE
 
-    def received(self, source: str, type_: str) -> Any:
+    def received(self, source: str, type_: str) -> LoopCount:
         """The ``events_received`` child for a source and type, looked up once (hot path)."""
         key = (source, type_)
         child = self._received_children.get(key)
@@ -233,7 +349,7 @@ class Metrics:
                 self._received_children.clear()
         return child
 
-    def published(self, source: str, type_: str) -> Any:
+    def published(self, source: str, type_: str) -> LoopCount:
         """The ``events_published`` child for a source and type, looked up once (hot path)."""
         key = (source, type_)
         child = self._published_children.get(key)

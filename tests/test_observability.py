@@ -235,3 +235,45 @@ async def test_event_loop_lag_shows_a_blocked_loop() -> None:
     late = count - samples[("listener_event_loop_lag_seconds_bucket", "0.25")]
     assert late == 1
     assert samples[("listener_event_loop_lag_seconds_sum", None)] >= 0.28
+
+
+def _exposition(*collectors: object) -> str:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry()
+    for collector in collectors:
+        registry.register(collector)  # type: ignore[arg-type]  # any object with collect()
+    return re.sub(r"(_created(\{[^}]*\})?) \S+", r"\1 T", generate_latest(registry).decode())
+
+
+def test_lock_free_metrics_expose_what_prometheus_client_would() -> None:
+    """
+    The per-event histograms and counters (no lock per observation) give the scrape,
+    byte for byte, that prometheus_client's Histogram and Counter give for the same
+    values: a value on a bound counts in that bucket, one past the last in +Inf only.
+    """
+    from prometheus_client import CollectorRegistry, Counter, Histogram
+
+    from listener.metrics import LoopCounter, LoopHistogram
+
+    buckets = (0.001, 0.01, 1, 60)
+    values = (0.0, 0.0005, 0.001, 0.0010001, 0.5, 1.0, 60.0, 61.0, 1e9)
+    ours = CollectorRegistry()
+    fast = LoopHistogram("x_seconds", "X.", buckets=buckets, registry=ours)
+    slow = Histogram("x_seconds", "X.", buckets=buckets, registry=None)
+    fast_count = LoopCounter("x_events", "Y.", ["source", "type"], registry=ours)
+    slow_count = Counter("x_events", "Y.", ["source", "type"], registry=None)
+    for value in values:
+        fast.observe(value)
+        slow.observe(value)
+    for labels, times in ((("a", "t1"), 3), (("b", "t2"), 1)):
+        for _ in range(times):
+            fast_count.labels(*labels).inc()
+            slow_count.labels(*labels).inc()
+    fast_count.labels("a", "t1").inc(2.5)
+    slow_count.labels("a", "t1").inc(2.5)
+    assert _exposition(fast, fast_count) == _exposition(slow, slow_count)
+    text = _exposition(fast)
+    assert 'x_seconds_bucket{le="0.001"} 3.0' in text  # 0, 0.0005 and 0.001 itself
+    assert 'x_seconds_bucket{le="60.0"} 7.0' in text
+    assert 'x_seconds_bucket{le="+Inf"} 9.0' in text

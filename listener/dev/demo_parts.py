@@ -32,6 +32,7 @@ from listener.config import (
     WebhookSourceConfig,
 )
 from listener.dev.simulators.terrapin import generate_isins
+from listener.metrics import LoopCounter
 
 GST: Final = "gst"
 LX: Final = "lx"
@@ -187,7 +188,7 @@ class Tap:
         await channel.close()
 
 
-def counts(counter: Counter, *labels: str) -> dict[tuple[str, ...], int]:
+def counts(counter: Counter | LoopCounter, *labels: str) -> dict[tuple[str, ...], int]:
     out: dict[tuple[str, ...], int] = {}
     for family in counter.collect():
         for sample in family.samples:
