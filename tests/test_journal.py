@@ -15,8 +15,9 @@ from listener.config import JournalConfig
 from listener.envelope import Entry
 from listener.exceptions import JournalCorrupt, JournalError, JournalFull, JournalLocked
 from listener.journal import Cursor, Journal
+from listener.journal.schema import migrate
 from listener.journal.upkeep import PRUNE_MIN, PRUNE_SLOW
-from listener.journal.writes import retention_bound
+from listener.journal.writes import Append, commit, retention_bound
 from listener.metrics import Metrics
 
 
@@ -250,6 +251,53 @@ async def test_handoff_holds_each_new_row_with_its_seq(tmp_path: Path) -> None:
         )
         assert handed == [tuple(row) for row in stored]
         assert len(handed) == 149 + 3
+
+
+class _Recorded(sqlite3.Cursor):
+    """A cursor that keeps the text of every statement it runs."""
+
+    statements: list[str] = []  # noqa: RUF012 - one list for the test that sets it
+
+    def execute(self, sql: str, parameters: object = (), /) -> _Recorded:
+        self.statements.append(sql)
+        return super().execute(sql, parameters)  # type: ignore[arg-type]  # passed through
+
+
+class _Recording(sqlite3.Connection):
+    def cursor(self, factory: object = None) -> _Recorded:  # type: ignore[override]  # always ours
+        return super().cursor(_Recorded)
+
+
+def test_batches_of_any_size_insert_with_few_statement_shapes(tmp_path: Path) -> None:
+    """
+    Each batch goes in as statements of 1 to 8 rows, or 16, 32 or 64, so the
+    connection's statement cache holds 11 insert shapes. One shape per batch size (1
+    to 100 rows) held up to 6.3 MiB of prepared statements, filling in over minutes as
+    rarer sizes came: the soak's resident size crept. A batch of up to 8 is one
+    statement, and every row still gets its seq in batch order.
+    """
+    conn = sqlite3.connect(tmp_path / "j.db", isolation_level=None, factory=_Recording)
+    migrate(conn)
+    _Recorded.statements = []
+    shapes: set[int] = set()
+    first = 0
+    for size in range(1, 131):
+        _Recorded.statements.clear()
+        batch = [entry(i) for i in range(first, first + size)]
+        committed = commit(conn, [Append(batch, (), None)])
+        inserts = [s for s in _Recorded.statements if "(VALUES" in s]
+        rows = [s.count("(?, ?, ?, ?, ?, ?, ?, ?, ?)") for s in inserts]
+        assert sum(rows) == size
+        assert len(inserts) == 1 if size <= 8 else (len(inserts) <= size // 64 + 4)
+        shapes.update(rows)
+        assert [e.event_id for _, e in committed.fresh] == [e.event_id for e in batch]
+        seqs = [seq for seq, _ in committed.fresh]
+        assert seqs == list(range(seqs[0], seqs[0] + size))
+        first += size
+    assert shapes == {1, 2, 3, 4, 5, 6, 7, 8, 16, 32, 64}
+    stored = conn.execute("SELECT event_id FROM events ORDER BY seq").fetchall()
+    assert [r[0] for r in stored] == [f"evt_{i}" for i in range(first)]
+    conn.close()
 
 
 async def test_another_process_writing_never_stalls_the_loop(tmp_path: Path) -> None:

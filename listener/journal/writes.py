@@ -4,8 +4,7 @@ thread runs them; :mod:`listener.journal.store` queues and group-commits them).
 
 :func:`commit` runs a batch of operations in one transaction; an operation that fails
 is rolled back alone (a ``SAVEPOINT`` each, taken only when one has failed) and reports
-its error, the others commit (STYLE: "one bad operation never rolls back its
-neighbours").
+its error, the others commit (STYLE: "one bad operation never rolls back its neighbours").
 """
 
 from __future__ import annotations
@@ -49,8 +48,9 @@ _INSERT_ROWS = (
     " (SELECT 1 FROM tombstones t WHERE t.source = v.column1 AND t.event_id = v.column2)"
     " ON CONFLICT (source, event_id) DO NOTHING"
 )
-# 9 parameters a row: within SQLite's oldest limit of 999 a statement.
-_ROWS_PER_INSERT = 100
+# 9 parameters a row (SQLite's oldest limit: 999). 1-8 rows, else 16, 32 or 64 each, so
+# the statement cache holds 11 shapes, not one per batch size (those took up to 6.3 MiB).
+_ROWS_PER_INSERT, _SMALL = 64, 8
 # The inserted rows' (source, event_id) in seq order, each length-prefixed.
 _ORDER_CHECK = (
     "SELECT group_concat(length(source) || ':' || source || length(event_id) || ':' || event_id,"
@@ -152,10 +152,9 @@ def commit(conn: sqlite3.Connection, ops: Sequence[Op]) -> Committed:
     Run ``ops`` in one transaction; one that fails is undone alone.
 
     The common case pays nothing for that: the batch runs as it is, its events inserted
-    by one statement per hundred (:func:`_insert_all`), and only when an event is not
-    new does the batch run again a row at a time, and only when an operation fails is
-    the transaction rolled back and run again with a ``SAVEPOINT`` around each
-    operation, so the failing one is undone and its neighbours commit.
+    by a few statements (:func:`_insert_all`), and only when an event is not new does
+    the batch run again a row at a time, and only when an operation fails is the
+    transaction rolled back and run again with a ``SAVEPOINT`` around each operation.
 
     Raises:
         sqlite3.Error: the transaction itself failed (nothing was committed).
@@ -253,9 +252,11 @@ def _insert_all(cur: sqlite3.Cursor, entries: Sequence[Entry]) -> range:
     """
     if not entries:
         return range(0)
-    added = 0
-    for start in range(0, len(entries), _ROWS_PER_INSERT):
-        chunk = entries[start : start + _ROWS_PER_INSERT]
+    added = start = 0
+    while start < len(entries):
+        left = len(entries) - start
+        size = left if left <= _SMALL else min(_ROWS_PER_INSERT, 1 << (left.bit_length() - 1))
+        chunk, start = entries[start : start + size], start + size
         values = ",".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(chunk))
         params = [value for e in chunk for value in _row(e)]
         added += cur.execute(_INSERT_ROWS.format(values=values), params).rowcount
