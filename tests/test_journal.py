@@ -300,6 +300,18 @@ def test_batches_of_any_size_insert_with_few_statement_shapes(tmp_path: Path) ->
     conn.close()
 
 
+async def test_settled_waits_for_the_queued_appends(tmp_path: Path) -> None:
+    """
+    An append still queued is not pending yet: settled() returns once it is committed
+    (the shutdown drain waits on it before it reads the pending count).
+    """
+    async with Journal(config=config(tmp_path)) as journal:
+        queued = [journal.submit([entry(i)]) for i in range(5)]
+        assert journal.pending_count == 0 and not any(f.done() for f in queued)
+        await journal.settled()
+        assert journal.pending_count == 5 and all(f.done() for f in queued)
+
+
 async def test_another_process_writing_never_stalls_the_loop(tmp_path: Path) -> None:
     """
     Commits run on the event loop's thread while they are quick; while another

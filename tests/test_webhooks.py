@@ -15,7 +15,7 @@ import pytest
 from listener.config import Config
 from listener.service import Service
 from tests.conftest import make_config, running, tap, wait_for
-from tests.webhook_sender import WHSEC, Sender, gst_event
+from tests.webhook_sender import WHSEC, Sender, gst_event, sign
 
 pytestmark = pytest.mark.usefixtures("cleanup_topology")
 
@@ -265,6 +265,44 @@ async def test_shutting_down_is_503(config: Config, session: aiohttp.ClientSessi
         status, body, headers = await Sender(session, url(service)).post(gst_event())
         assert status == 503 and "Retry-After" in headers
         assert body["error"]["code"] == "UNAVAILABLE"
+
+
+async def test_a_body_still_arriving_when_intake_stops_is_503_and_not_journaled(
+    config: Config, session: aiohttp.ClientSession
+) -> None:
+    """
+    A request already past the first check whose body is still on its way when shutdown
+    begins gets 503 and is not journaled: the shutdown drain waits only for appends
+    queued before intake stopped, so a later one would have been left pending.
+    """
+    async with running(config) as service:
+        webhooks = service.transport("webhook")
+        assert webhooks is not None and service.journal is not None
+        body = orjson.dumps(gst_event())
+        signed = sign(
+            "standard-webhooks", WHSEC, body, msg_id="msg_late", timestamp=int(time.time())
+        )
+        half = asyncio.Event()
+
+        async def dripped() -> AsyncIterator[bytes]:
+            yield body[:100]
+            half.set()
+            await asyncio.sleep(0.2)  # (intake stops meanwhile)
+            yield body[100:]
+
+        async def stop_when_half_sent() -> None:
+            await half.wait()
+            await asyncio.sleep(0.05)
+            webhooks.stop_intake()
+
+        stopping = asyncio.create_task(stop_when_half_sent())
+        async with session.post(url(service), data=dripped(), headers=signed) as response:
+            assert response.status == 503
+            assert (await response.json())["error"]["code"] == "UNAVAILABLE"
+        await stopping
+        await service.journal.settled()
+        assert service.journal.pending_count == 0
+        assert await service.journal.query("SELECT count(*) FROM events") == [(0,)]
 
 
 async def test_readyz_and_metrics(

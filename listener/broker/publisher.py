@@ -147,12 +147,12 @@ class Publisher:
             await self._close()
 
     async def wait_drained(self) -> None:
-        """
-        Return once nothing is pending in the journal (shutdown drain; deferred excluded).
-        Draining cuts the backoff short (a failed session is tried again now).
-        """
+        """Return once nothing is pending (shutdown drain; not deferred); hurry the backoff."""
         self._hurry.set()
-        while self._journal.pending_count > 0:
+        while True:
+            await self._journal.settled()  # an append still queued is not pending yet
+            if self._journal.pending_count == 0:
+                return
             self._drained.clear()
             await self._drained.wait()
 

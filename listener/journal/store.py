@@ -172,10 +172,8 @@ class Journal(Upkeep):
         if self._task is not None:
             await self._queue.join()
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
             self._task = None
         await self._close_connections()
 
@@ -222,11 +220,9 @@ class Journal(Upkeep):
             # Only a commit sets the event, but the shedding after a failed commit ends
             # with time alone, and a paused stream may be the only writer (the broker
             # down: nothing to mark published): look again at least once a second.
-            try:
+            with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(1.0):
                     await self._capacity.wait()
-            except TimeoutError:
-                pass
 
     def _update_capacity(self) -> None:
         if self.over_limit() is None:
@@ -278,6 +274,10 @@ class Journal(Upkeep):
         done: asyncio.Future[list[bool]] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(Append(entries, cursors, done, poll, time.monotonic()))
         return done
+
+    async def settled(self) -> None:
+        """Return once every operation queued so far is committed (or has failed)."""
+        await self._queue.join()
 
     async def mark_published(
         self, seqs: Sequence[int], *, wait: bool = False, deferred: bool = False

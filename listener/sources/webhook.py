@@ -107,6 +107,8 @@ class _Endpoint:
             # broken chunking): the client's fault, not a 500.
             self._rejected.labels(self.name, "bad_body").inc()
             return error_response(400, "BAD_REQUEST", "the body could not be decoded")
+        if not transport.accepting:  # stopped while the body came: the drain is not waiting
+            return self._unavailable("shutting_down", "shutting down; retry later", retry_after)
         now = time.time()
         try:
             self.verifier.verify(request.headers, body, now=now)
