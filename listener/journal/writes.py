@@ -50,7 +50,10 @@ _INSERT_ROWS = (
 )
 # 9 parameters a row (SQLite's oldest limit: 999). 1-8 rows, else 16, 32 or 64 each, so
 # the statement cache holds 11 shapes, not one per batch size (those took up to 6.3 MiB).
-_ROWS_PER_INSERT, _SMALL = 64, 8
+_INSERTS = {
+    n: _INSERT_ROWS.format(values=",".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * n))
+    for n in (1, 2, 3, 4, 5, 6, 7, 8, 16, 32, 64)
+}
 # The inserted rows' (source, event_id) in seq order, each length-prefixed.
 _ORDER_CHECK = (
     "SELECT group_concat(length(source) || ':' || source || length(event_id) || ':' || event_id,"
@@ -239,11 +242,10 @@ def _insert_all(cur: sqlite3.Cursor, entries: Sequence[Entry]) -> range:
     """
     Insert every one of ``entries`` in a few statements; return their seqs, in order.
 
-    Each statement the writer thread runs gives up Python's lock while SQLite works and
-    must win it back from the busy event loop (up to ``sys.getswitchinterval()``, 5 ms,
-    each time): thirty one-row statements made a commit ten times slower than one
-    thirty-row statement. The rows' seqs are consecutive (one writer, AUTOINCREMENT);
-    that they follow the entries' order is checked, not assumed.
+    Each statement the writer thread runs gives up Python's lock while SQLite works and must win
+    it back from the busy event loop (up to ``sys.getswitchinterval()``, 5 ms, each time):
+    thirty one-row statements made a commit ten times slower than one of thirty rows. The seqs
+    are consecutive (one writer, AUTOINCREMENT); that they follow the entries' order is checked.
 
     Raises:
         _RowByRow: one of them is not new (a duplicate, or pruned within the dedupe
@@ -254,12 +256,10 @@ def _insert_all(cur: sqlite3.Cursor, entries: Sequence[Entry]) -> range:
         return range(0)
     added = start = 0
     while start < len(entries):
-        left = len(entries) - start
-        size = left if left <= _SMALL else min(_ROWS_PER_INSERT, 1 << (left.bit_length() - 1))
+        size = max(n for n in _INSERTS if n <= len(entries) - start)  # the largest that fits
         chunk, start = entries[start : start + size], start + size
-        values = ",".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(chunk))
         params = [value for e in chunk for value in _row(e)]
-        added += cur.execute(_INSERT_ROWS.format(values=values), params).rowcount
+        added += cur.execute(_INSERTS[size], params).rowcount
     if added != len(entries) or cur.lastrowid is None:
         raise _RowByRow
     seqs = range(cur.lastrowid - added + 1, cur.lastrowid + 1)
