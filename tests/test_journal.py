@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
+import random
 import sqlite3
 import time
 from pathlib import Path
@@ -15,7 +17,7 @@ from listener.config import JournalConfig
 from listener.envelope import Entry
 from listener.exceptions import JournalCorrupt, JournalError, JournalFull, JournalLocked
 from listener.journal import Cursor, Journal
-from listener.journal.schema import migrate
+from listener.journal.schema import connect, migrate
 from listener.journal.upkeep import PRUNE_MIN, PRUNE_SLOW
 from listener.journal.writes import Append, commit, retention_bound
 from listener.metrics import Metrics
@@ -541,3 +543,46 @@ async def test_retention_batches_shrink_while_slow_and_grow_back(tmp_path: Path)
         total = await journal._in_batches(fake_delete, batch=800)
     assert sizes == [800, 400, 200, PRUNE_MIN, PRUNE_MIN, 200, 400]
     assert total == sum(sizes[:-1])
+
+
+def _temp_files() -> set[str]:
+    """SQLite's open temporary files in this process (unlinked ``etilqs_*`` files)."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if "etilqs_" in (target := os.readlink(f"/proc/self/fd/{fd}")):
+                found.add(target)
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads /proc/self/fd (Linux)")
+@pytest.mark.parametrize("writer", [True, False])
+async def test_the_writers_statement_journals_stay_in_memory(tmp_path: Path, writer: bool) -> None:
+    """
+    A 64-row insert into a journal of a few thousand rows changes more index pages than
+    SQLite keeps of a statement's undo record in memory (64 KiB); it went to a temp file,
+    a third of the bytes the writer wrote. The writer's connection keeps them in memory;
+    any other connection (``writer=False``, shown here to spill) keeps SQLite's default.
+    """
+    path = tmp_path / "j.db"
+    conn = connect(path, writer=writer)
+    ids = random.Random(7).sample(range(10**9), 6064)
+    pad = b"x" * 900
+    commit(conn, [Append([dataclasses.replace(entry(i), body=pad) for i in ids[:6000]], (), None)])
+    seen: set[str] = set()
+
+    def look() -> int:
+        seen.update(_temp_files())
+        return 0
+
+    conn.set_progress_handler(look, 50)
+    batch = [dataclasses.replace(entry(i), body=pad) for i in ids[6000:]]
+    assert len(commit(conn, [Append(batch, (), None)]).fresh) == 64
+    conn.set_progress_handler(None, 50)
+    assert conn.execute("PRAGMA temp_store").fetchone()[0] == (2 if writer else 0)
+    assert bool(seen) is not writer
+    conn.close()
+    async with Journal(config=config(tmp_path)) as journal:  # the daemon's writer is one
+        for conn, store in ((journal._writer, 2), (journal._reader, 0)):
+            assert conn is not None
+            assert conn.execute("PRAGMA temp_store").fetchone()[0] == store

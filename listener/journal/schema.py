@@ -187,7 +187,12 @@ def migrate(conn: sqlite3.Connection) -> None:
 
 
 def connect(
-    path: Path, *, synchronous: str = "full", create: bool = True, read_only: bool = False
+    path: Path,
+    *,
+    synchronous: str = "full",
+    create: bool = True,
+    read_only: bool = False,
+    writer: bool = False,
 ) -> sqlite3.Connection:
     """
     Open the journal file in WAL mode, with ``busy_timeout`` so writers wait their turn.
@@ -212,6 +217,11 @@ def connect(
             migrate(conn)
         if read_only:
             conn.execute("PRAGMA query_only=1")
+        if writer:
+            # Statement journals (and the temp table retention uses) in memory: a
+            # multi-row insert's undo record outgrows SQLite's 64 KiB and went to a temp
+            # file, a third of the bytes the writer wrote (bench/README.md, "Soak").
+            conn.execute("PRAGMA temp_store=MEMORY")
     except sqlite3.DatabaseError as exc:
         conn.close()
         if _CORRUPT.search(str(exc)):

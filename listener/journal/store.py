@@ -153,7 +153,7 @@ class Journal(Upkeep):
         try:
             if self._lock is not None:
                 self._lock.acquire()
-            self._writer = await self._on(self._write_thread, self._connect)
+            self._writer = await self._on(self._write_thread, self._connect, True)
             self._reader = await self._on(self._read_thread, self._connect)
             self._querier = await self._on(self._query_thread, self._connect)
             assert self._reader is not None  # connected just above
@@ -193,8 +193,8 @@ class Journal(Upkeep):
         if self._lock is not None:
             self._lock.release()
 
-    def _connect(self) -> sqlite3.Connection:
-        return connect(self._path, synchronous=self._config.synchronous)
+    def _connect(self, writer: bool = False) -> sqlite3.Connection:
+        return connect(self._path, synchronous=self._config.synchronous, writer=writer)
 
     @staticmethod
     async def _on(thread: ThreadPoolExecutor, fn: Callable[..., _T], *args: Any) -> _T:
