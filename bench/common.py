@@ -373,13 +373,17 @@ def py_spy(pid: int, seconds: float, output: Path) -> subprocess.Popen[bytes] | 
 # -- broker objects ------------------------------------------------------------------------
 
 
-async def declare_tap(exchange: str, queue: str) -> None:
-    """A durable topic ``exchange`` with a durable ``queue`` bound ``#``, before the listener."""
+async def declare_tap(exchange: str, queue: str, *, max_length: int | None = None) -> None:
+    """
+    A durable topic ``exchange`` with a durable ``queue`` bound ``#``, before the listener;
+    ``max_length``: the broker drops the oldest message for each one past it.
+    """
     connection = await aio_pika.connect(BROKER_URL)
     try:
         channel = await connection.channel()
         ex = await channel.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC, durable=True)
-        q = await channel.declare_queue(queue, durable=True)
+        bounded = {"x-max-length": max_length, "x-overflow": "drop-head"} if max_length else None
+        q = await channel.declare_queue(queue, durable=True, arguments=bounded)
         await q.bind(ex, "#")
     finally:
         await connection.close()

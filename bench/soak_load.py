@@ -1,7 +1,7 @@
 """
 The load and the disturbances of the soak (:mod:`bench.soak`): the listener's
 configuration, the in-process simulators, the paced webhook driver, the broker restart,
-the replay, the tap purge, and reaping what was started.
+the replay, the tap's depth, and reaping what was started.
 """
 
 from __future__ import annotations
@@ -267,14 +267,14 @@ async def broker_app(action: str) -> str | None:
     return f"rabbitmqctl {action} exited {proc.returncode}: {out.decode(errors='replace')[-300:]}"
 
 
-async def purge(queue: str) -> int | None:
-    """Empty the tap queue; how many messages it held (``None``: the broker did not answer)."""
+async def tap_depth(queue: str) -> int | None:
+    """Messages in the tap queue (``None``: the broker did not answer)."""
     with contextlib.suppress(Exception):  # e.g. the broker is being restarted
         connection = await aio_pika.connect(BROKER_URL, timeout=5)
         try:
             channel = await connection.channel()
             declared = await channel.declare_queue(queue, passive=True)
-            return int((await declared.purge()).message_count or 0)
+            return int(declared.declaration_result.message_count or 0)
         finally:
             await connection.close()
     return None
