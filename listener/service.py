@@ -52,17 +52,11 @@ from listener.sources.registry import Transport, TransportContext, build_transpo
 from listener.sources.supervisor import SourceRuntime, supervised
 from listener.web import PublicRoutes
 
-__all__ = ["SWITCH_INTERVAL", "Service"]
+__all__ = ["Service"]
 
 log = structlog.get_logger("listener.service")
 
 MAINTENANCE_INTERVAL = 60.0
-# The journal's threads give up Python's lock for each SQLite call and win it back from
-# the busy event loop only after the switch interval (5 ms by default): a retention
-# batch of 100 rows held the writer ~90 ms, most of it waiting, while appends queued
-# behind it (the soak's journal wait p99 of ~46 ms in each minute that pruned). At 1 ms,
-# ~15 ms. The daemon's ``run`` sets it for the process.
-SWITCH_INTERVAL = 0.001
 
 
 @contextlib.asynccontextmanager

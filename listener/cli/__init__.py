@@ -68,9 +68,8 @@ def check_config(config_file: Path | None) -> None:
 @CONFIG_OPTION
 def run(config_file: Path | None) -> None:
     """Run the daemon until SIGTERM/SIGINT (exit 0 after a clean drain); SIGHUP reloads secrets."""
-    from listener.service import SWITCH_INTERVAL, Service  # noqa: PLC0415 - keeps the other commands light
+    from listener.service import Service  # noqa: PLC0415 - keeps the other commands light
 
-    sys.setswitchinterval(SWITCH_INTERVAL)
     config = load_or_exit(config_file)
     configure_logging(level=config.log.level, fmt=config.log.format, secrets=secret_values(config))
     # SIGHUP re-reads the same file (with the same environment) and applies new secrets.
