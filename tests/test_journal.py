@@ -545,29 +545,6 @@ async def test_retention_batches_shrink_while_slow_and_grow_back(tmp_path: Path)
     assert total == sum(sizes[:-1])
 
 
-@pytest.mark.parametrize(("configured", "level"), [("full", 2), ("normal", 1)])
-async def test_retention_transactions_skip_the_fsync(
-    tmp_path: Path, configured: str, level: int
-) -> None:
-    """
-    Retention's transactions commit with ``synchronous=NORMAL``: no fsync of their own
-    while appends wait for the writer (the next append's commit syncs the WAL they are
-    in). The writer is back at the configured level afterwards, for the appends.
-    """
-    during: list[int] = []
-
-    def delete(conn: sqlite3.Connection, size: int) -> int:
-        during.append(conn.execute("PRAGMA synchronous").fetchone()[0])
-        return size if len(during) < 2 else 0
-
-    async with Journal(config=config(tmp_path, synchronous=configured)) as journal:
-        assert journal._writer is not None
-        assert journal._writer.execute("PRAGMA synchronous").fetchone()[0] == level
-        assert await journal._in_batches(delete, batch=100) == 100
-        assert journal._writer.execute("PRAGMA synchronous").fetchone()[0] == level
-    assert during == [1, 1]
-
-
 def _temp_files() -> set[str]:
     """SQLite's open temporary files in this process (unlinked ``etilqs_*`` files)."""
     found = set()

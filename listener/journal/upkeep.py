@@ -28,7 +28,6 @@ __all__ = ["Stats", "Upkeep"]
 # and doubled again while they are quick.
 PRUNE_SLOW = 0.02
 PRUNE_MIN = 100
-NORMAL = 1  # PRAGMA synchronous: 0 off, 1 normal, 2 full, 3 extra
 
 
 @dataclass(slots=True)
@@ -101,20 +100,8 @@ class Upkeep(Checkpoints):
         total, size = 0, batch
 
         def timed(size: int) -> tuple[int, float]:
-            conn = self._writer
-            assert conn is not None  # opened first
             began = time.perf_counter()
-            # Without an fsync of their own (synchronous=NORMAL; the WAL keeps each one
-            # atomic): the next append's commit syncs the WAL they are in, and one lost to
-            # a power cut is only deleted again. Their COMMIT was most of their time.
-            ((level,),) = conn.execute("PRAGMA synchronous").fetchall()
-            if level > NORMAL:
-                conn.execute(f"PRAGMA synchronous={NORMAL}")
-            try:
-                return fn(conn, *args, size), time.perf_counter() - began
-            finally:
-                if level > NORMAL:
-                    conn.execute(f"PRAGMA synchronous={level}")
+            return fn(self._writer, *args, size), time.perf_counter() - began
 
         while True:
             deleted, took = await self._on_writer(timed, size)
