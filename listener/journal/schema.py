@@ -196,6 +196,7 @@ def connect(
 ) -> sqlite3.Connection:
     """
     Open the journal file in WAL mode, with ``busy_timeout`` so writers wait their turn.
+    ``writer``: the daemon's writer connection, whose temporary files stay in memory.
 
     Raises:
         JournalCorrupt: the file is not a readable SQLite database.
@@ -220,7 +221,7 @@ def connect(
         if writer:
             # Statement journals (and the temp table retention uses) in memory: a
             # multi-row insert's undo record outgrows SQLite's 64 KiB and went to a temp
-            # file, a third of the bytes the writer wrote (bench/README.md, "Soak").
+            # file, a third of the bytes the writer wrote on the soak's 1 GiB journal.
             conn.execute("PRAGMA temp_store=MEMORY")
     except sqlite3.DatabaseError as exc:
         conn.close()
