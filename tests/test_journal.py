@@ -19,7 +19,6 @@ from listener.exceptions import JournalCorrupt, JournalError, JournalFull, Journ
 from listener.journal import Cursor, Journal
 from listener.journal.schema import connect, migrate
 from listener.journal.upkeep import PRUNE_MIN, PRUNE_SLOW
-from listener.journal.wal import BACKSTOP_PAGES, CHECKPOINT_AFTER
 from listener.journal.writes import Append, commit, retention_bound
 from listener.metrics import Metrics
 
@@ -589,27 +588,3 @@ async def test_the_writers_statement_journals_stay_in_memory(tmp_path: Path, wri
         for conn, store in ((journal._writer, 2), (journal._reader, 0)):
             assert conn is not None
             assert conn.execute("PRAGMA temp_store").fetchone()[0] == store
-
-
-async def test_the_wal_is_checkpointed_off_the_writer(tmp_path: Path) -> None:
-    """
-    The writer's own automatic checkpoint is a backstop (BACKSTOP_PAGES); a connection of
-    the journal's own takes the WAL in shortly after commits, without the writer.
-    """
-    pad = b"x" * 3000
-    async with Journal(config=config(tmp_path)) as journal:
-        assert journal._writer is not None
-        assert journal._writer.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == BACKSTOP_PAGES
-        for start in range(0, 1500, 100):  # ~1,500 pages: past SQLite's default of 1,000
-            await journal.append([dataclasses.replace(entry(i), body=pad) for i in range(start, start + 100)])
-        for _ in range(100):
-            if journal._wal.checkpoints and journal._wal.wal_frames >= 1000:
-                break
-            await asyncio.sleep(CHECKPOINT_AFTER / 5)
-        assert journal._wal.checkpoints >= 1
-        assert journal._wal.wal_frames >= 1000  # the writer had checkpointed none of them
-        with sqlite3.connect(tmp_path / "j.db") as other:  # nothing left to copy
-            busy, frames, copied = other.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            assert (busy, copied) == (0, frames)
-    async with Journal(config=config(tmp_path)) as journal:
-        assert len(await journal.query("SELECT seq FROM events")) == 1500

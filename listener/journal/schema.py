@@ -27,7 +27,6 @@ from typing import Any, Literal
 
 from listener.envelope import Entry
 from listener.exceptions import JournalCorrupt
-from listener.journal.wal import BACKSTOP_PAGES
 
 __all__ = [
     "COLUMNS",
@@ -197,8 +196,7 @@ def connect(
 ) -> sqlite3.Connection:
     """
     Open the journal file in WAL mode, with ``busy_timeout`` so writers wait their turn.
-    ``writer``: the daemon's writer connection, whose temporary files stay in memory and
-    whose automatic WAL checkpoint is only a backstop.
+    ``writer``: the daemon's writer connection, whose temporary files stay in memory.
 
     Raises:
         JournalCorrupt: the file is not a readable SQLite database.
@@ -225,9 +223,6 @@ def connect(
             # multi-row insert's undo record outgrows SQLite's 64 KiB and went to a temp
             # file, a third of the bytes the writer wrote on the soak's 1 GiB journal.
             conn.execute("PRAGMA temp_store=MEMORY")
-            # Checkpoints run on a connection of their own (listener.journal.wal); the
-            # writer's own is the backstop.
-            conn.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_PAGES}")
     except sqlite3.DatabaseError as exc:
         conn.close()
         if _CORRUPT.search(str(exc)):

@@ -1,9 +1,10 @@
 """
 The journal: SQLite in WAL mode as store-and-forward (CONTRACT §8).
 
-Data flows one way: intake → :meth:`Journal.append` (durable) → the publisher takes the
-committed rows from :attr:`Journal.fresh` in memory (or reads :meth:`Journal.pending`
-where one is missing), in ``seq`` order → :meth:`Journal.mark_published`.
+Data flows one way: intake → :meth:`Journal.append` (durable) → the publisher takes
+the committed rows from :attr:`Journal.fresh` in memory (or reads
+:meth:`Journal.pending` where one is missing), in ``seq`` order →
+:meth:`Journal.mark_published`.
 
 Writes go through one writer task that takes every operation queued while the
 previous transaction was committing or in the next few turns of the event loop, and
@@ -15,9 +16,10 @@ its neighbours commit (STYLE: "advance only from durable outcomes").
 
 Threads: one writer connection, whose commits run on the event loop's thread while they
 are quick and on the writer thread otherwise (:meth:`Journal._commit` says why), and
-whose upkeep (retention, counts) runs on the writer thread between commits; one reader
-for the publisher and the sources; one for the admin API and replays; one that
-checkpoints the WAL (:mod:`listener.journal.wal`). WAL lets all four run beside a commit.
+whose upkeep (retention, counts) always runs on the writer thread, never beside a
+commit; one reader for the publisher and the sources (rows missing from the handoff,
+cursors); one more for the admin API and replays, so a long admin query never holds up
+publishing (WAL lets all three proceed beside a commit).
 """
 
 from __future__ import annotations
@@ -38,7 +40,6 @@ from listener.exceptions import JournalError, JournalFull
 from listener.journal.lock import JournalLock
 from listener.journal.schema import BUSY_TIMEOUT_MS, Cursor, StoredEntry, connect
 from listener.journal.upkeep import Stats, Upkeep
-from listener.journal.wal import WalCheckpointer
 from listener.journal.writes import (
     Append,
     Defer,
@@ -56,7 +57,8 @@ __all__ = ["Journal"]
 _T = TypeVar("_T")
 
 
-FRESH_MAX = 2048  # appended rows waiting in memory for the publisher (Journal.fresh)
+# How many appended rows wait in memory for the publisher (:attr:`Journal.fresh`).
+FRESH_MAX = 2048
 FRESH_BODY = 16 * 1024  # bytes: at most 32 MiB in the handoff
 # Commits run on the event loop's thread while they are quick (see _commit): a batch
 # larger than INLINE_BYTES, or any while one took over INLINE_SLOW in the last
@@ -64,7 +66,8 @@ FRESH_BODY = 16 * 1024  # bytes: at most 32 MiB in the handoff
 INLINE_BYTES = 256 * 1024
 INLINE_SLOW = 0.02
 INLINE_PAUSE = 10.0
-INLINE_BUSY_MS = 5  # the longest wait on the loop's thread for another process's lock
+# On the loop's thread, another process's write lock is waited for this long at most.
+INLINE_BUSY_MS = 5
 # Turns of the event loop the writer lets pass after the first queued operation: the
 # appends of requests already read off their sockets join this commit (one fsync for
 # more events; measured: -15% CPU per webhook, and a lower accept latency at half load).
@@ -99,8 +102,7 @@ class Journal(Upkeep):
         self._stats = Stats()
         self._capacity = asyncio.Event()
         self._capacity.set()
-        self._wal = WalCheckpointer(self._connect)
-        self._listeners: list[Callable[[], None]] = [self._wal.poke]
+        self._listeners: list[Callable[[], None]] = []
         self._failed: BaseException | None = None
         self._failed_until = 0.0
         #: The rows this process appended, as they commit, oldest first: the publisher
@@ -159,7 +161,6 @@ class Journal(Upkeep):
                 self._read_thread, count_open, self._reader
             )
             await self._on(self._write_thread, self._measure_size)
-            await self._wal.start()
         except BaseException:
             await self._close_connections()
             raise
@@ -177,7 +178,6 @@ class Journal(Upkeep):
         await self._close_connections()
 
     async def _close_connections(self) -> None:
-        await self._wal.stop()
         threads = (self._write_thread, self._read_thread, self._query_thread)
         for name, thread in (
             ("_writer", self._write_thread),
