@@ -26,7 +26,7 @@ __all__ = ["Stats", "Upkeep"]
 # Retention deletes in transactions of up to ``batch`` rows, halved while one holds the
 # writer longer than PRUNE_SLOW (a busy host: appends wait meanwhile), down to PRUNE_MIN,
 # and doubled again while they are quick.
-PRUNE_SLOW = 0.02
+PRUNE_SLOW = 0.005
 PRUNE_MIN = 100
 
 
