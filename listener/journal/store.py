@@ -170,7 +170,7 @@ class Journal(Upkeep):
     async def close(self) -> None:
         """Commit what is queued, then close the connections and the lock."""
         if self._task is not None:
-            await self._queue.join()
+            await self.settled()
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
