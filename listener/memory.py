@@ -10,7 +10,9 @@ up after the broker restart"). Nothing leaked; the free memory just stayed mappe
 the allocator's locks meanwhile, so it runs on a worker thread and only when the
 resident size grew by :data:`TRIM_GROWTH` since the last trim, which in a steady
 state is never. Where the C library has no ``malloc_trim`` (musl, macOS) this does
-nothing.
+nothing. Python's small-object arenas are out of its reach: one is returned only
+when nothing in it lives, so about 10 MiB of the burst stays (measured: the live
+objects as many as before, spread over a third more arenas); later bursts reuse it.
 """
 
 from __future__ import annotations
