@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import math
 import os
 import subprocess
@@ -68,6 +69,7 @@ TAIL = 10.0  # the webhook load runs past the last sample, which sees it at full
 GROWTH = 0.05
 TASK_SCRAPES = 5
 LAG_LIMIT = 1.0  # seconds
+LOAD_SHORT = 0.9  # under this share of the asked rate received, the verdict says so
 # The tap queue's bound (the broker drops its oldest message for each one past it): a
 # purge of the minute's ~150,000 messages held the broker's confirms up to 2.5 s.
 TAP_MAX = 30_000
@@ -261,8 +263,33 @@ def report(
     flat &= not slow
     counters = ", ".join(f"{label} {final.get(name, 0):,.0f}" for label, name in COUNTERS)
     print(f"  listener totals: {counters}")
-    print(f"verdict: {'FLAT' if flat else 'NOT FLAT'}")
+    short = _load(opts, samples, skip)
+    print(f"verdict: {'FLAT' if flat else 'NOT FLAT'}{short}")
     return flat
+
+
+def _load(opts: Options, samples: list[Sample], skip: set[int]) -> str:
+    """
+    Print the rate the listener received at against the rate asked for; the verdict's
+    caveat when it fell short (a host slower than the rates assume judges a lighter load).
+    """
+    asked = opts.webhook_rate + opts.stream_rate
+    rates = [
+        (s.received - b.received) / 60.0
+        for b, s in itertools.pairwise(samples)
+        if s.minute > opts.warmup_minutes and s.minute not in skip and b.minute > 0
+    ]
+    if not rates:
+        return ""
+    reached = sum(rates) / len(rates)
+    ok = reached >= LOAD_SHORT * asked
+    print(
+        f"  load: received {reached:,.0f} events/s (mean of the {len(rates)} judged "
+        f"minutes) of the {asked:,.0f}/s asked {'PASS' if ok else 'SHORT'}"
+    )
+    if ok:
+        return ""
+    return f" (at {reached:,.0f} events/s, short of the {asked:,.0f}/s asked: not sustained)"
 
 
 def _process(pid: int) -> tuple[int, int]:
