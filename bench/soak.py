@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import itertools
 import math
 import os
 import subprocess
@@ -263,22 +262,20 @@ def report(
     flat &= not slow
     counters = ", ".join(f"{label} {final.get(name, 0):,.0f}" for label, name in COUNTERS)
     print(f"  listener totals: {counters}")
-    short = _load(opts, samples, skip)
+    short = _load(opts, samples, judged)
     print(f"verdict: {'FLAT' if flat else 'NOT FLAT'}{short}")
     return flat
 
 
-def _load(opts: Options, samples: list[Sample], skip: set[int]) -> str:
+def _load(opts: Options, samples: list[Sample], judged: list[Sample]) -> str:
     """
-    Print the rate the listener received at against the rate asked for; the verdict's
-    caveat when it fell short (a host slower than the rates assume judges a lighter load).
+    Print the rate the listener received at in the ``judged`` minutes against the rate
+    asked for; the verdict's caveat when it fell short (a host slower than the rates
+    assume judges a lighter load).
     """
     asked = opts.webhook_rate + opts.stream_rate
-    rates = [
-        (s.received - b.received) / 60.0
-        for b, s in itertools.pairwise(samples)
-        if s.minute > opts.warmup_minutes and s.minute not in skip and b.minute > 0
-    ]
+    before = {s.minute: s for s in samples}  # (judged minutes follow the warm-up's)
+    rates = [(s.received - before[s.minute - 1].received) / 60.0 for s in judged]
     if not rates:
         return ""
     reached = sum(rates) / len(rates)
