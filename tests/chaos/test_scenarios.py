@@ -762,7 +762,13 @@ async def test_journal_disk_full(
                     await wait_for(
                         lambda: traffic.statuses[503] >= 20, timeout=30, what="503s on a full disk"
                     )
-                    assert journal.state()["status"] == "error"
+                    # "error" lasts retry_after (1 s) past each failed commit, then the
+                    # next append tries again and fails: a slow host can look in between.
+                    await wait_for(
+                        lambda: journal.state()["status"] == "error",
+                        timeout=10,
+                        what="the journal reporting its write error",
+                    )
                     ballast.unlink()
                     book.fault_cleared()
                     await traffic.wait_acknowledged(200, timeout=30)
