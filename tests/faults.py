@@ -20,7 +20,9 @@ class TcpProxy:
     * :meth:`refuse` closes new connections at once (the peer is down);
     * :meth:`restore` goes back to forwarding;
     * ``delay`` slows every chunk; ``close_after`` cuts a connection after N bytes
-      from the target (mid-frame).
+      from the target (mid-frame); ``stall_after_frames`` lets a new connection's first
+      N AMQP frames from the target through, then nothing (3: the handshake completes,
+      and a channel never opens).
     """
 
     def __init__(self, target_host: str, target_port: int) -> None:
@@ -28,6 +30,7 @@ class TcpProxy:
         self.port = 0
         self.delay = 0.0
         self.close_after: int | None = None
+        self.stall_after_frames: int | None = None
         self._mode = "forward"  # forward | blackhole | refuse
         self._server: asyncio.Server | None = None
         self._pipes: set[asyncio.Task[None]] = set()
@@ -94,9 +97,14 @@ class TcpProxy:
             return
         self._writers.add(up_writer)
         budget = [self.close_after]
+        downstream = (
+            self._pipe(up_reader, writer, budget)
+            if self.stall_after_frames is None
+            else self._stall(up_reader, writer, self.stall_after_frames)
+        )
         tasks = {
             asyncio.create_task(self._pipe(reader, up_writer, None)),
-            asyncio.create_task(self._pipe(up_reader, writer, budget)),
+            asyncio.create_task(downstream),
         }
         self._pipes |= tasks
         try:
@@ -131,6 +139,19 @@ class TcpProxy:
                 await writer.drain()
         except (ConnectionError, OSError):
             return
+
+    @staticmethod
+    async def _stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, frames: int) -> None:
+        """Forward ``frames`` AMQP frames, then hold the connection open and silent."""
+        try:
+            for _ in range(frames):
+                header = await reader.readexactly(7)  # type, channel, payload size
+                size = int.from_bytes(header[3:7], "big")
+                writer.write(header + await reader.readexactly(size + 1))  # (+ frame end)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            return
+        await asyncio.Event().wait()  # until cut or closed
 
 
 @contextlib.asynccontextmanager

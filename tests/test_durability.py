@@ -96,6 +96,36 @@ async def test_blackholed_broker_fails_publishes_within_deadline(
             await t.wait_ids(acknowledged, timeout=60)
 
 
+async def test_a_reconnect_whose_channel_never_opens_is_given_up_for_the_next(
+    tmp_path: Path, broker_url: str, exchange_name: str
+) -> None:
+    """
+    After a cut, a connection that completes its handshake but never opens a channel is
+    abandoned within the connect deadline and the next one is used (the heartbeat, 30 s
+    here, would take over a minute to notice it).
+    """
+    async with proxy(BROKER_HOST, BROKER_PORT) as p, tap(broker_url, exchange_name) as t:
+        config = make_config(
+            tmp_path, broker_url=p.url("amqp", "/", "guest:guest"), exchange=exchange_name,
+            sources=[gst_source()],
+            broker={"heartbeat": "30s", "connect_timeout": "1s", "retry_max": "1s"},
+        )
+        async with running(config) as service, aiohttp.ClientSession() as session:
+            sender = Sender(session, f"http://127.0.0.1:{service.public_port}/webhooks/gst")
+            assert service.publisher is not None
+            await wait_for(lambda: service.publisher.connected, what="connected")  # type: ignore[union-attr]
+            before = await post_many(sender, [f"evt_s{i}" for i in range(20)])
+            await t.wait_ids(before, timeout=30)
+            first = p.connections
+            p.stall_after_frames = 3  # Connection.Start, Tune and OpenOk; no Channel.OpenOk
+            p.cut()
+            during = await post_many(sender, [f"evt_t{i}" for i in range(20)])
+            await wait_for(lambda: p.connections >= first + 2, timeout=15, what="stalled attempts")
+            p.stall_after_frames = None
+            assert len(before | during) == 40
+            await t.wait_ids(before | during, timeout=20)
+
+
 async def test_sigkill_with_backlog_then_restart_delivers_everything(
     tmp_path: Path, broker_url: str, exchange_name: str
 ) -> None:

@@ -1,9 +1,9 @@
 """
 The publisher: drains the journal to RabbitMQ with publisher confirms (CONTRACT §4, §8).
 
-* One aio-pika robust connection (:mod:`listener.broker.connection`) and one
-  confirm-mode channel with ``on_return_raises=True``; frames go straight to the
-  underlying aiormq channel through the one confirm window
+* One connection (:mod:`listener.broker.connection`) and one confirm-mode channel
+  with ``on_return_raises=True``; frames go straight to the underlying aiormq channel
+  through the one confirm window
   (:class:`listener.broker.confirms.ConfirmWindow`), many messages per socket write,
   no task or timer per message.
 * One message, one fate (STYLE): a message the broker returns (unroutable) or nacks is
@@ -11,6 +11,9 @@ The publisher: drains the journal to RabbitMQ with publisher confirms (CONTRACT 
   away from the head (1 s doubling to 1 min; all of a routing key at once when one of
   them goes through again); it never ends the session, nor holds up the messages
   behind it, nor makes others go twice. ``/readyz`` shows ``degraded`` meanwhile.
+* Reconnecting is ours (not aio-pika's robust connection, whose channel restore has no
+  deadline): a lost connection is closed and another made under our deadlines and
+  backoff, from the next node of ``broker.urls`` on (CONTRACT §10).
 * What ends a session concerns the connection: no confirm within
   ``broker.publish_timeout`` (a blocked or dead broker; our own deadline, which also
   covers reconnect waits), or the channel closing. In-flight publishes then have an
@@ -29,7 +32,7 @@ from typing import Any
 
 import aiormq
 import structlog
-from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractConnection
 
 from listener.broker.backlog import Backlog
 from listener.broker.confirms import ConfirmWindow, Outcome, Outgoing
@@ -69,8 +72,8 @@ class Publisher:
         self._journal = journal
         self._metrics = metrics
         self._names = Topology(config.exchange)
-        self._connection: AbstractRobustConnection | None = None
-        self._channel: AbstractRobustChannel | None = None
+        self._connection: AbstractConnection | None = None
+        self._channel: aiormq.abc.AbstractChannel | None = None
         self._confirmed: list[StoredEntry] = []
         self._returned: list[tuple[StoredEntry, str]] = []
         self._confirmed_any = False
@@ -82,9 +85,8 @@ class Publisher:
         # Set when the shutdown drain starts: retries stop waiting out the backoff.
         self._hurry = asyncio.Event()
         self._closing = False
-        # broker.urls: the node connected to, and whether to move on to the next one.
-        self._node = 0
-        self._move_on = False
+        self._node = 0  # (of broker.urls) connected to; after a loss, the next one first
+        self._lost = False  # the connection was lost: make another
         self._watchers: list[Callable[[bool], None]] = []  # (:meth:`watch`)
         # Set by confirms and by journal commits: the drain loop's one wake-up call.
         self._wake = asyncio.Event()
@@ -104,7 +106,7 @@ class Publisher:
 
     def raw_connection(self) -> aiormq.abc.AbstractConnection | None:
         """The aiormq connection the publisher publishes on, while it is up."""
-        up = self.connected and not self._move_on and self._connection is not None
+        up = self.connected and not self._lost and self._connection is not None
         return raw_connection(self._connection) if up and self._connection else None
 
     def _tell(self, up: bool) -> None:
@@ -137,8 +139,8 @@ class Publisher:
             await self._connect()
             delays = backoff(self._config.retry_initial, self._config.retry_max)
             while True:
-                if self._move_on:
-                    await self._next_node()
+                if self._lost or not self.connected:
+                    await self._reconnect()
                 healthy = await self._session()
                 if healthy:
                     delays = backoff(self._config.retry_initial, self._config.retry_max)
@@ -182,54 +184,47 @@ class Publisher:
             if attempt == 1:
                 log.warning("broker_unreachable_journaling_only", url=url)
 
+        delays = backoff(self._config.retry_initial, self._config.retry_max)
         while True:
             connection, self._node = await connect_retrying(
                 self._config, name="listener", on_failure=failed, start=self._node
             )
             try:
                 async with asyncio.timeout(self._config.connect_timeout * 2):
-                    channel = await connection.channel(
+                    channel = await raw_connection(connection).channel(
                         publisher_confirms=True, on_return_raises=True
                     )
             except Exception as exc:  # a channel that cannot open: start over
-                failed(exc, 0.0, 2)
+                failed(exc, delay := next(delays), 2)
                 await close_quietly(connection)
+                await asyncio.sleep(delay)
                 continue
-            assert isinstance(channel, AbstractRobustChannel)  # a robust connection's
             break
         self._connection, self._channel = connection, channel
         self._metrics.broker_connected.set(1)
         connection.close_callbacks.add(self._on_lost)
-        connection.reconnect_callbacks.add(self._on_reconnect)
         self._last_error = None
         log.info("broker_connected", exchange=self._config.exchange, node=self._node)
         self._tell(True)
 
-    async def _next_node(self) -> None:
-        """broker.urls: the node failed; connect from the next one on (CONTRACT §10)."""
-        self._move_on = False
-        self._tell(False)  # (aio-pika may have reconnected to that node meanwhile)
+    async def _reconnect(self) -> None:
+        """The connection was lost: close it, connect again from the next node on."""
+        self._lost = False
+        self._tell(False)
         if self._connection is not None:
-            old, self._connection = self._connection, None
+            old, self._connection, self._channel = self._connection, None, None
             old.close_callbacks.discard(self._on_lost)
             await close_quietly(old)
-        self._node = (self._node + 1) % len(self._config.nodes)
+        self._node = (self._node + 1) % len(self._config.nodes)  # (CONTRACT §10)
         await self._connect()
 
     def _on_lost(self, *_: object) -> None:
         self._metrics.broker_connected.set(0)
         if not self._closing:
             log.warning("broker_connection_lost")
-            # Several nodes: the next session connects to the next one (aio-pika would
-            # retry only this one).
-            self._move_on = len(self._config.nodes) > 1
+            self._lost = True
             self._wake.set()
         self._tell(False)
-
-    def _on_reconnect(self, *_: object) -> None:
-        self._metrics.broker_connected.set(1)
-        log.info("broker_reconnected")
-        self._tell(True)
 
     async def _close(self) -> None:
         self._metrics.broker_connected.set(0)
@@ -270,10 +265,15 @@ class Publisher:
 
     async def _session(self) -> bool:
         """Publish with a sliding window until the connection fails; ``True``: reset backoff."""
-        assert self._channel is not None  # connected first
+        assert self._connection is not None  # connected first
+        assert self._channel is not None
         try:
-            async with asyncio.timeout(self._config.publish_timeout):
-                underlay = await self._channel.get_underlay_channel()
+            if self._channel.is_closed:  # the broker closed it (the connection is up)
+                async with asyncio.timeout(self._config.publish_timeout):
+                    self._channel = await raw_connection(self._connection).channel(
+                        publisher_confirms=True, on_return_raises=True
+                    )
+            underlay = self._channel
             # The concrete aiormq channel: the confirm window writes frames through it.
             assert isinstance(underlay, aiormq.Channel)
             if not await self._declare(underlay):
@@ -328,7 +328,7 @@ class Publisher:
         backlog = taken.items
         next_check = 0.0
         wake = self._wake
-        while window.failure is None and not self._move_on:  # (or on to the next node)
+        while window.failure is None and not self._lost:
             wake.clear()
             room = window.room
             if not backlog and room > 0:

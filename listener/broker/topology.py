@@ -105,8 +105,7 @@ async def declare_topology(
     Declare exchanges, the quarantine queue and the archive stream, idempotently.
 
     Each step runs on a short-lived aiormq channel of its own on ``connection`` (a 406
-    closes the channel it happened on, and channels opened here must not be among
-    those a robust connection restores after a reconnect).
+    closes the channel it happened on; the publisher's channel must not be that one).
 
     Raises:
         aiormq.exceptions.AMQPError, ConnectionError: the broker is unreachable.
