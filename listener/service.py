@@ -339,6 +339,7 @@ class Service:
     async def _maintenance(self, journal: Journal) -> None:
         memory = Trimmer()
         while True:
+            began = time.monotonic()
             try:
                 deleted = await journal.prune()
                 await journal.recount()
@@ -351,4 +352,6 @@ class Service:
             if trimmed := await memory.maybe_trim():  # (after a drain, a replay)
                 before, after = (round(n / 2**20, 1) for n in trimmed)
                 log.info("memory_trimmed", resident_mib_before=before, resident_mib_after=after)
-            await asyncio.sleep(MAINTENANCE_INTERVAL)
+            # A round every interval, from start to start: a long one (retention behind)
+            # is not followed by a full interval's rest too.
+            await asyncio.sleep(max(1.0, MAINTENANCE_INTERVAL - (time.monotonic() - began)))

@@ -18,7 +18,13 @@ from listener.envelope import Entry
 from listener.exceptions import JournalCorrupt, JournalError, JournalFull, JournalLocked
 from listener.journal import Cursor, Journal
 from listener.journal.schema import connect, migrate
-from listener.journal.upkeep import PRUNE_MIN, PRUNE_SLOW
+from listener.journal.upkeep import (
+    PRUNE_BEHIND_SLOW,
+    PRUNE_MAX,
+    PRUNE_MIN,
+    PRUNE_PATIENCE,
+    PRUNE_SLOW,
+)
 from listener.journal.writes import Append, commit, retention_bound
 from listener.metrics import Metrics
 
@@ -540,9 +546,30 @@ async def test_retention_batches_shrink_while_slow_and_grow_back(tmp_path: Path)
         return size if len(sizes) < 7 else 0
 
     async with Journal(config=config(tmp_path)) as journal:
-        total = await journal._in_batches(fake_delete, batch=800)
+        total = await journal._in_batches(fake_delete, batch=800, began=time.monotonic())
     assert sizes == [800, 400, 200, PRUNE_MIN, PRUNE_MIN, 200, 400]
     assert total == sum(sizes[:-1])
+
+
+async def test_a_round_that_is_behind_grows_its_batches_past_the_usual_bound(
+    tmp_path: Path,
+) -> None:
+    """
+    Once a round has run PRUNE_PATIENCE, a delete as slow as the ones that halved the
+    batch above grows it instead (up to PRUNE_MAX): a saturated host still keeps up.
+    """
+    sizes: list[int] = []
+
+    def fake_delete(conn: object, size: int) -> int:
+        sizes.append(size)
+        time.sleep(1.2 * PRUNE_SLOW)  # slow for a round on time, quick for one behind
+        return size if len(sizes) < 6 else 0
+
+    assert 1.2 * PRUNE_SLOW < PRUNE_BEHIND_SLOW / 4
+    async with Journal(config=config(tmp_path)) as journal:
+        behind = time.monotonic() - PRUNE_PATIENCE - 1
+        await journal._in_batches(fake_delete, batch=500, began=behind)
+    assert sizes == [500, 1000, PRUNE_MAX, PRUNE_MAX, PRUNE_MAX, PRUNE_MAX]
 
 
 def _temp_files() -> set[str]:

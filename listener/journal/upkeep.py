@@ -25,9 +25,15 @@ __all__ = ["Stats", "Upkeep"]
 
 # Retention deletes in transactions of up to ``batch`` rows, halved while one holds the
 # writer longer than PRUNE_SLOW (a busy host: appends wait meanwhile), down to PRUNE_MIN,
-# and doubled again while they are quick.
+# and doubled again while under half that. A round that has run PRUNE_PATIENCE is behind:
+# small transactions on a saturated host (each waits for the GIL between statements)
+# deleted fewer rows a second than arrived, and the journal grew without bound. From
+# then on each may hold the writer up to PRUNE_BEHIND_SLOW, with up to PRUNE_MAX rows.
 PRUNE_SLOW = 0.005
 PRUNE_MIN = 100
+PRUNE_PATIENCE = 15.0
+PRUNE_BEHIND_SLOW = 0.1
+PRUNE_MAX = 2000
 
 
 @dataclass(slots=True)
@@ -92,39 +98,50 @@ class Upkeep(Checkpoints):
 
     # -- maintenance --------------------------------------------------------------
 
-    async def _in_batches(self, fn: Callable[..., int], *args: float, batch: int) -> int:
+    async def _in_batches(
+        self, fn: Callable[..., int], *args: float, batch: int, began: float
+    ) -> int:
         """
         Run ``fn(writer, *args, size)`` until it deletes fewer than ``size``, the size
-        kept between :data:`PRUNE_MIN` and ``batch`` by how long each took; the total.
+        kept between :data:`PRUNE_MIN` and ``batch`` by how long each took (up to
+        :data:`PRUNE_MAX` once the round, begun at monotonic ``began``, is behind); the
+        total.
         """
         total, size = 0, batch
 
         def timed(size: int) -> tuple[int, float]:
-            began = time.perf_counter()
-            return fn(self._writer, *args, size), time.perf_counter() - began
+            start = time.perf_counter()
+            return fn(self._writer, *args, size), time.perf_counter() - start
 
         while True:
             deleted, took = await self._on_writer(timed, size)
             total += deleted
             if deleted < size:
                 return total
-            if took > PRUNE_SLOW:
+            behind = time.monotonic() - began > PRUNE_PATIENCE
+            slow, most = (
+                (PRUNE_BEHIND_SLOW, max(batch, PRUNE_MAX)) if behind else (PRUNE_SLOW, batch)
+            )
+            if took > slow:
                 size = max(size // 2, min(PRUNE_MIN, batch))
-            elif took < PRUNE_SLOW / 4:
-                size = min(size * 2, batch)
+            elif took < slow / 2:
+                size = min(size * 2, most)
             await asyncio.sleep(0)  # (commits waiting for the writer go first)
 
     async def prune(self, *, now: float | None = None, batch: int = 500) -> int:
         """
         Delete published events older than ``journal.retention``, ``batch`` rows per
-        transaction so ingestion never waits long, keeping their ids as tombstones for
+        transaction so ingestion never waits long (more once the round is behind: see
+        :data:`PRUNE_PATIENCE`), keeping their ids as tombstones for
         ``journal.dedupe_window``. Quarantined rows are kept.
         """
+        began = time.monotonic()
         moment = now if now is not None else time.time()
         cutoff = moment - self._config.retention
         bound = await self._on(self._read_thread, retention_bound, self._reader, cutoff, moment)
-        total = await self._in_batches(prune_batch, cutoff, moment, bound, batch=batch)
-        await self._in_batches(prune_tombstones, moment - self._config.dedupe_window, batch=batch)
+        total = await self._in_batches(prune_batch, cutoff, moment, bound, batch=batch, began=began)
+        expired = moment - self._config.dedupe_window
+        await self._in_batches(prune_tombstones, expired, batch=batch, began=began)
         if total:
             # Deleted rows free pages: re-measure now, or a journal held over max_size
             # would wait for a commit that its own limit refuses.
