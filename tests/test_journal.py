@@ -555,8 +555,8 @@ async def test_a_round_that_is_behind_grows_its_batches_past_the_usual_bound(
     tmp_path: Path,
 ) -> None:
     """
-    Once a round has run PRUNE_PATIENCE, a delete as slow as the ones that halved the
-    batch above grows it instead (up to PRUNE_MAX): a saturated host still keeps up.
+    Once a round has run PRUNE_PATIENCE, a delete slow enough to halve the batch of a
+    round on time grows it instead (up to PRUNE_MAX): a saturated host still keeps up.
     """
     sizes: list[int] = []
 
