@@ -64,6 +64,15 @@ REFILL = 64  # write once this many can go (a quarter of the window if less) or 
 FILL_MAX = 512  # entries taken at once (bodies may be 1 MiB each)
 
 
+async def _confirm_channel(connection: AbstractConnection, within: float) -> aiormq.Channel:
+    """The publisher's channel (confirms on, returns raised), open within ``within`` s."""
+    async with asyncio.timeout(within):
+        raw = raw_connection(connection)
+        channel = await raw.channel(publisher_confirms=True, on_return_raises=True)
+    assert isinstance(channel, aiormq.Channel)  # (the confirm window writes frames to it)
+    return channel
+
+
 class Publisher:
     """Keeps the broker connection and drains the journal into it, forever."""
 
@@ -73,7 +82,7 @@ class Publisher:
         self._metrics = metrics
         self._names = Topology(config.exchange)
         self._connection: AbstractConnection | None = None
-        self._channel: aiormq.abc.AbstractChannel | None = None
+        self._channel: aiormq.Channel | None = None
         self._confirmed: list[StoredEntry] = []
         self._returned: list[tuple[StoredEntry, str]] = []
         self._confirmed_any = False
@@ -141,8 +150,7 @@ class Publisher:
             while True:
                 if self._lost or not self.connected:
                     await self._reconnect()
-                healthy = await self._session()
-                if healthy:
+                if await self._session():  # healthy
                     delays = backoff(self._config.retry_initial, self._config.retry_max)
                 await self._pause(next(delays))
         finally:
@@ -190,16 +198,12 @@ class Publisher:
                 self._config, name="listener", on_failure=failed, start=self._node
             )
             try:
-                async with asyncio.timeout(self._config.connect_timeout * 2):
-                    channel = await raw_connection(connection).channel(
-                        publisher_confirms=True, on_return_raises=True
-                    )
+                channel = await _confirm_channel(connection, self._config.connect_timeout * 2)
+                break
             except Exception as exc:  # a channel that cannot open: start over
                 failed(exc, delay := next(delays), 2)
                 await close_quietly(connection)
                 await asyncio.sleep(delay)
-                continue
-            break
         self._connection, self._channel = connection, channel
         self._metrics.broker_connected.set(1)
         connection.close_callbacks.add(self._on_lost)
@@ -269,13 +273,10 @@ class Publisher:
         assert self._channel is not None
         try:
             if self._channel.is_closed:  # the broker closed it (the connection is up)
-                async with asyncio.timeout(self._config.publish_timeout):
-                    self._channel = await raw_connection(self._connection).channel(
-                        publisher_confirms=True, on_return_raises=True
-                    )
+                self._channel = await _confirm_channel(
+                    self._connection, self._config.publish_timeout
+                )
             underlay = self._channel
-            # The concrete aiormq channel: the confirm window writes frames through it.
-            assert isinstance(underlay, aiormq.Channel)
             if not await self._declare(underlay):
                 await asyncio.sleep(CONFLICT_RETRY)
                 return True  # a known state, retried at its own pace
