@@ -153,9 +153,10 @@ class JournalConfig(_Model):
     synchronous: Literal["full", "normal"] = "full"
     # Most events written in one group commit.
     batch_max: int = Field(default=1024, ge=1)
-    # Ids of pruned events are kept this long, so a captured request replayed after
-    # `retention` (schemes without a timestamp: github, hmac-sha256-hex) is still a
-    # duplicate. Never shorter than retention.
+    # An event's id stays a duplicate at least this long after its receipt (its pruned
+    # row leaves a tombstone for it), so a captured request replayed after `retention`
+    # (schemes without a timestamp: github, hmac-sha256-hex) is still one. Never
+    # shorter than retention.
     dedupe_window: Duration = 30 * 86400.0
 
     @model_validator(mode="after")

@@ -17,6 +17,7 @@ from listener.config import JournalConfig
 from listener.envelope import Entry
 from listener.exceptions import JournalCorrupt, JournalError, JournalFull, JournalLocked
 from listener.journal import Cursor, Journal
+from listener.journal.retention import retention_bound
 from listener.journal.schema import connect, migrate
 from listener.journal.upkeep import (
     PRUNE_BEHIND_SLOW,
@@ -25,7 +26,7 @@ from listener.journal.upkeep import (
     PRUNE_PATIENCE,
     PRUNE_SLOW,
 )
-from listener.journal.writes import Append, commit, retention_bound
+from listener.journal.writes import Append, commit
 from listener.metrics import Metrics
 
 
@@ -193,12 +194,32 @@ async def test_pruned_ids_stay_duplicates(tmp_path: Path) -> None:
         assert await journal.append([entry(1)]) == [True]
 
 
+async def test_an_id_received_before_the_dedupe_window_gets_no_tombstone(tmp_path: Path) -> None:
+    """
+    Retention keeps a tombstone only for an id still within ``dedupe_window`` of its
+    receipt: one received earlier (a backlog published late) goes with its row.
+    """
+    async with Journal(config=config(tmp_path, retention="1h", dedupe_window="2h")) as journal:
+        now = time.time()
+        late = dataclasses.replace(entry(1), received_at=now - 7300)  # over 2 h ago
+        await journal.append([late, entry(2)])
+        rows = await journal.pending(after_seq=0, limit=10)
+        await journal.mark_published([r.seq for r in rows], wait=True)
+        # At now + 4000 both were published over an hour ago; the window began at
+        # now - 3200, after evt_1's receipt and before evt_2's.
+        assert await journal.prune(now=now + 4000) == 2
+        assert await journal.query("SELECT event_id FROM tombstones") == [("evt_2",)]
+        assert await journal.append([entry(1), entry(2)]) == [True, False]
+
+
 async def test_tombstones_expire_in_batches_oldest_first(tmp_path: Path) -> None:
     """Retention forgets every expired tombstone, a batch at a time, and no other."""
     async with Journal(config=config(tmp_path, retention="1h", dedupe_window="2h")) as journal:
         now = time.time()
         for moment, ids in ((now + 4000, range(10)), (now + 8000, range(10, 15))):
-            await journal.append([entry(i) for i in ids])
+            # (each group received 4000 s before its prune: inside the window)
+            received = moment - 4000
+            await journal.append([dataclasses.replace(entry(i), received_at=received) for i in ids])
             rows = await journal.pending(after_seq=0, limit=100)
             await journal.mark_published([r.seq for r in rows], wait=True)
             assert await journal.prune(now=moment, batch=3) == len(ids)

@@ -5,8 +5,9 @@ One SQLite file in WAL mode (https://sqlite.org/wal.html) holds
 
 * ``events`` - every accepted event and quarantined payload, with its :class:`Status`;
 * ``cursors`` - stream positions, written in the same transaction as their events;
-* ``tombstones`` - (source, event id) of events pruned by retention, kept for
-  ``journal.dedupe_window`` so a captured webhook replayed later is still a duplicate;
+* ``tombstones`` - (source, event id) of events pruned by retention while still within
+  ``journal.dedupe_window`` of their receipt, kept that long from the prune, so a
+  captured webhook replayed later is still a duplicate;
 * ``poll_state`` / ``poll_aliases`` / ``poll_resources`` - what poll sources last saw
   (content per key, renamed items, resources polled once), written in the same
   transaction as the change events it produced.

@@ -13,13 +13,8 @@ from dataclasses import dataclass
 
 from listener.config import JournalConfig
 from listener.journal.checkpoints import Checkpoints
-from listener.journal.writes import (
-    count_open,
-    prune_batch,
-    prune_tombstones,
-    retention_bound,
-    retry_now,
-)
+from listener.journal.retention import Moments, prune_batch, prune_tombstones, retention_bound
+from listener.journal.writes import count_open, retry_now
 
 __all__ = ["Stats", "Upkeep"]
 
@@ -99,7 +94,7 @@ class Upkeep(Checkpoints):
     # -- maintenance --------------------------------------------------------------
 
     async def _in_batches(
-        self, fn: Callable[..., int], *args: float, batch: int, began: float
+        self, fn: Callable[..., int], *args: object, batch: int, began: float
     ) -> int:
         """
         Run ``fn(writer, *args, size)`` until it deletes fewer than ``size``, the size
@@ -132,16 +127,19 @@ class Upkeep(Checkpoints):
         """
         Delete published events older than ``journal.retention``, ``batch`` rows per
         transaction so ingestion never waits long (more once the round is behind: see
-        :data:`PRUNE_PATIENCE`), keeping their ids as tombstones for
-        ``journal.dedupe_window``. Quarantined rows are kept.
+        :data:`PRUNE_PATIENCE`), keeping as tombstones, for ``journal.dedupe_window``,
+        the ids received within it (:func:`prune_batch`). Quarantined rows are kept.
         """
         began = time.monotonic()
         moment = now if now is not None else time.time()
-        cutoff = moment - self._config.retention
-        bound = await self._on(self._read_thread, retention_bound, self._reader, cutoff, moment)
-        total = await self._in_batches(prune_batch, cutoff, moment, bound, batch=batch, began=began)
-        expired = moment - self._config.dedupe_window
-        await self._in_batches(prune_tombstones, expired, batch=batch, began=began)
+        at = Moments(
+            now=moment,
+            cutoff=moment - self._config.retention,
+            expired=moment - self._config.dedupe_window,
+        )
+        bound = await self._on(self._read_thread, retention_bound, self._reader, at.cutoff, moment)
+        total = await self._in_batches(prune_batch, at, bound, batch=batch, began=began)
+        await self._in_batches(prune_tombstones, at.expired, batch=batch, began=began)
         if total:
             # Deleted rows free pages: re-measure now, or a journal held over max_size
             # would wait for a commit that its own limit refuses.
