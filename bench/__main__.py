@@ -4,9 +4,8 @@ listener end to end), the stream part (a bare websockets client and the listener
 Layerx402 simulator, beside ceiling B; then how soon a dropped healthy connection is
 back), then the replay part, then the drain part (the
 publisher alone on 200,000 journaled events, beside a raw ceiling R); prints tables of
-figures and ratios, then the poll part. Never asserts a timing.
-``--only webhooks|streams|replay|drain|polls``
-runs one part.
+figures and ratios, then the poll part, then retention's cost per row. Never asserts a
+timing. ``--only webhooks|streams|replay|drain|polls|retention`` runs one part.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import drain, polls, reconnect, streams
+from bench import drain, polls, reconnect, retention, streams
 from bench.ceilings import PublishResult, ceiling_a, ceiling_b
 from bench.common import (
     CONCURRENCY,
@@ -44,7 +43,7 @@ from bench.webhooks import EndToEnd, accept_latency, end_to_end
 TARGET = 0.6
 # Cores busy elsewhere on the host above which the figures are flagged as noisy.
 BUSY = 0.15
-PARTS = ("webhooks", "streams", "replay", "drain", "polls")
+PARTS = ("webhooks", "streams", "replay", "drain", "polls", "retention")
 # Requests signed for ceiling A (replayed in a loop: the bare handler does not care).
 A_REQUESTS = 50_000
 # Headroom over ceiling A's rate when sizing the end-to-end request set, which must not
@@ -144,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print("polls: Terrapin 5,000 ISINs (10% changed) and Token Terminal 200 x 31 days")
         polls.run(seconds=args.seconds)
+    if "retention" in parts:
+        print()
+        print("retention: the journal's prune, per deleted row, with and without tombstones")
+        retention.run(events=30_000 if args.quick else retention.EVENTS)
     say(f"done in {time.monotonic() - started:.0f} s")
     return 0
 

@@ -59,8 +59,9 @@ def prune_batch(conn: sqlite3.Connection, at: Moments, bound: int, batch: int) -
     since ``at.expired`` (still within ``dedupe_window``); return how many went.
 
     An id received before ``at.expired`` gets none: nothing needs it as a duplicate any
-    more, and writing then forgetting a tombstone was two thirds of retention's cost
-    per row (with ``dedupe_window`` equal to ``retention``, every row's).
+    more, and writing then forgetting a tombstone is about two thirds of retention's
+    cost per row (``bench/retention.py``; with ``dedupe_window`` equal to
+    ``retention``, no row gets one).
     """
     conn.execute("BEGIN IMMEDIATE")
     try:
