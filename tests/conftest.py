@@ -24,7 +24,9 @@ import hypothesis  # noqa: F401 - imported up front, see below
 import pytest
 
 from handlers.polling import loads_exact
+from listener.cluster.leases import Names
 from listener.config import Config
+from listener.dev.replicas import MINTS
 from listener.service import Service
 from tests import wire
 
@@ -154,12 +156,22 @@ async def tap(url: str, exchange: str, routing_key: str = "#") -> AsyncIterator[
     )
 
 
+# The units replicas hold in the cluster tests (the dev replicas' three trades
+# subscriptions, the Token Terminal poll): their cursor queues are durable, by design.
+CLUSTER_UNITS = (*(f"lx.trades.mint-{mint}" for mint in MINTS), "tt")
+
+
 async def delete_topology(url: str, exchange: str) -> None:
-    """Remove what a test's service declared (exchange, quarantine, archive)."""
+    """
+    Remove what a test's service declared (exchange, quarantine, archive, and the
+    cursor queues of replicas), so no run leaves queues on the developer's broker.
+    """
     connection = await aio_pika.connect(url)
     try:
         channel = await connection.channel()
-        for queue in (f"{exchange}.quarantine", f"{exchange}.archive"):
+        names = Names(exchange)
+        cursors = [names.cursor(unit) for unit in CLUSTER_UNITS]
+        for queue in (f"{exchange}.quarantine", f"{exchange}.archive", *cursors):
             await channel.queue_delete(queue)
         for name in (exchange, f"{exchange}.quarantine"):
             await channel.exchange_delete(name)
