@@ -23,6 +23,7 @@ import aiohttp
 import hypothesis  # noqa: F401 - imported up front, see below
 import pytest
 
+from handlers.layerx402 import subscription_key
 from handlers.polling import loads_exact
 from listener.cluster.leases import Names
 from listener.config import Config
@@ -158,7 +159,7 @@ async def tap(url: str, exchange: str, routing_key: str = "#") -> AsyncIterator[
 
 # The units replicas hold in the cluster tests (the dev replicas' three trades
 # subscriptions, the Token Terminal poll): their cursor queues are durable, by design.
-CLUSTER_UNITS = (*(f"lx.trades.mint-{mint}" for mint in MINTS), "tt")
+CLUSTER_UNITS = (*(f"lx.{subscription_key('trades', {'mint': m})}" for m in MINTS), "tt")
 
 
 async def delete_topology(url: str, exchange: str) -> None:

@@ -137,7 +137,7 @@ class Upkeep(Checkpoints):
             cutoff=moment - self._config.retention,
             expired=moment - self._config.dedupe_window,
         )
-        bound = await self._on(self._read_thread, retention_bound, self._reader, at.cutoff, moment)
+        bound = await self._on(self._read_thread, retention_bound, self._reader, at.cutoff, at.now)
         total = await self._in_batches(prune_batch, at, bound, batch=batch, began=began)
         await self._in_batches(prune_tombstones, at.expired, batch=batch, began=began)
         if total:
