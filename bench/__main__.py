@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from bench import drain, polls, reconnect, retention, streams
-from bench.ceilings import PublishResult, ceiling_a, ceiling_b
+from bench.ceilings import PublishResult, ceiling_a, ceiling_a_paced, ceiling_b
 from bench.common import (
     CONCURRENCY,
     CONFIRM_WINDOW,
@@ -194,6 +194,10 @@ def _webhooks(args: argparse.Namespace, background: float) -> PublishResult:
         paced = accept_latency(
             paced_requests, rate=pace, seconds=seconds, concurrency=args.concurrency
         )
+        say(f"accept latency floor: bare aiohttp (A) paced at {pace:,.0f}/s")
+        floor = ceiling_a_paced(
+            paced_requests, rate=pace, seconds=seconds, concurrency=args.concurrency
+        )
     _report(
         args,
         background,
@@ -204,12 +208,15 @@ def _webhooks(args: argparse.Namespace, background: float) -> PublishResult:
         naive,
         (e2e_requests.body_size, e2e_requests.event_size),
     )
-    _latency(pace, paced)
+    _latency(pace, paced, floor)
     return b
 
 
-def _latency(pace: float, paced: PacedResult) -> None:
-    """Goal 3: accept latency at half the sustained maximum, from each request's due time."""
+def _latency(pace: float, paced: PacedResult, floor: PacedResult) -> None:
+    """
+    Goal 3: accept latency at half the sustained maximum, from each request's due time;
+    beside it the same load against ceiling A, the floor of the generator and the host.
+    """
     verdict = "PASS" if paced.p99_ms < LATENCY_GOAL_MS else "BELOW"
     print(
         f"accept latency paced at {pace:,.0f}/s (half the confirmed maximum; open loop, "
@@ -220,6 +227,12 @@ def _latency(pace: float, paced: PacedResult) -> None:
     print(
         f"  ({paced.ok:,} 2xx, {paced.errors:,} errors at {paced.rate:,.0f}/s; "
         f"{paced.behind:,} started over 1 ms late)"
+    )
+    print(
+        f"  floor: the same load against A (bare aiohttp, no journal, no broker): p50 "
+        f"{fmt_ms(floor.p50_ms)}, p99 {fmt_ms(floor.p99_ms)}, p99.9 {fmt_ms(floor.p999_ms)} "
+        f"({floor.ok:,} 2xx, {floor.errors:,} errors; {floor.behind:,} started over 1 ms late)"
+        f" -> the listener's p99 is {fmt_ms(paced.p99_ms - floor.p99_ms)} above it"
     )
     if paced.inside:
         inside = ", ".join(f"{label} {fmt_ms(ms)}" for label, ms in paced.inside.items())

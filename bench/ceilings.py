@@ -6,7 +6,9 @@ The two ceilings, each measured in a process of its own on uvloop.
   one route behind ``AppRunner``/``TCPSite``, no access log (the listener's public
   port serves from aiohttp's low-level server instead: what it saves counts for the
   listener, as the issue's goal 2 asks of a lean webhook route). Driven by
-  :func:`bench.loadgen.run_load` with the very requests of the end-to-end run.
+  :func:`bench.loadgen.run_load` with the very requests of the end-to-end run; and by
+  :func:`ceiling_a_paced` with the paced load of the accept-latency run, at the same
+  rate: the latency floor of the generator, loopback HTTP and this host.
 * B (``python -m bench.ceilings publish``): a bare aio-pika publisher. Persistent
   ~1 KiB messages to a fresh durable topic exchange bound ``#`` to a fresh durable
   queue, publisher confirms, a sliding window of 256 publishing tasks. ``--mode
@@ -51,8 +53,9 @@ from bench.common import (
     with_loadgen,
 )
 from bench.loadgen import LoadResult, RequestSet, run_load
+from bench.paced import PacedResult, paced_load
 
-__all__ = ["PublishResult", "ceiling_a", "ceiling_b", "drive"]
+__all__ = ["PublishResult", "ceiling_a", "ceiling_a_paced", "ceiling_b", "drive"]
 
 
 # -- A: the bare aiohttp handler ---------------------------------------------------------
@@ -100,6 +103,17 @@ def ceiling_a(
     port = free_port()
     argv = python_module("bench.ceilings", "serve", "--port", str(port))
     return drive(argv, port, "aiohttp", requests, seconds=seconds, concurrency=concurrency)
+
+
+def ceiling_a_paced(
+    requests: RequestSet, *, rate: float, seconds: float, concurrency: int = CONCURRENCY
+) -> PacedResult:
+    """The bare server under the open-loop load of the accept-latency run, same rate."""
+    port = free_port()
+    with child(python_module("bench.ceilings", "serve", "--port", str(port))) as proc:
+        wait_port(port, proc=proc)
+        url = f"http://127.0.0.1:{port}"
+        return paced_load(url, requests, rate=rate, seconds=seconds, connections=concurrency)
 
 
 # -- B: the bare aio-pika publisher ------------------------------------------------------
