@@ -165,7 +165,8 @@ CLUSTER_UNITS = (*(f"lx.{subscription_key('trades', {'mint': m})}" for m in MINT
 async def delete_topology(url: str, exchange: str) -> None:
     """
     Remove what a test's service declared (exchange, quarantine, archive, and the
-    cursor queues of replicas), so no run leaves queues on the developer's broker.
+    replicas' cursor queues and presence exchange), so no run leaves queues or
+    exchanges on the developer's broker.
     """
     connection = await aio_pika.connect(url)
     try:
@@ -174,7 +175,7 @@ async def delete_topology(url: str, exchange: str) -> None:
         cursors = [names.cursor(unit) for unit in CLUSTER_UNITS]
         for queue in (f"{exchange}.quarantine", f"{exchange}.archive", *cursors):
             await channel.queue_delete(queue)
-        for name in (exchange, f"{exchange}.quarantine"):
+        for name in (exchange, f"{exchange}.quarantine", names.presence):
             await channel.exchange_delete(name)
     finally:
         await connection.close()
