@@ -25,6 +25,7 @@ import pytest
 
 from handlers.layerx402 import subscription_key
 from handlers.polling import loads_exact
+from listener.broker.topology import Topology
 from listener.cluster.leases import Names
 from listener.config import Config
 from listener.dev.replicas import MINTS
@@ -171,11 +172,11 @@ async def delete_topology(url: str, exchange: str) -> None:
     connection = await aio_pika.connect(url)
     try:
         channel = await connection.channel()
-        names = Names(exchange)
+        names, declared = Names(exchange), Topology(exchange)
         cursors = [names.cursor(unit) for unit in CLUSTER_UNITS]
-        for queue in (f"{exchange}.quarantine", f"{exchange}.archive", *cursors):
+        for queue in (declared.quarantine_queue, declared.archive_queue, *cursors):
             await channel.queue_delete(queue)
-        for name in (exchange, f"{exchange}.quarantine", names.presence):
+        for name in (exchange, declared.quarantine_exchange, names.presence):
             await channel.exchange_delete(name)
     finally:
         await connection.close()
