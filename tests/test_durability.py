@@ -182,6 +182,8 @@ async def test_sigterm_drains_and_exits_zero(
             await t.wait_ids(acknowledged, timeout=15)
             lines = [json.loads(line) for line in listener.logs().splitlines() if line.startswith("{")]
             assert any(line["event"] == "shutdown_complete" and line["pending"] == 0 for line in lines)
+            # Once started, the daemon froze what start-up built (listener.memory.settle_heap).
+            assert any(line["event"] == "heap_settled" and line["frozen"] > 1000 for line in lines)
         finally:
             await listener.stop()
 

@@ -8,6 +8,7 @@ no traceback); 1 an unexpected failure.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from listener.config_loader import config_path, render_config, secret_values
 from listener.exceptions import JournalCorrupt, JournalLocked
 from listener.logs import configure_logging
 from listener.loop import run_async
+from listener.memory import settle_heap
 from listener.sources.poll_budget import budget_warnings
 
 __all__ = ["main"]
@@ -77,7 +79,13 @@ def run(config_file: Path | None) -> None:
 
     async def serve() -> None:
         service.install_signal_handlers()
-        await service.run()
+        running = asyncio.create_task(service.run())
+        started = asyncio.create_task(service.started.wait())
+        await asyncio.wait({running, started}, return_when=asyncio.FIRST_COMPLETED)
+        started.cancel()
+        if service.started.is_set():  # start-up's objects are built: freeze them
+            settle_heap()
+        await running
 
     try:
         run_async(serve)
