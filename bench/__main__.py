@@ -246,6 +246,19 @@ def _latency(pace: float, paced: PacedResult, floor: PacedResult) -> None:
         )
 
 
+def _e2e_commits(e2e: EndToEnd) -> str:
+    """The full-load run's journal commits (appends and confirm marks alike), load to drain."""
+    commits = e2e.counters.get("listener_journal_commit_seconds_count", 0.0)
+    spent = e2e.counters.get("listener_journal_commit_seconds_sum", 0.0)
+    if not commits or e2e.confirm_seconds <= 0:
+        return "journal commits: not reported"
+    return (
+        f"journal commits {commits / e2e.confirm_seconds:,.0f}/s over load and drain "
+        f"({e2e.received / commits:.1f} events per commit), "
+        f"{spent / e2e.confirm_seconds * 1000:,.0f} ms of commits per second on the loop's thread"
+    )
+
+
 def _cpu_per_event(
     e2e: EndToEnd,
     confirmed: float,
@@ -399,6 +412,7 @@ def _report(
         f"pending when the load stopped {e2e.pending_at_end_of_load:,}; queue held all "
         f"{e2e.in_queue_seconds - e2e.confirm_seconds + e2e.drain_seconds:.2f} s and the "
         f"journal had nothing pending {e2e.drain_seconds:.2f} s after it stopped",
+        _e2e_commits(e2e),
         f"listener exit code {e2e.exit_code}",
         f"naive peer: requests {naive_load.requests:,}, 2xx {naive_load.ok:,}, errors "
         f"{naive_load.errors:,}; its queue holds {naive_queued:,}",
