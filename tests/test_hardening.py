@@ -23,6 +23,7 @@ import aio_pika
 import aiohttp
 import orjson
 import pytest
+import structlog.testing
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -30,6 +31,7 @@ from handlers import Event
 from handlers.layerx402 import PROVIDER as LAYERX402
 from handlers.layerx402 import EventFrame, Unparseable, parse_frame
 from listener.admin import api as admin_api
+from listener.broker.publisher import DEFERRED_LOG_EVERY, SETTLE_MAX
 from listener.config import Config
 from listener.dev.devenv import write_dev_env
 from listener.dev.simulators.layerx402 import Layerx402Simulator
@@ -130,6 +132,56 @@ async def test_unroutable_event_is_deferred_while_the_rest_flow_once(
             await late.wait_ids({"evt_unroutable"}, timeout=70)  # backoff caps at 60 s
             await wait_for(lambda: journal.deferred_count == 0, timeout=10, what="deferred 0")
         assert sorted(t.ids) == ids
+
+
+async def test_a_drain_the_broker_returns_is_recorded_as_it_goes_and_logged_once(
+    tmp_path: Path, broker_url: str, exchange_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    6,000 journaled events for a routing key nothing is bound to, drained through the
+    default window (2,048): the broker returns each as fast as it goes, so the loop
+    never runs short of room. Their deferrals are recorded in batches as they come back (they used
+    to wait until the whole drain had gone, every returned message in memory: +64 MiB
+    for 26,000 after a broker outage), and one ``publish_deferred`` line at most per
+    interval says so (it was one per flush: one per event for an unbound key at a
+    steady rate).
+    """
+    raw = raw_config(tmp_path, broker_url, exchange_name, broker={"archive": {"enabled": False}})
+    config = Config.model_validate(raw)
+    now, total = time.time(), 6000
+    badge = {"badge_id": "b_1", "user_id": "u_1", "badge_type": "gold"}
+    entries = [
+        event_entry(
+            source="gst",
+            provider="getstoken",
+            event=Event(id=f"evt_ret_{i:05d}", type="getstoken.badge.issued", time=None, data=badge),
+            received_at=now,
+        )
+        for i in range(total)
+    ]
+    async with Journal(config=config.journal) as journal:
+        await journal.append(entries)
+    sizes: list[int] = []
+    defer = Journal.defer
+
+    async def counted(self: Journal, seqs: list[int], **kwargs: Any) -> None:
+        sizes.append(len(seqs))
+        await defer(self, seqs, **kwargs)
+
+    monkeypatch.setattr(Journal, "defer", counted)
+    with structlog.testing.capture_logs() as logs:
+        started = time.monotonic()
+        async with running(config) as service:
+            live = service.journal
+            assert live is not None
+            await wait_for(lambda: live.deferred_count == total, timeout=30, what="all deferred")
+            elapsed = time.monotonic() - started
+    assert sum(sizes) >= total
+    # Flushed once SETTLE_MAX wait; a write's worth (the window) may come back meanwhile.
+    assert max(sizes) <= SETTLE_MAX + config.broker.confirm_window, sizes
+    lines = [line for line in logs if line["event"] == "publish_deferred"]
+    assert 1 <= len(lines) <= 1 + elapsed // DEFERRED_LOG_EVERY, (len(lines), elapsed)
+    assert lines[0]["count"] == sizes[0]
 
 
 async def test_two_rows_sharing_a_message_id_keep_their_own_fates(

@@ -19,13 +19,15 @@ import asyncio
 from collections.abc import Callable
 
 import aio_pika
+import aiormq
 from aio_pika.abc import AbstractConnection
 
+from listener.broker.topology import raw_connection
 from listener.config import BrokerConfig, mask_url
 from listener.exceptions import BrokerUnreachable
 from listener.retry import backoff
 
-__all__ = ["connect", "connect_retrying"]
+__all__ = ["close_quietly", "confirm_channel", "connect", "connect_retrying"]
 
 
 async def connect(config: BrokerConfig, *, name: str) -> AbstractConnection:
@@ -98,3 +100,12 @@ async def close_quietly(connection: AbstractConnection) -> str | None:
     except Exception as exc:  # closing a broken connection may fail in many ways; it is gone
         return f"{type(exc).__name__}: {exc}"
     return None
+
+
+async def confirm_channel(connection: AbstractConnection, within: float) -> aiormq.Channel:
+    """The publisher's channel (confirms on, returns raised), open within ``within`` s."""
+    async with asyncio.timeout(within):
+        raw = raw_connection(connection)
+        channel = await raw.channel(publisher_confirms=True, on_return_raises=True)
+    assert isinstance(channel, aiormq.Channel)  # (the confirm window writes frames to it)
+    return channel

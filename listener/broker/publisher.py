@@ -36,7 +36,7 @@ from aio_pika.abc import AbstractConnection
 
 from listener.broker.backlog import Backlog
 from listener.broker.confirms import ConfirmWindow, Outcome, Outgoing
-from listener.broker.connection import close_quietly, connect_retrying
+from listener.broker.connection import close_quietly, confirm_channel, connect_retrying
 from listener.broker.topology import (
     CONFLICT_RETRY,
     Topology,
@@ -56,21 +56,14 @@ __all__ = ["Publisher"]
 log = structlog.get_logger("listener.publisher")
 
 # Deferred (returned or nacked) messages: first retry after this long, doubling, capped.
-DEFER_BASE = 1.0
-DEFER_CAP = 60.0
-# How often the session looks for deferred messages that are due.
-DEFERRED_CHECK = 1.0
+DEFER_BASE, DEFER_CAP = 1.0, 60.0
+DEFERRED_CHECK = 1.0  # seconds between the session's looks for deferred messages due
 REFILL = 64  # write once this many can go (a quarter of the window if less) or none flies
 FILL_MAX = 512  # entries taken at once (bodies may be 1 MiB each)
-
-
-async def _confirm_channel(connection: AbstractConnection, within: float) -> aiormq.Channel:
-    """The publisher's channel (confirms on, returns raised), open within ``within`` s."""
-    async with asyncio.timeout(within):
-        raw = raw_connection(connection)
-        channel = await raw.channel(publisher_confirms=True, on_return_raises=True)
-    assert isinstance(channel, aiormq.Channel)  # (the confirm window writes frames to it)
-    return channel
+# Settled messages are recorded once this many wait, even mid-write: a drain the broker
+# returned as fast as it went never ran out of room, and all of it stayed in memory.
+SETTLE_MAX = 256
+DEFERRED_LOG_EVERY = 10.0  # seconds: one publish_deferred line at most, with the count
 
 
 class Publisher:
@@ -85,6 +78,7 @@ class Publisher:
         self._channel: aiormq.Channel | None = None
         self._confirmed: list[StoredEntry] = []
         self._returned: list[tuple[StoredEntry, str]] = []
+        self._unlogged, self._log_deferred_at = 0, 0.0  # (the publish_deferred lines)
         self._confirmed_any = False
         self._last_error: str | None = None
         self._topology = TopologyReport()
@@ -198,7 +192,7 @@ class Publisher:
                 self._config, name="listener", on_failure=failed, start=self._node
             )
             try:
-                channel = await _confirm_channel(connection, self._config.connect_timeout * 2)
+                channel = await confirm_channel(connection, self._config.connect_timeout * 2)
                 break
             except Exception as exc:  # a channel that cannot open: start over
                 failed(exc, delay := next(delays), 2)
@@ -273,7 +267,7 @@ class Publisher:
         assert self._channel is not None
         try:
             if self._channel.is_closed:  # the broker closed it (the connection is up)
-                self._channel = await _confirm_channel(
+                self._channel = await confirm_channel(
                     self._connection, self._config.publish_timeout
                 )
             underlay = self._channel
@@ -353,7 +347,9 @@ class Publisher:
                     batch.append(self._outgoing(backlog.popleft()))
                 if batch:
                     await window.send(batch)
-                    continue
+                    if len(self._confirmed) < SETTLE_MAX and len(self._returned) < SETTLE_MAX:
+                        continue
+                    wake.set()  # record them below, then straight back to writing
             if len(self._confirmed) >= 64 or (self._confirmed and not window.outstanding):
                 await self._flush_confirmed(wait=False)
             if self._returned:
@@ -376,9 +372,8 @@ class Publisher:
             self._confirmed_any = True
             self._confirmed.append(stored)
             self._metrics.publish_seconds.observe(seconds)
-            self._metrics.event_lag_seconds.observe(
-                max(time.time() - stored.entry.received_at, 0.0)
-            )
+            lag = max(time.time() - stored.entry.received_at, 0.0)
+            self._metrics.event_lag_seconds.observe(lag)
             return
         reason = "nacked" if isinstance(outcome, PublishNacked) else "returned"
         self._metrics.publish_failures.labels(reason).inc()
@@ -397,15 +392,20 @@ class Publisher:
             log.warning("journal_defer_failed", error=str(exc), count=len(returned))
             return
         self._last_error = returned[0][1]
+        self._metrics.journal_deferred.set(self._journal.deferred_count)
+        self._unlogged += len(returned)
+        if (now := time.monotonic()) < self._log_deferred_at:
+            return  # (a line per flush was one per event for an unbound routing key)
+        self._log_deferred_at = now + DEFERRED_LOG_EVERY
         log.warning(
             "publish_deferred",
-            count=len(returned),
+            count=self._unlogged,  # since the last line
             first_id=returned[0][0].entry.event_id,
             routing_keys=sorted({s.entry.routing_key for s, _ in returned})[:10],
             error=returned[0][1],
             note="retried with backoff; the others go on",
         )
-        self._metrics.journal_deferred.set(self._journal.deferred_count)
+        self._unlogged = 0
 
     async def _flush_confirmed(self, *, wait: bool) -> None:
         if not self._confirmed:
