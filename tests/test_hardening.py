@@ -140,11 +140,11 @@ async def test_a_drain_the_broker_returns_is_recorded_as_it_goes_and_logged_once
     """
     6,000 journaled events for a routing key nothing is bound to, drained through the
     default window (2,048): the broker returns each as fast as it goes, so the loop
-    never runs short of room. Their deferrals are recorded in batches as they come back (they used
-    to wait until the whole drain had gone, every returned message in memory: +64 MiB
-    for 26,000 after a broker outage), and one ``publish_deferred`` line at most per
-    interval says so (it was one per flush: one per event for an unbound key at a
-    steady rate).
+    never runs short of room. Their deferrals are recorded in batches as they come back
+    (they used to wait until the whole drain had gone, every returned message in
+    memory: +64 MiB for 26,000 after a broker outage), and one ``publish_deferred``
+    line at most per interval says so (it was one per flush: one per event for an
+    unbound key at a steady rate).
     """
     raw = raw_config(tmp_path, broker_url, exchange_name, broker={"archive": {"enabled": False}})
     config = Config.model_validate(raw)
@@ -177,8 +177,9 @@ async def test_a_drain_the_broker_returns_is_recorded_as_it_goes_and_logged_once
             await wait_for(lambda: live.deferred_count == total, timeout=30, what="all deferred")
             elapsed = time.monotonic() - started
     assert sum(sizes) >= total
-    # Flushed once SETTLE_MAX wait; a write's worth (the window) may come back meanwhile.
-    assert max(sizes) <= SETTLE_MAX + config.broker.confirm_window, sizes
+    # Recorded once SETTLE_MAX wait, checked after each write: what was in flight then
+    # and what that write sent (a window each at most) may come back in between.
+    assert max(sizes) <= SETTLE_MAX + 2 * config.broker.confirm_window, sizes
     lines = [line for line in logs if line["event"] == "publish_deferred"]
     assert 1 <= len(lines) <= 1 + elapsed // DEFERRED_LOG_EVERY, (len(lines), elapsed)
     assert lines[0]["count"] == sizes[0]
