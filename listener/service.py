@@ -45,7 +45,7 @@ from listener.config_loader import load_config, secret_values
 from listener.exceptions import ConfigError
 from listener.journal import Journal
 from listener.logs import redact_also
-from listener.memory import Trimmer
+from listener.memory import TRIM_NOTABLE, Trimmer
 from listener.metrics import Metrics, watch_loop_lag
 from listener.reload import ReloadPlan, plan_reload
 from listener.sources.registry import Transport, TransportContext, build_transports
@@ -350,8 +350,13 @@ class Service:
                     log.info("journal_pruned", deleted=deleted)
             self._refresh_metrics()
             if trimmed := await memory.maybe_trim():  # (after a drain, a replay)
-                before, after = (round(n / 2**20, 1) for n in trimmed)
-                log.info("memory_trimmed", resident_mib_before=before, resident_mib_after=after)
+                before, after = trimmed
+                level = log.info if before - after >= TRIM_NOTABLE else log.debug
+                level(
+                    "memory_trimmed",
+                    resident_mib_before=round(before / 2**20, 1),
+                    resident_mib_after=round(after / 2**20, 1),
+                )
             # A round every interval, from start to start: a long one (retention behind)
             # is not followed by a full interval's rest too.
             await asyncio.sleep(max(1.0, MAINTENANCE_INTERVAL - (time.monotonic() - began)))

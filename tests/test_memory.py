@@ -13,7 +13,7 @@ import pytest
 
 from handlers import Event, Quarantine
 from listener.envelope import Entry, event_entry, quarantine_entry
-from listener.memory import Trimmer, resident_bytes, settle_heap
+from listener.memory import TRIM_GROWTH, Trimmer, resident_bytes, settle_heap
 
 MIB = 1024 * 1024
 
@@ -37,6 +37,23 @@ async def test_a_burst_freed_is_handed_back_and_a_steady_state_is_left_alone() -
     assert after < before - 32 * MIB  # the holes went back to the system
     assert await trimmer.maybe_trim() is None  # and the new baseline is where it ended
     assert len(kept) == 2000
+
+
+async def test_the_default_trims_a_burst_the_size_a_broker_restart_leaves() -> None:
+    # The soak's broker restart left the daemon ~6 MiB above its steady state; the old
+    # default (8 MiB of growth) never trimmed that, TRIM_GROWTH (2 MiB) does.
+    trimmer = Trimmer()
+    if not trimmer.available:
+        pytest.skip("no malloc_trim in this C library (glibc only)")
+    assert 6 * MIB > TRIM_GROWTH
+    burst = [bytes(1000 + i % 7) for i in range(6_000)]  # ~6 MiB of event-sized buffers
+    kept = burst[::50]
+    del burst
+    trimmed = await trimmer.maybe_trim()
+    assert trimmed is not None
+    before, after = trimmed
+    assert after < before - 3 * MIB
+    assert len(kept) == 120
 
 
 class _Node:
