@@ -10,14 +10,14 @@ up after the broker restart"). Nothing leaked; the free memory just stayed mappe
 ``malloc_trim(0)`` hands the free pages back. It takes 0.2-1.6 ms (measured after a
 drain) and holds the allocator's locks meanwhile, so it runs on a worker thread, at
 most once a minute (the maintenance round) and only when the resident size grew by
-:data:`TRIM_GROWTH` since the last trim (2 MiB. In the 30-minute soak, the same day:
-with 8 MiB, the trim after the broker restart took the resident size from 85 to 77
-MiB, it grew back to 82 within a minute and stayed there, +10.4% over the run; with 2
-MiB the next round trimmed again and it stayed at 79, +3.9%). Where the C library has
-no ``malloc_trim`` (musl, macOS) this does nothing. Python's small-object arenas are
-out of its reach: one is returned only when nothing in it lives, so part of a burst
-stays (the live objects as many as before, spread over more arenas); later bursts
-reuse it.
+:data:`TRIM_GROWTH` since the last trim: 2 MiB. Measured in the 30-minute soak, the
+same day: with 8 MiB, the trim after the broker restart took the resident size from 85
+to 77 MiB, it grew back to 82 within a minute and stayed there (+10.4% over the run);
+with 2 MiB the next round trimmed again and it stayed at 79 (+3.9%). Where the C
+library has no ``malloc_trim`` (musl, macOS) this does nothing. Python's small-object
+arenas are out of its reach: one is returned only when nothing in it lives, so part of
+a burst stays (measured: the live objects as many as before, spread over a third more
+arenas); later bursts reuse it.
 
 :func:`settle_heap` freezes start-up's objects out of Python's cyclic garbage collector
 once the daemon has started (``listener run`` calls it; tests and the other commands
