@@ -238,12 +238,20 @@ def _latency(pace: float, paced: PacedResult, floor: PacedResult) -> None:
         inside = ", ".join(f"{label} {fmt_ms(ms)}" for label, ms in paced.inside.items())
         print(f"  inside the listener over the run (bucket-interpolated): {inside}")
     if paced.commits and paced.seconds:
-        print(
-            f"  journal commits {paced.commits / paced.seconds:,.0f}/s "
-            f"({paced.ok / paced.commits:.1f} accepted requests per commit), "
-            f"{paced.commit_seconds / paced.seconds * 1000:,.0f} ms of commits per second"
-            " (the loop's time they take: commits run on its thread)"
+        rate = _commit_rate(
+            paced.commits, paced.commit_seconds, paced.seconds, paced.ok, "accepted requests"
         )
+        print(f"  {rate} (the loop's time they take: commits run on its thread)")
+
+
+def _commit_rate(
+    commits: float, spent: float, seconds: float, items: float, what: str, over: str = ""
+) -> str:
+    """Journal commits per second, ``what`` per commit and the ms of commit per second."""
+    return (
+        f"journal commits {commits / seconds:,.0f}/s{over} ({items / commits:.1f} {what} per "
+        f"commit), {spent / seconds * 1000:,.0f} ms of commits per second"
+    )
 
 
 def _e2e_commits(e2e: EndToEnd) -> str:
@@ -252,11 +260,10 @@ def _e2e_commits(e2e: EndToEnd) -> str:
     spent = e2e.counters.get("listener_journal_commit_seconds_sum", 0.0)
     if not commits or e2e.confirm_seconds <= 0:
         return "journal commits: not reported"
-    return (
-        f"journal commits {commits / e2e.confirm_seconds:,.0f}/s over load and drain "
-        f"({e2e.received / commits:.1f} events per commit), "
-        f"{spent / e2e.confirm_seconds * 1000:,.0f} ms of commits per second on the loop's thread"
+    rate = _commit_rate(
+        commits, spent, e2e.confirm_seconds, e2e.received, "events", " over load and drain"
     )
+    return f"{rate} on the loop's thread"
 
 
 def _cpu_per_event(
