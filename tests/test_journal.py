@@ -8,15 +8,18 @@ import dataclasses
 import os
 import random
 import sqlite3
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from listener.config import JournalConfig
 from listener.envelope import Entry
 from listener.exceptions import JournalCorrupt, JournalError, JournalFull, JournalLocked
-from listener.journal import Cursor, Journal
+from listener.journal import Cursor, Journal, inline
+from listener.journal.inline import InlineCommits
 from listener.journal.retention import retention_bound
 from listener.journal.schema import connect, migrate
 from listener.journal.upkeep import (
@@ -370,6 +373,49 @@ async def test_another_process_writing_never_stalls_the_loop(tmp_path: Path) -> 
         other.close()
         rows = await journal.pending(after_seq=0, limit=10)
         assert [r.entry.event_id for r in rows] == ["evt_1", "evt_2"]
+
+
+def test_one_slow_commit_keeps_the_commits_inline_a_slow_disk_does_not() -> None:
+    """
+    One commit over 20 ms (SQLite's WAL checkpoint on a virtual disk) keeps commits on
+    the loop's thread; three within 10 s, or one that stalls over 100 ms, send them to
+    the writer thread for 10 s; a batch over 256 KiB always goes there.
+    """
+    policy = InlineCommits()
+    assert policy.allowed(1000, now=0.0) and not policy.allowed(inline.MAX_BYTES + 1, now=0.0)
+    policy.took(0.03, now=1.0)
+    policy.took(0.001, now=1.1)
+    policy.took(0.03, now=5.0)
+    assert policy.allowed(1000, now=5.1)
+    policy.took(0.03, now=12.0)  # the first slow one is over 10 s old by now
+    assert policy.allowed(1000, now=12.1)
+    policy.took(0.03, now=13.0)  # three within 10 s: 5.0, 12.0, 13.0
+    assert not policy.allowed(1000, now=13.1) and not policy.allowed(1000, now=22.9)
+    assert policy.allowed(1000, now=23.1)
+    policy.took(0.03, now=24.0)  # the count starts over after a pause
+    policy.took(0.03, now=25.0)
+    assert policy.allowed(1000, now=25.1)
+    policy.took(0.15, now=26.0)  # a stall
+    assert not policy.allowed(1000, now=26.1) and policy.allowed(1000, now=36.1)
+
+
+async def test_a_slow_disk_sends_the_commits_to_the_writer_thread(tmp_path: Path) -> None:
+    """The journal follows that policy: the commit after three slow ones runs on the thread."""
+    threads: list[str] = []
+    async with Journal(config=config(tmp_path)) as journal:
+        write = journal._write
+
+        def slow_write(ops: list[Any]) -> Any:
+            threads.append(threading.current_thread().name)
+            time.sleep(0.03)
+            return write(ops)
+
+        journal._write = slow_write  # type: ignore[method-assign] # a slow disk
+        for i in range(5):
+            assert await journal.append([entry(i)]) == [True]
+    main = threading.main_thread().name
+    assert threads[:3] == [main] * 3, threads
+    assert threads[3].startswith("journal-write") and threads[4].startswith("journal-write")
 
 
 async def test_backlog_never_takes_a_row_twice_across_sessions(tmp_path: Path) -> None:

@@ -37,6 +37,7 @@ from typing import Any, Literal, TypeVar
 from listener.config import JournalConfig
 from listener.envelope import Entry
 from listener.exceptions import JournalError, JournalFull
+from listener.journal.inline import InlineCommits
 from listener.journal.lock import JournalLock
 from listener.journal.schema import BUSY_TIMEOUT_MS, Cursor, StoredEntry, connect
 from listener.journal.upkeep import Stats, Upkeep
@@ -60,12 +61,6 @@ _T = TypeVar("_T")
 # How many appended rows wait in memory for the publisher (:attr:`Journal.fresh`).
 FRESH_MAX = 2048
 FRESH_BODY = 16 * 1024  # bytes: at most 32 MiB in the handoff
-# Commits run on the event loop's thread while they are quick (see _commit): a batch
-# larger than INLINE_BYTES, or any while one took over INLINE_SLOW in the last
-# INLINE_PAUSE seconds (a slow disk), goes to the writer thread instead.
-INLINE_BYTES = 256 * 1024
-INLINE_SLOW = 0.02
-INLINE_PAUSE = 10.0
 # On the loop's thread, another process's write lock is waited for this long at most.
 INLINE_BUSY_MS = 5
 # Turns of the event loop the writer lets pass after the first queued operation: the
@@ -96,7 +91,7 @@ class Journal(Upkeep):
         self._query_thread = ThreadPoolExecutor(1, thread_name_prefix="journal-query")
         self._queue: asyncio.Queue[Op] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
-        self._threaded_until = 0.0
+        self._inline = InlineCommits()
         self._busy_ms = BUSY_TIMEOUT_MS  # the writer connection's busy_timeout
         self._writing = asyncio.Lock()
         self._stats = Stats()
@@ -356,13 +351,13 @@ class Journal(Upkeep):
         which made a commit several times longer than its work; on this thread a commit
         of a few dozen events blocks the loop for about a millisecond, the fsync
         included (and now and then SQLite's automatic WAL checkpoint, a few ms: a
-        checkpointer of its own on the writer thread measured worse). A commit slower
-        than ``INLINE_SLOW`` (a slow disk), a batch over ``INLINE_BYTES`` or another
-        process holding the write lock (``INLINE_BUSY_MS``) sends the commits to the
-        thread for ``INLINE_PAUSE``: a slow disk stalls the loop once, a lock never.
+        checkpointer of its own on the writer thread measured worse). A slow disk, a
+        large batch or another process holding the write lock (``INLINE_BUSY_MS``)
+        sends the commits to the thread for a while (:mod:`listener.journal.inline`):
+        a slow disk stalls the loop a few times, a lock never.
         """
         now = time.monotonic()
-        if now >= self._threaded_until and body_bytes(ops) <= INLINE_BYTES:
+        if self._inline.allowed(body_bytes(ops), now):
             try:
                 self._busy_timeout(INLINE_BUSY_MS)
                 return self._write(ops)
@@ -371,10 +366,10 @@ class Journal(Upkeep):
                     raise
                 # Another process holds the write lock (a redrive): wait for it on the
                 # writer thread, not here. BEGIN failed: nothing of ops was written.
-                self._threaded_until = time.monotonic() + INLINE_PAUSE
+                self._inline.pause(time.monotonic())
             finally:
-                if time.monotonic() - now > INLINE_SLOW:
-                    self._threaded_until = time.monotonic() + INLINE_PAUSE
+                end = time.monotonic()
+                self._inline.took(end - now, end)
         return await self._writer_job(self._write_waiting, ops)
 
     def _busy_timeout(self, ms: int) -> None:
