@@ -43,6 +43,7 @@ from listener.cluster.units import units_of
 from listener.config import Config
 from listener.config_loader import load_config, secret_values
 from listener.exceptions import ConfigError
+from listener.fast_http import FastServer
 from listener.journal import Journal
 from listener.logs import redact_also
 from listener.memory import TRIM_NOTABLE, Trimmer
@@ -68,7 +69,7 @@ async def _site(app: web.Application | PublicRoutes, host: str, port: int) -> As
         runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=2.0)
     else:  # the public port: aiohttp's low-level server (see PublicRoutes)
         runner = web.ServerRunner(
-            web.Server(app, access_log=None), handle_signals=False, shutdown_timeout=2.0
+            FastServer(app, access_log=None), handle_signals=False, shutdown_timeout=2.0
         )
     await runner.setup()
     try:

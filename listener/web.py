@@ -9,15 +9,28 @@ exception alike, has the body ``{"success": false, "error": {"code", "message"}}
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 import orjson
 import structlog
 from aiohttp import web
 
-__all__ = ["Handler", "PublicRoutes", "error_response", "expect_continue", "json_errors", "ok"]
+__all__ = [
+    "FastRoute",
+    "Handler",
+    "PublicRoutes",
+    "Reply",
+    "error_reply",
+    "error_response",
+    "expect_continue",
+    "json_errors",
+    "ok",
+    "ok_reply",
+    "reply_response",
+]
 
 log = structlog.get_logger("listener.web")
 
@@ -30,6 +43,57 @@ _CODES = {
     405: "METHOD_NOT_ALLOWED",
     413: "PAYLOAD_TOO_LARGE",
 }
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A JSON answer before it is a response of either path (aiohttp's, the fast one)."""
+
+    status: int
+    body: bytes
+    headers: Mapping[str, str] | None = None
+
+
+def ok_reply(data: Any) -> Reply:
+    """``{"success": true, "data": ...}`` with 200."""
+    return Reply(200, orjson.dumps({"success": True, "data": data}))
+
+
+def error_reply(
+    status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+) -> Reply:
+    """The contract's error body: ``{"success": false, "error": {"code", "message"}}``."""
+    body = {"success": False, "error": {"code": code, "message": message}}
+    return Reply(status, orjson.dumps(body), headers)
+
+
+def reply_response(reply: Reply) -> web.Response:
+    """``reply`` as aiohttp's response."""
+    return web.Response(
+        status=reply.status,
+        body=reply.body,
+        content_type="application/json",
+        headers=reply.headers,
+    )
+
+
+class FastRoute(Protocol):
+    """A POST route the fast path can answer itself (:mod:`listener.fast_http`)."""
+
+    @property
+    def path(self) -> str: ...
+
+    @property
+    def max_body(self) -> int: ...
+
+    @property
+    def read_timeout(self) -> float: ...
+
+    async def accept(self, headers: Mapping[str, str], body: bytes) -> Reply:
+        """Answer a request whose body has all been read."""
+
+    def timed_out(self) -> None:
+        """A body did not all come within ``read_timeout`` (its connection is closed)."""
 
 
 def json_response(
@@ -50,9 +114,7 @@ def error_response(
     status: int, code: str, message: str, headers: dict[str, str] | None = None
 ) -> web.Response:
     """The contract's error body: ``{"success": false, "error": {"code", "message"}}``."""
-    return json_response(
-        status, {"success": False, "error": {"code": code, "message": message}}, headers
-    )
+    return reply_response(error_reply(status, code, message, headers))
 
 
 @web.middleware
@@ -92,10 +154,17 @@ class PublicRoutes:
 
     def __init__(self) -> None:
         self._posts: dict[str, Handler] = {}
+        self._fast: dict[str, FastRoute] = {}
 
-    def add_post(self, path: str, handler: Handler) -> None:
-        """Route POST ``path`` to ``handler``."""
+    def add_post(self, path: str, handler: Handler, fast: FastRoute | None = None) -> None:
+        """Route POST ``path`` to ``handler``, and plain requests to ``fast`` if given."""
         self._posts[path] = handler
+        if fast is not None:
+            self._fast[path] = fast
+
+    def fast_route(self, path: str) -> FastRoute | None:
+        """The fast path's route for POST ``path``, if it has one."""
+        return self._fast.get(path)
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         return await _json_errors(request, self._route)

@@ -147,6 +147,15 @@ async def closed_by_server(reader: asyncio.StreamReader, timeout: float) -> bool
     return True
 
 
+async def drip(writer: asyncio.StreamWriter, *, times: int, every: float) -> None:
+    """Send one byte every ``every`` seconds, ``times`` times (a slow client)."""
+    with contextlib.suppress(ConnectionError):
+        for _ in range(times):
+            writer.write(b"x")
+            await writer.drain()
+            await asyncio.sleep(every)
+
+
 async def send(port: int, data: bytes, timeout: float = 5.0) -> Reply:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
@@ -234,14 +243,7 @@ async def test_slow_drip_body_is_cut_at_the_read_timeout(tmp_path: Path) -> None
         assert svc.public_port is not None
         reader, writer = await asyncio.open_connection("127.0.0.1", svc.public_port)
 
-        async def drip() -> None:
-            with contextlib.suppress(ConnectionError):
-                for _ in range(100):
-                    writer.write(b"x")
-                    await writer.drain()
-                    await asyncio.sleep(0.1)
-
-        dripping = asyncio.create_task(drip())
+        dripping = asyncio.create_task(drip(writer, times=100, every=0.1))
         try:
             writer.write(request("POST", PATH, headers={"Content-Length": "1000"}, length=False))
             started = time.monotonic()

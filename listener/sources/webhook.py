@@ -34,7 +34,15 @@ from listener.metrics import Metrics
 from listener.sources.intake import Intake
 from listener.sources.registry import TransportContext
 from listener.sources.signatures import Verifier
-from listener.web import Handler, PublicRoutes, error_response, ok
+from listener.web import (
+    Handler,
+    PublicRoutes,
+    Reply,
+    error_reply,
+    error_response,
+    ok_reply,
+    reply_response,
+)
 
 __all__ = ["WebhookTransport"]
 
@@ -83,15 +91,31 @@ class _Endpoint:
             "last_event_at": rfc3339(datetime.fromtimestamp(last, UTC)) if last else None,
         }
 
-    def _unavailable(self, reason: str, message: str, retry_after: str) -> web.Response:
+    @property
+    def path(self) -> str:
+        return self.source.path
+
+    @property
+    def max_body(self) -> int:
+        return self._transport.http.max_body
+
+    @property
+    def read_timeout(self) -> float:
+        return self._transport.http.read_timeout
+
+    def _unavailable(self, reason: str, message: str, retry_after: str) -> Reply:
         self._rejected.labels(self.name, reason).inc()
-        return error_response(503, "UNAVAILABLE", message, {"Retry-After": retry_after})
+        return error_reply(503, "UNAVAILABLE", message, {"Retry-After": retry_after})
+
+    def timed_out(self) -> None:
+        """A body not all received within ``read_timeout`` (the fast path closed it)."""
+        self._rejected.labels(self.name, "read_timeout").inc()
 
     async def receive(self, request: web.BaseRequest) -> web.StreamResponse:
+        """aiohttp's path: read the body within the limits, then :meth:`accept`."""
         transport = self._transport
-        retry_after = str(transport.http.retry_after)
         if not transport.accepting:
-            return self._unavailable("shutting_down", "shutting down; retry later", retry_after)
+            return reply_response(self._shutting_down())
         try:
             body = await transport.read_body(request)
         except _BodyTooLarge:
@@ -100,27 +124,38 @@ class _Endpoint:
                 413, "PAYLOAD_TOO_LARGE", f"body over {transport.http.max_body} bytes"
             )
         except TimeoutError:
-            self._rejected.labels(self.name, "read_timeout").inc()
+            self.timed_out()
             return error_response(408, "REQUEST_TIMEOUT", "body not received in time")
         except web.RequestPayloadError:
             # aiohttp could not decode the body (a Content-Encoding it does not match,
             # broken chunking): the client's fault, not a 500.
             self._rejected.labels(self.name, "bad_body").inc()
             return error_response(400, "BAD_REQUEST", "the body could not be decoded")
+        return reply_response(await self.accept(request.headers, body))
+
+    def _shutting_down(self) -> Reply:
+        retry_after = str(self._transport.http.retry_after)
+        return self._unavailable("shutting_down", "shutting down; retry later", retry_after)
+
+    async def accept(self, headers: Mapping[str, str], body: bytes) -> Reply:
+        """A request whose body has all come: verify, parse, journal, answer."""
+        transport = self._transport
         if not transport.accepting:  # stopped while the body came: the drain is not waiting
-            return self._unavailable("shutting_down", "shutting down; retry later", retry_after)
+            return self._shutting_down()
         now = time.time()
         try:
-            self.verifier.verify(request.headers, body, now=now)
+            self.verifier.verify(headers, body, now=now)
         except SignatureError as exc:
             self._rejected.labels(self.name, exc.code.lower()).inc()
-            return error_response(401, exc.code, "signature verification failed")
+            return error_reply(401, exc.code, "signature verification failed")
         journal = transport.journal
         if (reason := journal.over_limit()) is not None:
             return self._unavailable(
-                "journal_full", f"journal over its limit ({reason}); retry later", retry_after
+                "journal_full",
+                f"journal over its limit ({reason}); retry later",
+                str(transport.http.retry_after),
             )
-        result = self.provider.parse(body, self.source.settings, request.headers)
+        result = self.provider.parse(body, self.source.settings, headers)
         entry = self.intake.build(result, raw=body, received_at=now)
         try:
             (new,) = await journal.append([entry])
@@ -131,14 +166,14 @@ class _Endpoint:
             # each would flood the logs (often on that same disk).
             log.warning("journal_append_failed", source=self.name, error=str(exc))
             return self._unavailable(
-                "journal_error", "journal unavailable; retry later", retry_after
+                "journal_error", "journal unavailable; retry later", str(transport.http.retry_after)
             )
         self.intake.record(entry, new=new)
         data: dict[str, Any] = {"id": entry.event_id, "duplicate": not new}
         if entry.kind == "quarantine":
             data["quarantined"] = True
             data["reason"] = entry.reason
-        return ok(data)
+        return ok_reply(data)
 
 
 class WebhookTransport:
@@ -165,7 +200,7 @@ class WebhookTransport:
     def mount(self, routes: PublicRoutes) -> None:
         """Add one POST route per source (its other methods are 405)."""
         for endpoint in self._endpoints:
-            routes.add_post(endpoint.source.path, endpoint.receive)
+            routes.add_post(endpoint.source.path, endpoint.receive, fast=endpoint)
 
     def states(self) -> Mapping[str, Mapping[str, Any]]:
         """Each source's state, by name."""

@@ -1,0 +1,283 @@
+"""
+The public port's fast path: the plainest webhook requests answered without aiohttp's
+per-request machinery, everything else handed to aiohttp unchanged.
+
+aiohttp's low-level server (:class:`listener.web.PublicRoutes`) costs ~50 µs of CPU per
+request before and after the route's own work: its parser's message and stream
+objects, the request, the response object, its headers and writer. For a webhook, a
+POST with a ``Content-Length`` body of a few KiB, that is a third of the listener's
+CPU per event. :class:`FastServer` is an aiohttp :class:`~aiohttp.web.Server` whose
+connections start on :class:`_Connection`: it answers a request itself only when all
+of this holds, and the request is wholly in its buffer:
+
+* the request line is ``POST <path> HTTP/1.1`` with ``<path>`` exactly a route with a
+  fast handler (:class:`listener.web.FastRoute`): no query, no escapes;
+* every header line is ``token ":" printable ASCII``, 64 of them at most, all within
+  8 KiB, and none is ``Transfer-Encoding``, ``Content-Encoding``, ``Expect``,
+  ``Upgrade`` or a ``Connection`` other than ``keep-alive``;
+* exactly one ``Content-Length``, decimal digits, at most ``max_body``.
+
+The first request that is anything else, and every later one on its connection, goes
+to aiohttp's own :class:`~aiohttp.web_protocol.RequestHandler`, fed the connection's
+bytes from that request's first byte on: the 100-continue, chunked and compressed
+bodies, limits, methods, paths and malformed requests keep aiohttp's handling and the
+contract's JSON errors (:class:`listener.web.PublicRoutes`). A fast request whose body
+has not all come after ``read_timeout`` closes the connection, as aiohttp's path does.
+
+Responses go out in request order (a pipelined request waits for the one before it),
+idle keep-alive connections close after ``KEEPALIVE`` seconds, and on shutdown the
+requests being answered get ``shutdown_timeout`` to finish (:meth:`FastServer.shutdown`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Mapping
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Any, Literal, cast
+
+import structlog
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from listener.web import FastRoute, PublicRoutes, Reply, error_reply
+
+__all__ = ["FastServer"]
+
+log = structlog.get_logger("listener.web")
+
+HEAD_MAX = 8192  # bytes of request line and headers, as aiohttp's line limit
+HEADERS_MAX = 64
+# Seconds an idle connection is kept: aiohttp's own default, longer than a reverse
+# proxy's idle timeout, so that the proxy closes first and never reuses a closed one.
+KEEPALIVE = 3630.0
+SWEEP = 5.0  # how often idle connections are looked for
+PAUSE_AT = 256 * 1024  # buffered bytes of pipelined requests before reading pauses
+
+_REQUEST_LINE = re.compile(rb"POST (/[!$&'()*+,;=:@A-Za-z0-9._~/-]*) HTTP/1\.1\r\n")
+# A header block of plain lines only; anything else is aiohttp's to judge.
+_HEADERS = re.compile(rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[ \t]*[\x20-\x7e]*\r\n)*\r\n")
+_HEADER = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([\x20-\x7e]*?)[ \t]*\r\n")
+_POST = b"POST /"
+_REFUSED = frozenset({"transfer-encoding", "content-encoding", "expect", "upgrade"})
+_REASONS = {status.value: status.phrase for status in HTTPStatus}
+
+
+class FastServer(web.Server):
+    """aiohttp's low-level server for ``routes``, with the fast path in front."""
+
+    def __init__(self, routes: PublicRoutes, **kwargs: Any) -> None:
+        super().__init__(routes, **kwargs)
+        self.routes = routes
+        self.fast: set[_Connection] = set()
+        self._date = b""
+        self._date_at = 0.0
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    def __call__(self) -> Any:  # aiohttp's type is RequestHandler; this is a Protocol
+        if self._sweeper is None:
+            self._sweeper = self._loop.call_later(SWEEP, self._sweep)
+        return _Connection(self)
+
+    def aiohttp_handler(self) -> asyncio.Protocol:
+        """A connection handler of aiohttp's own (what the fast path hands over to)."""
+        return super().__call__()
+
+    def date(self) -> bytes:
+        """The ``Date`` header's value, formatted once a second."""
+        now = time.time()
+        if now - self._date_at >= 1.0:
+            self._date_at = now
+            self._date = formatdate(now, usegmt=True).encode()
+        return self._date
+
+    def _sweep(self) -> None:
+        now = self._loop.time()
+        for conn in list(self.fast):
+            conn.expire_idle(now)
+        self._sweeper = self._loop.call_later(SWEEP, self._sweep)
+
+    def pre_shutdown(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for conn in list(self.fast):
+            conn.close_if_idle()
+        super().pre_shutdown()
+
+    async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - aiohttp's signature
+        answering = [c.answering for c in self.fast if c.answering is not None]
+        if answering:
+            await asyncio.wait(answering, timeout=timeout)
+        for conn in list(self.fast):
+            conn.close()
+        await super().shutdown(timeout)
+
+
+class _Connection(asyncio.Protocol):
+    """One connection while its requests take the fast path (see the module docstring)."""
+
+    def __init__(self, server: FastServer) -> None:
+        self._server = server
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._paused = False
+        self._seen = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timed_out: FastRoute | None = None
+        #: The request being answered (responses go out in order: one at a time).
+        self.answering: asyncio.Task[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A stream server's (uvloop's transports do not subclass asyncio's).
+        self._transport = cast(asyncio.Transport, transport)
+        self._seen = self._loop.time()
+        self._server.fast.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._server.fast.discard(self)
+        self._transport = None
+        self._cancel_timer()
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        self._seen = self._loop.time()
+        if self.answering is None:
+            self._next()
+        elif len(self._buffer) > PAUSE_AT and not self._paused and self._transport is not None:
+            self._paused = True
+            self._transport.pause_reading()
+
+    def expire_idle(self, now: float) -> None:
+        """Close the connection if nothing came for ``KEEPALIVE`` seconds (nor went out)."""
+        if self.answering is None and now - self._seen > KEEPALIVE:
+            self.close()
+
+    def close_if_idle(self) -> None:
+        """Close the connection unless a request is being answered (shutdown)."""
+        if self.answering is None:
+            self.close()
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def _next(self) -> None:
+        """Answer the next buffered request, wait for the rest of it, or hand over."""
+        buffer = self._buffer
+        if not buffer:
+            return
+        parsed = self._parse()
+        if parsed is None:  # not all of the head has come yet
+            return
+        if parsed is False:
+            self._cancel_timer()
+            self._hand_over()
+            return
+        route, headers, start, length = parsed
+        end = start + length
+        if len(buffer) < end:  # the body is still coming: read_timeout from its head on
+            if self._timer is None:
+                self._timed_out = route
+                self._timer = self._loop.call_later(route.read_timeout, self._time_out)
+            return
+        self._cancel_timer()
+        body = bytes(buffer[start:end])
+        del buffer[:end]
+        self.answering = self._loop.create_task(self._answer(route, headers, body))
+
+    def _parse(
+        self,
+    ) -> tuple[FastRoute, CIMultiDictProxy[str], int, int] | Literal[False] | None:
+        """The buffered request's route, headers, body offset and length; ``False``: not
+        a fast one; ``None``: its head is not all here yet."""
+        buffer = self._buffer
+        line = _REQUEST_LINE.match(buffer)
+        if line is None:  # not one, or not all here yet: wait only while it could be one
+            whole = buffer.find(b"\n", 0, HEAD_MAX) >= 0 or len(buffer) >= HEAD_MAX
+            return False if whole or not _POST.startswith(buffer[:6]) else None
+        head_end = buffer.find(b"\r\n\r\n", line.end() - 2, HEAD_MAX)
+        if head_end < 0:
+            return None if len(buffer) < HEAD_MAX else False
+        route = self._server.routes.fast_route(line.group(1).decode("ascii"))
+        if route is None or _HEADERS.fullmatch(buffer, line.end(), head_end + 4) is None:
+            return False
+        fields = _HEADER.findall(buffer, line.end(), head_end + 2)
+        if len(fields) > HEADERS_MAX:
+            return False
+        headers: CIMultiDict[str] = CIMultiDict(
+            (name.decode("ascii"), value.decode("ascii")) for name, value in fields
+        )
+        lengths = headers.getall("Content-Length", ())
+        if len(lengths) != 1 or not lengths[0].isdigit() or len(lengths[0]) > 12:
+            return False
+        length = int(lengths[0])
+        if length > route.max_body or not _plain(headers):
+            return False
+        return route, CIMultiDictProxy(headers), head_end + 4, length
+
+    async def _answer(self, route: FastRoute, headers: Mapping[str, str], body: bytes) -> None:
+        try:
+            reply = await route.accept(headers, body)
+        except Exception:  # the last line of defence, as aiohttp's path (listener.web)
+            log.exception("request_failed", path=route.path, method="POST")
+            reply = error_reply(500, "INTERNAL", "an unexpected error; it was logged")
+        transport = self._transport
+        if transport is not None:
+            transport.write(self._encode(reply))
+        self.answering = None
+        self._seen = self._loop.time()
+        if transport is None or transport.is_closing():
+            return
+        if self._paused:
+            self._paused = False
+            transport.resume_reading()
+        self._next()
+
+    def _encode(self, reply: Reply) -> bytes:
+        extra = "".join(f"{k}: {v}\r\n" for k, v in reply.headers.items()) if reply.headers else ""
+        head = (
+            f"HTTP/1.1 {reply.status} {_REASONS.get(reply.status, 'Error')}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(reply.body)}\r\n{extra}"
+        ).encode()
+        return b"%sDate: %s\r\n\r\n%s" % (head, self._server.date(), reply.body)
+
+    def _time_out(self) -> None:
+        self._timer = None
+        if self._timed_out is not None:
+            self._timed_out.timed_out()
+        self.close()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _hand_over(self) -> None:
+        """The rest of this connection is aiohttp's, from the buffered request on."""
+        transport = self._transport
+        if transport is None:
+            return
+        self._server.fast.discard(self)
+        self._transport = None
+        handler = self._server.aiohttp_handler()
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+        if self._paused:
+            transport.resume_reading()
+        data, self._buffer = bytes(self._buffer), bytearray()
+        handler.data_received(data)
+
+
+def _plain(headers: CIMultiDict[str]) -> bool:
+    """No header that asks for aiohttp's handling (a body encoding, an expectation...)."""
+    for name in headers:
+        lowered = name.lower()
+        if lowered in _REFUSED:
+            return False
+        if lowered == "connection" and headers[name].lower() != "keep-alive":
+            return False
+    return True
