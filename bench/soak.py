@@ -297,11 +297,14 @@ def _process(pid: int) -> tuple[int, int]:
 async def _sample(
     session: aiohttp.ClientSession, admin: str, pid: int, minute: int, before: str | None
 ) -> tuple[Sample, str]:
-    tasks = []  # in-flight request handlers come and go: the floor of a few scrapes
+    # Request handlers come and go with the load: the floor of a few scrapes, each
+    # without the webhook requests then in flight (a task each on the fast path).
+    tasks = []
     for _ in range(TASK_SCRAPES):
         text = await fetch_metrics_text(session, admin)
         metrics = parse_metrics(text)
-        tasks.append(int(metrics.get("listener_asyncio_tasks", 0)))
+        in_flight = metrics.get("listener_webhook_requests_in_flight", 0)
+        tasks.append(int(metrics.get("listener_asyncio_tasks", 0) - in_flight))
         if len(tasks) < TASK_SCRAPES:
             await asyncio.sleep(1.0)
     rss, fds = _process(pid)

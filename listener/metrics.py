@@ -209,6 +209,11 @@ class Metrics:
             "Tasks on the daemon's event loop (flat on a healthy daemon).",
             registry=r,
         )
+        self.webhooks_in_flight = Gauge(
+            "listener_webhook_requests_in_flight",
+            "Webhook requests being verified, parsed and journaled (each is a task of its own).",
+            registry=r,
+        )
         self.broker_connected = Gauge(
             "listener_broker_connected", "1 while the broker connection is up.", registry=r
         )

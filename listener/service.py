@@ -229,6 +229,8 @@ class Service:
             self.metrics.journal_pending.set(self.journal.pending_count)
             self.metrics.journal_deferred.set(self.journal.deferred_count)
             self.metrics.journal_bytes.set(self.journal.size_bytes)
+        webhooks = self.transport("webhook")
+        self.metrics.webhooks_in_flight.set(getattr(webhooks, "in_flight", 0))
         with contextlib.suppress(RuntimeError):  # (no running loop: nothing to count)
             self.metrics.asyncio_tasks.set(len(asyncio.all_tasks()))
 

@@ -371,6 +371,33 @@ CONTENT_TYPES = [
 ]
 
 
+async def test_requests_waiting_for_the_journal_are_counted_in_flight(service: Service) -> None:
+    """
+    ``listener_webhook_requests_in_flight`` counts a request from its body to its answer
+    (the soak subtracts these tasks from the loop's to tell load from a leak).
+    """
+    assert service.public_port is not None and service.journal is not None
+
+    def in_flight() -> float:
+        service._refresh_metrics()
+        text = service.metrics.render().decode()
+        (line,) = [x for x in text.splitlines() if x.startswith("listener_webhook_requests_in")]
+        return float(line.split()[-1])
+
+    body = orjson.dumps(gst_event())
+    async with service.journal._writing:  # commits wait: the requests stay in flight
+        replies = [
+            asyncio.create_task(send(service.public_port, request("POST", PATH, body, signed(body))))
+            for _ in range(3)
+        ]
+        deadline = time.monotonic() + 5 * UNIT
+        while in_flight() < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert in_flight() == 3
+    assert [r.status for r in await asyncio.gather(*replies)] == [200, 200, 200]
+    assert in_flight() == 0
+
+
 @pytest.mark.parametrize("content_type", CONTENT_TYPES)
 async def test_content_type_is_not_checked_the_signature_is(
     service: Service, content_type: str | None

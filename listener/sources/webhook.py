@@ -140,6 +140,14 @@ class _Endpoint:
     async def accept(self, headers: Mapping[str, str], body: bytes) -> Reply:
         """A request whose body has all come: verify, parse, journal, answer."""
         transport = self._transport
+        transport.in_flight += 1
+        try:
+            return await self._accept(headers, body)
+        finally:
+            transport.in_flight -= 1
+
+    async def _accept(self, headers: Mapping[str, str], body: bytes) -> Reply:
+        transport = self._transport
         if not transport.accepting:  # stopped while the body came: the drain is not waiting
             return self._shutting_down()
         now = time.time()
@@ -191,6 +199,8 @@ class WebhookTransport:
         self.journal = context.journal
         metrics = context.metrics
         self.accepting = True
+        #: Requests between their body and their answer (the soak tells them from leaks).
+        self.in_flight = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._endpoints = [_Endpoint(s, p, self, metrics) for s, p in sources]
         for endpoint in self._endpoints:
