@@ -30,7 +30,7 @@ import asyncio
 import ctypes
 import gc
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import structlog
 
@@ -73,12 +73,9 @@ class Trimmer:
         """Whether this platform can trim at all."""
         return self._trim is not None and self._baseline is not None
 
-    async def maybe_trim(
-        self, before_trim: Callable[[], Awaitable[None]] | None = None
-    ) -> tuple[int, int] | None:
+    async def maybe_trim(self) -> tuple[int, int] | None:
         """
-        Trim if the resident size grew by ``growth`` since the last trim (or the start),
-        after awaiting ``before_trim()`` (what frees memory for the trim to hand back).
+        Trim if the resident size grew by ``growth`` since the last trim (or the start).
 
         Returns:
             ``(before, after)`` in bytes when it trimmed, else ``None``.
@@ -89,8 +86,6 @@ class Trimmer:
             return None
         if before - self._baseline < self._growth:
             return None
-        if before_trim is not None:
-            await before_trim()
         await asyncio.to_thread(trim, 0)
         after = resident_bytes() or before
         self._baseline = after

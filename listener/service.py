@@ -352,8 +352,7 @@ class Service:
                 if deleted:
                     log.info("journal_pruned", deleted=deleted)
             self._refresh_metrics()
-            # After a drain, a replay: the journal's read caches first, then the allocator.
-            if trimmed := await memory.maybe_trim(journal.release_memory):
+            if trimmed := await memory.maybe_trim():  # (after a drain, a replay)
                 before, after = trimmed
                 level = log.info if before - after >= TRIM_NOTABLE else log.debug
                 level(

@@ -7,7 +7,6 @@ import time
 import tracemalloc
 import weakref
 from collections.abc import Callable
-from pathlib import Path
 
 import orjson
 import pytest
@@ -56,42 +55,6 @@ async def test_the_default_trims_a_burst_the_size_a_broker_restart_leaves() -> N
     before, after = trimmed
     assert after < before - 3 * MIB
     assert len(kept) == 120
-
-
-async def test_the_journal_lets_its_read_caches_go_before_a_trim(tmp_path: Path) -> None:
-    """
-    Reading rows back (a drain after an outage) fills the reading connection's page
-    cache, which a trim alone does not reach: release_memory() hands it to the trim,
-    and the trimmer awaits it only when it trims.
-    """
-    from listener.config import JournalConfig
-    from listener.journal import Journal
-
-    trimmer = Trimmer(growth=64 * MIB)
-    if not trimmer.available:
-        pytest.skip("no malloc_trim in this C library (glibc only)")
-    released = []
-
-    async def release() -> None:
-        released.append(True)
-
-    assert await trimmer.maybe_trim(release) is None and released == []  # no growth
-    body = b'{"x": "' + b"a" * 950 + b'"}'
-    async with Journal(config=JournalConfig(path=str(tmp_path / "j.db"))) as journal:
-        for k in range(40):
-            await journal.append(
-                [Entry("s", f"e{k}-{i}", "event", "s.t", body, 1.0, 1.0) for i in range(500)]
-            )
-        after = 0
-        while rows := await journal.pending(after_seq=after, limit=1000):
-            after = rows[-1].seq
-        del rows
-        assert after == 20_000
-        await Trimmer(growth=0).maybe_trim()
-        read = resident_bytes()
-        trimmed = await Trimmer(growth=0).maybe_trim(journal.release_memory)
-    assert read is not None and trimmed is not None
-    assert trimmed[1] < read - 3 * MIB / 2, (read / MIB, trimmed[1] / MIB)
 
 
 class _Node:

@@ -1,8 +1,7 @@
 """
 The journal's upkeep, a mixin of :class:`listener.journal.store.Journal`: deferred rows
 made due again, the counts taken again, retention. Each runs on the writer thread
-between commits (:meth:`~listener.journal.checkpoints.Checkpoints._on_writer`). And the
-reading connections' caches let go after a burst of reads.
+between commits (:meth:`~listener.journal.checkpoints.Checkpoints._on_writer`).
 """
 
 from __future__ import annotations
@@ -147,18 +146,3 @@ class Upkeep(Checkpoints):
             await self._on_writer(self._measure_size)
             self._update_capacity()
         return total
-
-    async def release_memory(self) -> None:
-        """
-        Let the reading connections' page caches go (``PRAGMA shrink_memory``). They fill
-        (to SQLite's default 2 MiB each) only when rows are read back: a drain after a
-        broker outage, a replay, the admin API. Measured: reading 30,000 rows back left
-        the process 4.6 MiB larger after a trim, 1.3 MiB after this and a trim. The
-        maintenance round calls it before it trims the allocator.
-        """
-        for thread, conn in (
-            (self._read_thread, self._reader),
-            (self._query_thread, self._querier),
-        ):
-            if conn is not None:
-                await self._on(thread, conn.execute, "PRAGMA shrink_memory")
