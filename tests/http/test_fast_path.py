@@ -65,7 +65,7 @@ async def serve(route: Route) -> AsyncIterator[Running]:
     async def handler(request: web.BaseRequest) -> web.StreamResponse:
         body = await request.read()
         slow.append(body)
-        return web.json_response({"path": "aiohttp", "id": request.headers.get("X-Id")})
+        return web.json_response({"data": {"path": "aiohttp", "id": request.headers.get("X-Id")}})
 
     routes = PublicRoutes()
     routes.add_post(PATH, handler, fast=route)
@@ -90,13 +90,7 @@ async def answers(reader: asyncio.StreamReader, count: int) -> list[tuple[int, s
         reply = await read_reply(reader)
         data = reply.json()
         if reply.status == 200:
-            out.append(
-                (
-                    reply.status,
-                    data["data"]["path"] if "data" in data else data["path"],
-                    data["data"]["id"] if "data" in data else data["id"],
-                )
-            )
+            out.append((reply.status, data["data"]["path"], data["data"]["id"]))
         else:
             out.append((reply.status, "", data["error"]["code"]))
     return out
@@ -183,7 +177,7 @@ async def test_pipelined_requests_are_answered_in_order_across_the_hand_over() -
             if reply.status != 100:
                 replies.append(reply.json())
         writer.close()
-        paths = [(r.get("data", r)["path"], r.get("data", r)["id"]) for r in replies]
+        paths = [(r["data"]["path"], r["data"]["id"]) for r in replies]
         assert paths[:2] == [("fast", "1"), ("fast", "2")]
         assert ("aiohttp", "4") in paths
 
