@@ -277,10 +277,10 @@ class _Connection(asyncio.Protocol):
 
 def _plain(headers: CIMultiDict[str]) -> bool:
     """No header that asks for aiohttp's handling (a body encoding, an expectation...)."""
-    for name in headers:
+    for name, value in headers.items():
         lowered = name.lower()
         if lowered in _REFUSED:
             return False
-        if lowered == "connection" and headers[name].lower() != "keep-alive":
+        if lowered == "connection" and value.lower() != "keep-alive":
             return False
     return True

@@ -126,11 +126,20 @@ async def test_plain_requests_take_the_fast_path_anything_else_aiohttps_for_good
         {"Expect": "100-continue"},
         {"Transfer-Encoding": "chunked"},
         {"Connection": "close"},
+        {"Connection": "keep-alive", "connection": "close"},
         {"Content-Length": "5"},  # a second one
         {"Bad Name": "x"},
         {"X-Latin": "caf\xe9"},
     ],
-    ids=["expect", "chunked", "close", "two-lengths", "bad-name", "not-ascii"],
+    ids=[
+        "expect",
+        "chunked",
+        "close",
+        "keep-alive-then-close",
+        "two-lengths",
+        "bad-name",
+        "not-ascii",
+    ],
 )
 async def test_requests_the_fast_path_does_not_judge_go_to_aiohttp(extra: dict[str, str]) -> None:
     """Whatever asks for more than a plain body, or is not plain text, is aiohttp's."""
