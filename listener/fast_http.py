@@ -130,7 +130,6 @@ class _Connection(asyncio.Protocol):
         self._paused = False
         self._seen = 0.0
         self._timer: asyncio.TimerHandle | None = None
-        self._timed_out: FastRoute | None = None
         #: The request being answered (responses go out in order: one at a time).
         self.answering: asyncio.Task[None] | None = None
 
@@ -184,8 +183,7 @@ class _Connection(asyncio.Protocol):
         end = start + length
         if len(buffer) < end:  # the body is still coming: read_timeout from its head on
             if self._timer is None:
-                self._timed_out = route
-                self._timer = self._loop.call_later(route.read_timeout, self._time_out)
+                self._timer = self._loop.call_later(route.read_timeout, self._time_out, route)
             return
         self._cancel_timer()
         body = bytes(buffer[start:end])
@@ -248,10 +246,9 @@ class _Connection(asyncio.Protocol):
         ).encode()
         return b"%sDate: %s\r\n\r\n%s" % (head, self._server.date(), reply.body)
 
-    def _time_out(self) -> None:
+    def _time_out(self, route: FastRoute) -> None:
         self._timer = None
-        if self._timed_out is not None:
-            self._timed_out.timed_out()
+        route.timed_out()
         self.close()
 
     def _cancel_timer(self) -> None:

@@ -100,9 +100,7 @@ def json_response(
     status: int, payload: dict[str, Any], headers: dict[str, str] | None = None
 ) -> web.Response:
     """A JSON response written with orjson."""
-    return web.Response(
-        status=status, body=orjson.dumps(payload), content_type="application/json", headers=headers
-    )
+    return reply_response(Reply(status, orjson.dumps(payload), headers))
 
 
 def ok(data: Any, status: int = 200, **extra: Any) -> web.Response:
