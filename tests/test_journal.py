@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import os
 import random
 import sqlite3
@@ -27,7 +28,9 @@ from listener.journal.upkeep import (
     PRUNE_MAX,
     PRUNE_MIN,
     PRUNE_PATIENCE,
+    PRUNE_REST,
     PRUNE_SLOW,
+    PRUNE_SPREAD,
 )
 from listener.journal.writes import Append, commit
 from listener.metrics import Metrics
@@ -637,6 +640,35 @@ async def test_a_round_that_is_behind_grows_its_batches_past_the_usual_bound(
         behind = time.monotonic() - PRUNE_PATIENCE - 1
         await journal._in_batches(fake_delete, batch=500, began=behind)
     assert sizes == [500, 1000, PRUNE_MAX, PRUNE_MAX, PRUNE_MAX, PRUNE_MAX]
+
+
+@pytest.mark.parametrize("late", [False, True])
+async def test_a_round_rests_between_its_deletes_for_its_first_seconds(
+    tmp_path: Path, late: bool
+) -> None:
+    """
+    For its first PRUNE_SPREAD seconds a round leaves the writer to the commits for
+    PRUNE_REST times as long as each delete took; after that, deletes follow each other
+    at once (a round that long is catching up).
+    """
+    spans: list[tuple[float, float]] = []
+    work = 0.01
+
+    def fake_delete(conn: object, size: int) -> int:
+        start = time.monotonic()
+        time.sleep(work)
+        spans.append((start, time.monotonic()))
+        return size if len(spans) < 4 else 0
+
+    async with Journal(config=config(tmp_path)) as journal:
+        began = time.monotonic() - (PRUNE_SPREAD + 1 if late else 0)
+        await journal._in_batches(fake_delete, batch=PRUNE_MIN, began=began)
+    gaps = [nxt[0] - prev[1] for prev, nxt in itertools.pairwise(spans)]
+    assert len(gaps) == 3
+    if late:
+        assert max(gaps) < work * PRUNE_REST / 2
+    else:
+        assert min(gaps) >= work * PRUNE_REST * 0.9
 
 
 def _temp_files() -> set[str]:
