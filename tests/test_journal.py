@@ -642,14 +642,15 @@ async def test_a_round_that_is_behind_grows_its_batches_past_the_usual_bound(
     assert sizes == [500, 1000, PRUNE_MAX, PRUNE_MAX, PRUNE_MAX, PRUNE_MAX]
 
 
-@pytest.mark.parametrize("late", [False, True])
+@pytest.mark.parametrize("case", ["on time", "late", "full"])
 async def test_a_round_rests_between_its_deletes_for_its_first_seconds(
-    tmp_path: Path, late: bool
+    tmp_path: Path, case: str
 ) -> None:
     """
     For its first PRUNE_SPREAD seconds a round leaves the writer to the commits for
-    PRUNE_REST times as long as each delete took; after that, deletes follow each other
-    at once (a round that long is catching up).
+    PRUNE_REST times as long as each delete took; after that ("late"), or while the
+    journal is at max_size and takes no appends ("full"), deletes follow each other at
+    once.
     """
     spans: list[tuple[float, float]] = []
     work = 0.01
@@ -660,15 +661,17 @@ async def test_a_round_rests_between_its_deletes_for_its_first_seconds(
         spans.append((start, time.monotonic()))
         return size if len(spans) < 4 else 0
 
-    async with Journal(config=config(tmp_path)) as journal:
-        began = time.monotonic() - (PRUNE_SPREAD + 1 if late else 0)
+    async with Journal(config=config(tmp_path, max_size=1 << 20)) as journal:
+        if case == "full":
+            journal._stats.size = 1 << 20
+        began = time.monotonic() - (PRUNE_SPREAD + 1 if case == "late" else 0)
         await journal._in_batches(fake_delete, batch=PRUNE_MIN, began=began)
     gaps = [nxt[0] - prev[1] for prev, nxt in itertools.pairwise(spans)]
     assert len(gaps) == 3
-    if late:
-        assert max(gaps) < work * PRUNE_REST / 2
-    else:
+    if case == "on time":
         assert min(gaps) >= work * PRUNE_REST * 0.9
+    else:
+        assert max(gaps) < work * PRUNE_REST / 2
 
 
 def _temp_files() -> set[str]:
