@@ -12,6 +12,7 @@ import functools
 import inspect
 from collections.abc import AsyncIterator
 from importlib.metadata import version
+from typing import Any
 
 import aio_pika
 import aiormq
@@ -77,6 +78,20 @@ async def test_aiormq_internals_are_there(channel: aiormq.Channel) -> None:
     )
     for call in ("confirmation.done()", "confirmation.set_result(", "confirmation.set_exception("):
         assert call in source, _fail(f"what Channel does with confirmations ({call})")
+    # confirms._on_confirm_frame stands in for the channel's own, settling through its
+    # _confirm_delivery; the frame reader must look it up on the instance.
+    assert "await self._on_confirm_frame(frame)" in inspect.getsource(aiormq.Channel._reader), _fail(
+        "how Channel's frame reader hands over a confirm"
+    )
+    assert inspect.iscoroutinefunction(aiormq.Channel._on_confirm_frame), _fail(
+        "Channel._on_confirm_frame"
+    )
+    assert list(inspect.signature(aiormq.Channel._confirm_delivery).parameters) == [
+        "self",
+        "delivery_tag",
+        "frame",
+    ], _fail("Channel._confirm_delivery")
+    assert hasattr(channel, "__dict__"), _fail("Channel's instance attributes")
 
 
 async def _publish(channel: aiormq.Channel, messages: list[Outgoing]) -> list[tuple[str, Outcome]]:
@@ -117,6 +132,65 @@ async def test_window_settles_each_message_on_its_own(
         assert isinstance(outcomes.pop("m5"), PublishReturned)
         assert all(o is None for o in outcomes.values())
         assert channel.message_id_delivery_tag == {}, "returned ids are forgotten"
+    finally:
+        await connection.close()
+
+
+async def test_a_multiple_ack_settles_its_publishes_at_once(
+    channel: aiormq.Channel, broker_url: str, exchange_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    The broker acks many publishes in one frame: they settle then and there, not through
+    a loop callback per delivery tag (aiormq's way); returns among them settle as
+    returns, and nothing is left in the channel's confirmations.
+    """
+    connection = await aio_pika.connect(broker_url)
+    try:
+        side = await connection.channel()
+        exchange = await side.declare_exchange(
+            exchange_name, aio_pika.ExchangeType.TOPIC, auto_delete=True
+        )
+        queue = await side.declare_queue("", exclusive=True, durable=False)
+        await queue.bind(exchange, "routed.#")
+        scheduled: list[object] = []
+        loop = asyncio.get_running_loop()
+        call_soon = loop.call_soon
+
+        def counting(callback: Any, *args: Any, **kwargs: Any) -> asyncio.Handle:
+            if getattr(callback, "__self__", None) is channel:  # (its _confirm_delivery)
+                scheduled.append(args[0])
+            return call_soon(callback, *args, **kwargs)
+
+        monkeypatch.setattr(loop, "call_soon", counting)
+        messages = [
+            _message(f"m{i}", exchange_name, "nowhere" if i % 97 == 5 else f"routed.{i}")
+            for i in range(2000)
+        ]
+        covered: list[int] = []  # tags settled by an ack frame of a later tag
+        confirm_delivery = aiormq.Channel._confirm_delivery
+
+        def watched(self: aiormq.Channel, delivery_tag: int, frame: Any) -> None:
+            if delivery_tag != frame.delivery_tag:
+                covered.append(delivery_tag)
+            confirm_delivery(self, delivery_tag, frame)
+
+        monkeypatch.setattr(aiormq.Channel, "_confirm_delivery", watched)
+        outcomes: dict[str, Outcome] = {}
+
+        def settled(message: Outgoing, outcome: Outcome, _: float) -> None:
+            outcomes[message.message_id] = outcome
+
+        async with ConfirmWindow(channel, size=512, timeout=10, on_settled=settled) as window:
+            for message in messages:
+                await window.publish(message)
+        assert len(outcomes) == 2000
+        returned = {m for m, o in outcomes.items() if isinstance(o, PublishReturned)}
+        assert returned == {f"m{i}" for i in range(2000) if i % 97 == 5}
+        assert all(o is None for m, o in outcomes.items() if m not in returned)
+        assert covered, "the broker sent no multiple ack: nothing was shown"
+        assert scheduled == [], "settled through a loop callback per delivery tag"
+        assert channel.confirmations == {}
+        assert channel.message_id_delivery_tag == {}
     finally:
         await connection.close()
 
@@ -281,4 +355,8 @@ def test_prebuilt_event_properties_are_pamqps_bytes() -> None:
             continue
         assert fast(properties=wire) == expected, (event_id, key)
         assert wire.message_id == stored.entry.event_id
+        if isinstance(wire, frames.Prebuilt):  # pamqp's path reads the same properties back
+            assert wire.properties() == properties_for(stored)
+            slow = frames._pamqp_frames(1, 131064, "lx.pre", key, wire.properties(), b"x")
+            assert slow == expected, (event_id, key)
     assert 100 < prebuilt < 300  # both paths were taken

@@ -192,7 +192,6 @@ def publish_properties(stored: StoredEntry) -> Basic.Properties | Prebuilt:
     entry = stored.entry
     if entry.kind == "event" and entry.event_id and entry.routing_key:
         wire = prebuilt(
-            lambda: properties_for(stored),
             content_type=CONTENT_TYPE,
             message_id=entry.event_id,
             message_type=entry.routing_key,
