@@ -88,3 +88,9 @@ class Backlog:
         # there could be published and marked, and taken again by the next session.
         while fresh and fresh[0].seq <= self._after:
             fresh.popleft()
+        if len(rows) == limit and fresh and fresh[0].seq != self._after + 1:
+            # Still behind (a backlog drains): the handoff's rows follow rows not read
+            # yet, and the reads will reach them. Held meanwhile, up to FRESH_MAX
+            # entries churned through memory at the drain's peak, beside the thousands
+            # in flight: Python's allocator kept that high-water mark for good.
+            fresh.clear()
