@@ -80,9 +80,8 @@ async def test_aiormq_internals_are_there(channel: aiormq.Channel) -> None:
         assert call in source, _fail(f"what Channel does with confirmations ({call})")
     # confirms._on_confirm_frame stands in for the channel's own, settling through its
     # _confirm_delivery; the frame reader must look it up on the instance.
-    assert "await self._on_confirm_frame(frame)" in inspect.getsource(aiormq.Channel._reader), _fail(
-        "how Channel's frame reader hands over a confirm"
-    )
+    reader = inspect.getsource(aiormq.Channel._reader)
+    assert "await self._on_confirm_frame(frame)" in reader, _fail("how its reader hands a confirm on")
     assert inspect.iscoroutinefunction(aiormq.Channel._on_confirm_frame), _fail(
         "Channel._on_confirm_frame"
     )
