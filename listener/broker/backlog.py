@@ -90,7 +90,7 @@ class Backlog:
             fresh.popleft()
         if len(rows) == limit and fresh and fresh[0].seq != self._after + 1:
             # Still behind (a backlog drains): the handoff's rows follow rows not read
-            # yet, and the reads will reach them. Held meanwhile, up to FRESH_MAX
-            # entries churned through memory at the drain's peak, beside the thousands
-            # in flight: Python's allocator kept that high-water mark for good.
+            # yet, and the reads will reach them. Held meanwhile, they would be up to
+            # FRESH_MAX more entries in memory at the drain's peak, beside the thousands
+            # in flight: a high-water mark that Python's allocator partly keeps.
             fresh.clear()

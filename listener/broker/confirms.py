@@ -99,9 +99,9 @@ async def _on_confirm_frame(channel: aiormq.Channel, frame: ConfirmationFrameTyp
     """
     aiormq's ``Channel._on_confirm_frame``, but a ``multiple`` ack settles its publishes
     at once. aiormq schedules a callback per delivery tag it covers, and again for each
-    ack frame that arrives before those ran: with 2,048 publishes in flight that was
-    more loop handles than publishes (a burst in Python's small-object heap that stayed
-    as arenas after a backlog's drain) and a scheduled call per message.
+    ack frame that arrives before those ran: while a backlog drains (2,048 publishes in
+    flight) that was more loop handles at once than publishes, and a scheduled call per
+    message.
     """
     confirmations = channel.confirmations
     if not (getattr(frame, "multiple", False) and frame.delivery_tag in confirmations):
