@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import gc
 import inspect
+import os
 from collections.abc import AsyncIterator
 from importlib.metadata import version
 from typing import Any
@@ -21,7 +23,7 @@ from aiormq.abc import ChannelFrame
 from pamqp.commands import Basic
 
 from listener.broker import confirms
-from listener.broker.confirms import ConfirmWindow, Outcome, Outgoing
+from listener.broker.confirms import ConfirmWindow, Outcome, Outgoing, Sent
 from listener.exceptions import PublishNacked, PublishReturned
 
 # What ConfirmWindow does with an aiormq Channel, besides its public API.
@@ -72,7 +74,7 @@ async def test_aiormq_internals_are_there(channel: aiormq.Channel) -> None:
     assert isinstance(channel.closing, asyncio.Future), _fail("Channel.closing")
     fields = [f.name for f in dataclasses.fields(ChannelFrame)]
     assert fields[:2] == ["payload", "should_close"], _fail("ChannelFrame")
-    # What aiormq calls on what waits in confirmations (confirms._Pending answers them).
+    # What aiormq calls on what waits in confirmations (confirms.Sent answers them).
     source = inspect.getsource(aiormq.Channel._confirm_delivery) + inspect.getsource(
         aiormq.Channel._on_return_frame
     )
@@ -81,7 +83,9 @@ async def test_aiormq_internals_are_there(channel: aiormq.Channel) -> None:
     # confirms._on_confirm_frame stands in for the channel's own, settling through its
     # _confirm_delivery; the frame reader must look it up on the instance.
     reader = inspect.getsource(aiormq.Channel._reader)
-    assert "await self._on_confirm_frame(frame)" in reader, _fail("how its reader hands a confirm on")
+    assert "await self._on_confirm_frame(frame)" in reader, _fail(
+        "how its reader hands a confirm on"
+    )
     assert inspect.iscoroutinefunction(aiormq.Channel._on_confirm_frame), _fail(
         "Channel._on_confirm_frame"
     )
@@ -96,13 +100,21 @@ async def test_aiormq_internals_are_there(channel: aiormq.Channel) -> None:
 async def _publish(channel: aiormq.Channel, messages: list[Outgoing]) -> list[tuple[str, Outcome]]:
     outcomes: list[tuple[str, Outcome]] = []
 
-    def settled(message: Outgoing, outcome: Outcome, _: float) -> None:
+    def settled(message: Sent, outcome: Outcome, _: float) -> None:
         outcomes.append((message.message_id, outcome))
 
     async with ConfirmWindow(channel, size=8, timeout=10, on_settled=settled) as window:
         for message in messages:
             await window.publish(message)
     return outcomes
+
+
+async def _routed(connection: aio_pika.abc.AbstractConnection, exchange: str, key: str) -> None:
+    """Declare ``exchange`` (auto-deleted) with a queue of this connection's bound to ``key``."""
+    side = await connection.channel()
+    declared = await side.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC, auto_delete=True)
+    queue = await side.declare_queue("", exclusive=True, durable=False)
+    await queue.bind(declared, key)
 
 
 def _message(message_id: str, exchange: str, key: str) -> Outgoing:
@@ -116,12 +128,7 @@ async def test_window_settles_each_message_on_its_own(
     """Acks, and a return in the middle of a batch, each reach their own message; none ends the window."""
     connection = await aio_pika.connect(broker_url)
     try:
-        side = await connection.channel()
-        exchange = await side.declare_exchange(
-            exchange_name, aio_pika.ExchangeType.TOPIC, auto_delete=True
-        )
-        queue = await side.declare_queue("", exclusive=True)
-        await queue.bind(exchange, "routed.#")
+        await _routed(connection, exchange_name, "routed.#")
         messages = [
             _message(f"m{i}", exchange_name, "nowhere" if i == 5 else f"routed.{i}")
             for i in range(20)
@@ -145,12 +152,7 @@ async def test_a_multiple_ack_settles_its_publishes_at_once(
     """
     connection = await aio_pika.connect(broker_url)
     try:
-        side = await connection.channel()
-        exchange = await side.declare_exchange(
-            exchange_name, aio_pika.ExchangeType.TOPIC, auto_delete=True
-        )
-        queue = await side.declare_queue("", exclusive=True, durable=False)
-        await queue.bind(exchange, "routed.#")
+        await _routed(connection, exchange_name, "routed.#")
         scheduled: list[object] = []
         loop = asyncio.get_running_loop()
         call_soon = loop.call_soon
@@ -176,7 +178,7 @@ async def test_a_multiple_ack_settles_its_publishes_at_once(
         monkeypatch.setattr(aiormq.Channel, "_confirm_delivery", watched)
         outcomes: dict[str, Outcome] = {}
 
-        def settled(message: Outgoing, outcome: Outcome, _: float) -> None:
+        def settled(message: Sent, outcome: Outcome, _: float) -> None:
             outcomes[message.message_id] = outcome
 
         async with ConfirmWindow(channel, size=512, timeout=10, on_settled=settled) as window:
@@ -192,6 +194,85 @@ async def test_a_multiple_ack_settles_its_publishes_at_once(
         assert channel.message_id_delivery_tag == {}
     finally:
         await connection.close()
+
+
+def _reachable(root: object, *, stop: tuple[type, ...]) -> set[int]:
+    """The ids of what ``root`` holds, directly or not, without going through ``stop``'s types."""
+    seen: set[int] = set()
+    todo = [root]
+    while todo:
+        for item in gc.get_referents(todo.pop()):
+            if id(item) not in seen and not isinstance(item, stop) and not inspect.isclass(item):
+                seen.add(id(item))
+                todo.append(item)
+    return seen
+
+
+async def test_a_publish_in_flight_holds_neither_body_nor_properties(
+    channel: aiormq.Channel, broker_url: str, exchange_name: str
+) -> None:
+    """
+    Once written, a publish awaiting its confirm keeps its message_id, routing key and
+    token, not its body or properties: thousands are in flight while a backlog drains.
+    """
+    connection = await aio_pika.connect(broker_url)
+    try:
+        await _routed(connection, exchange_name, "#")
+        messages = [
+            Outgoing(
+                os.urandom(600),
+                exchange_name,
+                f"k.{i}",
+                Basic.Properties(message_id=f"h{i}", delivery_mode=2),
+                ("token", i),
+            )
+            for i in range(50)
+        ]
+        held = {id(m.body) for m in messages} | {id(m.properties) for m in messages}
+        tokens: dict[str, Any] = {}
+
+        def settled(sent: Sent, outcome: Outcome, _: float) -> None:
+            assert outcome is None
+            tokens[sent.message_id] = sent.token
+
+        window = ConfirmWindow(channel, size=64, timeout=10, on_settled=settled)
+        await window.send(messages)
+        in_flight = [c for c in channel.confirmations.values() if isinstance(c, Sent)]
+        assert in_flight, "every confirm came back before the test could look"
+        for sent in in_flight:
+            i = int(sent.message_id[1:])
+            assert (sent.routing_key, sent.token) == (f"k.{i}", ("token", i))
+            reached = _reachable(sent, stop=(ConfirmWindow, aiormq.Channel))
+            assert not reached & held, f"{sent.message_id} keeps its body or properties"
+        await window.drain()
+        assert window.failure is None
+        assert tokens == {f"h{i}": ("token", i) for i in range(50)}
+    finally:
+        await connection.close()
+
+
+def test_what_the_publisher_keeps_in_flight_is_not_the_entry() -> None:
+    """The daemon's token for a publish holds what recording its confirm needs, not the entry."""
+    from listener.broker.inflight import Kept, outgoing
+    from listener.broker.topology import Topology
+    from listener.journal import Status, row_to_entry
+
+    body = os.urandom(600)
+    row = (7, "gst", "e7", "event", "gst.user.created", body, 1.5, 2.5, None, None)
+    stored = row_to_entry(row, Status.DEFERRED)
+    message = outgoing(stored, Topology("lx.kept"))
+    assert (message.body, message.exchange, message.routing_key) == (
+        body,
+        "lx.kept",
+        "gst.user.created",
+    )
+    assert message.token == Kept(7, True, True, "gst", "gst.user.created", "e7", 2.5)
+    assert not _reachable(message.token, stop=()) & {id(stored), id(stored.entry), id(body)}
+    quarantined = outgoing(
+        row_to_entry((8, *row[1:3], "quarantine", *row[4:])), Topology("lx.kept")
+    )
+    assert quarantined.exchange == "lx.kept.quarantine"
+    assert not quarantined.token.retried and not quarantined.token.event
 
 
 async def test_a_nack_is_the_messages_own(
@@ -237,9 +318,7 @@ async def test_a_closing_channel_fails_the_window_at_once(
     window.cancel_outstanding()
     assert window.outstanding == 0
     # What stays in aiormq's table is settled: a late ack would be dropped quietly.
-    assert all(
-        c.done() for c in channel.confirmations.values() if isinstance(c, confirms._Pending)
-    )
+    assert all(c.done() for c in channel.confirmations.values() if isinstance(c, confirms.Sent))
     assert channel.message_id_delivery_tag == {}
 
 

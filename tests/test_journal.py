@@ -748,3 +748,18 @@ async def test_the_writers_statement_journals_stay_in_memory(tmp_path: Path, wri
         for conn, store in ((journal._writer, 2), (journal._reader, 0)):
             assert conn is not None
             assert conn.execute("PRAGMA temp_store").fetchone()[0] == store
+
+
+def test_rows_read_back_share_their_source_and_routing_key() -> None:
+    """A drain holds thousands of rows at once: each names its source and key, not a copy."""
+    from listener.journal import row_to_entry
+
+    def row(seq: int) -> tuple[Any, ...]:
+        # Built at run time: equal strings, distinct objects, as each row from SQLite.
+        source, key = "".join(["gst", "-", "hooks"]), ".".join(["gst", "user", str(seq % 2)])
+        return (seq, source, f"e{seq}", "event", key, b"{}", 1.0, 2.0, None, None)
+
+    first, second, third = (row_to_entry(row(seq)).entry for seq in (1, 2, 3))
+    assert first.source is second.source is third.source
+    assert first.routing_key is third.routing_key and first.routing_key != second.routing_key
+    assert (first.source, first.routing_key) == ("gst-hooks", "gst.user.1")

@@ -8,7 +8,7 @@ per message. It does the bookkeeping of aiormq's own ``Channel.basic_publish``
 (delivery tags, ``confirmations``, ``message_id_delivery_tag`` so a Basic.Return finds
 the right publish), but each publish's frames are bytes built in one pass
 (:mod:`listener.broker.frames`), and what waits in ``confirmations`` is a small
-:class:`_Pending` that settles the window when aiormq acks, nacks or returns it. Every
+:class:`Sent` that settles the window when aiormq acks, nacks or returns it. Every
 publish is ``mandatory``: an unroutable message comes back instead of vanishing (the
 channel must be opened with ``on_return_raises=True``). Those aiormq internals are
 pinned in ``pyproject.toml`` and checked by ``tests/test_confirms.py``.
@@ -39,7 +39,7 @@ from pamqp.commands import Basic
 from listener.broker.frames import Prebuilt, publish_frames
 from listener.exceptions import PublishError, PublishNacked, PublishReturned, PublishTimeout
 
-__all__ = ["ConfirmWindow", "Outcome", "Outgoing"]
+__all__ = ["ConfirmWindow", "Outcome", "Outgoing", "Sent"]
 
 log = structlog.get_logger("listener.confirms")
 
@@ -62,24 +62,27 @@ class Outgoing:
         return self.properties.message_id or ""
 
 
-class _Pending:
+class Sent:
     """
-    One publish awaiting its confirm. It sits in aiormq's ``channel.confirmations``
-    where aiormq keeps a future, and answers the calls aiormq makes on one there
-    (``done``, ``cancelled``, ``set_result``, ``set_exception``) by settling the window
-    at once: no future, no done-callbacks, nothing scheduled per message.
+    One publish written and awaiting its confirm; ``on_settled`` is handed it. It sits
+    in aiormq's ``channel.confirmations`` where aiormq keeps a future, and answers the
+    calls aiormq makes on one (``done``, ``cancelled``, ``set_result``,
+    ``set_exception``) by settling the window at once: no future, no callback per message.
+
+    Of its :class:`Outgoing` it keeps the ``message_id``, ``routing_key`` and ``token``,
+    not the body and properties (on the wire once written): a drain after an outage has
+    thousands in flight, a high-water mark that Python's allocator partly keeps.
     """
 
-    __slots__ = ("_window", "deadline", "done_", "message", "started", "tag")
+    __slots__ = ("_window", "deadline", "done_", "message_id", "routing_key", "tag", "token")
 
-    def __init__(
-        self, window: ConfirmWindow, message: Outgoing, tag: int, started: float, deadline: float
-    ) -> None:
+    def __init__(self, window: ConfirmWindow, message: Outgoing, tag: int, deadline: float) -> None:
         self._window = window
-        self.message = message
+        self.message_id = message.message_id
+        self.routing_key = message.routing_key
+        self.token = message.token
         self.tag = tag
-        self.started = started
-        self.deadline = deadline
+        self.deadline = deadline  # (written at deadline - the window's timeout)
         self.done_ = False
 
     def done(self) -> bool:
@@ -122,23 +125,23 @@ def _settle_in_bulk(channel: aiormq.Channel) -> None:
         setattr(channel, "_on_confirm_frame", bulk)  # noqa: B010 - mypy: no assigning to a method
 
 
-def _forget(channel: aiormq.Channel, pending: _Pending) -> None:
+def _forget(channel: aiormq.Channel, sent: Sent) -> None:
     """Drop the publish's message_id → tag entry (a later publish may reuse the id)."""
-    message_id = pending.message.message_id
-    if channel.message_id_delivery_tag.get(message_id) == pending.tag:
+    message_id = sent.message_id
+    if channel.message_id_delivery_tag.get(message_id) == sent.tag:
         del channel.message_id_delivery_tag[message_id]
 
 
-def _outcome(message: Outgoing, result: Any, error: BaseException | None) -> Outcome | PublishError:
+def _outcome(sent: Sent, result: Any, error: BaseException | None) -> Outcome | PublishError:
     """What the broker's answer to a publish stands for: an ack, a message's error, a failure."""
-    message_id = message.message_id
+    message_id = sent.message_id
     if error is None:
         if isinstance(result, Basic.Ack):
             return None
         return PublishNacked(f"broker answered {result!r}", message_id=message_id)
     if isinstance(error, aiormq.exceptions.PublishError):
         return PublishReturned(
-            f"returned unroutable by the broker (routing key {message.routing_key!r});"
+            f"returned unroutable by the broker (routing key {sent.routing_key!r});"
             " check the bindings of the exchange",
             message_id=message_id,
         )
@@ -170,7 +173,7 @@ class ConfirmWindow:
         size: int,
         timeout: float,
         chunk: int | None = None,
-        on_settled: Callable[[Outgoing, Outcome, float], None] | None = None,
+        on_settled: Callable[[Sent, Outcome, float], None] | None = None,
         wake: asyncio.Event | None = None,
     ) -> None:
         self._channel = channel
@@ -180,7 +183,7 @@ class ConfirmWindow:
         self._chunk = max(1, min(chunk or size // 4 or 1, size))
         self._buffer: list[Outgoing] = []
         # Written and not yet settled, in write order (the oldest holds the deadline).
-        self._waiting: collections.deque[_Pending] = collections.deque()
+        self._waiting: collections.deque[Sent] = collections.deque()
         self._in_flight: set[str] = set()
         self._on_settled = on_settled
         # A closing channel fails no future of ours (there are none): watch it instead.
@@ -273,18 +276,17 @@ class ConfirmWindow:
         async with channel.lock:
             if channel.is_closed:
                 raise aiormq.exceptions.ChannelInvalidStateError("the channel is closed")
-            started = time.monotonic()
-            deadline = started + self._timeout
+            deadline = time.monotonic() + self._timeout
             first_tag = channel.delivery_tag
-            # (aiormq types its values as futures: ours only act like one, see _Pending)
+            # (aiormq types its values as futures: ours only act like one, see Sent)
             confirmations: dict[int, Any] = cast(dict[int, Any], channel.confirmations)
             by_id = channel.message_id_delivery_tag
-            written: list[_Pending] = []
+            written: list[Sent] = []
             payload: list[bytes] = []
             try:
                 for message in batch:
                     tag = first_tag + len(written) + 1
-                    pending = _Pending(self, message, tag, started, deadline)
+                    pending = Sent(self, message, tag, deadline)
                     confirmations[tag] = pending
                     by_id[message.message_id] = tag
                     written.append(pending)
@@ -308,11 +310,11 @@ class ConfirmWindow:
                 for pending in written:
                     pending.done_ = True
                     confirmations.pop(pending.tag, None)
-                    if by_id.get(pending.message.message_id) == pending.tag:
-                        del by_id[pending.message.message_id]
+                    if by_id.get(pending.message_id) == pending.tag:
+                        del by_id[pending.message_id]
                 raise
         for pending in written:
-            self._in_flight.add(pending.message.message_id)
+            self._in_flight.add(pending.message_id)
             self._waiting.append(pending)
 
     async def publish(self, message: Outgoing) -> None:
@@ -376,7 +378,7 @@ class ConfirmWindow:
         if waiting and waiting[0].deadline <= time.monotonic():
             self._fail(
                 PublishTimeout(
-                    f"no confirm within {self._timeout}s", message_id=waiting[0].message.message_id
+                    f"no confirm within {self._timeout}s", message_id=waiting[0].message_id
                 )
             )
 
@@ -394,7 +396,7 @@ class ConfirmWindow:
                 # done and aiormq drops it quietly (a missing tag is logged as an error);
                 # a Basic.Return still on its way finds no message_id.
                 pending.done_ = True
-                self._in_flight.discard(pending.message.message_id)
+                self._in_flight.discard(pending.message_id)
                 _forget(channel, pending)
         self._waiting.clear()
         self._closing.remove_done_callback(self._channel_closed)
@@ -402,15 +404,14 @@ class ConfirmWindow:
 
     # -- outcomes ------------------------------------------------------------------------
 
-    def _settled(self, pending: _Pending, result: Any, error: BaseException | None) -> None:
-        if pending.done_:
+    def _settled(self, sent: Sent, result: Any, error: BaseException | None) -> None:
+        if sent.done_:
             return
-        pending.done_ = True
-        message = pending.message
-        self._in_flight.discard(message.message_id)
-        _forget(self._channel, pending)
+        sent.done_ = True
+        self._in_flight.discard(sent.message_id)
+        _forget(self._channel, sent)
         self.wake.set()
-        outcome = _outcome(message, result, error)
+        outcome = _outcome(sent, result, error)
         if outcome is None:
             self.confirmed += 1
         elif isinstance(outcome, PublishReturned):
@@ -422,9 +423,10 @@ class ConfirmWindow:
             return
         if self._on_settled is not None:
             try:
-                self._on_settled(message, outcome, time.monotonic() - pending.started)
+                seconds = time.monotonic() - (sent.deadline - self._timeout)
+                self._on_settled(sent, outcome, seconds)
             except Exception:  # (this runs in aiormq's frame reader: never let it close it)
-                log.exception("confirm_callback_failed", message_id=message.message_id)
+                log.exception("confirm_callback_failed", message_id=sent.message_id)
 
     def _channel_closed(self, closing: asyncio.Future[Any]) -> None:
         if closing.cancelled():

@@ -35,19 +35,19 @@ import structlog
 from aio_pika.abc import AbstractConnection
 
 from listener.broker.backlog import Backlog
-from listener.broker.confirms import ConfirmWindow, Outcome, Outgoing
+from listener.broker.confirms import ConfirmWindow, Outcome, Outgoing, Sent
 from listener.broker.connection import close_quietly, confirm_channel, connect_retrying
+from listener.broker.inflight import Kept, outgoing
 from listener.broker.topology import (
     CONFLICT_RETRY,
     Topology,
     TopologyReport,
     declare_topology,
-    publish_properties,
     raw_connection,
 )
 from listener.config import BrokerConfig, mask_url
 from listener.exceptions import JournalError, PublishNacked, PublishTimeout
-from listener.journal import Journal, Status, StoredEntry
+from listener.journal import Journal
 from listener.metrics import Metrics
 from listener.retry import backoff
 
@@ -76,8 +76,8 @@ class Publisher:
         self._names = Topology(config.exchange)
         self._connection: AbstractConnection | None = None
         self._channel: aiormq.Channel | None = None
-        self._confirmed: list[StoredEntry] = []
-        self._returned: list[tuple[StoredEntry, str]] = []
+        self._confirmed: list[Kept] = []
+        self._returned: list[tuple[Kept, str]] = []
         self._unlogged, self._log_deferred_at = 0, 0.0  # (the publish_deferred lines)
         self._confirmed_any = False
         self._last_error: str | None = None
@@ -344,7 +344,7 @@ class Publisher:
                         # by id, NOTES; sources may share ids, quarantine ids are digests).
                         break
                     ids.add(message_id)
-                    batch.append(self._outgoing(backlog.popleft()))
+                    batch.append(outgoing(backlog.popleft(), self._names))
                 if batch:
                     await window.send(batch)
                     if len(self._confirmed) < SETTLE_MAX and len(self._returned) < SETTLE_MAX:
@@ -359,25 +359,18 @@ class Publisher:
             # Until a confirm, an append, a commit or the oldest publish's deadline.
             await window.wait(DEFERRED_CHECK, clear=False)
 
-    def _outgoing(self, stored: StoredEntry) -> Outgoing:
-        entry = stored.entry
-        exchange = (
-            self._names.exchange if entry.kind == "event" else self._names.quarantine_exchange
-        )
-        return Outgoing(entry.body, exchange, entry.routing_key, publish_properties(stored), stored)
-
-    def _settled(self, message: Outgoing, outcome: Outcome, seconds: float) -> None:
-        stored: StoredEntry = message.token
+    def _settled(self, sent: Sent, outcome: Outcome, seconds: float) -> None:
+        kept: Kept = sent.token
         if outcome is None:
             self._confirmed_any = True
-            self._confirmed.append(stored)
+            self._confirmed.append(kept)
             self._metrics.publish_seconds.observe(seconds)
-            lag = max(time.time() - stored.entry.received_at, 0.0)
+            lag = max(time.time() - kept.received_at, 0.0)
             self._metrics.event_lag_seconds.observe(lag)
             return
         reason = "nacked" if isinstance(outcome, PublishNacked) else "returned"
         self._metrics.publish_failures.labels(reason).inc()
-        self._returned.append((stored, f"{reason}: {outcome}"))
+        self._returned.append((kept, f"{reason}: {outcome}"))
 
     async def _flush_returned(self) -> None:
         if not self._returned:
@@ -385,7 +378,7 @@ class Publisher:
         returned, self._returned = self._returned, []
         try:
             await self._journal.defer(
-                [s.seq for s, _ in returned], error=returned[0][1], base=DEFER_BASE, cap=DEFER_CAP
+                [k.seq for k, _ in returned], error=returned[0][1], base=DEFER_BASE, cap=DEFER_CAP
             )
         except JournalError as exc:
             # Not recorded: they stay pending (or deferred) and come round again.
@@ -400,8 +393,8 @@ class Publisher:
         log.warning(
             "publish_deferred",
             count=self._unlogged,  # since the last line
-            first_id=returned[0][0].entry.event_id,
-            routing_keys=sorted({s.entry.routing_key for s, _ in returned})[:10],
+            first_id=returned[0][0].event_id,
+            routing_keys=sorted({k.routing_key for k, _ in returned})[:10],
             error=returned[0][1],
             note="retried with backoff; the others go on",
         )
@@ -411,8 +404,8 @@ class Publisher:
         if not self._confirmed:
             return
         confirmed, self._confirmed = self._confirmed, []
-        fresh = [s.seq for s in confirmed if s.status != Status.DEFERRED]
-        retried = [s.seq for s in confirmed if s.status == Status.DEFERRED]
+        fresh = [k.seq for k in confirmed if not k.retried]
+        retried = [k.seq for k in confirmed if k.retried]
         try:
             await self._journal.mark_published(fresh, wait=wait)
             await self._journal.mark_published(retried, wait=True, deferred=True)
@@ -424,13 +417,13 @@ class Publisher:
             self._confirmed = confirmed + self._confirmed
             log.warning("journal_mark_failed", error=str(exc), confirmed=len(self._confirmed))
             return
-        for stored in confirmed:
-            if stored.entry.kind == "event":
-                self._metrics.published(stored.entry.source, stored.entry.routing_key).inc()
+        for kept in confirmed:
+            if kept.event:
+                self._metrics.published(kept.source, kept.routing_key).inc()
         if retried:
             # A deferred message went through: its routing key is routable again, so its
             # fellows need not wait out their backoff.
-            keys = sorted({s.entry.routing_key for s in confirmed if s.status == Status.DEFERRED})
+            keys = sorted({k.routing_key for k in confirmed if k.retried})
             try:
                 await self._journal.retry_now(keys)
             except JournalError as exc:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import enum
 import re
 import sqlite3
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,13 +160,15 @@ def row_to_entry(row: Sequence[Any], status: Status = Status.PENDING) -> StoredE
     """A :class:`StoredEntry` from a row whose first ten columns are :data:`COLUMNS`."""
     seq, source, event_id, kind, routing_key, body, moment, received_at, reason, detail = row[:10]
     kind_: Literal["event", "quarantine"] = "event" if kind == "event" else "quarantine"
+    # Interned: a drain's thousands of rows in hand share a few sources and keys, not a
+    # copy each (Python's allocator keeps part of such a high-water mark for good).
     return StoredEntry(
         seq=seq,
         entry=Entry(
-            source=source,
+            source=sys.intern(source),
             event_id=event_id,
             kind=kind_,
-            routing_key=routing_key,
+            routing_key=sys.intern(routing_key),
             body=bytes(body),
             time=moment,
             received_at=received_at,

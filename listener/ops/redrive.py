@@ -31,7 +31,7 @@ import aiormq
 
 from handlers import Event, Quarantine
 from handlers.frames import EventFrame, Unparseable
-from listener.broker.confirms import ConfirmWindow, Outcome, Outgoing
+from listener.broker.confirms import ConfirmWindow, Outcome, Outgoing, Sent
 from listener.broker.connection import close_quietly, connect
 from listener.broker.topology import Topology, declare_topology, properties_for, raw_connection
 from listener.config import Config, SourceConfig
@@ -184,11 +184,11 @@ async def _publish(config: Config, journal: JournalFile, seqs: list[int]) -> set
     confirmed: list[int] = []
     returned: set[int] = set()
 
-    def settled(message: Outgoing, outcome: Outcome, _: float) -> None:
+    def settled(sent: Sent, outcome: Outcome, _: float) -> None:
         if outcome is None:
-            confirmed.append(message.token)
+            confirmed.append(sent.token)
         else:
-            returned.add(message.token)
+            returned.add(sent.token)
 
     try:
         await declare_topology(raw_connection(connection), config.broker)
