@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,6 +47,7 @@ from bench.common import (
 )
 from bench.soak_load import (
     Disturbances,
+    Simulators,
     WebhookDriver,
     broker_app,
     change_polled,
@@ -66,7 +68,7 @@ COMMIT = "listener_journal_commit_seconds"
 AFTER_SAMPLE = 10.0  # the broker restart starts this long after a sample began
 TAIL = 10.0  # the webhook load runs past the last sample, which sees it at full strength
 GROWTH = 0.05
-TASK_SCRAPES = 5
+TASK_EVERY = 5.0  # seconds between the scrapes whose median is the minute's task count
 LAG_LIMIT = 1.0  # seconds
 LOAD_SHORT = 0.9  # under this share of the asked rate received, the verdict says so
 # The tap queue's bound (the broker drops its oldest message for each one past it): a
@@ -294,19 +296,44 @@ def _process(pid: int) -> tuple[int, int]:
     return current_rss(pid) or 0, len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def _tasks(metrics: dict[str, float]) -> int:
+    """The daemon's asyncio tasks less the webhook requests in flight (a task each)."""
+    in_flight = metrics.get("listener_webhook_requests_in_flight", 0)
+    return int(metrics.get("listener_asyncio_tasks", 0) - in_flight)
+
+
+class _TaskCount:
+    """
+    The task counts scraped every :data:`TASK_EVERY` seconds since the last sample; the
+    minute's is their median. Tasks come and go with the work (a poll's fetches, a
+    reconnect, a broker outage): a leak raises the median, a busy or quiet few seconds
+    do not (the least of five scrapes 1 s apart read 21-23 where the run read 18).
+    """
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    async def run(self, session: aiohttp.ClientSession, admin: str) -> None:
+        while True:
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                self.seen.append(_tasks(parse_metrics(await fetch_metrics_text(session, admin))))
+            await asyncio.sleep(TASK_EVERY)
+
+    def take(self, last: int) -> int:
+        seen, self.seen = [*self.seen, last], []
+        return int(statistics.median_low(seen))
+
+
 async def _sample(
-    session: aiohttp.ClientSession, admin: str, pid: int, minute: int, before: str | None
+    session: aiohttp.ClientSession,
+    admin: str,
+    pid: int,
+    minute: int,
+    before: str | None,
+    tasks: _TaskCount,
 ) -> tuple[Sample, str]:
-    # Request handlers come and go with the load: the floor of a few scrapes, each
-    # without the webhook requests then in flight (a task each on the fast path).
-    tasks = []
-    for _ in range(TASK_SCRAPES):
-        text = await fetch_metrics_text(session, admin)
-        metrics = parse_metrics(text)
-        in_flight = metrics.get("listener_webhook_requests_in_flight", 0)
-        tasks.append(int(metrics.get("listener_asyncio_tasks", 0) - in_flight))
-        if len(tasks) < TASK_SCRAPES:
-            await asyncio.sleep(1.0)
+    text = await fetch_metrics_text(session, admin)
+    metrics = parse_metrics(text)
     rss, fds = _process(pid)
     lag = loop = loop_max = commit_max = None
     wait: tuple[float | None, float | None] = (None, None)
@@ -320,7 +347,7 @@ async def _sample(
         minute=minute,
         rss=rss,
         fds=fds,
-        tasks=min(tasks),
+        tasks=tasks.take(_tasks(metrics)),
         journal=int(metrics.get("listener_journal_bytes", 0)),
         pending=int(metrics.get("listener_journal_pending", 0)),
         received=int(metrics.get("listener_events_received_total", 0)),
@@ -332,6 +359,32 @@ async def _sample(
         commit_max=commit_max,
     )
     return sample, text
+
+
+async def _minutes(
+    opts: Options,
+    run: _Run,
+    sims: Simulators,
+    proc: subprocess.Popen[bytes],
+    session: aiohttp.ClientSession,
+    admin: str,
+    t0: float,
+    tap: str,
+    text: str,
+    tasks: _TaskCount,
+) -> str:
+    """A sample at the end of every minute of the run; the last scrape's text."""
+    for minute in range(1, opts.minutes + 1):
+        await asyncio.sleep(max(0.0, t0 + 60.0 * minute - time.monotonic()))
+        if proc.poll() is not None:
+            raise RuntimeError(f"the listener exited with {proc.returncode}")
+        sample, text = await _sample(session, admin, proc.pid, minute, text, tasks)
+        sample.tap = await tap_depth(tap)
+        run.samples.append(sample)
+        row = zip(HEAD[:-1], sample.row(run.samples[-2], [])[:-1], strict=True)
+        say(f"{stamp()} " + ", ".join(f"{h} {v}" for h, v in row))
+        change_polled(sims, minute)
+    return text
 
 
 async def _soak(opts: Options, run: _Run, directory: Path) -> None:
@@ -385,18 +438,16 @@ async def _soak(opts: Options, run: _Run, directory: Path) -> None:
                     stream=sims.stream,
                 )
                 disturbing = asyncio.create_task(disturbances.run())
-                sample, text = await _sample(session, admin, proc.pid, 0, None)
+                tasks = _TaskCount()
+                sample, text = await _sample(session, admin, proc.pid, 0, None, tasks)
                 run.samples.append(sample)
-                for minute in range(1, opts.minutes + 1):
-                    await asyncio.sleep(max(0.0, t0 + 60.0 * minute - time.monotonic()))
-                    if proc.poll() is not None:
-                        raise RuntimeError(f"the listener exited with {proc.returncode}")
-                    sample, text = await _sample(session, admin, proc.pid, minute, text)
-                    sample.tap = await tap_depth(queue)
-                    run.samples.append(sample)
-                    row = zip(HEAD[:-1], sample.row(run.samples[-2], [])[:-1], strict=True)
-                    say(f"{stamp()} " + ", ".join(f"{h} {v}" for h, v in row))
-                    change_polled(sims, minute)
+                scraping = asyncio.create_task(tasks.run(session, admin))
+                try:
+                    text = await _minutes(
+                        opts, run, sims, proc, session, admin, t0, queue, text, tasks
+                    )
+                finally:
+                    scraping.cancel()
                 run.final = parse_metrics(text)
             await asyncio.to_thread(driver.stop)
             run.webhooks = driver.summary()
