@@ -286,10 +286,10 @@ class ConfirmWindow:
             try:
                 for message in batch:
                     tag = first_tag + len(written) + 1
-                    pending = Sent(self, message, tag, deadline)
-                    confirmations[tag] = pending
+                    sent = Sent(self, message, tag, deadline)
+                    confirmations[tag] = sent
                     by_id[message.message_id] = tag
-                    written.append(pending)
+                    written.append(sent)
                     payload.append(
                         publish_frames(
                             number,
@@ -307,15 +307,15 @@ class ConfirmWindow:
             except BaseException:
                 # Nothing reached the broker: give the delivery tags back, as aiormq does.
                 channel.delivery_tag = first_tag
-                for pending in written:
-                    pending.done_ = True
-                    confirmations.pop(pending.tag, None)
-                    if by_id.get(pending.message_id) == pending.tag:
-                        del by_id[pending.message_id]
+                for sent in written:
+                    sent.done_ = True
+                    confirmations.pop(sent.tag, None)
+                    if by_id.get(sent.message_id) == sent.tag:
+                        del by_id[sent.message_id]
                 raise
-        for pending in written:
-            self._in_flight.add(pending.message_id)
-            self._waiting.append(pending)
+        for sent in written:
+            self._in_flight.add(sent.message_id)
+            self._waiting.append(sent)
 
     async def publish(self, message: Outgoing) -> None:
         """
@@ -390,14 +390,14 @@ class ConfirmWindow:
     def cancel_outstanding(self) -> None:
         """Give up on what has no confirm yet (an unknown outcome); the window is done."""
         channel = self._channel
-        for pending in self._waiting:
-            if not pending.done_:
+        for sent in self._waiting:
+            if not sent.done_:
                 # Settled, unsettled: it stays in confirmations, where a late ack finds it
                 # done and aiormq drops it quietly (a missing tag is logged as an error);
                 # a Basic.Return still on its way finds no message_id.
-                pending.done_ = True
-                self._in_flight.discard(pending.message_id)
-                _forget(channel, pending)
+                sent.done_ = True
+                self._in_flight.discard(sent.message_id)
+                _forget(channel, sent)
         self._waiting.clear()
         self._closing.remove_done_callback(self._channel_closed)
         self._closing.cancel()  # (an observer of the channel's closing: only it stops)

@@ -5,8 +5,8 @@ broker's confirm is recorded.
 A publish in flight keeps a :class:`Kept`, not its entry: the body and properties are
 on the wire once written. After an outage the drain has ``broker.confirm_window``
 publishes in flight at once (2,048 by default), and what they hold is a high-water mark
-that Python's small-object allocator partly keeps for good (the soak's step after a
-broker restart, ``bench/README.md``).
+that Python's small-object allocator partly keeps for good (README.md: the memory
+paragraph under "Health and metrics").
 """
 
 from __future__ import annotations
