@@ -288,7 +288,7 @@ class ConfirmWindow:
                     tag = first_tag + len(written) + 1
                     sent = Sent(self, message, tag, deadline)
                     confirmations[tag] = sent
-                    by_id[message.message_id] = tag
+                    by_id[sent.message_id] = tag
                     written.append(sent)
                     payload.append(
                         publish_frames(

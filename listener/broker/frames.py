@@ -60,9 +60,8 @@ class Prebuilt:
     Properties already in wire form (:func:`prebuilt`): building and reading back a
     ``Basic.Properties`` per event took 7.5 µs, this 1. For the uncommon path (pamqp's),
     :meth:`properties` reads pamqp's object back from the same bytes. It holds no
-    closure to build one: a publish awaiting its confirm keeps its properties, and a
-    function with its cell was about 200 bytes of Python's small-object heap per
-    message in flight, thousands at once while a backlog drains.
+    closure to build one: a function with its cell was about 200 bytes of Python's
+    small-object heap per message, thousands at once while a backlog drains.
     """
 
     flags: int
