@@ -48,7 +48,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from listener.web import FastRoute, PublicRoutes, Reply, error_reply
 
-__all__ = ["FastServer"]
+__all__ = ["HEAD_TIMEOUT", "FastServer"]
 
 log = structlog.get_logger("listener.web")
 
@@ -59,6 +59,7 @@ HEADERS_MAX = 64
 KEEPALIVE = 3630.0
 SWEEP = 5.0  # how often idle connections are looked for
 PAUSE_AT = 256 * 1024  # buffered bytes of pipelined requests before reading pauses
+HEAD_TIMEOUT = 30.0  # seconds for a request's head to come (http.read_timeout's default)
 
 _REQUEST_LINE = re.compile(rb"POST (/[!$&'()*+,;=:@A-Za-z0-9._~/-]*) HTTP/1\.1\r\n")
 # A header block of plain lines only; anything else is aiohttp's to judge.
@@ -72,9 +73,15 @@ _REASONS = {status.value: status.phrase for status in HTTPStatus}
 class FastServer(web.Server):
     """aiohttp's low-level server for ``routes``, with the fast path in front."""
 
-    def __init__(self, routes: PublicRoutes, **kwargs: Any) -> None:
+    def __init__(
+        self, routes: PublicRoutes, *, head_timeout: float = HEAD_TIMEOUT, **kwargs: Any
+    ) -> None:
+        # aiohttp cannot tell an idle connection from one whose next head is dripping in:
+        # on its path both close after head_timeout (the fast path keeps idle ones longer).
+        kwargs.setdefault("keepalive_timeout", head_timeout)
         super().__init__(routes, **kwargs)
         self.routes = routes
+        self.head_timeout = head_timeout
         self.fast: set[_Connection] = set()
         self._date = b""
         self._date_at = 0.0
@@ -130,6 +137,7 @@ class _Connection(asyncio.Protocol):
         self._paused = False
         self._seen = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        self._body = False  # whether the timer is a body's (else a head's)
         #: The request being answered (responses go out in order: one at a time).
         self.answering: asyncio.Task[None] | None = None
 
@@ -138,6 +146,7 @@ class _Connection(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
         self._seen = self._loop.time()
         self._server.fast.add(self)
+        self._time_head()  # the first request's head: from the connection's opening on
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._server.fast.discard(self)
@@ -174,6 +183,7 @@ class _Connection(asyncio.Protocol):
             return
         parsed = self._parse()
         if parsed is None:  # not all of the head has come yet
+            self._time_head()
             return
         if parsed is False:
             self._cancel_timer()
@@ -182,8 +192,10 @@ class _Connection(asyncio.Protocol):
         route, headers, start, length = parsed
         end = start + length
         if len(buffer) < end:  # the body is still coming: read_timeout from its head on
-            if self._timer is None:
+            if not self._body:
+                self._cancel_timer()
                 self._timer = self._loop.call_later(route.read_timeout, self._time_out, route)
+                self._body = True
             return
         self._cancel_timer()
         body = bytes(buffer[start:end])
@@ -246,15 +258,24 @@ class _Connection(asyncio.Protocol):
         ).encode()
         return b"%sDate: %s\r\n\r\n%s" % (head, self._server.date(), reply.body)
 
-    def _time_out(self, route: FastRoute) -> None:
+    def _time_head(self) -> None:
+        """Give the head being waited for ``head_timeout`` from now, unless it has its time."""
+        if self._timer is None:
+            self._timer = self._loop.call_later(self._server.head_timeout, self._time_out, None)
+
+    def _time_out(self, route: FastRoute | None) -> None:
         self._timer = None
-        route.timed_out()
+        if route is not None:
+            route.timed_out()
+        else:
+            log.info("request_head_timeout", after=self._server.head_timeout)
         self.close()
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._body = False
 
     def _hand_over(self) -> None:
         """The rest of this connection is aiohttp's, from the buffered request on."""

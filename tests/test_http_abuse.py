@@ -259,6 +259,29 @@ async def test_slow_drip_body_is_cut_at_the_read_timeout(tmp_path: Path) -> None
         assert 'listener_webhook_rejected_total{reason="read_timeout",source="gst"} 1.0' in text
 
 
+@pytest.mark.parametrize("start", [b"POST /webhooks/gst HTTP/1.1\r\nX-Slow: ", b"GET / HTTP/1.1\r\nX: "])
+async def test_slow_drip_head_is_cut_at_the_read_timeout(tmp_path: Path, start: bytes) -> None:
+    """
+    A request head dripped a byte at a time (a slowloris) is cut at http.read_timeout, on
+    the fast path (a webhook POST) and on aiohttp's (anything else); the service answers.
+    """
+    async with running(abuse_config(tmp_path, read_timeout="500ms")) as svc:
+        assert svc.public_port is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", svc.public_port)
+        writer.write(start)
+        started = time.monotonic()
+        dripping = asyncio.create_task(drip(writer, times=100, every=0.1))
+        try:
+            body = orjson.dumps(gst_event())
+            reply = await send(svc.public_port, request("POST", PATH, body, signed(body)))
+            assert reply.status == 200  # not blocked by the dripping connection
+            assert await closed_by_server(reader, timeout=3)
+            assert time.monotonic() - started < 0.5 + 1.5 * UNIT
+        finally:
+            dripping.cancel()
+            writer.close()
+
+
 async def test_hundreds_of_idle_connections(service: Service) -> None:
     """With 300 idle connections open (silent, half a request, kept alive) the service still answers."""
     assert service.public_port is not None and service.admin_port is not None

@@ -59,7 +59,7 @@ class Running:
 
 
 @contextlib.asynccontextmanager
-async def serve(route: Route) -> AsyncIterator[Running]:
+async def serve(route: Route, head_timeout: float = 30.0) -> AsyncIterator[Running]:
     slow: list[bytes] = []
 
     async def handler(request: web.BaseRequest) -> web.StreamResponse:
@@ -69,7 +69,9 @@ async def serve(route: Route) -> AsyncIterator[Running]:
 
     routes = PublicRoutes()
     routes.add_post(PATH, handler, fast=route)
-    runner = web.ServerRunner(FastServer(routes), handle_signals=False, shutdown_timeout=1.0)
+    runner = web.ServerRunner(
+        FastServer(routes, head_timeout=head_timeout), handle_signals=False, shutdown_timeout=1.0
+    )
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -217,6 +219,62 @@ async def test_a_body_that_does_not_all_come_is_cut_at_the_read_timeout() -> Non
         dripping.cancel()
         writer.close()
         assert svc.route.timeouts == 1 and svc.route.fast == []
+
+
+async def test_a_head_that_does_not_all_come_is_cut_at_the_head_timeout() -> None:
+    """A head dripped a byte at a time is cut at head_timeout from its first byte."""
+    async with serve(Route(), head_timeout=0.3) as svc:
+        reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+        await asyncio.sleep(0.2)  # idle a while first: the head's time starts at its byte
+        writer.write(b"POST /hook HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        started = asyncio.get_running_loop().time()
+        dripping = asyncio.create_task(drip(writer, times=20, every=0.05))
+        assert await closed_by_server(reader, timeout=2)
+        assert asyncio.get_running_loop().time() - started < 0.8
+        dripping.cancel()
+        writer.close()
+        assert svc.route.fast == [] and svc.route.timeouts == 0  # no route was reached
+
+
+async def test_a_new_connection_must_send_its_first_head_in_time_an_idle_one_stays() -> None:
+    """
+    A connection that sends nothing is closed at head_timeout after it opened; one that
+    was answered stays idle past it (the keep-alive time) and is answered again.
+    """
+    async with serve(Route(), head_timeout=0.3) as svc:
+        silent_reader, silent_writer = await asyncio.open_connection("127.0.0.1", svc.port)
+        reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+        writer.write(post("first"))
+        assert await answers(reader, 1) == [(200, "fast", "first")]
+        assert await closed_by_server(silent_reader, timeout=2)
+        await asyncio.sleep(0.4)
+        writer.write(post("again"))
+        assert await answers(reader, 1) == [(200, "fast", "again")]
+        silent_writer.close()
+        writer.close()
+
+
+@pytest.mark.parametrize("answered_first", [False, True], ids=["handed-over", "after-an-answer"])
+async def test_on_aiohttps_path_a_head_that_does_not_all_come_is_cut(answered_first: bool) -> None:
+    """
+    A connection handed to aiohttp (a request the fast path does not take) is closed when
+    a head has not all come head_timeout after the hand-over or the last answer.
+    """
+    async with serve(Route(), head_timeout=0.3) as svc:
+        reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+        if answered_first:
+            writer.write(post("b", b"{}", **{"Content-Encoding": "identity"}))
+            assert await answers(reader, 1) == [(200, "aiohttp", "b")]
+            writer.write(b"POST /hook HTTP/1.1\r\nX-Slow: ")
+        else:
+            writer.write(b"GET /other HTTP/1.1\r\nX-Slow: ")  # not a fast one: handed over
+        started = asyncio.get_running_loop().time()
+        dripping = asyncio.create_task(drip(writer, times=20, every=0.05))
+        assert await closed_by_server(reader, timeout=2)
+        assert asyncio.get_running_loop().time() - started < 0.8
+        dripping.cancel()
+        writer.close()
+        assert svc.route.fast == []
 
 
 async def test_an_exception_is_a_json_500_and_the_connection_goes_on() -> None:
