@@ -237,24 +237,33 @@ async def test_content_length_shorter_than_the_body(service: Service) -> None:
     assert statuses and all(400 <= s < 500 for s in statuses), statuses
 
 
+async def cut_while_answering(svc: Service, start: bytes) -> None:
+    """
+    Open a connection, send ``start``, then drip a byte every 0.1 s: it is cut within
+    http.read_timeout (500 ms here) while a signed webhook on another one is answered.
+    """
+    assert svc.public_port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", svc.public_port)
+    writer.write(start)
+    started = time.monotonic()
+    dripping = asyncio.create_task(drip(writer, times=100, every=0.1))
+    try:
+        body = orjson.dumps(gst_event())
+        reply = await send(svc.public_port, request("POST", PATH, body, signed(body)))
+        assert reply.status == 200  # not blocked by the dripping connection
+        assert await closed_by_server(reader, timeout=3)
+        assert time.monotonic() - started < 0.5 + 1.5 * UNIT
+    finally:
+        dripping.cancel()
+        writer.close()
+
+
 async def test_slow_drip_body_is_cut_at_the_read_timeout(tmp_path: Path) -> None:
     """A body dripped a byte at a time is cut at http.read_timeout; the service answers meanwhile."""
     async with running(abuse_config(tmp_path, read_timeout="500ms")) as svc:
-        assert svc.public_port is not None
-        reader, writer = await asyncio.open_connection("127.0.0.1", svc.public_port)
-
-        dripping = asyncio.create_task(drip(writer, times=100, every=0.1))
-        try:
-            writer.write(request("POST", PATH, headers={"Content-Length": "1000"}, length=False))
-            started = time.monotonic()
-            body = orjson.dumps(gst_event())
-            reply = await send(svc.public_port, request("POST", PATH, body, signed(body)))
-            assert reply.status == 200  # not blocked by the dripping connection
-            assert await closed_by_server(reader, timeout=3)
-            assert time.monotonic() - started < 0.5 + 1.5 * UNIT
-        finally:
-            dripping.cancel()
-            writer.close()
+        await cut_while_answering(
+            svc, request("POST", PATH, headers={"Content-Length": "1000"}, length=False)
+        )
         text = svc.metrics.render().decode()
         assert 'listener_webhook_rejected_total{reason="read_timeout",source="gst"} 1.0' in text
 
@@ -266,20 +275,7 @@ async def test_slow_drip_head_is_cut_at_the_read_timeout(tmp_path: Path, start: 
     the fast path (a webhook POST) and on aiohttp's (anything else); the service answers.
     """
     async with running(abuse_config(tmp_path, read_timeout="500ms")) as svc:
-        assert svc.public_port is not None
-        reader, writer = await asyncio.open_connection("127.0.0.1", svc.public_port)
-        writer.write(start)
-        started = time.monotonic()
-        dripping = asyncio.create_task(drip(writer, times=100, every=0.1))
-        try:
-            body = orjson.dumps(gst_event())
-            reply = await send(svc.public_port, request("POST", PATH, body, signed(body)))
-            assert reply.status == 200  # not blocked by the dripping connection
-            assert await closed_by_server(reader, timeout=3)
-            assert time.monotonic() - started < 0.5 + 1.5 * UNIT
-        finally:
-            dripping.cancel()
-            writer.close()
+        await cut_while_answering(svc, start)
 
 
 async def test_hundreds_of_idle_connections(service: Service) -> None:
