@@ -16,18 +16,21 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import aiohttp
 import aiormq
 import orjson
 import pytest
+from pydantic import SecretStr
 
+from listener.broker.connection import connect
 from listener.cluster import leases
-from listener.config import Config
+from listener.config import BrokerConfig, Config
 from listener.config_loader import load_config
 from listener.dev.replicas import MINTS
 from listener.dev.simulators.layerx402 import Layerx402Simulator
 from listener.dev.simulators.tokenterminal import TokenTerminalSimulator
-from listener.exceptions import ConfigError
+from listener.exceptions import BrokerUnreachable, ConfigError
 from listener.service import Service
 from tests.conftest import UNIT, config_data, running, tap, wait_for
 from tests.faults import proxy
@@ -297,6 +300,37 @@ async def test_broker_urls_move_on_to_a_node_that_answers(
                 await channel.queue_declare(quarantine, durable=True)
         finally:
             await check.close()
+
+
+@pytest.mark.parametrize("fault", ["blackhole", "handshake-stalls"])
+async def test_a_failed_connect_attempt_closes_its_connection(
+    broker_url: str, fault: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    A node that takes the TCP connection and then says nothing (or stops halfway through
+    the AMQP handshake) fails the attempt at its deadline, and the attempt closes the
+    aio-pika connection it made: left to the garbage collector, its close is dropped
+    when no loop runs ("coroutine 'Connection.close' was never awaited").
+    """
+    made: list[aio_pika.Connection] = []
+    init = aio_pika.Connection.__init__
+
+    def recorded(self: aio_pika.Connection, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(aio_pika.Connection, "__init__", recorded)
+    async with proxy("127.0.0.1", aiormq_port(broker_url)) as node:
+        if fault == "blackhole":
+            node.blackhole()
+        else:
+            node.stall_after_frames = 1  # Connection.Start, then nothing
+        url = broker_url.replace(f":{aiormq_port(broker_url)}", f":{node.port}")
+        config = BrokerConfig(url=SecretStr(url), connect_timeout=0.2)
+        with pytest.raises(BrokerUnreachable):
+            await connect(config, name="test")
+        assert node.connections == 1
+    assert len(made) == 1 and made[0].is_closed
 
 
 async def test_a_poll_source_is_a_unit_handed_over_with_its_state(

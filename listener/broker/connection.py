@@ -11,6 +11,9 @@ The one way the listener connects to RabbitMQ (the daemon's publisher, replay, r
   lost (a robust reconnect has no deadline of ours around its channel restore).
 * ``broker.urls`` (the nodes of a cluster): each attempt tries the nodes in order,
   from a given one on, and moves on when one fails (CONTRACT §10).
+* An attempt that fails closes what it opened: ``aio_pika.connect()`` leaves a failed
+  connection to the garbage collector, whose ``__del__`` can only schedule its close on
+  a running loop (without one, the close is dropped with "coroutine never awaited").
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from collections.abc import Callable
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractConnection
+from aio_pika.connection import make_url
 
 from listener.broker.topology import raw_connection
 from listener.config import BrokerConfig, mask_url
@@ -71,19 +75,25 @@ async def _attempt(
 ) -> tuple[AbstractConnection, int]:
     """One round over the nodes from ``start`` on; the connection and its node's index."""
     nodes = config.nodes
+    heartbeat = max(int(config.heartbeat), 1)
     failure: BrokerUnreachable | None = None
     for step in range(len(nodes)):
         index = (start + step) % len(nodes)
         url = nodes[index].get_secret_value()
+        # What aio_pika.connect() builds, kept here so that a failed attempt is closed.
+        connection = aio_pika.Connection(
+            make_url(url, heartbeat=heartbeat),
+            client_properties={"connection_name": name},
+            heartbeat=heartbeat,
+        )
         try:
             async with asyncio.timeout(config.connect_timeout * 2):
-                connection = await aio_pika.connect(
-                    url,
-                    timeout=config.connect_timeout,
-                    heartbeat=max(int(config.heartbeat), 1),
-                    client_properties={"connection_name": name},
-                )
-        except Exception as exc:  # any failure to connect is retried (aiormq raises many kinds)
+                await connection.connect(timeout=config.connect_timeout)
+        except BaseException as exc:
+            await close_quietly(connection, within=1.0)
+            if not isinstance(exc, Exception):  # cancelled: closed, and on its way
+                raise
+            # Any failure to connect is retried (aiormq raises many kinds).
             failure = BrokerUnreachable(mask_url(url), f"{type(exc).__name__}: {exc}")
             failure.__cause__ = exc
         else:
@@ -92,10 +102,10 @@ async def _attempt(
     raise failure
 
 
-async def close_quietly(connection: AbstractConnection) -> str | None:
-    """Close, within 5 s; return the error when closing a broken connection failed."""
+async def close_quietly(connection: AbstractConnection, *, within: float = 5.0) -> str | None:
+    """Close, within ``within`` s; return the error when closing a broken connection failed."""
     try:
-        async with asyncio.timeout(5):
+        async with asyncio.timeout(within):
             await connection.close()
     except Exception as exc:  # closing a broken connection may fail in many ways; it is gone
         return f"{type(exc).__name__}: {exc}"
