@@ -259,7 +259,7 @@ class _Connection(asyncio.Protocol):
         return b"%sDate: %s\r\n\r\n%s" % (head, self._server.date(), reply.body)
 
     def _time_head(self) -> None:
-        """Give the head being waited for ``head_timeout`` from now, unless it has its time."""
+        """Time the head being waited for: ``head_timeout`` from now, unless already timed."""
         if self._timer is None:
             self._timer = self._loop.call_later(self._server.head_timeout, self._time_out, None)
 
@@ -267,8 +267,8 @@ class _Connection(asyncio.Protocol):
         self._timer = None
         if route is not None:
             route.timed_out()
-        else:
-            log.info("request_head_timeout", after=self._server.head_timeout)
+        else:  # debug: at info, a slowloris's connections would flood the log
+            log.debug("request_head_timeout", after=self._server.head_timeout)
         self.close()
 
     def _cancel_timer(self) -> None:
