@@ -226,8 +226,8 @@ def _latency(pace: float, paced: PacedResult, floor: PacedResult) -> None:
     )
     print(
         f"  ({paced.ok:,} 2xx, {paced.errors:,} errors at {paced.rate:,.0f}/s; "
-        f"{paced.behind:,} started over 1 ms late; the generator's scheduler thread "
-        f"queued them up to {fmt_ms(paced.tick_p99_ms)} late at p99)"
+        f"{paced.behind:,} started over 1 ms late; p99 of how late the generator's "
+        f"scheduler thread queued them: {fmt_ms(paced.tick_p99_ms)})"
     )
     print(
         f"  floor: the same load against A (bare aiohttp, no journal, no broker): p50 "
