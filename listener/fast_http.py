@@ -48,7 +48,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from listener.web import FastRoute, PublicRoutes, Reply, error_reply
 
-__all__ = ["HEAD_TIMEOUT", "FastServer"]
+__all__ = ["FastServer"]
 
 log = structlog.get_logger("listener.web")
 
@@ -59,7 +59,6 @@ HEADERS_MAX = 64
 KEEPALIVE = 3630.0
 SWEEP = 5.0  # how often idle connections are looked for
 PAUSE_AT = 256 * 1024  # buffered bytes of pipelined requests before reading pauses
-HEAD_TIMEOUT = 30.0  # seconds for a request's head to come (http.read_timeout's default)
 
 _REQUEST_LINE = re.compile(rb"POST (/[!$&'()*+,;=:@A-Za-z0-9._~/-]*) HTTP/1\.1\r\n")
 # A header block of plain lines only; anything else is aiohttp's to judge.
@@ -73,9 +72,7 @@ _REASONS = {status.value: status.phrase for status in HTTPStatus}
 class FastServer(web.Server):
     """aiohttp's low-level server for ``routes``, with the fast path in front."""
 
-    def __init__(
-        self, routes: PublicRoutes, *, head_timeout: float = HEAD_TIMEOUT, **kwargs: Any
-    ) -> None:
+    def __init__(self, routes: PublicRoutes, *, head_timeout: float, **kwargs: Any) -> None:
         # aiohttp cannot tell an idle connection from one whose next head is dripping in:
         # on its path both close after head_timeout (the fast path keeps idle ones longer).
         kwargs.setdefault("keepalive_timeout", head_timeout)

@@ -43,7 +43,7 @@ from listener.cluster.units import units_of
 from listener.config import Config
 from listener.config_loader import load_config, secret_values
 from listener.exceptions import ConfigError
-from listener.fast_http import HEAD_TIMEOUT, FastServer
+from listener.fast_http import FastServer
 from listener.journal import Journal
 from listener.logs import redact_also
 from listener.memory import TRIM_NOTABLE, Trimmer
@@ -61,20 +61,14 @@ MAINTENANCE_INTERVAL = 60.0
 
 
 @contextlib.asynccontextmanager
-async def _site(
-    app: web.Application | PublicRoutes, host: str, port: int, *, head_timeout: float = HEAD_TIMEOUT
-) -> AsyncIterator[int]:
+async def _site(app: web.Application | FastServer, host: str, port: int) -> AsyncIterator[int]:
     # Our own shutdown bounds the drain; aiohttp's default 60 s is longer than
     # Kubernetes' 30 s grace (NOTES: shutdown facts).
     runner: web.AppRunner | web.ServerRunner
     if isinstance(app, web.Application):
         runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=2.0)
     else:  # the public port: aiohttp's low-level server (see PublicRoutes)
-        runner = web.ServerRunner(
-            FastServer(app, head_timeout=head_timeout, access_log=None),
-            handle_signals=False,
-            shutdown_timeout=2.0,
-        )
+        runner = web.ServerRunner(app, handle_signals=False, shutdown_timeout=2.0)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port, reuse_address=True)
@@ -292,10 +286,13 @@ class Service:
                 async with (
                     _site(self.admin.app, config.admin.host, config.admin.port) as admin_port,
                     _site(
-                        public_routes(self.transports),
+                        FastServer(
+                            public_routes(self.transports),
+                            head_timeout=config.http.read_timeout,
+                            access_log=None,
+                        ),
                         config.http.host,
                         config.http.port,
-                        head_timeout=config.http.read_timeout,
                     ) as public_port,
                 ):
                     self.admin_port, self.public_port = admin_port, public_port

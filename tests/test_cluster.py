@@ -320,12 +320,13 @@ async def test_a_failed_connect_attempt_closes_its_connection(
         made.append(self)
 
     monkeypatch.setattr(aio_pika.Connection, "__init__", recorded)
-    async with proxy("127.0.0.1", aiormq_port(broker_url)) as node:
+    port = aiormq_port(broker_url)
+    async with proxy("127.0.0.1", port) as node:
         if fault == "blackhole":
             node.blackhole()
         else:
             node.stall_after_frames = 1  # Connection.Start, then nothing
-        url = broker_url.replace(f":{aiormq_port(broker_url)}", f":{node.port}")
+        url = broker_url.replace(f":{port}", f":{node.port}")
         config = BrokerConfig(url=SecretStr(url), connect_timeout=0.2)
         with pytest.raises(BrokerUnreachable):
             await connect(config, name="test")
