@@ -378,6 +378,36 @@ async def test_another_process_writing_never_stalls_the_loop(tmp_path: Path) -> 
         assert [r.entry.event_id for r in rows] == ["evt_1", "evt_2"]
 
 
+async def test_work_on_the_writer_thread_waits_for_another_process_as_commits_do(
+    tmp_path: Path,
+) -> None:
+    """
+    After an inline commit the writer connection waits only a few milliseconds for
+    another process's write lock (the loop must not stall); the writer thread's other
+    work (a retry of deferred rows, retention) waits for it as long as a commit there
+    would. It used to fail at once with ``database is locked``, which ended the service.
+    """
+    async with Journal(config=config(tmp_path)) as journal:
+        assert await journal.append([entry(1)]) == [True]  # (inline)
+        other = sqlite3.connect(tmp_path / "j.db", isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        retry = asyncio.create_task(journal.retry_now(["getstoken.badge.issued"]))
+        await asyncio.sleep(0.3)
+        assert not retry.done()  # waiting for the lock
+        other.execute("COMMIT")
+        other.close()
+        await retry
+
+
+async def test_a_failing_read_is_a_journal_error(tmp_path: Path) -> None:
+    """SQLite's own errors leave the journal as JournalError, which its callers handle."""
+    async with Journal(config=config(tmp_path)) as journal:
+        with pytest.raises(JournalError, match="journal access failed") as caught:
+            await journal.query("SELECT seq FROM no_such_table")
+        assert isinstance(caught.value.__cause__, sqlite3.OperationalError)
+        assert await journal.pending(after_seq=0, limit=1) == []  # and it goes on
+
+
 def test_one_slow_commit_keeps_the_commits_inline_a_slow_disk_does_not() -> None:
     """
     One commit over 20 ms (SQLite's WAL checkpoint on a virtual disk) keeps commits on

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,10 @@ import aiohttp
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
+from handlers import Event
 from listener.dev.simulators.layerx402 import Layerx402Simulator
+from listener.envelope import event_entry
+from listener.journal import Journal
 from listener.sources.supervisor import supervised
 from tests.conftest import make_config, running, tap, wait_for
 from tests.process import ListenerProcess
@@ -27,6 +32,7 @@ from tests.webhook_sender import Sender, gst_event
 pytestmark = pytest.mark.usefixtures("cleanup_topology")
 
 TRADE = {"channel": "trades", "params": {"mint": MINT}}
+BADGE = {"badge_id": "b_1", "user_id": "u_1", "badge_type": "gold"}
 
 
 def nested(depth: int) -> bytes:
@@ -257,3 +263,49 @@ async def test_second_daemon_on_one_journal_exits_2_naming_the_holder(
         assert first.proc is not None and f"pid {first.proc.pid}" in second.logs()
     finally:
         await first.terminate()
+
+
+async def test_a_journal_read_that_fails_ends_a_publish_session_not_the_service(
+    tmp_path: Path, broker_url: str, exchange_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    SQLite fails the publisher's read of pending rows once (an I/O error): the session
+    ends with a failure counted, the next reads again, and every event is published. The
+    error used to leave the journal as a bare ``sqlite3.Error`` that no one caught: the
+    publisher's task ended, and with it the service.
+    """
+    config = make_config(
+        tmp_path, broker_url=broker_url, exchange=exchange_name, sources=[gst_source()],
+        broker={"retry_initial": "100ms"},
+    )
+    now = time.time()
+    entries = [
+        event_entry(
+            source="gst", provider="getstoken",
+            event=Event(id=f"evt_io_{i}", type="getstoken.badge.issued", time=None, data=BADGE),
+            received_at=now,
+        )
+        for i in range(20)
+    ]
+    async with Journal(config=config.journal) as journal:
+        await journal.append(entries)
+    read = Journal._read
+    failed: list[str] = []
+
+    def failing(self: Journal, sql: str, args: Any = ()) -> list[tuple[Any, ...]]:
+        if "status = 0" in sql and not failed:
+            failed.append(sql)
+            raise sqlite3.OperationalError("disk I/O error")
+        return read(self, sql, args)
+
+    monkeypatch.setattr(Journal, "_read", failing)
+    async with tap(broker_url, exchange_name) as t, running(config) as service:
+        await t.wait_ids({e.event_id for e in entries}, timeout=20)
+        assert failed, "the read never failed: the test proves nothing"
+        samples = {
+            s.labels["reason"]: s.value
+            for m in service.metrics.publish_failures.collect()
+            for s in m.samples
+            if s.name.endswith("_total")
+        }
+        assert samples.get("journal") == 1, samples

@@ -301,6 +301,11 @@ class Publisher:
         taken = Backlog(self._journal)  # (the journal keeps the handoff until closed)
         try:
             await self._publish_until_failure(window, taken)
+        except JournalError as exc:
+            # Reading the journal failed (an I/O error, a lock held too long): this
+            # session ends, the next reads again after the backoff. Raised on, it
+            # would end the service.
+            self._record_failure("journal", exc)
         finally:
             taken.close()
             # What has no confirm now has an unknown outcome and is published again next

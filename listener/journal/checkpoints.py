@@ -27,7 +27,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from listener.exceptions import JournalError
 from listener.journal.reads import Reads
+from listener.journal.schema import BUSY_TIMEOUT_MS
 
 _W = TypeVar("_W")
 
@@ -172,9 +174,27 @@ class Checkpoints(Reads):
     _writing: asyncio.Lock
 
     async def _on_writer(self, fn: Callable[..., _W], *args: Any) -> _W:
-        """Run ``fn(*args)`` on the writer thread, between commits."""
+        """
+        Run ``fn(*args)`` on the writer thread, between commits.
+
+        Raises:
+            JournalError: SQLite failed (as :meth:`~listener.journal.reads.Reads._on`).
+        """
+
+        def job() -> _W:
+            # An inline commit left the connection waiting only INLINE_BUSY_MS for another
+            # process's write lock (a redrive's); on this thread it may wait its full time.
+            self._busy_timeout(BUSY_TIMEOUT_MS)
+            return fn(*args)
+
         async with self._writing:
-            return await self._writer_job(fn, *args)
+            try:
+                return await self._writer_job(job)
+            except sqlite3.Error as exc:
+                raise JournalError(f"journal write failed: {exc}") from exc
+
+    def _busy_timeout(self, ms: int) -> None:
+        raise NotImplementedError  # (the Journal's)
 
     async def _writer_job(self, fn: Callable[..., _W], *args: Any) -> _W:
         """

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from listener.exceptions import JournalError
 from listener.journal.schema import COLUMNS, Status, StoredEntry, row_to_entry
 
 __all__ = ["Reads"]
@@ -30,7 +31,18 @@ class Reads:
 
     @staticmethod
     async def _on(thread: ThreadPoolExecutor, fn: Callable[..., _T], *args: Any) -> _T:
-        return await asyncio.get_running_loop().run_in_executor(thread, fn, *args)
+        """
+        Run ``fn(*args)`` on ``thread``.
+
+        Raises:
+            JournalError: SQLite failed (an I/O error, a lock held past the busy timeout):
+                the callers (the publisher, the sources, the admin API) handle the
+                journal's errors, and a bare ``sqlite3.Error`` would end the service.
+        """
+        try:
+            return await asyncio.get_running_loop().run_in_executor(thread, fn, *args)
+        except sqlite3.Error as exc:
+            raise JournalError(f"journal access failed: {exc}") from exc
 
     async def pending(self, *, after_seq: int, limit: int) -> list[StoredEntry]:
         """Entries not yet published, oldest first, with ``seq > after_seq``."""

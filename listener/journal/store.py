@@ -191,10 +191,6 @@ class Journal(Upkeep):
     def _connect(self, writer: bool = False) -> sqlite3.Connection:
         return connect(self._path, synchronous=self._config.synchronous, writer=writer)
 
-    @staticmethod
-    async def _on(thread: ThreadPoolExecutor, fn: Callable[..., _T], *args: Any) -> _T:
-        return await asyncio.get_running_loop().run_in_executor(thread, fn, *args)
-
     # -- capacity ---------------------------------------------------------------
 
     def over_limit(self) -> str | None:
