@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import sqlite3
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from handlers import Event
 from handlers.layerx402 import EventFrame, parse_frame
 from listener.config import Config
 from listener.dev.simulators.layerx402 import Layerx402Simulator
+from listener.journal import Journal
 from listener.sources.websocket import StreamSource
 from tests.conftest import make_config, running, tap, wait_for
 from tests.process import ListenerProcess
@@ -135,6 +137,24 @@ async def test_bad_key_backs_off_and_reports_unauthorized(
             assert not ready and body["sources"]["lx"]["status"] == "unauthorized"
 
 
+async def test_a_rate_limit_at_connect_holds_the_next_attempt_for_its_retry_after(
+    tmp_path: Path, broker_url: str, exchange_name: str
+) -> None:
+    """
+    The server rate-limits before ``auth_ok`` (an error frame with ``retry_after``, then
+    close 4029): the next attempt waits that long (CONTRACT §6), not the 50 ms backoff.
+    The frame used to be dropped there: ten attempts in the time one was allowed.
+    """
+    async with Layerx402Simulator(rate="manual") as sim:
+        await sim.rate_limit(retry_after=1.5)  # (no connection yet: every new one is refused)
+        config = stream_config(tmp_path, broker_url, exchange_name, sim.url)
+        async with running(config) as service:
+            source = stream_source(service)
+            await wait_for(lambda: source.status == "connected", timeout=15, what="connected")
+        assert sim.rate_limited_rejections == 1, sim.connect_times
+        assert sim.connect_times[1] - sim.connect_times[0] >= 1.4, sim.connect_times
+
+
 async def test_forbidden_channel_is_isolated(
     tmp_path: Path, broker_url: str, exchange_name: str
 ) -> None:
@@ -220,6 +240,46 @@ async def test_backpressure_pauses_reading_and_recovers(
             every = {i for ids in produced_before.values() for i in ids}
             held = {i for ids in produced_before.values() for i in ids[-90_000:]}
             await t.wait_ids(held & every, timeout=120)
+
+
+@pytest.mark.parametrize("window", [1, 8])
+async def test_a_stalled_journal_holds_the_stream_to_its_window(
+    tmp_path: Path, broker_url: str, exchange_name: str, window: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """
+    While another process holds the journal's write lock, a stream hands the journal at
+    most ``journal_window`` events that are not on disk yet, then waits. With a window
+    of 1 it used to wait for none (half of 1 rounded down) and read on without bound.
+    """
+    submitted = 0
+    submit = Journal.submit
+
+    def counted(self: Journal, *args: Any, **kwargs: Any) -> Any:
+        nonlocal submitted
+        submitted += 1
+        return submit(self, *args, **kwargs)
+
+    monkeypatch.setattr(Journal, "submit", counted)
+    async with Layerx402Simulator(rate=200) as sim:
+        config = stream_config(
+            tmp_path, broker_url, exchange_name, sim.url, journal_window=window
+        )
+        async with running(config) as service:
+            source = stream_source(service)
+            await wait_for(lambda: source.events_received > 20, what="events flowing")
+            other = sqlite3.connect(tmp_path / "journal.db", isolation_level=None)
+            try:
+                other.execute("BEGIN IMMEDIATE")
+                await asyncio.sleep(0.1)  # the commit under way is now waiting for the lock
+                before = submitted
+                await asyncio.sleep(0.5)  # ~100 events produced meanwhile
+                assert submitted - before <= window
+                other.execute("COMMIT")
+            finally:
+                other.close()
+            received = source.events_received
+            await wait_for(lambda: source.events_received > received + 50, what="flowing again")
 
 
 async def test_sigkill_mid_stream_resumes_from_stored_cursor(

@@ -260,7 +260,7 @@ class StreamSource:
         started = time.monotonic()
         outcome = Outcome()
         try:
-            await self._handshake(ws)
+            await self._handshake(ws, outcome)
             self._set_status("connected")
             self._last_error = self._subs.last_error = None
             await self._receive(ws, outcome)
@@ -296,16 +296,23 @@ class StreamSource:
             outcome.code = ws.close_code
         return outcome
 
-    async def _handshake(self, ws: ClientConnection) -> None:
-        await ws.send(self._provider.auth_frame(self._config.api_key.get_secret_value()))
+    async def _handshake(self, ws: ClientConnection, outcome: Outcome) -> None:
+        try:
+            await ws.send(self._provider.auth_frame(self._config.api_key.get_secret_value()))
+        except ConnectionClosed:
+            pass  # closed at once (a rate limit at connect): what it said first is read below
         async with asyncio.timeout(self._config.open_timeout):
             while True:
                 frame = self._provider.parse_frame(await ws.recv())
                 if isinstance(frame, AuthOk):
                     break
-                if isinstance(frame, ErrorFrame) and frame.kind == "unauthorized":
-                    self._last_error = f"UNAUTHORIZED: {frame.message[:200]}"
-                    raise _Unauthorized
+                if isinstance(frame, ErrorFrame):
+                    if frame.kind == "unauthorized":
+                        self._last_error = f"UNAUTHORIZED: {frame.message[:200]}"
+                        raise _Unauthorized
+                    # Before auth_ok too (a rate limit at connect): its retry_after
+                    # holds the next attempt back (CONTRACT §6, close code 4029).
+                    self._subs.error(frame, outcome)
                 if isinstance(frame, Ping):
                     await ws.send(self._provider.pong_frame(frame.ts))
         for sub in self._subs:
@@ -346,7 +353,7 @@ class StreamSource:
             if isinstance(frame, EventFrame):
                 self._on_event(frame, raw)
                 if len(self._appends) >= window:
-                    await self._appends.settle_some(window // 2)
+                    await self._appends.settle_some(max(window // 2, 1))
             elif isinstance(frame, Ping):
                 await ws.send(self._provider.pong_frame(frame.ts))
             elif isinstance(frame, Subscribed):
