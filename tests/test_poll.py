@@ -18,6 +18,7 @@ import pytest
 from listener.dev.simulators.terrapin import TerrapinSimulator, generate_isins
 from listener.dev.simulators.tokenterminal import TokenTerminalSimulator
 from listener.sources.poll import PollSource
+from listener.sources.poll_budget import PAUSE_CAP, Budget
 from tests.conftest import make_config, running, tap, wait_for
 
 pytestmark = pytest.mark.usefixtures("cleanup_topology")
@@ -257,3 +258,38 @@ async def test_poll_now_endpoint(tmp_path: Path, broker_url: str, exchange_name:
                 (tt,) = (await response.json())["data"]
                 assert tt["kind"] == "poll" and tt["resources"][0]["state"] == "ok"
                 assert tt["budget"]["limit"] == 600
+
+
+@pytest.mark.parametrize(
+    ("headers", "remaining"),
+    [
+        ({"Retry-After": "²"}, None),
+        ({"Retry-After": "1²"}, None),
+        ({"X-RateLimit-Remaining": "²", "X-RateLimit-Reset": "30"}, None),
+        ({"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "³"}, 0),
+        ({"RateLimit": "limit=100, remaining=٣, reset=²"}, None),
+    ],
+)
+def test_rate_headers_that_are_not_numbers_are_ignored(
+    headers: dict[str, str], remaining: int | None
+) -> None:
+    """
+    A header ``str.isdigit()`` takes but ``float()`` refuses ("²") raised ValueError out
+    of the poll loop: the source ended and was restarted, polling everything again.
+    Such a header now says nothing: a 429 without a usable one backs off (0.5-1 s first,
+    with up to 10% more).
+    """
+    budget = Budget(10, 60.0)
+    budget.observe(200, headers)
+    assert budget.provider_remaining == remaining
+    assert budget.paused_for == 0.0  # (a remaining of 0 without a reset pauses nothing)
+    budget.observe(429, headers)
+    assert 0.45 <= budget.paused_for <= 1.1
+
+
+@pytest.mark.parametrize(("asked", "low"), [("120", 120.0), ("3600", PAUSE_CAP)])
+def test_a_429_pauses_as_asked_up_to_the_cap(asked: str, low: float) -> None:
+    """Retry-After is honoured (plus up to 10% jitter), 15 minutes at most at a time."""
+    budget = Budget(10, 60.0)
+    budget.observe(429, {"Retry-After": asked})
+    assert low - 0.1 <= budget.paused_for <= low * 1.1

@@ -12,10 +12,12 @@ provider asks for.
   starts, ever holds more than ``limit`` requests of ours.
 * Pauses: a 429 pauses the whole source until ``Retry-After`` (seconds or an HTTP
   date, RFC 9110 §10.2.3) or the ``RateLimit``/``X-RateLimit`` reset, plus up to 10%
-  jitter, never shorter; without either, exponential backoff with jitter capped at
-  15 minutes. A ``remaining`` of 0 pauses until the reset; a low one (under a tenth of
-  the limit) spreads what is left over the time to the reset, so the source slows
-  down before a 429 happens.
+  jitter, never shorter, but at most ``PAUSE_CAP`` (15 minutes) at a time, as a
+  stream's ``retry_after`` is (a broken or hostile value must not park the source for
+  days; still limited then, the next 429 pauses it again); without either, exponential
+  backoff with jitter capped at 15 minutes. A ``remaining`` of 0 pauses until the
+  reset; a low one (under a tenth of the limit) spreads what is left over the time to
+  the reset, so the source slows down before a 429 happens.
 * Rate headers: the IETF draft's ``RateLimit: limit=100, remaining=42, reset=23``
   (reset in seconds) and ``X-RateLimit-Limit/Remaining/Reset`` (reset a Unix time;
   NOTES: values above 10^9 are times, below are durations).
@@ -43,7 +45,12 @@ __all__ = ["PAUSE_CAP", "Budget", "budget_warnings", "retry_after_seconds"]
 # The longest pause a provider can ask for (and the cap of the 429 backoff).
 PAUSE_CAP = 900.0
 _UNIX_TIME = 1e9
-_IETF_PART = re.compile(r"\b(limit|remaining|reset)\s*=\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
+_IETF_PART = re.compile(
+    r"\b(limit|remaining|reset)\s*=\s*(\d+(?:\.\d+)?)", re.IGNORECASE | re.ASCII
+)
+# A header's number: ASCII digits only (str.isdigit() takes "²", which float() refuses).
+_NUMBER = re.compile(r"\d+(?:\.\d+)?", re.ASCII)
+_INTEGER = re.compile(r"\d+", re.ASCII)
 
 
 def retry_after_seconds(value: str, *, now: float) -> float | None:
@@ -51,7 +58,7 @@ def retry_after_seconds(value: str, *, now: float) -> float | None:
     text = value.strip()
     if not text:
         return None
-    if text.replace(".", "", 1).isdigit():
+    if _NUMBER.fullmatch(text):
         return float(text)
     try:
         moment = parsedate_to_datetime(text)
@@ -83,12 +90,9 @@ def rate_headers(headers: Mapping[str, str], *, now: float) -> tuple[int | None,
             reset = parts.get("reset")
             return int(parts["remaining"]), (_reset_seconds(reset, now) if reset else None)
     remaining = _header(headers, "X-RateLimit-Remaining")
-    if remaining is not None and remaining.strip().isdigit():
-        reset_text = _header(headers, "X-RateLimit-Reset") or ""
-        try:
-            reset = _reset_seconds(float(reset_text), now) if reset_text else None
-        except ValueError:
-            reset = None
+    if remaining is not None and _INTEGER.fullmatch(remaining.strip()):
+        reset_text = (_header(headers, "X-RateLimit-Reset") or "").strip()
+        reset = _reset_seconds(float(reset_text), now) if _NUMBER.fullmatch(reset_text) else None
         return int(remaining), reset
     return None, None
 
