@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import aiohttp
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
@@ -309,3 +310,48 @@ async def test_a_journal_read_that_fails_ends_a_publish_session_not_the_service(
             if s.name.endswith("_total")
         }
         assert samples.get("journal") == 1, samples
+
+
+async def test_an_exchange_deleted_while_running_is_declared_again(
+    tmp_path: Path, broker_url: str, exchange_name: str
+) -> None:
+    """
+    Someone deletes the exchange while the daemon runs: the next publish is refused
+    (404, the channel closes), the publisher declares its topology again on the next
+    channel, and the event goes out once something is bound (no archive: until then it
+    is returned and deferred). It used to declare only once per connection: every
+    publish failed the same way until the connection dropped.
+    """
+    config = make_config(
+        tmp_path, broker_url=broker_url, exchange=exchange_name, sources=[gst_source()],
+        broker={"retry_initial": "100ms", "archive": {"enabled": False}},
+    )
+    async with running(config) as service, aiohttp.ClientSession() as session:
+        journal = service.journal
+        assert journal is not None
+        sender = Sender(session, f"http://127.0.0.1:{service.public_port}/webhooks/gst")
+        assert (await sender.post(gst_event("evt_before")))[0] == 200
+        await wait_for(lambda: journal.pending_count == 0, what="the first event confirmed")
+        connection = await aio_pika.connect(broker_url)
+        try:
+            channel = await connection.channel()
+            await channel.exchange_delete(exchange_name)
+            assert (await sender.post(gst_event("evt_after")))[0] == 200
+
+            async def exists() -> bool:
+                probe = await connection.channel()
+                try:
+                    await probe.declare_exchange(exchange_name, passive=True)
+                except aio_pika.exceptions.ChannelNotFoundEntity:
+                    return False
+                await probe.close()
+                return True
+
+            deadline = time.monotonic() + 10
+            while not await exists():
+                assert time.monotonic() < deadline, "the exchange was not declared again"
+                await asyncio.sleep(0.1)
+        finally:
+            await connection.close()
+        async with tap(broker_url, exchange_name) as t:
+            await t.wait_ids({"evt_after"}, timeout=30)

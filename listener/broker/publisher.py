@@ -270,6 +270,9 @@ class Publisher:
                 self._channel = await confirm_channel(
                     self._connection, self._config.publish_timeout
                 )
+                # Why it closed may be a missing exchange (a 404: deleted while we ran):
+                # declare the topology again, or every publish fails the same way.
+                self._declared_on = None
             underlay = self._channel
             if not await self._declare(underlay):
                 await asyncio.sleep(CONFLICT_RETRY)
