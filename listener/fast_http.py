@@ -15,9 +15,10 @@ the request is wholly in its buffer:
 
 * the request line is ``POST <path> HTTP/1.1`` with ``<path>`` exactly a route with a
   fast handler (:class:`listener.web.FastRoute`): no query, no escapes;
-* every header line is ``token ":" printable ASCII``, 64 of them at most, all within
-  8 KiB, and none is ``Transfer-Encoding``, ``Content-Encoding``, ``Expect``,
-  ``Upgrade`` or a ``Connection`` other than ``keep-alive``;
+* every header line is ``token ":" printable ASCII or tabs``, 64 of them at most, all
+  within 8 KiB, exactly one of them ``Host``, and none is ``Transfer-Encoding``,
+  ``Content-Encoding``, ``Expect``, ``Upgrade`` or a ``Connection`` other than
+  ``keep-alive``;
 * exactly one ``Content-Length``, decimal digits, at most ``max_body``.
 
 The first request that is anything else, and every later one on its connection, goes
@@ -61,9 +62,12 @@ SWEEP = 5.0  # how often idle connections are looked for
 PAUSE_AT = 256 * 1024  # buffered bytes of pipelined requests before reading pauses
 
 _REQUEST_LINE = re.compile(rb"POST (/[!$&'()*+,;=:@A-Za-z0-9._~/-]*) HTTP/1\.1\r\n")
-# A header block of plain lines only; anything else is aiohttp's to judge.
-_HEADERS = re.compile(rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[ \t]*[\x20-\x7e]*\r\n)*\r\n")
-_HEADER = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([\x20-\x7e]*?)[ \t]*\r\n")
+# A header block of plain lines only; anything else is aiohttp's to judge. Each part
+# matches one way only (no character class overlaps the next), so a line that fails
+# costs one pass: "[ \t]*[\x20-\x7e]*" matched spaces two ways, and a header block
+# that failed late took time doubling with each line (24 lines: 7 s of the loop).
+_HEADERS = re.compile(rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e]*\r\n)*\r\n")
+_HEADER = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):([^\r]*)\r\n")  # (after _HEADERS)
 _POST = b"POST /"
 _REFUSED = frozenset({"transfer-encoding", "content-encoding", "expect", "upgrade"})
 _REASONS = {status.value: status.phrase for status in HTTPStatus}
@@ -135,6 +139,8 @@ class _Connection(asyncio.Protocol):
         self._seen = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._body = False  # whether the timer is a body's (else a head's)
+        #: The head of the request whose body is still coming (parsed once).
+        self._head: tuple[FastRoute, CIMultiDictProxy[str], int, int] | None = None
         #: The request being answered (responses go out in order: one at a time).
         self.answering: asyncio.Task[None] | None = None
 
@@ -178,7 +184,9 @@ class _Connection(asyncio.Protocol):
         buffer = self._buffer
         if not buffer:
             return
-        parsed = self._parse()
+        # While a body comes, its head is not parsed again at each read (a body dripped
+        # a byte at a time would cost a parse of up to 8 KiB each).
+        parsed = self._head or self._parse()
         if parsed is None:  # not all of the head has come yet
             self._time_head()
             return
@@ -189,12 +197,14 @@ class _Connection(asyncio.Protocol):
         route, headers, start, length = parsed
         end = start + length
         if len(buffer) < end:  # the body is still coming: read_timeout from its head on
+            self._head = parsed
             if not self._body:
                 self._cancel_timer()
                 self._timer = self._loop.call_later(route.read_timeout, self._time_out, route)
                 self._body = True
             return
         self._cancel_timer()
+        self._head = None
         body = bytes(buffer[start:end])
         del buffer[:end]
         self.answering = self._loop.create_task(self._answer(route, headers, body))
@@ -219,8 +229,10 @@ class _Connection(asyncio.Protocol):
         if len(fields) > HEADERS_MAX:
             return False
         headers: CIMultiDict[str] = CIMultiDict(
-            (name.decode("ascii"), value.decode("ascii")) for name, value in fields
+            (name.decode("ascii"), value.strip(b" \t").decode("ascii")) for name, value in fields
         )
+        if len(headers.getall("Host", ())) != 1:
+            return False  # none, or several: aiohttp's 400 (RFC 9112 §3.2)
         lengths = headers.getall("Content-Length", ())
         if len(lengths) != 1 or not lengths[0].isdigit() or len(lengths[0]) > 12:
             return False

@@ -37,6 +37,7 @@ from listener.config import Config
 from listener.service import Service
 from listener.sources.signatures import sign
 from tests.conftest import UNIT, make_config, running
+from tests.process import ListenerProcess
 from tests.test_webhooks import gst_source
 from tests.webhook_sender import WHSEC, gst_event
 
@@ -643,3 +644,45 @@ async def test_admin_port_answers_a_bad_expect_header_without_a_500(service: Ser
     data = request("GET", "/healthz").replace(b"\r\n\r\n", b"\r\nExpect: \x80\r\n\r\n", 1)
     reply = await send(service.admin_port, data)
     assert reply.status < 500
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        [*(f"X-{i}: a" for i in range(40)), "User-Agent: caf\u00e9"],  # a byte over 0x7e
+        [*(f"X-{i}:{' ' * 300}a" for i in range(4)), "X-Last: \x01"],  # a control character
+    ],
+    ids=["non-ascii-after-40-lines", "spaced-lines-then-a-control-character"],
+)
+async def test_a_header_block_that_fails_late_is_judged_in_one_pass(
+    tmp_path: Path, lines: list[str]
+) -> None:
+    """
+    Header lines the fast path does not take go to aiohttp, whatever line fails. Its
+    check matched the spaces after each colon two ways, so a block that failed late
+    was tried every way: time doubling with each line (24 lines held the event loop
+    7 s; 40, for days). In a process of its own, so a stuck loop fails the test
+    instead of hanging it.
+    """
+    daemon = ListenerProcess(
+        tmp_path,
+        {
+            "broker": {"url": NO_BROKER, "exchange": "abuse"},
+            "journal": {"path": str(tmp_path / "journal.db")},
+            "sources": [gst_source()],
+        },
+    )
+    try:
+        await daemon.start()
+        head = "".join(f"{line}\r\n" for line in ["POST /webhooks/gst HTTP/1.1", "Host: x", *lines])
+        request = head.encode() + b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+        reader, writer = await asyncio.open_connection("127.0.0.1", daemon.public_port)
+        try:
+            writer.write(request)
+            async with asyncio.timeout(5 * UNIT):
+                status = await reader.readline()
+        finally:
+            writer.close()
+        assert re.match(rb"HTTP/1\.[01] 4\d\d ", status), status  # (aiohttp: 400 or 401)
+    finally:
+        await daemon.stop()
