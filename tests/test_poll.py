@@ -268,6 +268,9 @@ async def test_poll_now_endpoint(tmp_path: Path, broker_url: str, exchange_name:
         ({"X-RateLimit-Remaining": "²", "X-RateLimit-Reset": "30"}, None),
         ({"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "³"}, 0),
         ({"RateLimit": "limit=100, remaining=٣, reset=²"}, None),
+        ({"RateLimit": f"limit=100, remaining={'9' * 400}, reset=5"}, None),  # an infinity
+        ({"X-RateLimit-Remaining": "9" * 5000, "X-RateLimit-Reset": "30"}, None),  # int() refuses
+        ({"Retry-After": "9" * 400}, None),
     ],
 )
 def test_rate_headers_that_are_not_numbers_are_ignored(

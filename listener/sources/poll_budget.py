@@ -45,12 +45,14 @@ __all__ = ["PAUSE_CAP", "Budget", "budget_warnings", "retry_after_seconds"]
 # The longest pause a provider can ask for (and the cap of the 429 backoff).
 PAUSE_CAP = 900.0
 _UNIX_TIME = 1e9
+# A header's number: ASCII digits only (str.isdigit() takes "²", which float() refuses),
+# and not too many of them (int() of 5,000 digits raises; 400 nines are an infinity).
 _IETF_PART = re.compile(
-    r"\b(limit|remaining|reset)\s*=\s*(\d+(?:\.\d+)?)", re.IGNORECASE | re.ASCII
+    r"\b(limit|remaining|reset)\s*=\s*(\d{1,12}(?:\.\d{1,9})?)(?![\d.])",
+    re.IGNORECASE | re.ASCII,
 )
-# A header's number: ASCII digits only (str.isdigit() takes "²", which float() refuses).
-_NUMBER = re.compile(r"\d+(?:\.\d+)?", re.ASCII)
-_INTEGER = re.compile(r"\d+", re.ASCII)
+_NUMBER = re.compile(r"\d{1,12}(?:\.\d{1,9})?", re.ASCII)
+_INTEGER = re.compile(r"\d{1,12}", re.ASCII)
 
 
 def retry_after_seconds(value: str, *, now: float) -> float | None:
