@@ -39,7 +39,14 @@ from pydantic import (
     ValidationError,
 )
 
-from handlers.base import MAX_DEPTH, Event, Quarantine, describe_errors, too_deep
+from handlers.base import (
+    MAX_DEPTH,
+    Event,
+    Quarantine,
+    describe_errors,
+    exact_numbers,
+    too_deep,
+)
 
 __all__ = [
     "DATA_MODELS",
@@ -267,7 +274,7 @@ class GetSmartToken:
             id=envelope.id,
             type=f"{NAME}.{envelope.type}",
             time=envelope.created_at,
-            data=data,
+            data=exact_numbers(payload, raw=body)["data"],
         )
 
 

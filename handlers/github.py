@@ -39,7 +39,15 @@ from pydantic import (
     ValidationError,
 )
 
-from handlers.base import MAX_DEPTH, Event, NoSettings, Quarantine, describe_errors, too_deep
+from handlers.base import (
+    MAX_DEPTH,
+    Event,
+    NoSettings,
+    Quarantine,
+    describe_errors,
+    exact_numbers,
+    too_deep,
+)
 
 __all__ = ["NAMESPACE", "PROVIDER", "GitHub"]
 
@@ -174,7 +182,7 @@ class GitHub:
             id=str(uuid.uuid5(NAMESPACE, name)),
             type=f"{NAME}.{event}",
             time=moment,
-            data=payload,
+            data=exact_numbers(payload, raw=body),
         )
 
 

@@ -45,6 +45,7 @@ from handlers.base import (
     NoSettings,
     Quarantine,
     describe_errors,
+    exact_numbers,
     too_deep,
 )
 from handlers.frames import (
@@ -392,6 +393,7 @@ def parse_frame(raw: str | bytes) -> ServerFrame:
         return Unparseable(_violation("a frame must be a JSON object"))
     if too_deep(frame, raw=raw):
         return _too_deep(frame)
+    frame = exact_numbers(frame, raw=raw)  # (data is published as sent)
     kind = frame.get("type")
     # Ordered by frequency: events dominate a busy stream.
     if kind == "event":

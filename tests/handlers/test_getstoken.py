@@ -346,3 +346,14 @@ def test_same_body_same_id_across_retries() -> None:
     assert isinstance(first, Event)
     assert isinstance(retry, Event)
     assert first.id == retry.id == "evt_user_created"
+
+
+def test_numbers_in_data_keep_their_digits_in_the_cloudevent() -> None:
+    """An extra field past 64 bits is published as sent, not as the nearest double."""
+    raw = body_of(payload("badge.issued")).replace(
+        b'"data":{', b'"data":{"wei":123456789012345678901234567890,', 1
+    )
+    event = parse(raw)
+    assert isinstance(event, Event)
+    # (orjson writes the CloudEvent: listener.envelope.event_entry)
+    assert b'"wei":123456789012345678901234567890' in orjson.dumps({"data": event.data})

@@ -629,3 +629,14 @@ class TestLayerx402Contract(StreamProviderContract):
         None: None,
     }
     subscription: ClassVar[tuple[str, dict[str, str]]] = ("portfolio", {"wallet": WALLET})
+
+
+def test_numbers_in_data_keep_their_digits_in_the_cloudevent() -> None:
+    """An extra field past 64 bits is published as sent, not as the nearest double."""
+    raw = event_frame("trades", SAMPLE_DATA["trades"]).replace(
+        b'"data":{', b'"data":{"lamports":123456789012345678901234567890,', 1
+    )
+    frame = parse_frame(raw)
+    assert isinstance(frame, EventFrame) and isinstance(frame.result, Event)
+    written = orjson.dumps({"data": frame.result.data})  # (as listener.envelope writes it)
+    assert b'"lamports":123456789012345678901234567890' in written
