@@ -56,14 +56,18 @@ class _BadRequest(Exception):
     """A parameter is wrong; the message names it."""
 
 
+_NUMBER_MAX = 2**63 - 1  # SQLite's largest integer (a larger one was a 500)
+
+
 def _number(request: web.Request, name: str, default: int | None) -> int | None:
     raw = request.query.get(name)
+    problem = f"{name}: expected a whole number from 0 to {_NUMBER_MAX}"
     try:
         value = default if raw is None else int(raw)
     except ValueError:
-        raise _BadRequest(f"{name}: expected a whole number from 0") from None
-    if value is not None and value < 0:
-        raise _BadRequest(f"{name}: expected a whole number from 0")
+        raise _BadRequest(problem) from None
+    if value is not None and not 0 <= value <= _NUMBER_MAX:
+        raise _BadRequest(problem)
     return value
 
 
