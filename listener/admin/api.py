@@ -92,6 +92,7 @@ class AdminApi:
         self._journal = journal
         self._broker = broker
         self._replays: dict[str, Replay] = {}
+        self._opening = 0  # replays past the count, not yet kept (connecting)
         self._tasks: set[asyncio.Task[None]] = set()
         self._document = orjson.dumps(document())
 
@@ -170,11 +171,15 @@ class AdminApi:
             error = exc.errors(include_url=False, include_input=False)[0]
             where = ".".join(str(part) for part in error["loc"]) or "(body)"
             return error_response(400, "BAD_REQUEST", f"{where}: {error['msg']}")
-        running = sum(1 for r in self._replays.values() if r.status.state == "running")
+        # Those still opening count: a request for another arrives while one connects.
+        running = self._opening + sum(
+            1 for r in self._replays.values() if r.status.state == "running"
+        )
         if running >= MAX_RUNNING:
             return error_response(
                 409, "TOO_MANY_REPLAYS", f"{running} replays are running; wait for one to end"
             )
+        self._opening += 1
         try:
             replay_args = replay_request(
                 since=body.since,
@@ -199,6 +204,8 @@ class AdminApi:
             return error_response(400, "BAD_REQUEST", str(exc))
         except ReplayError as exc:
             return error_response(503, "UNAVAILABLE", str(exc), {"Retry-After": "5"})
+        finally:
+            self._opening -= 1
         self._keep(replay)
         task = asyncio.create_task(self._run(replay), name=f"replay:{replay.status.id}")
         self._tasks.add(task)
