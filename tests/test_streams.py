@@ -17,6 +17,7 @@ from handlers.layerx402 import EventFrame, parse_frame
 from listener.config import Config
 from listener.dev.simulators.layerx402 import Layerx402Simulator
 from listener.journal import Journal
+from listener.sources import subscriptions
 from listener.sources.websocket import StreamSource
 from tests.conftest import make_config, running, tap, wait_for
 from tests.process import ListenerProcess
@@ -173,6 +174,37 @@ async def test_forbidden_channel_is_isolated(
             assert {m.routing_key for m in t.messages} == {"layerx402.trade"}
             text = service.metrics.render().decode()
             assert 'listener_subscription_failed{source="lx",subscription="portfolio?wallet=' in text
+
+
+@pytest.mark.parametrize("how", ["reconnect", "live"])
+async def test_a_refused_subscription_is_asked_for_again(
+    tmp_path: Path, broker_url: str, exchange_name: str, how: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """
+    The server refuses a channel (FORBIDDEN), then allows it (a plan upgraded, a key
+    rotated): the subscription is asked for again on the next connection, and on a
+    live one after FORBIDDEN_RETRY. It used to stay refused until a restart.
+    """
+    retry = 0.5 if how == "live" else 3600.0
+    monkeypatch.setattr(subscriptions, "FORBIDDEN_RETRY", retry, raising=False)
+    async with Layerx402Simulator(rate=200, forbidden={"portfolio"}) as sim:
+        config = stream_config(tmp_path, broker_url, exchange_name, sim.url)
+        async with running(config) as service:
+            source = stream_source(service)
+
+            def portfolio() -> str:
+                return next(
+                    s["state"] for s in source.state()["subscriptions"]
+                    if s["channel"] == "portfolio"
+                )
+
+            await wait_for(lambda: portfolio() == "forbidden", what="refused")
+            sim.forbidden.clear()
+            if how == "reconnect":
+                await sim.drop_all(1011, "restart")
+            await wait_for(lambda: portfolio() == "active", timeout=10, what="asked again")
+            assert source.connections == (2 if how == "reconnect" else 1)
 
 
 async def test_malformed_and_oversize_frames_are_quarantined(

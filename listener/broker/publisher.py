@@ -305,9 +305,8 @@ class Publisher:
         try:
             await self._publish_until_failure(window, taken)
         except JournalError as exc:
-            # Reading the journal failed (an I/O error, a lock held too long): this
-            # session ends, the next reads again after the backoff. Raised on, it
-            # would end the service.
+            # Reading the journal failed (an I/O error): the next session reads again
+            # after the backoff (raised on, it would end the service).
             self._record_failure("journal", exc)
         finally:
             taken.close()

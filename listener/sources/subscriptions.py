@@ -9,6 +9,7 @@ server could not resend what is missing: counted and logged with the range).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator, Mapping
 
@@ -20,9 +21,14 @@ from listener.config import SubscriptionConfig
 from listener.metrics import Metrics
 from listener.sources.websocket_policy import Outcome, Subscription
 
-__all__ = ["Subscriptions"]
+__all__ = ["FORBIDDEN_RETRY", "Subscriptions"]
 
 log = structlog.get_logger("listener.streams")
+
+# A subscription the server refused (FORBIDDEN) is asked for again on every new
+# connection, and on a live one this long after: a plan upgraded, or a key rotated by
+# SIGHUP (it authenticates the next connection), lets it through without a restart.
+FORBIDDEN_RETRY = 600.0
 
 
 class Subscriptions:
@@ -49,6 +55,8 @@ class Subscriptions:
         self._by_server: dict[str, Subscription] = {}
         #: The last connection-level error the server sent (its words, for /v1/sources).
         self.last_error: str | None = None
+        #: When a refused subscription is next asked for on a live connection.
+        self.retry_at = math.inf
 
     def __iter__(self) -> Iterator[Subscription]:
         return iter(self.all)
@@ -57,6 +65,26 @@ class Subscriptions:
         """Positions from the journal: what is on disk (before each connection)."""
         for sub in self.all:
             sub.last_seq = sub.durable_seq = stored.get(sub.key)
+
+    def to_subscribe(self, *, connecting: bool) -> list[Subscription]:
+        """
+        What to subscribe now, each set pending: on a new connection (``connecting``)
+        all but those refused for their params (the same params fail again until a
+        restart applies new ones); on a live one, those refused FORBIDDEN over
+        :data:`FORBIDDEN_RETRY` ago.
+        """
+        due = time.monotonic() - FORBIDDEN_RETRY
+        chosen = [
+            s
+            for s in self.all
+            if (connecting and s.state != "invalid_params")
+            or (s.state == "forbidden" and s.refused_at <= due)
+        ]
+        for sub in chosen:
+            sub.state = "pending"
+        refused = [s.refused_at for s in self.all if s.state == "forbidden"]
+        self.retry_at = min(refused, default=math.inf) + FORBIDDEN_RETRY
+        return chosen
 
     def disconnected(self) -> None:
         """The connection ended: active subscriptions are pending again."""
@@ -138,6 +166,9 @@ class Subscriptions:
             return
         if frame.kind in ("forbidden", "invalid_params"):
             sub.state = "forbidden" if frame.kind == "forbidden" else "invalid_params"
+            sub.refused_at = time.monotonic()
+            if frame.kind == "forbidden":
+                self.retry_at = min(self.retry_at, sub.refused_at + FORBIDDEN_RETRY)
             sub.error = frame.message[:200]
             self._metrics.subscription_failed.labels(self._source, sub.key).set(1)
             log.warning(

@@ -10,8 +10,7 @@ Gapless resume: every subscription resubscribes with ``since_seq`` = the last se
 compare-and-set on the previous position, so it advances only once the event is
 durable and never past one whose append failed; an append that fails ends the
 connection at once, and the cursors are re-read from the journal before the next.
-Appends are pipelined (up to ``journal_window`` in flight) so one fsync covers many
-frames.
+Appends are pipelined (``journal_window`` in flight) so one fsync covers many frames.
 
 A frame over ``max_size`` closes the connection (1009): a record of it is
 quarantined, and the next connections take frames up to 4, 16, ... times the limit
@@ -132,22 +131,15 @@ class StreamSource:
 
     def state(self) -> Mapping[str, Any]:
         """For ``/readyz`` and ``/v1/sources``."""
+        error = self._last_error or self._subs.last_error
         return {
             "kind": "websocket",
             "status": self.status,
             "events_received": self.events_received,
             "last_event_at": iso(self.last_event_at),
             "subscriptions": [s.view() for s in self._subs],
-            **(
-                {"last_error": error}
-                if (error := self._last_error or self._subs.last_error)
-                else {}
-            ),
+            **({"last_error": error} if error else {}),
         }
-
-    def _error_view(self) -> dict[str, str]:
-        error = self._last_error or self._subs.last_error
-        return {"last_error": error} if error else {}
 
     def _set_status(self, status: SourceStatus) -> None:
         if status != self.status:
@@ -315,15 +307,14 @@ class StreamSource:
                     self._subs.error(frame, outcome)
                 if isinstance(frame, Ping):
                     await ws.send(self._provider.pong_frame(frame.ts))
-        for sub in self._subs:
-            if sub.state in ("forbidden", "invalid_params"):
-                continue
-            sub.state = "pending"
-            await ws.send(
-                self._provider.subscribe_frame(
-                    sub.request_id, sub.config.channel, sub.config.params, sub.last_seq
-                )
+        await self._subscribe(ws, connecting=True)
+
+    async def _subscribe(self, ws: ClientConnection, *, connecting: bool) -> None:
+        for sub in self._subs.to_subscribe(connecting=connecting):
+            frame = self._provider.subscribe_frame(
+                sub.request_id, sub.config.channel, sub.config.params, sub.last_seq
             )
+            await ws.send(frame)
 
     async def _receive(self, ws: ClientConnection, outcome: Outcome) -> None:
         stale_after = self._config.stale_after
@@ -339,6 +330,8 @@ class StreamSource:
                 # Backpressure: stop reading; TCP pushes back on the server (CONTRACT §8).
                 await self._settle()
                 await journal.wait_for_capacity()
+            if self._subs.retry_at <= time.monotonic():  # refused ones, now and then
+                await self._subscribe(ws, connecting=False)
             deadline = stale_after
             if sub_stale is not None:
                 deadline = min(deadline, self._subs.silent_for(sub_stale))

@@ -69,6 +69,7 @@ class Subscription:
     # Monotonic clock of the last event (or of the subscribe ack), for staleness.
     last_heard: float = 0.0
     error: str | None = None
+    refused_at: float = 0.0  # monotonic clock of the last FORBIDDEN
 
     def view(self) -> dict[str, Any]:
         return {
