@@ -12,6 +12,7 @@ in ``settings`` (STYLE: each provider's settings model lives with its handler).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import date
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -345,6 +346,21 @@ class PollSourceConfig(_SourceBase):
                 checked.append(provider.resource_model.model_validate(resource))
             except ValidationError as exc:
                 problems += [(f"resources[{i}].{w}", m) for w, m in _settings_lines(exc)]
+        # An item (a project, an ISIN) in two resources: the records of both would share
+        # keys, and each resource's poll would overwrite the other's state (false
+        # changes, changes shown with the wrong previous values, ids repeated).
+        first: dict[str, int] = {}
+        for i, resource in enumerate(checked if not problems else ()):
+            for request in provider.plan(resource, aliases={}, today=date.today()):
+                for item in request.items:
+                    if first.setdefault(item, i) != i:
+                        problems.append(
+                            (
+                                f"resources[{i}]",
+                                f"{item!r} is polled by resources[{first[item]}] too;"
+                                " list each item in one resource only",
+                            )
+                        )
         if problems:
             raise ProviderSettingsError(problems)
         object.__setattr__(self, "resources", tuple(checked))

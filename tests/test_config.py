@@ -160,3 +160,44 @@ def test_stream_subscription_checked_against_provider(tmp_path: Path) -> None:
         "sources[1].subscriptions[0].params: missing mint",
         "sources[1].subscriptions[1].channel: unknown channel 'nope' (known: portfolio, token, trades)",
     ]
+
+
+@pytest.mark.parametrize(
+    ("provider", "resources", "problem"),
+    [
+        (
+            "tokenterminal",
+            """
+      - {endpoint: project_metrics, projects: [aave, uniswap], metrics: [fees]}
+      - {endpoint: project_metrics, projects: [aave], metrics: [revenue]}""",
+            "sources[1].resources[1]: 'aave' is polled by resources[0] too;"
+            " list each item in one resource only",
+        ),
+        (
+            "terrapin",
+            """
+      - {endpoint: bond_reference, isins: [US912810TM09, US91282CJL55]}
+      - {endpoint: bond_reference, isins: [US912810TM09]}""",
+            "sources[1].resources[1]: 'US912810TM09' is polled by resources[0] too;"
+            " list each item in one resource only",
+        ),
+    ],
+)
+def test_an_item_polled_by_two_resources_is_refused(
+    tmp_path: Path, provider: str, resources: str, problem: str
+) -> None:
+    """
+    Two resources of one source polling one project (or ISIN) would overwrite each
+    other's poll state: false changes, wrong previous values, repeated ids.
+    """
+    text = BASE + f"""
+  - name: polled
+    kind: poll
+    provider: {provider}
+    url: http://127.0.0.1:1
+    api_key: k
+    resources:{resources}
+"""
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text), environ={"GST_SECRET": WHSEC})
+    assert caught.value.problems == [problem]
