@@ -47,3 +47,30 @@ async def test_v1_requires_key_and_scope(tmp_path: Path, exchange_name: str) -> 
         for _ in range(10):
             async with session.get(f"http://127.0.0.1:{service.admin_port}/healthz") as response:
                 assert response.status == 200
+
+
+async def test_errors_a_handler_raises_carry_the_rate_headers_too(
+    tmp_path: Path, exchange_name: str
+) -> None:
+    """
+    A 413 (a body over the limit, raised while the handler reads it) and a 405 carry
+    X-RateLimit-* as every /v1 answer does (CONTRACT §7), the 405 with its Allow header.
+    Both used to leave without them.
+    """
+    config = make_config(
+        tmp_path, broker_url="amqp://guest:guest@127.0.0.1:1/", exchange=exchange_name,
+        sources=[gst_source()], admin={"api_keys": [{"key": WRITE_KEY, "scopes": ["write"]}]},
+    )
+    async with running(config) as service, aiohttp.ClientSession() as session:
+        base = f"http://127.0.0.1:{service.admin_port}"
+        auth = {"Authorization": f"Bearer {WRITE_KEY}"}
+        async with session.post(
+            f"{base}/v1/replays", data=b"x" * (2 * 2**20), headers=auth
+        ) as response:
+            assert response.status == 413
+            assert (await response.json())["error"]["code"] == "PAYLOAD_TOO_LARGE"
+            assert "X-RateLimit-Remaining" in response.headers
+        async with session.delete(f"{base}/v1/sources", headers=auth) as response:
+            assert response.status == 405
+            assert response.headers["Allow"] == "GET,HEAD"
+            assert "X-RateLimit-Remaining" in response.headers

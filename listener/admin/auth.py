@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from listener.config import ApiKeyConfig
-from listener.web import error_response
+from listener.web import error_response, json_errors
 
 __all__ = ["SCOPE_KEY", "ApiAuth", "require"]
 
@@ -123,13 +123,16 @@ class ApiAuth:
             response.headers["WWW-Authenticate"] = 'Bearer realm="listener"'
         elif (missing := request.match_info.http_exception) is not None:
             code = "NOT_FOUND" if missing.status == 404 else "METHOD_NOT_ALLOWED"
-            response = error_response(missing.status, code, missing.reason)
+            allow = {"Allow": missing.headers["Allow"]} if "Allow" in missing.headers else None
+            response = error_response(missing.status, code, missing.reason, allow)
         else:
             route_handler = request.match_info.handler
             scope = getattr(route_handler, SCOPE_KEY, "admin")
             if scope not in key.scopes:
                 response = error_response(403, "FORBIDDEN", f"this key lacks the {scope!r} scope")
             else:
-                response = await handler(request)
+                # An error the handler raises (a 413, a 500) becomes its JSON answer
+                # here, so that it carries the rate headers too.
+                response = await json_errors(request, handler)
         response.headers.update(headers)
         return response
