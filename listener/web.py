@@ -30,6 +30,7 @@ __all__ = [
     "ok",
     "ok_reply",
     "reply_response",
+    "send_continue",
 ]
 
 log = structlog.get_logger("listener.web")
@@ -142,8 +143,10 @@ async def _json_errors(
 class PublicRoutes:
     """
     The public port's request handler for aiohttp's low-level server: POST routes by
-    exact path, 405 (``Allow: POST``) for another method on one, 404 elsewhere, each
-    after :func:`expect_continue`, every error as the contract's JSON body.
+    exact path, 405 (``Allow: POST``) for another method on one, 404 elsewhere, 417 for
+    an expectation other than 100-continue (whose 100 the route sends with
+    :func:`send_continue` when it reads the body), every error as the contract's JSON
+    body.
 
     It does what an ``Application`` with those routes and :func:`json_errors` did,
     without its per-request router match, match-info object, middleware chain and
@@ -168,11 +171,6 @@ class PublicRoutes:
         return await _json_errors(request, self._route)
 
     async def _route(self, request: web.BaseRequest) -> web.StreamResponse:
-        if request.headers.get("Expect"):
-            refused = await expect_continue(request)
-            await request.writer.drain()
-            if refused is not None:
-                return refused
         handler = self._posts.get(request.rel_url.path_safe)
         if handler is None:
             return error_response(404, "NOT_FOUND", "Not Found")
@@ -180,6 +178,11 @@ class PublicRoutes:
             return error_response(
                 405, "METHOD_NOT_ALLOWED", "Method Not Allowed", {"Allow": "POST"}
             )
+        expect = request.headers.get("Expect")
+        if expect and request.version == aiohttp.HttpVersion11 and not _continue_expected(request):
+            return _expectation_failed()
+        # A 100 Continue is the handler's to send (send_continue), once it knows it
+        # will read the body: not for a 404, a 413 or a 503.
         return await handler(request)
 
 
@@ -191,8 +194,23 @@ async def expect_continue(request: web.BaseRequest) -> web.StreamResponse | None
     """
     if request.version != aiohttp.HttpVersion11:
         return None
-    if request.headers.get("Expect", "").lower() == "100-continue":
+    if not _continue_expected(request):
+        return _expectation_failed()
+    await send_continue(request)
+    return None
+
+
+def _continue_expected(request: web.BaseRequest) -> bool:
+    return request.headers.get("Expect", "").lower() == "100-continue"
+
+
+def _expectation_failed() -> web.Response:
+    return error_response(417, "EXPECTATION_FAILED", "only Expect: 100-continue is supported")
+
+
+async def send_continue(request: web.BaseRequest) -> None:
+    """Send ``100 Continue`` if the client waits for one before its body (HTTP/1.1)."""
+    if request.version == aiohttp.HttpVersion11 and _continue_expected(request):
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # the 100 is not part of the response
-        return None
-    return error_response(417, "EXPECTATION_FAILED", "only Expect: 100-continue is supported")
+        await request.writer.drain()

@@ -346,16 +346,47 @@ async def test_expect_100_continue_then_the_body_on_the_public_port(service: Ser
     assert reply.status == 200 and reply.json()["data"]["id"] == event["id"]
 
 
-@pytest.mark.parametrize("path", [PATH, "/elsewhere"])
-async def test_other_expectations_are_417_with_the_json_body(service: Service, path: str) -> None:
-    """Any expectation but 100-continue is 417 with the contract's error body, nothing stored."""
+@pytest.mark.parametrize(("path", "status"), [(PATH, 417), ("/elsewhere", 404)])
+async def test_other_expectations_are_417_with_the_json_body(
+    service: Service, path: str, status: int
+) -> None:
+    """Any expectation but 100-continue is 417 with the contract's error body, nothing
+    stored (on a path that is not a route, the 404 comes first)."""
     assert service.public_port is not None and service.journal is not None
     body = orjson.dumps(gst_event())
     reply = await send(
         service.public_port, request("POST", path, body, {**signed(body), "Expect": "teapot"})
     )
-    assert reply.status == 417 and reply.json()["error"]["code"] == "EXPECTATION_FAILED"
+    assert reply.status == status and reply.json()["success"] is False
     assert service.journal.state()["pending"] == 0
+
+
+@pytest.mark.parametrize(
+    ("path", "length", "status"),
+    [("/elsewhere", 10, 404), (PATH, 10**9, 413)],
+    ids=["unknown-path", "too-large"],
+)
+async def test_no_100_continue_for_a_body_that_will_be_refused(
+    service: Service, path: str, length: int, status: int
+) -> None:
+    """
+    A request that will be refused gets its final answer without an interim 100: the
+    client is not invited to upload a body that is not read. It used to get the 100
+    first, then the 404 or 413.
+    """
+    assert service.public_port is not None
+    head = request(
+        "POST", path, headers={"Expect": "100-continue", "Content-Length": str(length)},
+        length=False,
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", service.public_port)
+    try:
+        writer.write(head)
+        async with asyncio.timeout(5 * UNIT):
+            first = await reader.readuntil(b"\r\n\r\n")
+    finally:
+        writer.close()
+    assert first.startswith(f"HTTP/1.1 {status} ".encode()), first
 
 
 async def test_unexpected_exception_on_the_public_port_is_a_json_500(

@@ -42,6 +42,7 @@ from listener.web import (
     error_response,
     ok_reply,
     reply_response,
+    send_continue,
 )
 
 __all__ = ["WebhookTransport"]
@@ -236,6 +237,7 @@ class WebhookTransport:
         limit = self.http.max_body
         if request.content_length is not None and request.content_length > limit:
             raise _BodyTooLarge
+        await send_continue(request)  # (only now: not before a 404, a 413 or a 503)
         content = request.content
         if content.is_eof():
             # The whole body came with the headers (the common case): nothing to wait for.
