@@ -34,7 +34,7 @@ async def test_v1_requires_key_and_scope(tmp_path: Path, exchange_name: str) -> 
         assert (await get(READ_KEY + "x"))[0] == 401
         status, body, headers = await get(READ_KEY)
         assert status == 200 and body["success"] is True
-        assert body["data"] == [{"name": "gst", "kind": "webhook", "status": "listening", "path": "/webhooks/gst", "events_received": 0, "last_event_at": None}]
+        assert body["data"] == [{"name": "gst", "state": "listening", "kind": "webhook", "status": "listening", "path": "/webhooks/gst", "events_received": 0, "last_event_at": None}]
         assert int(headers["X-RateLimit-Remaining"]) == 4
         status, body, _ = await get(WRITE_KEY)
         assert status == 403 and body["error"]["code"] == "FORBIDDEN"  # type: ignore[index]

@@ -130,7 +130,14 @@ class AdminApp:
 
     @require("read")
     async def _v1_sources(self, _: web.Request) -> web.Response:
-        return ok([{"name": name, **state} for name, state in self._sources().items()])
+        # "state" is the contract's name (CONTRACT §7); "status", the same value, is
+        # what /readyz shows and what earlier releases had here.
+        return ok(
+            [
+                {"name": name, "state": state["status"], **state}
+                for name, state in self._sources().items()
+            ]
+        )
 
     @require("read")
     async def _v1_asyncapi(self, _: web.Request) -> web.Response:

@@ -175,7 +175,17 @@ _SCHEMAS: dict[str, Any] = {
             "finished_at": {"type": ["string", "null"], "format": "date-time"},
         },
     },
-    "Source": {"type": "object", "additionalProperties": True},
+    "Source": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"},
+            "kind": {"enum": ["webhook", "websocket", "poll"]},
+            "state": {"type": "string"},
+            "status": {"type": "string", "description": "The same as state."},
+        },
+        "required": ["name", "kind", "state", "status"],
+        "additionalProperties": True,
+    },
 }
 
 
@@ -228,7 +238,19 @@ def document() -> dict[str, Any]:
                             "schema": {"type": "string"},
                         }
                     ],
-                    "responses": {**_ok(_ref("Source"), status="202"), **_errors(404, 409)},
+                    "responses": {
+                        **_ok(
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "name": {"type": "string"},
+                                    "polling": {"const": True},
+                                },
+                            },
+                            status="202",
+                        ),
+                        **_errors(404, 409),
+                    },
                 }
             },
             "/v1/events": {
