@@ -154,6 +154,14 @@ class PollProvider(Protocol):
         """The requests of one poll of ``resource``; ``aliases`` maps renamed items."""
         ...
 
+    def state_ttl(self, resource: BaseModel) -> float | None:
+        """
+        Seconds after its last change that a record's poll state may be forgotten,
+        because a poll of ``resource`` no longer asks for its key (a day past the
+        lookback); ``None``: never (every poll asks for every key).
+        """
+        ...
+
     def parse(self, request: PollRequest, body: bytes) -> Page | Quarantine:
         """Turn a 2xx body into records, or a verdict (``invalid_json``/``schema_violation``)."""
         ...

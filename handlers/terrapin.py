@@ -210,6 +210,10 @@ class Terrapin:
         plural = "" if len(isins) == 1 else "s"
         return f"bond_reference:{len(isins)} isin{plural} from {isins[0]}"
 
+    def state_ttl(self, resource: BaseModel) -> float | None:
+        """``None``: every poll asks for every configured ISIN."""
+        return None
+
     def plan(
         self, resource: BaseModel, *, aliases: Mapping[str, str], today: date
     ) -> list[PollRequest]:

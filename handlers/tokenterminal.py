@@ -282,6 +282,13 @@ class TokenTerminal:
         """``project_metrics:aave,uniswap``."""
         return f"project_metrics:{','.join(_resource(resource).projects)}"
 
+    def state_ttl(self, resource: BaseModel) -> float | None:
+        """
+        ``lookback`` and two days: a row is first seen on or after its day, and its day
+        leaves what a poll asks for ``lookback`` days later (one more for time zones).
+        """
+        return (_resource(resource).lookback + 2) * 86400.0
+
     def plan(
         self, resource: BaseModel, *, aliases: Mapping[str, str], today: date
     ) -> list[PollRequest]:

@@ -5,6 +5,7 @@ Terrapin simulators and a real broker.
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -17,6 +18,8 @@ import pytest
 
 from listener.dev.simulators.terrapin import TerrapinSimulator, generate_isins
 from listener.dev.simulators.tokenterminal import TokenTerminalSimulator
+from listener.journal import Journal
+from listener.journal.writes import PollWrite
 from listener.sources.poll import PollSource
 from listener.sources.poll_budget import PAUSE_CAP, Budget
 from tests.conftest import make_config, running, tap, wait_for
@@ -296,3 +299,31 @@ def test_a_429_pauses_as_asked_up_to_the_cap(asked: str, low: float) -> None:
     budget = Budget(10, 60.0)
     budget.observe(429, {"Retry-After": asked})
     assert low - 0.1 <= budget.paused_for <= low * 1.1
+
+
+async def test_state_no_poll_asks_for_any_more_is_forgotten(
+    tmp_path: Path, broker_url: str, exchange_name: str
+) -> None:
+    """
+    Token Terminal rows are keyed by day: a day past the lookback is asked for no more,
+    and its state is forgotten after a poll (lookback + 2 days after its last change).
+    The state used to grow every day, and with it each cluster checkpoint.
+    """
+    old = "aave|2020-01-01|ethereum"
+    async with TokenTerminalSimulator(projects=["aave"], chains=["ethereum"], null_share=0) as sim:
+        config = make_config(
+            tmp_path, broker_url=broker_url, exchange=exchange_name, sources=[tt_source(sim.url)]
+        )
+        async with Journal(config=config.journal) as journal:  # what an earlier run left
+            write = PollWrite("tt", states=[(old, "h", b"{}")])
+            await journal.append([], poll=write)
+        with sqlite3.connect(config.journal.path) as conn:  # last changed 5 days ago
+            conn.execute("UPDATE poll_state SET updated_at = ?", (time.time() - 5 * 86400,))
+        async with tap(broker_url, exchange_name) as t, running(config) as service:
+            await t.wait_count(4)  # 3 days of lookback + today
+            await poll_once(service, "tt")
+            assert service.journal is not None
+            kept = await service.journal.poll_states("tt", [old])
+            current = await service.journal.query("SELECT count(*) FROM poll_state")
+        assert kept == {}
+        assert current == [(4,)]

@@ -92,6 +92,9 @@ class PollWrite:
     states: Sequence[tuple[str, str, bytes]] = ()  # (key, hash, content)
     aliases: Sequence[tuple[str, str]] = ()  # (configured item, current id)
     primed: str | None = None  # a resource polled successfully for the first time
+    #: Forget the state of keys last changed before this (Unix time): no poll asks
+    #: for them any more (PollProvider.state_ttl).
+    forget_before: float | None = None
 
 
 @dataclass(slots=True)
@@ -307,6 +310,11 @@ def _apply(
                     "INSERT INTO poll_resources (source, resource, primed_at) VALUES (?, ?, ?)"
                     " ON CONFLICT (source, resource) DO NOTHING",
                     (source, op.poll.primed, now),
+                )
+            if op.poll.forget_before is not None:
+                cur.execute(
+                    "DELETE FROM poll_state WHERE source = ? AND updated_at < ?",
+                    (source, op.poll.forget_before),
                 )
         return flags, sum(flags), 0
     if isinstance(op, Mark):

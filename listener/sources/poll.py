@@ -206,10 +206,20 @@ class PollSource:
         today = utc_now().date()
         for request in self.provider.plan(resource.model, aliases=aliases, today=today):
             await self._request(resource, request)
-        if not resource.primed:
-            # The first whole poll is done: from now on, first sight is a change.
-            await self.journal.append([], poll=PollWrite(self.name, primed=resource.label))
+        # The first whole poll is done: from now on, first sight is a change. And what
+        # no poll asks for any more is forgotten (the state would grow every day).
+        ttl = self._state_ttl()
+        forget = None if ttl is None else time.time() - ttl
+        if not resource.primed or forget is not None:
+            primed = None if resource.primed else resource.label
+            write = PollWrite(self.name, primed=primed, forget_before=forget)
+            await self.journal.append([], poll=write)
         resource.succeeded()
+
+    def _state_ttl(self) -> float | None:
+        """The longest of the resources' state TTLs; ``None`` if one keeps its state."""
+        ttls = [self.provider.state_ttl(r.model) for r in self.resources]
+        return None if None in ttls else max(t for t in ttls if t is not None)
 
     async def _request(self, resource: Resource, request: PollRequest) -> None:
         """One planned request, through redirects and rejections, to its committed answer."""

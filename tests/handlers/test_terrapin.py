@@ -415,3 +415,8 @@ def test_records_keep_extra_reference_fields() -> None:
     )
     assert rec.data["schedule"] == [{"date": "2026-02-15", "rate": "2.0625"}]
     assert isinstance(rec, Record)
+
+
+def test_state_is_kept_for_good() -> None:
+    """Every poll asks for every ISIN: no record's state is ever forgotten."""
+    assert PROVIDER.state_ttl(model()) is None

@@ -470,3 +470,9 @@ def test_a_400_names_no_item() -> None:
     """Token Terminal's 400 is about the whole request: reject gives None."""
     body = b'{"message": "Invalid start date", "code": "BAD_REQUEST"}'
     assert PROVIDER.reject(AAVE, 400, body) is None
+
+
+def test_state_is_kept_two_days_past_the_lookback() -> None:
+    """A row's day leaves the polled range `lookback` days on; one more for time zones."""
+    assert PROVIDER.state_ttl(model(lookback="7d")) == 9 * 86400
+    assert PROVIDER.state_ttl(model(lookback="1d")) == 3 * 86400
