@@ -45,9 +45,10 @@ from typing import Any, Literal, cast
 
 import structlog
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from listener.web import FastRoute, PublicRoutes, Reply, error_reply
+from listener.web import FastRoute, PublicRoutes, Reply, error_reply, error_response
 
 __all__ = ["FastServer"]
 
@@ -95,7 +96,7 @@ class FastServer(web.Server):
 
     def aiohttp_handler(self) -> asyncio.Protocol:
         """A connection handler of aiohttp's own (what the fast path hands over to)."""
-        return super().__call__()
+        return _JsonErrors(self, loop=self._loop, **self._kwargs)
 
     def date(self) -> bytes:
         """The ``Date`` header's value, formatted once a second."""
@@ -125,6 +126,27 @@ class FastServer(web.Server):
         for conn in list(self.fast):
             conn.close()
         await super().shutdown(timeout)
+
+
+class _JsonErrors(RequestHandler):
+    """
+    aiohttp's connection handler, whose own answers (to a request it could not parse:
+    a bad request line, a header over its limits) are the contract's JSON error body
+    too. aiohttp's are text, and echo the request's bytes back.
+    """
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        super().handle_error(request, status, exc, message)  # (logs; raises once answering)
+        code = "INTERNAL" if status >= 500 else "BAD_REQUEST"
+        response = error_response(status, code, _REASONS.get(status, "Error"))
+        response.force_close()  # as aiohttp's: the rest of the connection is unreadable
+        return response
 
 
 class _Connection(asyncio.Protocol):

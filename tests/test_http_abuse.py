@@ -717,3 +717,29 @@ async def test_a_header_block_that_fails_late_is_judged_in_one_pass(
         assert re.match(rb"HTTP/1\.[01] 4\d\d ", status), status  # (aiohttp: 400 or 401)
     finally:
         await daemon.stop()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"GET /\x01secret-probe HTTP/1.1\r\nHost: x\r\n\r\n",  # a byte no request line has
+        b"POST /webhooks/gst HTTP/1.1\r\nHost: x\r\nX-Long: " + b"s" * 9000 + b"\r\n\r\n",
+        b"POST /webhooks/gst HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+    ],
+    ids=["bad-request-line", "header-over-8190-bytes", "bad-content-length"],
+)
+async def test_a_request_aiohttp_cannot_parse_gets_the_json_400(
+    service: Service, data: bytes
+) -> None:
+    """
+    What aiohttp's parser refuses is answered with the contract's JSON error body, and
+    nothing of the request is echoed back (aiohttp's own answer was text, quoting it).
+    """
+    assert service.public_port is not None
+    reply = await send(service.public_port, data)
+    assert reply.status == 400
+    assert reply.headers["content-type"].startswith("application/json")
+    assert reply.json() == {
+        "success": False,
+        "error": {"code": "BAD_REQUEST", "message": "Bad Request"},
+    }
