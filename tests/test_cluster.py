@@ -34,7 +34,7 @@ from listener.exceptions import BrokerUnreachable, ConfigError
 from listener.service import Service
 from tests.conftest import UNIT, config_data, running, tap, wait_for
 from tests.faults import proxy
-from tests.test_poll import poll_once, tt_source
+from tests.test_poll import poll_once, poll_source, tt_source
 from tests.test_streams import expected_ids, lx_source
 
 pytestmark = pytest.mark.usefixtures("cleanup_topology")
@@ -378,7 +378,12 @@ async def test_a_poll_source_is_a_unit_handed_over_with_its_state(
                 polled = len(sim.ledger)
                 a.stop()
                 await wait_for(lambda: b.coordinator.held() != [], timeout=5, what="taken over")
-                await wait_for(lambda: len(sim.ledger) > polled, timeout=10, what="b polls")
+                # a polled moments ago: b's first poll is due an interval (1 h) after
+                # a's start, not at once (CONTRACT §9: interval between two starts).
+                await wait_for(lambda: poll_source(b, "tt").status == "polling", what="b runs")
+                await asyncio.sleep(0.5)
+                assert len(sim.ledger) == polled
+                assert poll_source(b, "tt").resources[0].next_poll - time.time() > 3000
                 await poll_once(b, "tt")
                 assert len(t.messages) == 4  # b knew what a had seen
                 past = (datetime.now(UTC).date() - timedelta(days=1)).isoformat()

@@ -32,7 +32,7 @@ from listener.journal.upkeep import (
     PRUNE_SLOW,
     PRUNE_SPREAD,
 )
-from listener.journal.writes import Append, commit
+from listener.journal.writes import Append, PollWrite, commit
 from listener.metrics import Metrics
 
 
@@ -793,3 +793,23 @@ def test_rows_read_back_share_their_source_and_routing_key() -> None:
     assert first.source is second.source is third.source
     assert first.routing_key is third.routing_key and first.routing_key != second.routing_key
     assert (first.source, first.routing_key) == ("gst-hooks", "gst.user.1")
+
+
+async def test_a_file_from_before_polled_at_opens_and_keeps_its_primed_resources(
+    tmp_path: Path,
+) -> None:
+    """poll_resources gained polled_at: an older file gets the column, its rows stay."""
+    path = tmp_path / "j.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.executescript(
+        "CREATE TABLE poll_resources (source TEXT NOT NULL, resource TEXT NOT NULL,"
+        " primed_at REAL NOT NULL, PRIMARY KEY (source, resource)) WITHOUT ROWID;"
+        "INSERT INTO poll_resources VALUES ('tt', 'project_metrics:aave', 1.0);"
+    )
+    conn.close()
+    async with Journal(config=config(tmp_path)) as journal:
+        assert await journal.poll_primed("tt") == {"project_metrics:aave": None}
+        write = PollWrite("tt", polled=("project_metrics:aave", 123.0))
+        await journal.append([], poll=write)
+        assert await journal.poll_primed("tt") == {"project_metrics:aave": 123.0}

@@ -5,6 +5,7 @@ Terrapin simulators and a real broker.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
 from datetime import UTC, datetime, timedelta
@@ -327,3 +328,32 @@ async def test_state_no_poll_asks_for_any_more_is_forgotten(
             current = await service.journal.query("SELECT count(*) FROM poll_state")
         assert kept == {}
         assert current == [(4,)]
+
+
+async def test_a_restart_keeps_the_interval_between_two_polls(
+    tmp_path: Path, broker_url: str, exchange_name: str
+) -> None:
+    """
+    `interval` runs between the starts of two polls of a resource, across a restart:
+    the restarted daemon polls an hour after the last poll's start, not at once (every
+    restart, deploy or failover used to poll everything again, with an empty budget).
+    """
+    async with TokenTerminalSimulator(projects=["aave"], chains=["ethereum"], null_share=0) as sim:
+        config = make_config(
+            tmp_path, broker_url=broker_url, exchange=exchange_name, sources=[tt_source(sim.url)]
+        )
+        async with running(config) as service:
+            source = poll_source(service, "tt")
+            await wait_for(lambda: source.resources[0].state == "ok", what="the first poll")
+            first = source.resources[0].last_poll
+        asked = len(sim.ledger)
+        async with running(config) as service:
+            source = poll_source(service, "tt")
+            await wait_for(lambda: source.status == "polling", what="running")
+            await asyncio.sleep(0.5)
+            assert len(sim.ledger) == asked  # nothing asked at the start
+            resource = source.resources[0]
+            assert first is not None and resource.last_poll == pytest.approx(first)
+            assert 0.9 * 3600 <= resource.next_poll - first <= 1.1 * 3600
+            await poll_once(service, "tt")  # and a poll now is still a poll now
+            assert len(sim.ledger) > asked

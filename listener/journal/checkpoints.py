@@ -74,7 +74,8 @@ def _read_checkpoint(conn: sqlite3.Connection, source: str, key: str | None) -> 
                     (source,),
                 ).fetchall(),
                 "primed": conn.execute(
-                    "SELECT resource, primed_at FROM poll_resources WHERE source = ?", (source,)
+                    "SELECT resource, primed_at, polled_at FROM poll_resources WHERE source = ?",
+                    (source,),
                 ).fetchall(),
             }
     finally:
@@ -93,7 +94,8 @@ def _version(conn: sqlite3.Connection, source: str, key: str | None) -> tuple[An
             "SELECT (SELECT max(updated_at) FROM poll_state WHERE source = ?1),"
             " (SELECT count(*) FROM poll_state WHERE source = ?1),"
             " (SELECT max(updated_at) FROM poll_aliases WHERE source = ?1),"
-            " (SELECT count(*) FROM poll_resources WHERE source = ?1)",
+            " (SELECT count(*) FROM poll_resources WHERE source = ?1),"
+            " (SELECT max(polled_at) FROM poll_resources WHERE source = ?1)",
             (source,),
         ).fetchone()
     )
@@ -150,11 +152,15 @@ def _merge(conn: sqlite3.Connection, source: str, key: str | None, state: Mappin
                     (source, item, current, float(at)),
                 )
                 changed += cur.rowcount
-            for resource, at in state.get("primed", ()):
+            for resource, at, *polled in state.get("primed", ()):
+                # (a checkpoint of an earlier release has no polled_at)
+                polled_at = float(polled[0]) if polled and polled[0] is not None else None
                 cur.execute(
-                    "INSERT INTO poll_resources (source, resource, primed_at) VALUES (?, ?, ?)"
-                    " ON CONFLICT (source, resource) DO NOTHING",
-                    (source, resource, float(at)),
+                    "INSERT INTO poll_resources (source, resource, primed_at, polled_at)"
+                    " VALUES (?, ?, ?, ?) ON CONFLICT (source, resource) DO UPDATE SET"
+                    " polled_at = excluded.polled_at WHERE excluded.polled_at >"
+                    " coalesce(poll_resources.polled_at, 0)",
+                    (source, resource, float(at), polled_at),
                 )
                 changed += cur.rowcount
         cur.execute("COMMIT")

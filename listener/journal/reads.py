@@ -116,12 +116,15 @@ class Reads:
         )
         return {str(item): str(current) for item, current in rows}
 
-    async def poll_primed(self, source: str) -> set[str]:
-        """The resources of a poll source polled successfully at least once."""
+    async def poll_primed(self, source: str) -> dict[str, float | None]:
+        """
+        The resources of a poll source polled successfully at least once, each with the
+        start of its last such poll (``None``: written before that was kept).
+        """
         rows = await self._on(
             self._read_thread,
             self._read,
-            "SELECT resource FROM poll_resources WHERE source = ?",
+            "SELECT resource, polled_at FROM poll_resources WHERE source = ?",
             (source,),
         )
-        return {str(r) for (r,) in rows}
+        return {str(r): (None if at is None else float(at)) for r, at in rows}

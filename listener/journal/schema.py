@@ -186,6 +186,11 @@ def migrate(conn: sqlite3.Connection) -> None:
     for name, declaration in _ADDED_COLUMNS:
         if name not in present:
             conn.execute(f"ALTER TABLE events ADD COLUMN {name} {declaration}")
+    polled = {row[1] for row in conn.execute("PRAGMA table_info(poll_resources)")}
+    if "polled_at" not in polled:
+        # The start of the resource's last whole successful poll: the next waits for
+        # its interval after that, across restarts and hand-overs too.
+        conn.execute("ALTER TABLE poll_resources ADD COLUMN polled_at REAL")
     for statement in _ADDED_INDEXES:
         conn.execute(statement)
 

@@ -74,6 +74,10 @@ _POLL_STATE = (
     " ON CONFLICT (source, key) DO UPDATE SET hash = excluded.hash,"
     " content = excluded.content, updated_at = excluded.updated_at"
 )
+_POLLED = (
+    "INSERT INTO poll_resources (source, resource, polled_at, primed_at) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT (source, resource) DO UPDATE SET polled_at = excluded.polled_at"
+)
 _POLL_ALIAS = (
     "INSERT INTO poll_aliases (source, item, current, updated_at) VALUES (?, ?, ?, ?)"
     " ON CONFLICT (source, item) DO UPDATE SET current = excluded.current,"
@@ -91,7 +95,10 @@ class PollWrite:
     source: str
     states: Sequence[tuple[str, str, bytes]] = ()  # (key, hash, content)
     aliases: Sequence[tuple[str, str]] = ()  # (configured item, current id)
-    primed: str | None = None  # a resource polled successfully for the first time
+    #: (resource label, when it started) of a whole successful poll: the resource is
+    #: primed (first sight is a change from now on), and its next poll is due an
+    #: interval after that start, also after a restart.
+    polled: tuple[str, float] | None = None
     #: Forget the state of keys last changed before this (Unix time): no poll asks
     #: for them any more (PollProvider.state_ttl).
     forget_before: float | None = None
@@ -305,12 +312,8 @@ def _apply(
                 _POLL_STATE, ((source, k, h, content, now) for k, h, content in op.poll.states)
             )
             cur.executemany(_POLL_ALIAS, ((source, i, c, now) for i, c in op.poll.aliases))
-            if op.poll.primed is not None:
-                cur.execute(
-                    "INSERT INTO poll_resources (source, resource, primed_at) VALUES (?, ?, ?)"
-                    " ON CONFLICT (source, resource) DO NOTHING",
-                    (source, op.poll.primed, now),
-                )
+            if op.poll.polled is not None:
+                cur.execute(_POLLED, (source, *op.poll.polled, now))
             if op.poll.forget_before is not None:
                 cur.execute(
                     "DELETE FROM poll_state WHERE source = ? AND updated_at < ?",

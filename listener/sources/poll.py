@@ -141,9 +141,13 @@ class PollSource:
         """Poll every resource on its schedule until cancelled."""
         cfg = self.config
         timeout = aiohttp.ClientTimeout(total=cfg.request_timeout)
-        primed = await self.journal.poll_primed(self.name)
+        polled = await self.journal.poll_primed(self.name)
         for resource in self.resources:
-            resource.primed = resource.label in primed
+            resource.primed = resource.label in polled
+            resource.last_poll = polled.get(resource.label)
+        if known := [at for at in polled.values() if at is not None]:
+            # (the start of the last whole poll: a success's time within its duration)
+            self.metrics.poll_last_success.labels(self.name).set(max(known))
         async with aiohttp.ClientSession(
             base_url=cfg.url.rstrip("/") + "/", timeout=timeout
         ) as session:
@@ -164,6 +168,9 @@ class PollSource:
         # Spread the first polls a little, so resources do not all start at once.
         first = min(interval * 0.1, 2.0) * index / max(len(self.resources), 1)
         resource.next_poll = time.time() + first
+        if resource.last_poll is not None:  # by an earlier run, or the replica before
+            jitter = random.uniform(0.9, 1.1)  # noqa: S311 - jitter, not security
+            resource.next_poll = max(resource.next_poll, resource.last_poll + interval * jitter)
         errors = backoff(ERROR_BACKOFF, interval)
         while True:
             await resource.sleep_until_due()
@@ -201,19 +208,18 @@ class PollSource:
             resource.next_poll = max(started + delay, time.time())
 
     async def _poll(self, resource: Resource) -> None:
-        resource.last_poll = time.time()
+        resource.last_poll = started = time.time()
         aliases = await self.journal.poll_aliases(self.name)
         today = utc_now().date()
         for request in self.provider.plan(resource.model, aliases=aliases, today=today):
             await self._request(resource, request)
-        # The first whole poll is done: from now on, first sight is a change. And what
-        # no poll asks for any more is forgotten (the state would grow every day).
+        # A whole poll is done: from now on first sight is a change, and the next is
+        # due an interval after this one's start, after a restart too. What no poll
+        # asks for any more is forgotten (the state would grow every day).
         ttl = self._state_ttl()
         forget = None if ttl is None else time.time() - ttl
-        if not resource.primed or forget is not None:
-            primed = None if resource.primed else resource.label
-            write = PollWrite(self.name, primed=primed, forget_before=forget)
-            await self.journal.append([], poll=write)
+        write = PollWrite(self.name, polled=(resource.label, started), forget_before=forget)
+        await self.journal.append([], poll=write)
         resource.succeeded()
 
     def _state_ttl(self) -> float | None:
