@@ -214,11 +214,12 @@ async def test_quarantine_cli_lists_redrives_and_purges(
 
         code, out, err = await run_cli("quarantine", "redrive", *cfg, "--id", q_ids[2])
         assert code == 0, err
-        assert out.splitlines()[0].startswith(f"quarantined\t{q_ids[2]}\tgst\tschema_violation\t")
-        assert (
-            out.splitlines()[-1]
-            == "redriven 0, already journaled 0, still quarantined 1, skipped 0"
-        )
+        # Not a terminal: one summary line (CONTRACT §2), no line per payload.
+        assert out.splitlines() == [
+            "redriven 0, already journaled 0, still quarantined 1, skipped 0"
+        ]
+        code, out, _ = await run_cli("quarantine", "list", *cfg, "--reason", "schema_violation")
+        assert code == 0 and out.splitlines()[0].startswith(f"{q_ids[2]}\tgst\tschema_violation")
         code, _, err = await run_cli("quarantine", "redrive", *cfg, "--id", "q_nope")
         assert code == 2 and "--id" in err and "q_nope" in err
 

@@ -115,14 +115,15 @@ def redrive_command(*, config_file: Path | None, ids: tuple[str, ...]) -> None:
             return await redrive(config, journal, ids)
 
     report = _run(main)
-    for row, entry in report.redriven:
-        click.echo(f"redriven\t{row.id}\t{row.source}\t{entry.event_id}\t{entry.routing_key}")
-    for row, verdict in report.failing:
-        click.echo(f"quarantined\t{row.id}\t{row.source}\t{verdict.reason}\t{verdict.detail}")
-    for row, why in report.skipped:
-        click.echo(f"skipped\t{row.id}\t{row.source}\t{why}")
-    for row, entry in report.unroutable:
-        click.echo(f"unroutable\t{row.id}\t{row.source}\t{entry.routing_key}")
+    if Console().is_terminal:  # a line per payload; else one summary line (CONTRACT §2)
+        for row, entry in report.redriven:
+            click.echo(f"redriven\t{row.id}\t{row.source}\t{entry.event_id}\t{entry.routing_key}")
+        for row, verdict in report.failing:
+            click.echo(f"quarantined\t{row.id}\t{row.source}\t{verdict.reason}\t{verdict.detail}")
+        for row, why in report.skipped:
+            click.echo(f"skipped\t{row.id}\t{row.source}\t{why}")
+        for row, entry in report.unroutable:
+            click.echo(f"unroutable\t{row.id}\t{row.source}\t{entry.routing_key}")
     click.echo(report.summary())
 
 
