@@ -223,8 +223,8 @@ def _quarantine(
                 "x-quarantine-reason": {
                     "type": "string",
                     "description": "A short code: invalid_json, schema_violation, too_deep, "
-                    "unknown_type, unknown_channel, environment_mismatch, frame_too_large, "
-                    "unrepresentable, rejected...",
+                    "unrepresentable, environment_mismatch, unknown_type, unknown_channel, "
+                    "unknown_subscription, frame_too_large, invalid_params.",
                 },
                 "x-quarantine-detail": {
                     "type": "string",
@@ -307,7 +307,7 @@ def build_document(config: Config) -> dict[str, Any]:
             "title": topology.archive_queue,
             "description": "A RabbitMQ stream bound '#' to the events exchange: every event "
             f"above, kept {config.broker.archive.max_age:g} s (x-max-age). Read it with "
-            "x-stream-offset; `listener replay --from-archive` re-publishes from it.",
+            "x-stream-offset; `listener replay --from archive` re-publishes from it.",
             "messages": {
                 cid: {"$ref": f"#/components/messages/{cid}"}
                 for cid in channels
