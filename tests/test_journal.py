@@ -20,7 +20,9 @@ from listener.config import JournalConfig
 from listener.envelope import Entry
 from listener.exceptions import JournalCorrupt, JournalError, JournalFull, JournalLocked
 from listener.journal import Cursor, Journal, inline
+from listener.journal.file import JournalFile
 from listener.journal.inline import InlineCommits
+from listener.journal.queries import purge_quarantine
 from listener.journal.retention import retention_bound
 from listener.journal.schema import connect, migrate
 from listener.journal.upkeep import (
@@ -813,3 +815,21 @@ async def test_a_file_from_before_polled_at_opens_and_keeps_its_primed_resources
         write = PollWrite("tt", polled=("project_metrics:aave", 123.0))
         await journal.append([], poll=write)
         assert await journal.poll_primed("tt") == {"project_metrics:aave": 123.0}
+
+
+async def test_purge_keeps_quarantine_rows_not_yet_sent(tmp_path: Path) -> None:
+    """
+    `quarantine purge` deletes what was sent to the quarantine exchange (or redriven),
+    never a row still owed: pending, or deferred (the broker returned it). Deferred ones
+    used to go too.
+    """
+    rows = [entry(i, kind="quarantine") for i in range(4)]
+    async with Journal(config=config(tmp_path)) as journal:
+        await journal.append(rows)
+    with sqlite3.connect(tmp_path / "j.db") as conn:  # pending, published, redriven, deferred
+        for i, status in enumerate((0, 1, 2, 3)):
+            conn.execute("UPDATE events SET status = ? WHERE event_id = ?", (status, f"evt_{i}"))
+    async with JournalFile(tmp_path / "j.db", writable=True) as file:
+        assert await purge_quarantine(file, before=time.time() + 60) == 2
+        left = await file.query("SELECT event_id, status FROM events ORDER BY seq")
+    assert left == [("evt_0", 0), ("evt_3", 3)]

@@ -429,3 +429,29 @@ async def test_cli_bad_arguments_exit_2_naming_the_argument(
     both = await run_cli(*base, "--since", "1h", "--to-queue", "q", "--to-exchange", "x")
     neither = await run_cli(*base, "--since", "1h")
     assert both[0] == neither[0] == 2 and "--to-queue" in both[2] and "--to-queue" in neither[2]
+
+
+async def test_replay_into_an_exclusive_queue_of_another_connection(
+    setup: tuple[Config, Path], broker_url: str, exchange_name: str
+) -> None:
+    """
+    A consumer's exclusive queue is locked to its connection for declares, not for
+    publishes: the replay goes in. Its check used to fail with RESOURCE_LOCKED (a
+    traceback, exit 1; a 500 on the admin API).
+    """
+    config, path = setup
+    async with running(config) as service:
+        await ingest(service, [event_at(i) for i in range(5)])
+        consumer = await aio_pika.connect(broker_url)
+        try:
+            channel = await consumer.channel()
+            queue = await channel.declare_queue(f"{exchange_name}.exclusive", exclusive=True)
+            code, out, err = await run_cli(
+                "replay", "--config", str(path), "--since", "2h", "--to-queue", queue.name
+            )
+            assert code == 0, err
+            assert out.startswith("replayed 5 of 5 events"), out
+            declared = await channel.declare_queue(queue.name, passive=True)
+            assert declared.declaration_result.message_count == 5
+        finally:
+            await consumer.close()

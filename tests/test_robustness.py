@@ -355,3 +355,35 @@ async def test_an_exchange_deleted_while_running_is_declared_again(
             await connection.close()
         async with tap(broker_url, exchange_name) as t:
             await t.wait_ids({"evt_after"}, timeout=30)
+
+
+async def test_rows_another_process_adds_never_make_the_pending_count_negative(
+    tmp_path: Path, broker_url: str, exchange_name: str
+) -> None:
+    """
+    A `quarantine redrive` journals rows as pending from its own process (the daemon
+    does not count them) and the daemon publishes them: marking them used to take
+    the daemon's pending count below zero (-3 on /readyz, and a shutdown that waited
+    its whole timeout for a count that could not reach 0). It is counted again.
+    """
+    config = make_config(
+        tmp_path, broker_url=broker_url, exchange=exchange_name, sources=[gst_source()]
+    )
+    now = time.time()
+    entries = [
+        event_entry(
+            source="gst", provider="getstoken",
+            event=Event(id=f"evt_other_{i}", type="getstoken.badge.issued", time=None, data=BADGE),
+            received_at=now,
+        )
+        for i in range(3)
+    ]
+    async with tap(broker_url, exchange_name) as t, running(config) as service:
+        journal = service.journal
+        assert journal is not None
+        async with Journal(config=config.journal, lock=False) as other:  # another process's
+            await other.append(entries)
+        await t.wait_ids({e.event_id for e in entries}, timeout=20)
+        await wait_for(lambda: journal.pending_count == 0, what="pending 0")
+        await asyncio.sleep(0.3)
+        assert journal.pending_count == 0

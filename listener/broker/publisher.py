@@ -156,7 +156,9 @@ class Publisher:
         while True:
             await self._journal.settled()  # an append still queued is not pending yet
             if self._journal.pending_count == 0:
-                return
+                await self._journal.recount()  # (rows a redrive added count too)
+                if self._journal.pending_count == 0:
+                    return
             self._drained.clear()
             await self._drained.wait()
 
@@ -270,9 +272,7 @@ class Publisher:
                 self._channel = await confirm_channel(
                     self._connection, self._config.publish_timeout
                 )
-                # Why it closed may be a missing exchange (a 404: deleted while we ran):
-                # declare the topology again, or every publish fails the same way.
-                self._declared_on = None
+                self._declared_on = None  # (a 404 closes it: the exchange may be gone)
             underlay = self._channel
             if not await self._declare(underlay):
                 await asyncio.sleep(CONFLICT_RETRY)
@@ -304,9 +304,7 @@ class Publisher:
         taken = Backlog(self._journal)  # (the journal keeps the handoff until closed)
         try:
             await self._publish_until_failure(window, taken)
-        except JournalError as exc:
-            # Reading the journal failed (an I/O error): the next session reads again
-            # after the backoff (raised on, it would end the service).
+        except JournalError as exc:  # a read failed: the next session reads again
             self._record_failure("journal", exc)
         finally:
             taken.close()

@@ -398,7 +398,7 @@ def journal_outcomes(path: Path) -> dict[tuple[str, str], tuple[str, int]]:
 
 _PURGE = (
     "DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE kind = 'quarantine'"
-    " AND status != 0 AND received_at < ? ORDER BY seq LIMIT ?)"
+    " AND status IN (1, 2) AND received_at < ? ORDER BY seq LIMIT ?)"
 )
 
 

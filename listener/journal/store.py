@@ -409,6 +409,11 @@ class Journal(Upkeep):
         self._stats.pending += committed.pending
         self._stats.deferred += committed.deferred
         self._stats.commits += 1
+        if self._stats.pending < 0 or self._stats.deferred < 0:
+            # Marked rows this daemon did not count (a redrive's, added by another
+            # process since the last recount): count them all again, now.
+            with contextlib.suppress(sqlite3.Error):
+                self._stats.pending, self._stats.deferred = count_open(conn)
         now = time.monotonic()
         if now - self._stats.size_checked > 1.0:
             self._stats.size_checked = now

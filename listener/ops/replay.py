@@ -220,6 +220,10 @@ class Replay:
                     await channel.declare_queue(name, passive=True)
                 else:
                     await channel.declare_exchange(name, passive=True)
+            except aiormq.exceptions.ChannelLockedResource:
+                # An exclusive queue of another connection: it exists, and any
+                # connection may publish into it.
+                pass
             except aiormq.exceptions.ChannelNotFoundEntity:
                 hint = " (does the daemon run with broker.archive.enabled?)"
                 raise ReplayArgumentError(
