@@ -21,7 +21,7 @@ from websockets.asyncio.server import ServerConnection, serve
 
 from handlers import Event
 from listener.dev.simulators.layerx402 import Layerx402Simulator
-from listener.envelope import event_entry
+from listener.envelope import Entry, event_entry
 from listener.journal import Journal
 from listener.sources.supervisor import supervised
 from tests.conftest import make_config, running, tap, wait_for
@@ -34,6 +34,19 @@ pytestmark = pytest.mark.usefixtures("cleanup_topology")
 
 TRADE = {"channel": "trades", "params": {"mint": MINT}}
 BADGE = {"badge_id": "b_1", "user_id": "u_1", "badge_type": "gold"}
+
+
+def badges(prefix: str, count: int) -> list[Entry]:
+    """``count`` journal entries of Get Smart Token badges, ids ``<prefix><i>``."""
+    now = time.time()
+    return [
+        event_entry(
+            source="gst", provider="getstoken",
+            event=Event(id=f"{prefix}{i}", type="getstoken.badge.issued", time=None, data=BADGE),
+            received_at=now,
+        )
+        for i in range(count)
+    ]
 
 
 def nested(depth: int) -> bytes:
@@ -279,15 +292,7 @@ async def test_a_journal_read_that_fails_ends_a_publish_session_not_the_service(
         tmp_path, broker_url=broker_url, exchange=exchange_name, sources=[gst_source()],
         broker={"retry_initial": "100ms"},
     )
-    now = time.time()
-    entries = [
-        event_entry(
-            source="gst", provider="getstoken",
-            event=Event(id=f"evt_io_{i}", type="getstoken.badge.issued", time=None, data=BADGE),
-            received_at=now,
-        )
-        for i in range(20)
-    ]
+    entries = badges("evt_io_", 20)
     async with Journal(config=config.journal) as journal:
         await journal.append(entries)
     read = Journal._read
@@ -369,15 +374,7 @@ async def test_rows_another_process_adds_never_make_the_pending_count_negative(
     config = make_config(
         tmp_path, broker_url=broker_url, exchange=exchange_name, sources=[gst_source()]
     )
-    now = time.time()
-    entries = [
-        event_entry(
-            source="gst", provider="getstoken",
-            event=Event(id=f"evt_other_{i}", type="getstoken.badge.issued", time=None, data=BADGE),
-            received_at=now,
-        )
-        for i in range(3)
-    ]
+    entries = badges("evt_other_", 3)
     async with tap(broker_url, exchange_name) as t, running(config) as service:
         journal = service.journal
         assert journal is not None
