@@ -349,12 +349,22 @@ class Service:
             began = time.monotonic()
             try:
                 deleted = await journal.prune()
+                forgotten, early = await journal.make_room()
                 await journal.recount()
             except Exception as exc:  # counted by the log; retention retries next round
                 log.warning("journal_prune_failed", error=str(exc))
             else:
                 if deleted:
                     log.info("journal_pruned", deleted=deleted)
+                if forgotten or early:
+                    log.warning(
+                        "journal_room_made",
+                        ids_forgotten=forgotten,
+                        events_pruned=early,
+                        note="the journal neared journal.max_size: dedupe ids and published"
+                        " events inside retention went early, oldest first; raise max_size"
+                        " or lower retention / dedupe_window",
+                    )
             self._refresh_metrics()
             if trimmed := await memory.maybe_trim():  # (after a drain, a replay)
                 before, after = trimmed

@@ -833,3 +833,48 @@ async def test_purge_keeps_quarantine_rows_not_yet_sent(tmp_path: Path) -> None:
         assert await purge_quarantine(file, before=time.time() + 60) == 2
         left = await file.query("SELECT event_id, status FROM events ORDER BY seq")
     assert left == [("evt_0", 0), ("evt_3", 3)]
+
+
+async def test_near_max_size_dedupe_ids_then_published_events_make_room(tmp_path: Path) -> None:
+    """
+    Past 90% of max_size, make_room frees pages down to 80%: first the ids kept for
+    dedupe_window (oldest first), then published events still inside retention (oldest
+    first), never a pending row. Tombstones alone (30 days of them at defaults) used
+    to fill the journal and refuse all intake with nothing pending.
+    """
+    big = [
+        dataclasses.replace(entry(i), body=b'{"n": %d, "pad": "%s"}' % (i, b"x" * 600))
+        for i in range(3000)
+    ]
+    async with Journal(config=config(tmp_path)) as journal:
+        await journal.append(big)
+        published = [s.seq for s in await journal.pending(after_seq=0, limit=3000)][:-10]
+        await journal.mark_published(published)
+    with sqlite3.connect(tmp_path / "j.db") as conn:  # 20,000 ids of pruned events
+        conn.executemany(
+            "INSERT INTO tombstones (source, event_id, pruned_at) VALUES ('s', ?, ?)",
+            ((f"gone_{i:06d}", 1000.0 + i) for i in range(20_000)),
+        )
+
+    async def room(share: float) -> tuple[tuple[int, int], Journal, int]:
+        # The journal opened with max_size set so that it is at `share` of it.
+        async with Journal(config=config(tmp_path)) as probe:
+            size = probe.size_bytes
+        limit = int(size / share)
+        async with Journal(config=config(tmp_path, max_size=limit)) as journal:
+            made = await journal.make_room(batch=1000)
+            return made, journal, limit
+
+    (forgotten, pruned), journal, limit = await room(0.95)
+    assert forgotten > 0 and pruned == 0  # the ids go first...
+    assert journal.size_bytes < 0.8 * limit
+    with sqlite3.connect(tmp_path / "j.db") as conn:
+        (oldest,) = conn.execute("SELECT min(pruned_at) FROM tombstones").fetchone()
+        assert oldest == 1000.0 + forgotten  # ...oldest first
+    (forgotten, pruned), journal, limit = await room(0.99)
+    assert pruned > 0  # then published events, oldest first
+    assert journal.size_bytes < 0.8 * limit and journal.over_limit() is None
+    with sqlite3.connect(tmp_path / "j.db") as conn:
+        (pending,) = conn.execute("SELECT count(*) FROM events WHERE status = 0").fetchone()
+        (first,) = conn.execute("SELECT min(seq) FROM events WHERE status = 1").fetchone()
+    assert pending == 10 and first == published[0] + pruned

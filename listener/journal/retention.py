@@ -11,7 +11,7 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass
 
-__all__ = ["Moments", "prune_batch", "prune_tombstones", "retention_bound"]
+__all__ = ["Moments", "prune_batch", "prune_published", "prune_tombstones", "retention_bound"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,5 +99,20 @@ def prune_tombstones(conn: sqlite3.Connection, cutoff: float, batch: int) -> int
             "DELETE FROM tombstones WHERE (source, event_id) IN (SELECT source, event_id"
             " FROM tombstones WHERE pruned_at < ? ORDER BY pruned_at LIMIT ?)",
             (cutoff, batch),
+        ).rowcount
+    )
+
+
+def prune_published(conn: sqlite3.Connection, batch: int) -> int:
+    """
+    Delete the oldest ``batch`` published events whatever their age, leaving no
+    tombstones: room made when the journal nears ``max_size`` (local replay's copies go
+    before intake stops). Unpublished, deferred and quarantine rows are never touched.
+    """
+    return int(
+        conn.execute(
+            "DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE status = 1"
+            " AND kind = 'event' ORDER BY seq LIMIT ?)",
+            (batch,),
         ).rowcount
     )

@@ -7,16 +7,27 @@ between commits (:meth:`~listener.journal.checkpoints.Checkpoints._on_writer`).
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from listener.config import JournalConfig
 from listener.journal.checkpoints import Checkpoints
-from listener.journal.retention import Moments, prune_batch, prune_tombstones, retention_bound
+from listener.journal.retention import (
+    Moments,
+    prune_batch,
+    prune_published,
+    prune_tombstones,
+    retention_bound,
+)
 from listener.journal.writes import count_open, retry_now
 
 __all__ = ["Stats", "Upkeep"]
+
+# Making room (Upkeep.make_room) starts above this share of journal.max_size and stops
+# below the next.
+ROOM_HIGH, ROOM_LOW = 0.9, 0.8
 
 # Retention deletes in transactions of up to ``batch`` rows, halved while one holds the
 # writer longer than PRUNE_SLOW (a busy host: appends wait meanwhile), down to PRUNE_MIN,
@@ -139,6 +150,37 @@ class Upkeep(Checkpoints):
             # commits to make way for. (Commits waiting for the writer go first anyway.)
             full = self._stats.size >= self._config.max_size
             await asyncio.sleep(took * rest if running < PRUNE_SPREAD and not full else 0)
+
+    async def make_room(self, *, batch: int = 500) -> tuple[int, int]:
+        """
+        Above :data:`ROOM_HIGH` of ``journal.max_size``, free pages down to
+        :data:`ROOM_LOW`, oldest first: the ids kept for ``dedupe_window``
+        (tombstones), then published events still inside ``retention``. Both are copies
+        for dedupe and local replay; never an unpublished row (if those fill the journal,
+        intake is refused, 503, as before). Tombstones alone outgrew ``max_size`` within
+        weeks at defaults (30 days of them at ~120 bytes each) and stopped all intake
+        with nothing pending. Returns (ids forgotten, events pruned).
+        """
+        limit = self._config.max_size
+        if self._stats.size < limit * ROOM_HIGH:
+            return 0, 0
+        low = limit * ROOM_LOW
+        forgotten = await self._shrink(prune_tombstones, math.inf, low=low, batch=batch)
+        pruned = 0
+        if self._stats.size >= low:
+            pruned = await self._shrink(prune_published, low=low, batch=batch)
+        self._update_capacity()
+        return forgotten, pruned
+
+    async def _shrink(self, fn: Callable[..., int], *args: object, low: float, batch: int) -> int:
+        """Run ``fn(writer, *args, batch)`` until it deletes less, or the size is under ``low``."""
+        total = 0
+        while True:
+            deleted = await self._on_writer(fn, self._writer, *args, batch)
+            await self._on_writer(self._measure_size)
+            total += deleted
+            if deleted < batch or self._stats.size < low:
+                return total
 
     async def prune(
         self, *, now: float | None = None, batch: int = 500, rest: float = PRUNE_REST
