@@ -26,7 +26,8 @@ from listener.ops.replay_request import replay_request
 from listener.selection import TopicPattern, parse_time
 from listener.service import Service
 from tests import wire
-from tests.conftest import UNIT, config_data, running, tap, wait_for
+from tests.conftest import BROKER_HOST, BROKER_PORT, UNIT, config_data, running, tap, wait_for
+from tests.faults import proxy
 from tests.test_webhooks import gst_source
 from tests.webhook_sender import Sender, gst_event
 
@@ -455,3 +456,34 @@ async def test_replay_into_an_exclusive_queue_of_another_connection(
             assert declared.declaration_result.message_count == 5
         finally:
             await consumer.close()
+
+
+async def test_a_replay_cut_off_says_how_far_it_got(
+    setup: tuple[Config, Path], broker_url: str, exchange_name: str, tmp_path: Path
+) -> None:
+    """
+    The broker connection drops mid-replay: exit 1, and the line says how many events
+    were published (a long window need not be replayed from its start again).
+    """
+    config, _ = setup
+    queue = f"{exchange_name}.replay"
+    async with (
+        proxy(BROKER_HOST, BROKER_PORT) as p,
+        running(config) as service,
+        target_queue(broker_url, queue),
+    ):
+        await ingest(service, [event_at(i) for i in range(30)])
+        raw = raw_config(tmp_path, p.url("amqp", "/", "guest:guest"), exchange_name)
+        path = tmp_path / "through-proxy.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        cli = asyncio.create_task(
+            run_cli("replay", "--config", str(path), "--since", "2h", "--to-queue", queue,
+                    "--rate", "10")
+        )
+        await asyncio.sleep(1.5)
+        p.cut()
+        code, _, err = await cli
+    assert code == 1, err
+    line = next(x for x in err.splitlines() if x.startswith("replay failed"))
+    published = int(line.split(" after ")[1].split(" of ")[0])
+    assert 1 <= published < 30 and " of 30 events published: " in line, line

@@ -82,6 +82,7 @@ def command(
 ) -> None:
     """Re-publish stored events (published ones; quarantined ones are redriven)."""
     config = command_config(config_file)
+    running: list[ReplayStatus] = []  # the replay's status, once it exists
     try:
         request = replay_request(
             since=since,
@@ -96,11 +97,18 @@ def command(
             archive_enabled=config.broker.archive.enabled,
             exchange=config.broker.exchange,
         )
-        status = run_async(lambda: _run_cli(request, config))
+        status = run_async(lambda: _run_cli(request, config, running))
     except ReplayArgumentError as exc:
         raise click.BadParameter(exc.message, param_hint=f"'{exc.option}'") from None
     except (ReplayError, PublishError, JournalError, BrokerError) as exc:
-        click.echo(f"replay failed: {exc}", err=True)
+        # How far it got: a long window need not be replayed again from its start.
+        far = (
+            f" after {running[0].published} of {running[0].total or running[0].matched}"
+            " events published"
+            if running
+            else ""
+        )
+        click.echo(f"replay failed{far}: {exc}", err=True)
         sys.exit(1)
     click.echo(_summary(request, status))
     if request.dry_run:
@@ -127,12 +135,15 @@ def _ctrl_c_stops(replay: Replay) -> Iterator[None]:
         loop.remove_signal_handler(signal.SIGINT)
 
 
-async def _run_cli(request: ReplayRequest, config: Config) -> ReplayStatus:
+async def _run_cli(
+    request: ReplayRequest, config: Config, running: list[ReplayStatus]
+) -> ReplayStatus:
     journal = JournalFile(config.journal.path) if request.origin == "journal" else None
     async with (
         journal or contextlib.nullcontext(),
         Replay(request, broker=config.broker, journal=journal) as replay,
     ):
+        running.append(replay.status)
         with _ctrl_c_stops(replay):
             return await _show(replay, request)
 
