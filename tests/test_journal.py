@@ -22,7 +22,7 @@ from listener.exceptions import JournalCorrupt, JournalError, JournalFull, Journ
 from listener.journal import Cursor, Journal, inline
 from listener.journal.file import JournalFile
 from listener.journal.inline import InlineCommits
-from listener.journal.queries import purge_quarantine
+from listener.journal.queries import purge_quarantine, record_redrive
 from listener.journal.retention import retention_bound
 from listener.journal.schema import connect, migrate
 from listener.journal.upkeep import (
@@ -878,3 +878,19 @@ async def test_near_max_size_dedupe_ids_then_published_events_make_room(tmp_path
         (pending,) = conn.execute("SELECT count(*) FROM events WHERE status = 0").fetchone()
         (first,) = conn.execute("SELECT min(seq) FROM events WHERE status = 1").fetchone()
     assert pending == 10 and first == published[0] + pruned
+
+
+def test_record_redrive_answers_each_fresh_entry_in_its_place(tmp_path: Path) -> None:
+    """
+    An event the daemon journaled between a redrive's check and its write gets None in
+    its place, so the report pairs every other row with its own seq (a shorter list
+    used to shift the pairs and drop the last).
+    """
+    conn = sqlite3.connect(tmp_path / "j.db", isolation_level=None)
+    migrate(conn)
+    commit(conn, [Append([entry(1)], (), None)])  # the daemon got evt_1 meanwhile
+    fresh = [(100, entry(0)), (101, entry(1)), (102, entry(2))]
+    seqs = record_redrive(conn, fresh=fresh, duplicates=[], failing=[])
+    assert seqs[1] is None and seqs[0] is not None and seqs[2] is not None
+    assert seqs[0] < seqs[2]
+    conn.close()

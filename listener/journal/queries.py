@@ -330,7 +330,7 @@ def record_redrive(
     fresh: Sequence[tuple[int, Entry]],
     duplicates: Sequence[int],
     failing: Sequence[tuple[int, str, str]],
-) -> list[int]:
+) -> list[int | None]:
     """
     In one transaction: journal each fresh event as pending (the daemon's order:
     journal first, publish after), mark its quarantine row (and those whose event was
@@ -342,10 +342,11 @@ def record_redrive(
         failing: ``(quarantine seq, reason, detail)``.
 
     Returns:
-        The seqs of the new pending events, in order.
+        The seq of each of ``fresh``'s new pending events, in its order; ``None`` for
+        one the journal took meanwhile (the daemon journaled the same id since).
     """
     now = time.time()
-    seqs = []
+    seqs: list[int | None] = []
     for _, e in fresh:
         cur = conn.execute(
             "INSERT INTO events (source, event_id, kind, routing_key, body, time, received_at)"
@@ -354,8 +355,7 @@ def record_redrive(
             (e.source, e.event_id, e.routing_key, e.body, e.time, e.received_at),
         )
         row = cur.fetchone()
-        if row is not None:
-            seqs.append(int(row[0]))
+        seqs.append(None if row is None else int(row[0]))
     conn.executemany(
         "UPDATE events SET status = ?, published_at = ? WHERE seq = ?",
         [(Status.REDRIVEN, now, seq) for seq in [*(q for q, _ in fresh), *duplicates]],

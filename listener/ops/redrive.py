@@ -156,7 +156,7 @@ async def redrive(config: Config, journal: JournalFile, ids: Sequence[str] = ())
         fresh_at, known_at = await split_journaled(journal, [e for _, e in passing])
         fresh = [passing[i] for i in fresh_at]
         duplicates = [passing[i] for i in known_at]
-        seqs: list[int] = await journal.write(
+        seqs: list[int | None] = await journal.write(
             functools.partial(
                 record_redrive,
                 fresh=[(row.seq, entry) for row, entry in fresh],
@@ -164,7 +164,11 @@ async def redrive(config: Config, journal: JournalFile, ids: Sequence[str] = ())
                 failing=[(row.seq, v.reason, v.detail) for row, v in failing],
             )
         )
-        pending.extend((row, entry, seq) for (row, entry), seq in zip(fresh, seqs, strict=False))
+        for (row, entry), seq in zip(fresh, seqs, strict=True):
+            if seq is None:  # journaled meantime (by the daemon): a duplicate after all
+                duplicates.append((row, entry))
+            else:
+                pending.append((row, entry, seq))
         report.duplicates.extend(duplicates)
         report.failing.extend(failing)
     if pending:
