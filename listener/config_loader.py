@@ -82,6 +82,19 @@ def load_config(path: Path, *, environ: Mapping[str, str] | None = None) -> Conf
     return config
 
 
+def recheck(config: Config) -> list[str]:
+    """
+    The problems of a configuration assembled from two (SIGHUP: the new file's secrets
+    in the running settings), one line each as ``check-config`` prints them; none: it
+    holds together (a standard-webhooks source given a secret that is no ``whsec_``).
+    """
+    try:
+        Config.model_validate(config.model_dump())
+    except ValidationError as exc:
+        return list(_describe(exc))
+    return []
+
+
 def _key_path(loc: tuple[str | int, ...]) -> str:
     out = ""
     for part in loc:

@@ -41,7 +41,7 @@ from listener.broker.publisher import Publisher
 from listener.cluster.coordinator import Coordinator
 from listener.cluster.units import units_of
 from listener.config import Config
-from listener.config_loader import load_config, secret_values
+from listener.config_loader import load_config, recheck, secret_values
 from listener.exceptions import ConfigError
 from listener.fast_http import FastServer
 from listener.journal import Journal
@@ -164,7 +164,11 @@ class Service:
         except ConfigError as exc:
             problems = exc.problems
         else:
-            return self._apply(plan_reload(self.config, fresh))
+            plan = plan_reload(self.config, fresh)
+            # The new secrets with the running settings (a scheme changed too, which
+            # needs a restart): applied only if that holds together, or not at all.
+            if not (problems := recheck(plan.config)):
+                return self._apply(plan)
         # One line per problem, as `check-config` prints them; no traceback.
         for problem in problems:
             log.error("config_reload_problem", problem=problem)
@@ -177,10 +181,7 @@ class Service:
     def _apply(self, plan: ReloadPlan) -> ReloadPlan:
         """Hand the new secrets to the log redaction, the transports and the admin port."""
         redact_also(secret_values(plan.config))  # before anything could log one
-        for transport in self.transports:
-            transport.use_secrets({s.name: s for s in plan.config.sources})
-        if self.admin is not None:
-            self.admin.auth.use_keys(plan.config.admin.api_keys)
+        self._use_secrets(plan.config)
         self.config = plan.config
         for key in plan.restart:
             log.warning("config_change_needs_restart", key=key)
@@ -188,6 +189,12 @@ class Service:
         self.metrics.config_reloads.labels("ok").inc()
         log.info("config_reloaded", applied=plan.rotated, needs_restart=plan.restart)
         return plan
+
+    def _use_secrets(self, config: Config) -> None:
+        for transport in self.transports:
+            transport.use_secrets({s.name: s for s in config.sources})
+        if self.admin is not None:
+            self.admin.auth.use_keys(config.admin.api_keys)
 
     def source_states(self) -> dict[str, Mapping[str, Any]]:
         """Every source's state, by name, in the configuration's order."""
@@ -270,6 +277,9 @@ class Service:
                 broker=config.broker,
                 asyncapi=self.asyncapi,
             )
+            if self.config is not config:
+                # A SIGHUP while the journal opened applied its secrets to nothing yet.
+                self._use_secrets(self.config)
             async with asyncio.TaskGroup() as tasks:
                 publishing = tasks.create_task(publisher.run(), name="publisher")
                 # Under cluster.enabled the coordinator runs each unit while it holds it.

@@ -23,8 +23,10 @@ from listener.config import Config
 from listener.config_loader import load_config
 from listener.dev.simulators.layerx402.server import Layerx402Simulator
 from listener.dev.simulators.tokenterminal import TokenTerminalSimulator
+from listener.journal import Journal
 from listener.logs import configure_logging, redact_also
 from listener.reload import plan_reload
+from listener.service import Service
 from tests.conftest import UNIT, config_data, running, tap, wait_for
 from tests.process import ListenerProcess
 from tests.test_poll import poll_source, tt_source
@@ -342,3 +344,81 @@ async def test_stream_poll_and_admin_keys_rotate_without_a_reconnect(
                 timeout=10 * UNIT,
                 what="reconnected with the new key",
             )
+
+
+def _two_hooks(tmp_path: Path, broker_url: str, exchange: str) -> dict[str, Any]:
+    data = config_data(tmp_path, broker_url=broker_url, exchange=exchange, sources=[])
+    data["sources"] = [
+        {**gst_file_source(), "signature": {"secrets": [WHSEC]}},
+        {**gst_file_source(), "name": "other", "path": "/webhooks/other",
+         "signature": {"secrets": [WHSEC]}},
+    ]
+    data["admin"] = {"api_keys": [{"key": OLD_KEY, "scopes": ["read"]}]}
+    return data
+
+
+@pytest.mark.usefixtures("cleanup_topology")
+async def test_new_secrets_that_do_not_fit_the_running_settings_change_nothing(
+    tmp_path: Path, broker_url: str, exchange_name: str
+) -> None:
+    """
+    The file rotates one source's secret and the admin key, and switches another source
+    to the github scheme with its secret: the running standard-webhooks scheme and a
+    github secret do not fit (a restart applies both). Nothing is applied, and the
+    failure says why. The first source's secret used to be applied, then the reload
+    failed half-way (the admin key kept, the log claiming nothing changed).
+    """
+    raw = _two_hooks(tmp_path, broker_url, exchange_name)
+    path = write_config(tmp_path / "listener.yaml", raw)
+    config = load_config(path)
+    raw["sources"][0]["signature"]["secrets"] = [NEW_WHSEC]
+    raw["sources"][1]["signature"] = {"scheme": "github", "secrets": ["gh-secret!"]}
+    raw["admin"]["api_keys"][0]["key"] = NEW_KEY
+    async with running(config, config_file=path) as service, aiohttp.ClientSession() as session:
+        write_config(path, raw)
+        with structlog.testing.capture_logs() as logs:
+            assert await service.reload() is None
+        problems = [e["problem"] for e in logs if e["event"] == "config_reload_problem"]
+        assert problems and all(p.startswith("sources[1].signature") for p in problems), problems
+        sender = Sender(session, f"http://127.0.0.1:{service.public_port}/webhooks/gst")
+        assert (await sender.post(gst_event(), secret=WHSEC))[0] == 200
+        assert (await sender.post(gst_event(), secret=NEW_WHSEC))[0] == 401
+        url = f"http://127.0.0.1:{service.admin_port}/v1/sources"
+        async with session.get(url, headers={"Authorization": f"Bearer {OLD_KEY}"}) as r:
+            assert r.status == 200
+
+
+@pytest.mark.usefixtures("cleanup_topology")
+async def test_a_sighup_while_the_daemon_starts_applies_its_secrets(
+    tmp_path: Path, broker_url: str, exchange_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    A reload while the journal opens (before the webhook routes exist) rotates the
+    secret, and the routes built after it use it. They used the secret of the file as
+    it was when the start began, while the log said the new one was applied.
+    """
+    raw = _two_hooks(tmp_path, broker_url, exchange_name)
+    path = write_config(tmp_path / "listener.yaml", raw)
+    config = load_config(path)
+    raw["sources"][0]["signature"]["secrets"] = [NEW_WHSEC]
+    services: list[Any] = []
+    opened = Journal.open
+
+    async def open_then_reload(self: Journal) -> None:
+        await opened(self)
+        if services:  # (the service's own journal, not another)
+            write_config(path, raw)
+            assert await services[0].reload() is not None
+
+    monkeypatch.setattr(Journal, "open", open_then_reload)
+    original = Service.__init__
+
+    def keep(self: Service, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        services.append(self)
+
+    monkeypatch.setattr(Service, "__init__", keep)
+    async with running(config, config_file=path) as service, aiohttp.ClientSession() as session:
+        sender = Sender(session, f"http://127.0.0.1:{service.public_port}/webhooks/gst")
+        assert (await sender.post(gst_event(), secret=NEW_WHSEC))[0] == 200
+        assert (await sender.post(gst_event(), secret=WHSEC))[0] == 401
