@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from datetime import date
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import (
     AfterValidator,
@@ -29,7 +28,18 @@ from pydantic import (
 )
 
 from handlers import load_provider
-from listener.config_types import Duration, Size, parse_duration, parse_rate, parse_size
+from listener.config_types import (
+    Duration,
+    Exchange,
+    PositiveDuration,
+    PositiveSize,
+    Secret,
+    check_amqp_url,
+    mask_url,
+    parse_duration,
+    parse_rate,
+    parse_size,
+)
 from listener.config_types import Model as _Model
 from listener.sources.signatures import decode_whsec
 
@@ -62,9 +72,9 @@ class LogConfig(_Model):
 class HttpConfig(_Model):
     host: str = "0.0.0.0"
     port: int = Field(default=8080, ge=0, le=65535)
-    max_body: Size = 1024**2
+    max_body: PositiveSize = 1024**2
     # A request body must arrive within this long; a slow drip is cut off.
-    read_timeout: Duration = 30.0
+    read_timeout: PositiveDuration = 30.0
     # Seconds sent in Retry-After with a 503.
     retry_after: int = Field(default=5, ge=1)
 
@@ -91,7 +101,7 @@ class AdminConfig(_Model):
 
 class ArchiveConfig(_Model):
     enabled: bool = True
-    max_age: Duration = 7 * 86400.0
+    max_age: PositiveDuration = 7 * 86400.0
 
 
 def _checked_url(url: SecretStr) -> SecretStr:
@@ -101,7 +111,7 @@ def _checked_url(url: SecretStr) -> SecretStr:
 
 class BrokerConfig(_Model):
     url: SecretStr = SecretStr("amqp://guest:guest@localhost:5672/")
-    exchange: str = Field(default="events", min_length=1)
+    exchange: Exchange = "events"
     archive: ArchiveConfig = ArchiveConfig()
     # Several nodes of one cluster, tried in order (instead of `url`; CONTRACT §10).
     urls: tuple[Annotated[SecretStr, AfterValidator(_checked_url)], ...] = ()
@@ -109,15 +119,15 @@ class BrokerConfig(_Model):
     queue_type: Literal["classic", "quorum"] = "classic"
     # Short, so a dead broker is noticed in seconds, not minutes (NOTES: aio-pika traps);
     # 3 s when cluster.enabled and not set (a lost holder is noticed within two).
-    heartbeat: Duration = 5.0
+    heartbeat: Duration = Field(default=5.0, le=65535)
     # Deadline of our own around every publish (covers reconnect waits and blocked connections).
-    publish_timeout: Duration = 10.0
+    publish_timeout: PositiveDuration = 10.0
     # Publishes awaiting a confirm at once.
     confirm_window: int = Field(default=2048, ge=1, le=65535)
-    connect_timeout: Duration = 5.0
+    connect_timeout: PositiveDuration = 5.0
     # First retry delay after a failed publish or connect; doubles up to retry_max.
     retry_initial: Duration = 0.5
-    retry_max: Duration = 15.0
+    retry_max: PositiveDuration = 15.0
 
     @field_validator("url")
     @classmethod
@@ -148,7 +158,7 @@ class JournalConfig(_Model):
     path: Path = Path("./data/journal.db")
     retention: Duration = 3 * 86400.0
     # Above either limit, webhooks get 503 and streams pause reading (CONTRACT §8).
-    max_size: Size = 1024**3
+    max_size: PositiveSize = 1024**3
     max_pending: int = Field(default=1_000_000, ge=1)
     # "full" fsyncs every group commit; "normal" survives a process crash but not power loss.
     synchronous: Literal["full", "normal"] = "full"
@@ -172,7 +182,7 @@ class SignatureConfig(_Model):
         "standard-webhooks"
     )
     secrets: tuple[SecretStr, ...] = Field(min_length=1)
-    tolerance: Duration = 300.0
+    tolerance: PositiveDuration = 300.0
     # Header carrying the signature, for the schemes that let it be chosen.
     header: str | None = None
 
@@ -283,7 +293,7 @@ class SubscriptionConfig(_Model):
 
 class ReconnectConfig(_Model):
     initial: Duration = 1.0
-    max: Duration = 60.0
+    max: PositiveDuration = 60.0
     # A connection up this long resets the backoff.
     healthy_after: Duration = 30.0
 
@@ -291,20 +301,20 @@ class ReconnectConfig(_Model):
 class StreamSourceConfig(_SourceBase):
     kind: Literal["websocket"]
     url: str = Field(pattern=r"^wss?://")
-    api_key: SecretStr
+    api_key: Secret
     subscriptions: tuple[SubscriptionConfig, ...] = ()
     reconnect: ReconnectConfig = ReconnectConfig()
     # Reconnect a connection that has carried nothing (no event, no ping) for this long.
-    stale_after: Duration = 60.0
+    stale_after: PositiveDuration = 60.0
     # Also reconnect when one active subscription has had no event this long (off when unset:
     # a quiet market is normal; set it for channels that always tick).
-    subscription_stale_after: Duration | None = None
+    subscription_stale_after: PositiveDuration | None = None
     # Appends in flight at once: many frames share one journal commit.
     journal_window: int = Field(default=512, ge=1)
-    max_size: Size = 1024**2
-    ping_interval: Duration = 20.0
-    ping_timeout: Duration = 20.0
-    open_timeout: Duration = 10.0
+    max_size: PositiveSize = 1024**2
+    ping_interval: PositiveDuration = 20.0
+    ping_timeout: PositiveDuration = 20.0
+    open_timeout: PositiveDuration = 10.0
 
     def _check_with(self, provider: Any) -> None:
         problems = []
@@ -325,7 +335,7 @@ class StreamSourceConfig(_SourceBase):
 class PollSourceConfig(_SourceBase):
     kind: Literal["poll"]
     url: str = Field(pattern=r"^https?://\S+$")
-    api_key: SecretStr
+    api_key: Secret
     # Between the starts of two polls of a resource (±10% jitter).
     interval: Duration = Field(default=3600.0, gt=0)
     # Requests per window for the whole source, redirects and retries included.
@@ -372,6 +382,7 @@ SourceConfig = Annotated[
 
 
 CLUSTER_HEARTBEAT = 3.0
+_ANY = {"0.0.0.0", "::", ""}  # (any address)
 
 
 class Config(_Model):
@@ -387,56 +398,20 @@ class Config(_Model):
 
     @model_validator(mode="after")
     def _unique(self) -> Config:
-        names = [s.name for s in self.sources]
-        if len(set(names)) != len(names):
-            raise ValueError("source names must be unique")
-        paths = [s.path for s in self.sources if isinstance(s, WebhookSourceConfig)]
-        if len(set(paths)) != len(paths):
-            raise ValueError("webhook paths must be unique")
+        problems, names, paths = [], dict[str, int](), dict[str, int]()
+        for i, source in enumerate(self.sources):
+            if names.setdefault(source.name, i) != i:
+                problems.append((f"sources[{i}].name", f"sources[{names[source.name]}] has it too"))
+            if isinstance(source, WebhookSourceConfig) and paths.setdefault(source.path, i) != i:
+                problems.append((f"sources[{i}].path", f"sources[{paths[source.path]}] has it too"))
+        http, admin = self.http, self.admin
+        hosts = {http.host, admin.host}
+        if http.port and http.port == admin.port and (len(hosts) == 1 or hosts & _ANY):
+            problems.append(("admin.port", "http.port is the same port on the same address"))
+        if problems:
+            raise ProviderSettingsError(problems)
         if self.cluster.enabled and "heartbeat" not in self.broker.model_fields_set:
             # Detection within two heartbeats is part of the failover promise (CONTRACT §10).
             broker = self.broker.model_copy(update={"heartbeat": CLUSTER_HEARTBEAT})
             object.__setattr__(self, "broker", broker)
         return self
-
-
-def check_amqp_url(url: str) -> None:
-    """
-    Refuse a broker URL that would not parse as written, without echoing it.
-
-    A password holding an unencoded ``#``, ``/``, ``?`` or ``@`` makes the URL parse as
-    something else (a fragment, a path...), and the host part then shows the password.
-
-    Raises:
-        ValueError: saying what to percent-encode; never the URL or the password.
-    """
-    parts = urlsplit(url)
-    if parts.scheme not in {"amqp", "amqps"}:
-        raise ValueError("expected an amqp:// or amqps:// URL")
-    rest = url.split("://", 1)[1] if "://" in url else ""
-    authority = rest.split("@")[0] if rest.count("@") == 1 else None
-    if (
-        parts.fragment
-        or rest.count("@") > 1
-        or (authority is not None and any(c in authority for c in "/?#"))
-    ):
-        raise ValueError(
-            "the user or password holds a character that must be percent-encoded"
-            " ('#' as %23, '/' as %2F, '?' as %3F, '@' as %40)"
-        )
-    if not parts.hostname:
-        raise ValueError("no host in the URL (amqp://user:password@host:5672/vhost)")
-    try:
-        parts.port  # noqa: B018 - parsing the port raises on a bad one
-    except ValueError:
-        raise ValueError("the port is not a number from 0 to 65535") from None
-
-
-def mask_url(url: str) -> str:
-    """``amqp://user:pass@host/`` → ``amqp://user:***@host/``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))

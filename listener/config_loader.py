@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Hashable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -22,7 +23,8 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, SecretStr, ValidationError
 
-from listener.config import Config, ProviderSettingsError, mask_url
+from listener.config import Config, ProviderSettingsError
+from listener.config_types import mask_url, url_secrets
 from listener.exceptions import ConfigError
 
 __all__ = [
@@ -55,22 +57,25 @@ def load_config(path: Path, *, environ: Mapping[str, str] | None = None) -> Conf
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read the configuration ({exc.strerror})"]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text (at byte {exc.start})"]) from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
     except yaml.YAMLError as exc:
-        raise ConfigError([f"{path}: not valid YAML ({exc})".replace("\n", " ")]) from exc
+        raise ConfigError([f"{path}: not valid YAML{_where(exc)}"]) from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError([f"{path}: the top level must be a mapping"])
 
-    problems: list[str] = []
-    resolved = _resolve(raw, (), env, path.parent, problems)
+    resolver = _Resolver(env, path.parent)
+    resolved = resolver.resolve(raw, ())
+    problems = resolver.problems
     try:
         config = Config.model_validate(resolved)
     except ValidationError as exc:
         # A key whose variable is missing fails validation too; report the cause only.
-        unresolved = [p.split(": ", 1)[0] for p in problems]
+        unresolved = [p.split(": ", 1)[0].removesuffix("_file") for p in problems]
         problems.extend(
             line
             for line in _describe(exc)
@@ -93,6 +98,32 @@ def recheck(config: Config) -> list[str]:
     except ValidationError as exc:
         return list(_describe(exc))
     return []
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.safe_load``, but a key given twice in a mapping is an error (not the last kept)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`, overridable
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, Hashable):
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"the key {key!r} is given twice", key_node.start_mark
+                    )
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _where(exc: yaml.YAMLError) -> str:
+    # Not str(exc): it quotes the offending line, which may hold a secret.
+    if not isinstance(exc, yaml.MarkedYAMLError) or exc.problem_mark is None:
+        return ""
+    mark = exc.problem_mark
+    return f" at line {mark.line + 1}, column {mark.column + 1}: {exc.problem}"
 
 
 def _key_path(loc: tuple[str | int, ...]) -> str:
@@ -121,44 +152,60 @@ def _describe(exc: ValidationError) -> Iterator[str]:
             if cause.at_source and loc and loc[-1] == "settings":
                 del loc[-1]
             for where, message in cause.lines:
-                yield f"{_key_path(tuple(loc))}.{where}: {message}"
+                yield (
+                    f"{_key_path(tuple(loc))}.{where}: {message}" if loc else f"{where}: {message}"
+                )
             continue
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = "unknown key"
-        elif error["type"] == "union_tag_invalid":
-            message = "kind must be 'webhook', 'websocket' or 'poll'"
+        elif error["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            loc.append("kind")
+            message = "must be 'webhook', 'websocket' or 'poll'"
         yield f"{_key_path(tuple(loc))}: {message}"
 
 
-def _resolve(
-    value: Any,
-    loc: tuple[str | int, ...],
-    env: Mapping[str, str],
-    base: Path,
-    problems: list[str],
-) -> Any:
-    if isinstance(value, dict):
+@dataclass
+class _Resolver:
+    """Replaces placeholders and reads ``*_file`` secrets, noting each problem."""
+
+    env: Mapping[str, str]
+    base: Path  # relative ``*_file`` paths start here
+    problems: list[str] = field(default_factory=list)
+    inside: set[int] = field(default_factory=set)  # the containers being resolved
+
+    def resolve(self, value: Any, loc: tuple[str | int, ...]) -> Any:
+        if isinstance(value, str):
+            return _substitute(value, loc, self.env, self.problems)
+        if not isinstance(value, dict | list):
+            return value
+        if id(value) in self.inside:  # `a: &a [*a]`
+            self.problems.append(f"{_key_path(loc)}: a YAML alias that holds itself")
+            return None
+        self.inside.add(id(value))
+        try:
+            if isinstance(value, list):
+                return [self.resolve(item, (*loc, i)) for i, item in enumerate(value)]
+            return self._mapping(value, loc)
+        finally:
+            self.inside.discard(id(value))
+
+    def _mapping(self, value: dict[Any, Any], loc: tuple[str | int, ...]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for key, item in value.items():
             key_s = str(key)
             if key_s.endswith("_file") and key_s != "_file":
                 target = key_s.removesuffix("_file")
                 if target in value:
-                    problems.append(
+                    self.problems.append(
                         f"{_key_path((*loc, key_s))}: give {target} or {key_s}, not both"
                     )
                     continue
-                file_name = _resolve(item, (*loc, key_s), env, base, problems)
-                out[target] = _read_secret_file(file_name, (*loc, key_s), base, problems)
+                file_name = self.resolve(item, (*loc, key_s))
+                out[target] = _read_secret_file(file_name, (*loc, key_s), self.base, self.problems)
             else:
-                out[key_s] = _resolve(item, (*loc, key_s), env, base, problems)
+                out[key_s] = self.resolve(item, (*loc, key_s))
         return out
-    if isinstance(value, list):
-        return [_resolve(item, (*loc, i), env, base, problems) for i, item in enumerate(value)]
-    if isinstance(value, str):
-        return _substitute(value, loc, env, problems)
-    return value
 
 
 def _substitute(
@@ -178,7 +225,12 @@ def _substitute(
         )
         return ""
 
-    return _VAR.sub(replace, text)
+    out, found = _VAR.subn(replace, text)
+    if text.count("${") != found:  # `${A-x}`, `${A:x}`, `${A:-${B}}`: kept as text, silently
+        problems.append(
+            f"{_key_path(loc)}: a placeholder that is neither ${{NAME}} nor ${{NAME:-default}}"
+        )
+    return out
 
 
 def _read_secret_file(
@@ -202,6 +254,9 @@ def _read_secret_file(
     except OSError as exc:
         problems.append(f"{_key_path(loc)}: cannot read {name} ({exc.strerror})")
         return None
+    except UnicodeDecodeError as exc:
+        problems.append(f"{_key_path(loc)}: {name} is not UTF-8 text (at byte {exc.start})")
+        return None
     # One secret, or several one per line (a rotation's overlap: old and new).
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines if len(lines) > 1 else (lines[0] if lines else "")
@@ -220,8 +275,11 @@ def secret_values(config: Config) -> list[str]:
             if password:
                 found.append(password)
         elif isinstance(value, BaseModel):
-            for field in type(value).model_fields:
-                walk(getattr(value, field))
+            for name in type(value).model_fields:
+                item = getattr(value, name)
+                if name == "url" and isinstance(item, str):  # a source's, not a secret as such
+                    found.extend(url_secrets(item))
+                walk(item)
         elif isinstance(value, tuple | list):
             for item in value:
                 walk(item)
@@ -237,6 +295,8 @@ def render_config(config: Config) -> dict[str, Any]:
     def walk(value: Any, key: str) -> Any:
         if isinstance(value, SecretStr):
             return mask_url(value.get_secret_value()) if key in ("url", "urls") else "***"
+        if key == "url" and isinstance(value, str):
+            return mask_url(value, query=True)
         if isinstance(value, BaseModel):
             out = {f: walk(getattr(value, f), f) for f in type(value).model_fields}
             # A source's provider keys are written beside its own: show them there.

@@ -129,12 +129,17 @@ class Service:
         """Begin the shutdown sequence (idempotent; safe from a signal handler)."""
         self._stop.set()
 
-    def install_signal_handlers(self) -> None:
-        """SIGTERM and SIGINT start the shutdown sequence; SIGHUP reloads secrets."""
+    def install_signal_handlers(self, *, hung_up: bool = False) -> None:
+        """
+        SIGTERM and SIGINT start the shutdown sequence; SIGHUP reloads secrets.
+        ``hung_up``: one came before (the CLI noted it): reload now.
+        """
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+        if hung_up:
+            self._on_sighup()
 
     def _on_sighup(self) -> None:
         task = asyncio.create_task(self.reload(), name="reload")

@@ -61,7 +61,9 @@ def broker_available() -> bool:
 def broker_url(broker_available: bool) -> str:
     """The real broker's URL; fails under CI=true when it is down, else skips."""
     if not broker_available:
-        message = "RabbitMQ not reachable on 127.0.0.1:5672; start one with: rabbitmq-server -detached"
+        message = (
+            "RabbitMQ not reachable on 127.0.0.1:5672; start one with: rabbitmq-server -detached"
+        )
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(message)
         pytest.skip(message)
@@ -86,7 +88,9 @@ async def wait_for(
         if result:
             return
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout * UNIT:.1f}s waiting for {what or predicate}")
+            raise AssertionError(
+                f"timed out after {timeout * UNIT:.1f}s waiting for {what or predicate}"
+            )
         await asyncio.sleep(0.02)
 
 
@@ -231,7 +235,9 @@ def make_config(
     **overrides: Any,
 ) -> Config:
     """A service configuration on ephemeral ports with a journal under ``tmp_path``."""
-    data = config_data(tmp_path, broker_url=broker_url, exchange=exchange, sources=sources, **overrides)
+    data = config_data(
+        tmp_path, broker_url=broker_url, exchange=exchange, sources=sources, **overrides
+    )
     return Config.model_validate(data)
 
 

@@ -141,7 +141,9 @@ class TcpProxy:
             return
 
     @staticmethod
-    async def _stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, frames: int) -> None:
+    async def _stall(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, frames: int
+    ) -> None:
         """Forward ``frames`` AMQP frames, then hold the connection open and silent."""
         try:
             for _ in range(frames):

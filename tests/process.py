@@ -55,8 +55,16 @@ class ListenerProcess:
         self.starts += 1
         log = self.log_path.open("ab")
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "listener", "run", "--config", str(self.config_path),
-            cwd=self.workdir, env=self.env, stdout=log, stderr=log,
+            sys.executable,
+            "-m",
+            "listener",
+            "run",
+            "--config",
+            str(self.config_path),
+            cwd=self.workdir,
+            env=self.env,
+            stdout=log,
+            stderr=log,
         )
         log.close()
         await wait_for(self._healthy, timeout=20, what="listener /healthz")
@@ -66,9 +74,12 @@ class ListenerProcess:
         if self.proc.returncode is not None:
             raise AssertionError(f"listener exited {self.proc.returncode}: {self.logs()[-2000:]}")
         try:
-            async with aiohttp.ClientSession() as s, s.get(
-                f"http://127.0.0.1:{self.admin_port}/healthz", timeout=aiohttp.ClientTimeout(1)
-            ) as r:
+            async with (
+                aiohttp.ClientSession() as s,
+                s.get(
+                    f"http://127.0.0.1:{self.admin_port}/healthz", timeout=aiohttp.ClientTimeout(1)
+                ) as r,
+            ):
                 return r.status == 200
         except (aiohttp.ClientError, TimeoutError):
             return False

@@ -16,25 +16,48 @@ WRITE_KEY = "write-key-0123456789abcdef"
 async def test_v1_requires_key_and_scope(tmp_path: Path, exchange_name: str) -> None:
     """/v1/sources answers 401 with no or a wrong key, 200 with a read key, and counts the rate."""
     config = make_config(
-        tmp_path, broker_url="amqp://guest:guest@127.0.0.1:1/", exchange=exchange_name,
+        tmp_path,
+        broker_url="amqp://guest:guest@127.0.0.1:1/",
+        exchange=exchange_name,
         sources=[gst_source()],
-        admin={"api_keys": [{"key": READ_KEY, "scopes": ["read"]}, {"key": WRITE_KEY, "scopes": ["write"]}], "rate_limit": 5},
+        admin={
+            "api_keys": [
+                {"key": READ_KEY, "scopes": ["read"]},
+                {"key": WRITE_KEY, "scopes": ["write"]},
+            ],
+            "rate_limit": 5,
+        },
     )
     async with running(config) as service, aiohttp.ClientSession() as session:
         url = f"http://127.0.0.1:{service.admin_port}/v1/sources"
 
-        async def get(key: str | None, path: str = url) -> tuple[int, dict[str, object], dict[str, str]]:
+        async def get(
+            key: str | None, path: str = url
+        ) -> tuple[int, dict[str, object], dict[str, str]]:
             headers = {"Authorization": f"Bearer {key}"} if key else {}
             async with session.get(path, headers=headers) as response:
                 return response.status, await response.json(), dict(response.headers)
 
         status, body, headers = await get(None)
-        assert status == 401 and body == {"success": False, "error": {"code": "UNAUTHORIZED", "message": "a valid Bearer key is required"}}
+        assert status == 401 and body == {
+            "success": False,
+            "error": {"code": "UNAUTHORIZED", "message": "a valid Bearer key is required"},
+        }
         assert headers["X-RateLimit-Limit"] == "5"
         assert (await get(READ_KEY + "x"))[0] == 401
         status, body, headers = await get(READ_KEY)
         assert status == 200 and body["success"] is True
-        assert body["data"] == [{"name": "gst", "state": "listening", "kind": "webhook", "status": "listening", "path": "/webhooks/gst", "events_received": 0, "last_event_at": None}]
+        assert body["data"] == [
+            {
+                "name": "gst",
+                "state": "listening",
+                "kind": "webhook",
+                "status": "listening",
+                "path": "/webhooks/gst",
+                "events_received": 0,
+                "last_event_at": None,
+            }
+        ]
         assert int(headers["X-RateLimit-Remaining"]) == 4
         status, body, _ = await get(WRITE_KEY)
         assert status == 403 and body["error"]["code"] == "FORBIDDEN"  # type: ignore[index]
@@ -42,7 +65,9 @@ async def test_v1_requires_key_and_scope(tmp_path: Path, exchange_name: str) -> 
         for _ in range(3):
             await get(READ_KEY)
         status, body, headers = await get(READ_KEY)
-        assert status == 429 and headers["X-RateLimit-Remaining"] == "0" and "Retry-After" in headers
+        assert (
+            status == 429 and headers["X-RateLimit-Remaining"] == "0" and "Retry-After" in headers
+        )
         # health endpoints need no key and are not rate limited
         for _ in range(10):
             async with session.get(f"http://127.0.0.1:{service.admin_port}/healthz") as response:
@@ -58,8 +83,11 @@ async def test_errors_a_handler_raises_carry_the_rate_headers_too(
     Both used to leave without them.
     """
     config = make_config(
-        tmp_path, broker_url="amqp://guest:guest@127.0.0.1:1/", exchange=exchange_name,
-        sources=[gst_source()], admin={"api_keys": [{"key": WRITE_KEY, "scopes": ["write"]}]},
+        tmp_path,
+        broker_url="amqp://guest:guest@127.0.0.1:1/",
+        exchange=exchange_name,
+        sources=[gst_source()],
+        admin={"api_keys": [{"key": WRITE_KEY, "scopes": ["write"]}]},
     )
     async with running(config) as service, aiohttp.ClientSession() as session:
         base = f"http://127.0.0.1:{service.admin_port}"

@@ -32,7 +32,9 @@ MAX_LINES = 450
 SIGNATURE_SCHEMES = frozenset({"standard-webhooks", "stripe", "github", "hmac-sha256-hex"})
 LEAVES = ("listener.cli", "listener.dev", "listener.__main__")
 PROVIDERS = sorted(
-    p.stem for p in (ROOT / "handlers").glob("*.py") if p.stem not in {"__init__", "base", "frames", "polling"}
+    p.stem
+    for p in (ROOT / "handlers").glob("*.py")
+    if p.stem not in {"__init__", "base", "frames", "polling"}
 )
 # SQL keywords are upper case in this codebase; prose ("turned into events") is not SQL.
 _SQL = re.compile(

@@ -93,9 +93,11 @@ async def test_three_units_spread_over_three_replicas_each_held_once(
         async with replicas(configs) as services:
             await wait_for(lambda: counts(sim) == [1, 1, 1], timeout=15 * UNIT, what="all held")
             await wait_for(
-                lambda: sorted(len(v) for v in holders(services).values()) == [1, 1, 1]
-                and sorted(len(s.coordinator.held()) for s in services if s.coordinator)
-                == [1, 1, 1],
+                lambda: (
+                    sorted(len(v) for v in holders(services).values()) == [1, 1, 1]
+                    and sorted(len(s.coordinator.held()) for s in services if s.coordinator)
+                    == [1, 1, 1]
+                ),
                 timeout=15 * UNIT,
                 what="one unit each",
             )
@@ -242,8 +244,12 @@ async def test_lease_queue_is_exclusive_to_one_connection(
         assert await leases.still_held(one, queue)
         await one.close()
         assert await leases.take(two, queue)
-        await leases.write_cursor(two, names.cursor("u"), {"state": {"seq": 1}}, queue_type="classic")
-        await leases.write_cursor(two, names.cursor("u"), {"state": {"seq": 2}}, queue_type="classic")
+        await leases.write_cursor(
+            two, names.cursor("u"), {"state": {"seq": 1}}, queue_type="classic"
+        )
+        await leases.write_cursor(
+            two, names.cursor("u"), {"state": {"seq": 2}}, queue_type="classic"
+        )
         cursor = await leases.read_cursor(two, names.cursor("u"), queue_type="classic")
         assert cursor == {"state": {"seq": 2}}  # the last one only
         assert await leases.read_cursor(two, names.cursor("u"), queue_type="classic") == cursor
@@ -345,6 +351,7 @@ async def test_a_poll_source_is_a_unit_handed_over_with_its_state(
         TokenTerminalSimulator(projects=["aave"], chains=["ethereum"], null_share=0) as sim,
         tap(broker_url, exchange_name) as t,
     ):
+
         def config(name: str) -> Config:
             directory = tmp_path / name
             directory.mkdir()
@@ -406,7 +413,10 @@ def test_cluster_configuration(tmp_path: Path) -> None:
     clustered = load("cluster: {enabled: true}\nsources: []\n")
     assert clustered.broker.heartbeat == 3.0 and clustered.cluster.lease_retry == 2.0
     assert load("sources: []\n").broker.heartbeat == 5.0
-    assert load("cluster: {enabled: true}\nbroker: {heartbeat: 10s}\nsources: []\n").broker.heartbeat == 10.0
+    assert (
+        load("cluster: {enabled: true}\nbroker: {heartbeat: 10s}\nsources: []\n").broker.heartbeat
+        == 10.0
+    )
     nodes = load("broker: {urls: ['amqp://a:5672/', 'amqp://b:5672/']}\nsources: []\n").broker.nodes
     assert [n.get_secret_value() for n in nodes] == ["amqp://a:5672/", "amqp://b:5672/"]
     with pytest.raises(ConfigError) as both:

@@ -81,7 +81,9 @@ def test_secret_file(tmp_path: Path) -> None:
 
 def test_every_problem_reported_with_key_paths(tmp_path: Path) -> None:
     """Unknown keys and bad values are all reported at once, each with its key path."""
-    text = BASE + """
+    text = (
+        BASE
+        + """
   - name: lx
     kind: websocket
     provider: layerx402
@@ -91,6 +93,7 @@ def test_every_problem_reported_with_key_paths(tmp_path: Path) -> None:
 log:
   level: loud
 """
+    )
     with pytest.raises(ConfigError) as caught:
         load_config(write(tmp_path, text), environ={"GST_SECRET": WHSEC})
     problems = "\n".join(caught.value.problems)
@@ -144,7 +147,9 @@ def test_check_config_cli(tmp_path: Path) -> None:
 
 def test_stream_subscription_checked_against_provider(tmp_path: Path) -> None:
     """A subscription to an unknown channel or without its params is an error naming it."""
-    text = BASE + """
+    text = (
+        BASE
+        + """
   - name: lx
     kind: websocket
     provider: layerx402
@@ -154,6 +159,7 @@ def test_stream_subscription_checked_against_provider(tmp_path: Path) -> None:
       - {channel: trades, params: {}}
       - {channel: nope}
 """
+    )
     with pytest.raises(ConfigError) as caught:
         load_config(write(tmp_path, text), environ={"GST_SECRET": WHSEC})
     assert caught.value.problems == [
@@ -190,7 +196,9 @@ def test_an_item_polled_by_two_resources_is_refused(
     Two resources of one source polling one project (or ISIN) would overwrite each
     other's poll state: false changes, wrong previous values, repeated ids.
     """
-    text = BASE + f"""
+    text = (
+        BASE
+        + f"""
   - name: polled
     kind: poll
     provider: {provider}
@@ -198,6 +206,7 @@ def test_an_item_polled_by_two_resources_is_refused(
     api_key: k
     resources:{resources}
 """
+    )
     with pytest.raises(ConfigError) as caught:
         load_config(write(tmp_path, text), environ={"GST_SECRET": WHSEC})
     assert caught.value.problems == [problem]

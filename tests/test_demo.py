@@ -190,8 +190,15 @@ async def test_demo_replicas_shows_a_failover(tmp_path: Path, broker_url: str) -
     """`demo --replicas 3`: real processes; the killed holder's unit is taken over, held once."""
     config = write_config(tmp_path, broker_url)
     code, out, err = await run_cli(
-        "demo", "--replicas", "3", "--seconds", "12", "--config", str(config),
-        cwd=tmp_path, timeout=90,
+        "demo",
+        "--replicas",
+        "3",
+        "--seconds",
+        "12",
+        "--config",
+        str(config),
+        cwd=tmp_path,
+        timeout=90,
     )
     assert code == 0, out + err
     summary = re.search(

@@ -47,7 +47,9 @@ async def test_broker_cut_loses_nothing(
     """Cutting the broker connection mid-load loses no acknowledged event; they arrive after."""
     async with proxy(BROKER_HOST, BROKER_PORT) as p, tap(broker_url, exchange_name) as t:
         config = make_config(
-            tmp_path, broker_url=p.url("amqp", "/", "guest:guest"), exchange=exchange_name,
+            tmp_path,
+            broker_url=p.url("amqp", "/", "guest:guest"),
+            exchange=exchange_name,
             sources=[gst_source()],
         )
         async with running(config) as service, aiohttp.ClientSession() as session:
@@ -76,8 +78,11 @@ async def test_blackholed_broker_fails_publishes_within_deadline(
     """A broker that stops answering fails publishes within the deadline; all arrive after."""
     async with proxy(BROKER_HOST, BROKER_PORT) as p, tap(broker_url, exchange_name) as t:
         config = make_config(
-            tmp_path, broker_url=p.url("amqp", "/", "guest:guest"), exchange=exchange_name,
-            sources=[gst_source()], broker={"publish_timeout": "1s", "heartbeat": "1s"},
+            tmp_path,
+            broker_url=p.url("amqp", "/", "guest:guest"),
+            exchange=exchange_name,
+            sources=[gst_source()],
+            broker={"publish_timeout": "1s", "heartbeat": "1s"},
         )
         async with running(config) as service, aiohttp.ClientSession() as session:
             sender = Sender(session, f"http://127.0.0.1:{service.public_port}/webhooks/gst")
@@ -88,8 +93,17 @@ async def test_blackholed_broker_fails_publishes_within_deadline(
             assert len(acknowledged) == 40
             failures = service.metrics.publish_failures
             await wait_for(
-                lambda: sum(s.value for m in failures.collect() for s in m.samples if s.name.endswith("_total")) > 0,
-                timeout=10, what="a publish failure",
+                lambda: (
+                    sum(
+                        s.value
+                        for m in failures.collect()
+                        for s in m.samples
+                        if s.name.endswith("_total")
+                    )
+                    > 0
+                ),
+                timeout=10,
+                what="a publish failure",
             )
             p.cut()
             p.restore()
@@ -106,7 +120,9 @@ async def test_a_reconnect_whose_channel_never_opens_is_given_up_for_the_next(
     """
     async with proxy(BROKER_HOST, BROKER_PORT) as p, tap(broker_url, exchange_name) as t:
         config = make_config(
-            tmp_path, broker_url=p.url("amqp", "/", "guest:guest"), exchange=exchange_name,
+            tmp_path,
+            broker_url=p.url("amqp", "/", "guest:guest"),
+            exchange=exchange_name,
             sources=[gst_source()],
             broker={"heartbeat": "30s", "connect_timeout": "1s", "retry_max": "1s"},
         )
@@ -134,8 +150,10 @@ async def test_sigkill_with_backlog_then_restart_delivers_everything(
         p.refuse()
         raw: dict[str, Any] = {
             "broker": {
-                "url": p.url("amqp", "/", "guest:guest"), "exchange": exchange_name,
-                "retry_initial": "100ms", "retry_max": "500ms",
+                "url": p.url("amqp", "/", "guest:guest"),
+                "exchange": exchange_name,
+                "retry_initial": "100ms",
+                "retry_max": "500ms",
             },
             "journal": {"path": str(tmp_path / "journal.db")},
             "sources": [gst_source()],
@@ -180,8 +198,12 @@ async def test_sigterm_drains_and_exits_zero(
                 acknowledged = await post_many(sender, [f"evt_t{i}" for i in range(100)])
             assert await listener.terminate() == 0
             await t.wait_ids(acknowledged, timeout=15)
-            lines = [json.loads(line) for line in listener.logs().splitlines() if line.startswith("{")]
-            assert any(line["event"] == "shutdown_complete" and line["pending"] == 0 for line in lines)
+            lines = [
+                json.loads(line) for line in listener.logs().splitlines() if line.startswith("{")
+            ]
+            assert any(
+                line["event"] == "shutdown_complete" and line["pending"] == 0 for line in lines
+            )
             # Once started, the daemon froze what start-up built (listener.memory.settle_heap).
             assert any(line["event"] == "heap_settled" and line["frozen"] > 1000 for line in lines)
         finally:
@@ -192,7 +214,9 @@ async def test_no_secret_in_logs(tmp_path: Path, exchange_name: str) -> None:
     """Secrets never reach log output, even when an error message carries them."""
     password = "hunter2-very-secret-password"
     config = make_config(
-        tmp_path, broker_url=f"amqp://guest:{password}@127.0.0.1:1/", exchange=exchange_name,
+        tmp_path,
+        broker_url=f"amqp://guest:{password}@127.0.0.1:1/",
+        exchange=exchange_name,
         sources=[gst_source()],
     )
     out = io.StringIO()
@@ -204,8 +228,12 @@ async def test_no_secret_in_logs(tmp_path: Path, exchange_name: str) -> None:
             await sender.post(b"garbage")
             import structlog
 
-            structlog.get_logger("test").error("oops", url=config.broker.url.get_secret_value(), key=WHSEC)
-            await wait_for(lambda: "broker_connect_failed" in out.getvalue(), what="a connect failure log")
+            structlog.get_logger("test").error(
+                "oops", url=config.broker.url.get_secret_value(), key=WHSEC
+            )
+            await wait_for(
+                lambda: "broker_connect_failed" in out.getvalue(), what="a connect failure log"
+            )
     finally:
         configure_logging(level="warning", fmt="json")
     text = out.getvalue()

@@ -154,7 +154,9 @@ async def test_a_drain_the_broker_returns_is_recorded_as_it_goes_and_logged_once
         event_entry(
             source="gst",
             provider="getstoken",
-            event=Event(id=f"evt_ret_{i:05d}", type="getstoken.badge.issued", time=None, data=badge),
+            event=Event(
+                id=f"evt_ret_{i:05d}", type="getstoken.badge.issued", time=None, data=badge
+            ),
             received_at=now,
         )
         for i in range(total)

@@ -269,7 +269,9 @@ async def test_slow_drip_body_is_cut_at_the_read_timeout(tmp_path: Path) -> None
         assert 'listener_webhook_rejected_total{reason="read_timeout",source="gst"} 1.0' in text
 
 
-@pytest.mark.parametrize("start", [b"POST /webhooks/gst HTTP/1.1\r\nX-Slow: ", b"GET / HTTP/1.1\r\nX: "])
+@pytest.mark.parametrize(
+    "start", [b"POST /webhooks/gst HTTP/1.1\r\nX-Slow: ", b"GET / HTTP/1.1\r\nX: "]
+)
 async def test_slow_drip_head_is_cut_at_the_read_timeout(tmp_path: Path, start: bytes) -> None:
     """
     A request head dripped a byte at a time (a slowloris) is cut at http.read_timeout, on
@@ -376,7 +378,9 @@ async def test_no_100_continue_for_a_body_that_will_be_refused(
     """
     assert service.public_port is not None
     head = request(
-        "POST", path, headers={"Expect": "100-continue", "Content-Length": str(length)},
+        "POST",
+        path,
+        headers={"Expect": "100-continue", "Content-Length": str(length)},
         length=False,
     )
     reader, writer = await asyncio.open_connection("127.0.0.1", service.public_port)
@@ -438,7 +442,9 @@ async def test_requests_waiting_for_the_journal_are_counted_in_flight(service: S
     body = orjson.dumps(gst_event())
     async with service.journal._writing:  # commits wait: the requests stay in flight
         replies = [
-            asyncio.create_task(send(service.public_port, request("POST", PATH, body, signed(body))))
+            asyncio.create_task(
+                send(service.public_port, request("POST", PATH, body, signed(body)))
+            )
             for _ in range(3)
         ]
         deadline = time.monotonic() + 5 * UNIT

@@ -41,7 +41,14 @@ def tt_source(url: str, **extra: Any) -> dict[str, Any]:
         "rate_limit": extra.pop("rate_limit", "600/1m"),
         "resources": extra.pop(
             "resources",
-            [{"endpoint": "project_metrics", "projects": ["aave"], "metrics": ["fees", "revenue"], "lookback": "3d"}],
+            [
+                {
+                    "endpoint": "project_metrics",
+                    "projects": ["aave"],
+                    "metrics": ["fees", "revenue"],
+                    "lookback": "3d",
+                }
+            ],
         ),
         **extra,
     }
@@ -56,7 +63,13 @@ def bonds_source(url: str, isins: list[str], **extra: Any) -> dict[str, Any]:
         "api_key": API_KEY,
         "interval": extra.pop("interval", "1h"),
         "rate_limit": extra.pop("rate_limit", "90/1m"),
-        "resources": [{"endpoint": "bond_reference", "isins": isins, "batch_size": extra.pop("batch_size", 1000)}],
+        "resources": [
+            {
+                "endpoint": "bond_reference",
+                "isins": isins,
+                "batch_size": extra.pop("batch_size", 1000),
+            }
+        ],
         **extra,
     }
 
@@ -95,7 +108,9 @@ async def test_token_terminal_changes_by_content(
 ) -> None:
     """First sight, re-poll (nothing), restated past day (one event with previous), change and back, exact decimals."""
     async with TokenTerminalSimulator(projects=["aave"], chains=["ethereum"], null_share=0) as sim:
-        config = make_config(tmp_path, broker_url=broker_url, exchange=exchange_name, sources=[tt_source(sim.url)])
+        config = make_config(
+            tmp_path, broker_url=broker_url, exchange=exchange_name, sources=[tt_source(sim.url)]
+        )
         async with tap(broker_url, exchange_name) as t, running(config) as service:
             await t.wait_count(4)  # 3 days of lookback + today, one chain
             first = events(t.messages, "tokenterminal.project.metrics")
@@ -120,7 +135,9 @@ async def test_token_terminal_changes_by_content(
             await t.wait_count(6)
             ids = [m.message_id for m in t.messages]
             assert len(set(ids)) == 6  # first sight, change, change back: all distinct
-            assert Decimal(orjson.loads(t.messages[-1].body)["data"]["row"]["fees"]) == Decimal(old_fees)
+            assert Decimal(orjson.loads(t.messages[-1].body)["data"]["row"]["fees"]) == Decimal(
+                old_fees
+            )
 
 
 async def test_token_terminal_rename_is_one_event(
@@ -128,14 +145,18 @@ async def test_token_terminal_rename_is_one_event(
 ) -> None:
     """A 308 rename gives one renamed event, the new id is polled from then on, no duplicate rows."""
     async with TokenTerminalSimulator(projects=["aave"], chains=["ethereum"], null_share=0) as sim:
-        config = make_config(tmp_path, broker_url=broker_url, exchange=exchange_name, sources=[tt_source(sim.url)])
+        config = make_config(
+            tmp_path, broker_url=broker_url, exchange=exchange_name, sources=[tt_source(sim.url)]
+        )
         async with tap(broker_url, exchange_name) as t, running(config) as service:
             await t.wait_count(4)
             sim.rename("aave", "aave-v3")
             await poll_once(service, "tt")
             await t.wait_count(5)
             renamed = events(t.messages, "tokenterminal.project.renamed")
-            assert [e["data"] for e in renamed] == [{"old_project_id": "aave", "new_project_id": "aave-v3"}]
+            assert [e["data"] for e in renamed] == [
+                {"old_project_id": "aave", "new_project_id": "aave-v3"}
+            ]
             assert len(events(t.messages, "tokenterminal.project.metrics")) == 4
             hits = len(sim.ledger)
             await poll_once(service, "tt")
@@ -154,7 +175,9 @@ async def test_terrapin_batches_changes_and_bad_isins(
     isins = generate_isins(25, seed=3)
     async with TerrapinSimulator(isins=isins[:20], rate_limit=None) as sim:
         config = make_config(
-            tmp_path, broker_url=broker_url, exchange=exchange_name,
+            tmp_path,
+            broker_url=broker_url,
+            exchange=exchange_name,
             sources=[bonds_source(sim.url, isins, batch_size=10)],
         )
         async with tap(broker_url, exchange_name) as t, running(config) as service:
@@ -179,18 +202,27 @@ async def test_rate_limit_holds_with_many_resources(
         sim.rename("p3", "p3-new")
         sim.fail_next(2, status=502)
         resources = [
-            {"endpoint": "project_metrics", "projects": [p], "metrics": ["fees"], "lookback": "1d"} for p in projects
+            {"endpoint": "project_metrics", "projects": [p], "metrics": ["fees"], "lookback": "1d"}
+            for p in projects
         ]
         config = make_config(
-            tmp_path, broker_url=broker_url, exchange=exchange_name,
+            tmp_path,
+            broker_url=broker_url,
+            exchange=exchange_name,
             sources=[tt_source(sim.url, resources=resources, rate_limit="10/1s")],
         )
         async with running(config) as service:
             source = poll_source(service, "tt")
-            await wait_for(lambda: all(r.state == "ok" for r in source.resources), timeout=30, what="every resource polled")
+            await wait_for(
+                lambda: all(r.state == "ok" for r in source.resources),
+                timeout=30,
+                what="every resource polled",
+            )
             sim.force_429(1, retry_after=2)
             source.poll_now()
-            await wait_for(lambda: len(sim.ledger) >= 32 + 2 + 1 + 32 + 1, timeout=30, what="a second round")
+            await wait_for(
+                lambda: len(sim.ledger) >= 32 + 2 + 1 + 32 + 1, timeout=30, what="a second round"
+            )
         assert sim.max_in_window(1.0) <= 10
         silences = sim.silence_after(429)
         assert silences and min(silences) >= 2.0, silences
@@ -200,15 +232,20 @@ async def test_refusals_and_garbage(tmp_path: Path, broker_url: str, exchange_na
     """Bad key → unauthorized; 402 → subscription_invalid; 403 one resource forbidden, others go on; garbage quarantined."""
     async with TokenTerminalSimulator(projects=["aave", "comp"], chains=["ethereum"]) as sim:
         resources = [
-            {"endpoint": "project_metrics", "projects": [p], "metrics": ["fees"], "lookback": "1d"} for p in ("aave", "comp")
+            {"endpoint": "project_metrics", "projects": [p], "metrics": ["fees"], "lookback": "1d"}
+            for p in ("aave", "comp")
         ]
         config = make_config(
-            tmp_path, broker_url=broker_url, exchange=exchange_name,
+            tmp_path,
+            broker_url=broker_url,
+            exchange=exchange_name,
             sources=[tt_source(sim.url, resources=resources)],
         )
         async with tap(broker_url, f"{exchange_name}.quarantine") as q, running(config) as service:
             source = poll_source(service, "tt")
-            await wait_for(lambda: all(r.state == "ok" for r in source.resources), what="first polls")
+            await wait_for(
+                lambda: all(r.state == "ok" for r in source.resources), what="first polls"
+            )
             sim.forbid("comp")
             await poll_once(service, "tt")
             assert [r.state for r in source.resources] == ["ok", "forbidden"]
@@ -228,12 +265,16 @@ async def test_refusals_and_garbage(tmp_path: Path, broker_url: str, exchange_na
             assert not ready
 
 
-async def test_slow_server_does_not_pile_up(tmp_path: Path, broker_url: str, exchange_name: str) -> None:
+async def test_slow_server_does_not_pile_up(
+    tmp_path: Path, broker_url: str, exchange_name: str
+) -> None:
     """A server slower than the interval: one poll of a resource at a time, never a pile-up."""
     async with TokenTerminalSimulator(projects=["aave"], chains=["ethereum"]) as sim:
         sim.delay(0.6)
         config = make_config(
-            tmp_path, broker_url=broker_url, exchange=exchange_name,
+            tmp_path,
+            broker_url=broker_url,
+            exchange=exchange_name,
             sources=[tt_source(sim.url, interval="200ms")],
         )
         async with running(config):
@@ -246,7 +287,10 @@ async def test_poll_now_endpoint(tmp_path: Path, broker_url: str, exchange_name:
     key = "adm_" + "k" * 32
     async with TokenTerminalSimulator(projects=["aave"], chains=["ethereum"]) as sim:
         config = make_config(
-            tmp_path, broker_url=broker_url, exchange=exchange_name, sources=[tt_source(sim.url)],
+            tmp_path,
+            broker_url=broker_url,
+            exchange=exchange_name,
+            sources=[tt_source(sim.url)],
             admin={"api_keys": [{"key": key, "scopes": ["read", "write"]}]},
         )
         async with running(config) as service, aiohttp.ClientSession() as session:

@@ -350,8 +350,12 @@ def _two_hooks(tmp_path: Path, broker_url: str, exchange: str) -> dict[str, Any]
     data = config_data(tmp_path, broker_url=broker_url, exchange=exchange, sources=[])
     data["sources"] = [
         {**gst_file_source(), "signature": {"secrets": [WHSEC]}},
-        {**gst_file_source(), "name": "other", "path": "/webhooks/other",
-         "signature": {"secrets": [WHSEC]}},
+        {
+            **gst_file_source(),
+            "name": "other",
+            "path": "/webhooks/other",
+            "signature": {"secrets": [WHSEC]},
+        },
     ]
     data["admin"] = {"api_keys": [{"key": OLD_KEY, "scopes": ["read"]}]}
     return data

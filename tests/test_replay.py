@@ -477,8 +477,17 @@ async def test_a_replay_cut_off_says_how_far_it_got(
         path = tmp_path / "through-proxy.yaml"
         path.write_text(yaml.safe_dump(raw))
         cli = asyncio.create_task(
-            run_cli("replay", "--config", str(path), "--since", "2h", "--to-queue", queue,
-                    "--rate", "10")
+            run_cli(
+                "replay",
+                "--config",
+                str(path),
+                "--since",
+                "2h",
+                "--to-queue",
+                queue,
+                "--rate",
+                "10",
+            )
         )
         await asyncio.sleep(1.5)
         p.cut()

@@ -41,7 +41,8 @@ def badges(prefix: str, count: int) -> list[Entry]:
     now = time.time()
     return [
         event_entry(
-            source="gst", provider="getstoken",
+            source="gst",
+            provider="getstoken",
             event=Event(id=f"{prefix}{i}", type="getstoken.badge.issued", time=None, data=BADGE),
             received_at=now,
         )
@@ -81,7 +82,9 @@ async def test_server_that_never_answers_auth_does_not_end_the_service(
     """A stream server silent after the upgrade is retried; webhooks go on, the service lives."""
     async with mute_server() as ws_url, aiohttp.ClientSession() as session:
         config = make_config(
-            tmp_path, broker_url=broker_url, exchange=exchange_name,
+            tmp_path,
+            broker_url=broker_url,
+            exchange=exchange_name,
             sources=[gst_source(), lx_source(ws_url, open_timeout="300ms", subscriptions=[TRADE])],
         )
         async with running(config) as service:
@@ -116,7 +119,10 @@ async def test_event_that_cannot_be_enveloped_is_quarantined_and_passed(
                 ids = {i for ids in expected_ids_without_raw(sim).values() for i in ids}
                 await t.wait_ids(ids)
                 await wait_for(
-                    lambda s=source: s.state()["subscriptions"][0]["last_seq"] == sim.last_seq("trades", {"mint": MINT}),
+                    lambda s=source: (
+                        s.state()["subscriptions"][0]["last_seq"]
+                        == sim.last_seq("trades", {"mint": MINT})
+                    ),
                     what="the cursor past the bad event",
                 )
                 assert service.journal is not None
@@ -144,12 +150,16 @@ async def test_seq_past_64_bits_is_quarantined_not_a_rollback(
         aiohttp.ClientSession() as session,
     ):
         config = make_config(
-            tmp_path, broker_url=broker_url, exchange=exchange_name,
+            tmp_path,
+            broker_url=broker_url,
+            exchange=exchange_name,
             sources=[gst_source(), lx_source(sim.url, subscriptions=[TRADE])],
         )
         async with running(config) as service:
             source = stream_source(service)
-            await wait_for(lambda: source.status == "connected" and source.events_received > 5, what="events")
+            await wait_for(
+                lambda: source.status == "connected" and source.events_received > 5, what="events"
+            )
             sub_id = next(iter(sim._keys[f"trades?mint={MINT}"].subscribers))
             sender = Sender(session, f"http://127.0.0.1:{service.public_port}/webhooks/gst")
             posts = [asyncio.create_task(sender.post(gst_event())) for _ in range(100)]
@@ -200,7 +210,9 @@ async def test_signed_webhooks_that_cannot_be_enveloped_are_quarantined(
     tmp_path: Path, broker_url: str, exchange_name: str
 ) -> None:
     """A created_at past UTC's range and data nested 300 deep: 200 + quarantine, never 500."""
-    config = make_config(tmp_path, broker_url=broker_url, exchange=exchange_name, sources=[gst_source()])
+    config = make_config(
+        tmp_path, broker_url=broker_url, exchange=exchange_name, sources=[gst_source()]
+    )
     async with (
         running(config) as service,
         aiohttp.ClientSession() as session,
@@ -289,7 +301,10 @@ async def test_a_journal_read_that_fails_ends_a_publish_session_not_the_service(
     publisher's task ended, and with it the service.
     """
     config = make_config(
-        tmp_path, broker_url=broker_url, exchange=exchange_name, sources=[gst_source()],
+        tmp_path,
+        broker_url=broker_url,
+        exchange=exchange_name,
+        sources=[gst_source()],
         broker={"retry_initial": "100ms"},
     )
     entries = badges("evt_io_", 20)
@@ -328,7 +343,10 @@ async def test_an_exchange_deleted_while_running_is_declared_again(
     publish failed the same way until the connection dropped.
     """
     config = make_config(
-        tmp_path, broker_url=broker_url, exchange=exchange_name, sources=[gst_source()],
+        tmp_path,
+        broker_url=broker_url,
+        exchange=exchange_name,
+        sources=[gst_source()],
         broker={"retry_initial": "100ms", "archive": {"enabled": False}},
     )
     async with running(config) as service, aiohttp.ClientSession() as session:

@@ -48,7 +48,10 @@ def lx_source(url: str, **extra: Any) -> dict[str, Any]:
 def stream_config(tmp_path: Path, broker_url: str, exchange: str, url: str, **extra: Any) -> Config:
     journal = extra.pop("journal", {})
     return make_config(
-        tmp_path, broker_url=broker_url, exchange=exchange, sources=[lx_source(url, **extra)],
+        tmp_path,
+        broker_url=broker_url,
+        exchange=exchange,
+        sources=[lx_source(url, **extra)],
         journal={"path": str(tmp_path / "journal.db"), **journal},
     )
 
@@ -122,7 +125,10 @@ async def test_bad_key_backs_off_and_reports_unauthorized(
     """A refused key shows unauthorized and reconnects with growing delays, not in a hot loop."""
     async with Layerx402Simulator(api_keys={"other"}) as sim:
         config = stream_config(
-            tmp_path, broker_url, exchange_name, sim.url,
+            tmp_path,
+            broker_url,
+            exchange_name,
+            sim.url,
             reconnect={"initial": "100ms", "max": "800ms", "healthy_after": "5s"},
         )
         async with running(config) as service:
@@ -173,12 +179,17 @@ async def test_forbidden_channel_is_isolated(
             assert subs["trades"]["state"] == "active"
             assert {m.routing_key for m in t.messages} == {"layerx402.trade"}
             text = service.metrics.render().decode()
-            assert 'listener_subscription_failed{source="lx",subscription="portfolio?wallet=' in text
+            assert (
+                'listener_subscription_failed{source="lx",subscription="portfolio?wallet=' in text
+            )
 
 
 @pytest.mark.parametrize("how", ["reconnect", "live"])
 async def test_a_refused_subscription_is_asked_for_again(
-    tmp_path: Path, broker_url: str, exchange_name: str, how: str,
+    tmp_path: Path,
+    broker_url: str,
+    exchange_name: str,
+    how: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """
@@ -195,7 +206,8 @@ async def test_a_refused_subscription_is_asked_for_again(
 
             def portfolio() -> str:
                 return next(
-                    s["state"] for s in source.state()["subscriptions"]
+                    s["state"]
+                    for s in source.state()["subscriptions"]
                     if s["channel"] == "portfolio"
                 )
 
@@ -221,14 +233,27 @@ async def test_malformed_and_oversize_frames_are_quarantined(
             source = stream_source(service)
             await wait_for(lambda: source.status == "connected", what="connected")
             sim.send_raw("{not json")
-            sim.send_raw(orjson.dumps({"type": "event", "subscription": "nope", "channel": "trades", "seq": 1, "data": {}}).decode())
+            sim.send_raw(
+                orjson.dumps(
+                    {
+                        "type": "event",
+                        "subscription": "nope",
+                        "channel": "trades",
+                        "seq": 1,
+                        "data": {},
+                    }
+                ).decode()
+            )
             await q.wait_count(2)
             sim.inject_oversize(200_000)
             await q.wait_count(3)
             reasons = {m.headers["x-quarantine-reason"] for m in q.messages}
             assert {"invalid_json", "frame_too_large"} <= reasons
             before = len(t.messages)
-            await wait_for(lambda: source.status == "connected" and len(t.messages) > before + 20, what="stream goes on")
+            await wait_for(
+                lambda: source.status == "connected" and len(t.messages) > before + 20,
+                what="stream goes on",
+            )
 
 
 async def test_silent_stream_reconnects(
@@ -250,16 +275,25 @@ async def test_backpressure_pauses_reading_and_recovers(
     tmp_path: Path, broker_url: str, exchange_name: str
 ) -> None:
     """With the broker unreachable and the journal at its limit, reading stops; then all flows."""
-    async with Layerx402Simulator(rate=0, buffer_size=100_000) as sim, tap(broker_url, exchange_name) as t:
+    async with (
+        Layerx402Simulator(rate=0, buffer_size=100_000) as sim,
+        tap(broker_url, exchange_name) as t,
+    ):
         config = stream_config(
-            tmp_path, "amqp://guest:guest@127.0.0.1:1/", exchange_name, sim.url,
-            journal={"max_pending": 500}, journal_window=64,
+            tmp_path,
+            "amqp://guest:guest@127.0.0.1:1/",
+            exchange_name,
+            sim.url,
+            journal={"max_pending": 500},
+            journal_window=64,
         )
         async with running(config) as service:
             source = stream_source(service)
             assert service.journal is not None
             journal = service.journal
-            await wait_for(lambda: journal.over_limit() == "max_pending", timeout=20, what="journal full")
+            await wait_for(
+                lambda: journal.over_limit() == "max_pending", timeout=20, what="journal full"
+            )
             received = source.events_received
             await asyncio.sleep(0.5)  # a stopped reader stays stopped: nothing more is taken in
             assert source.events_received - received <= 64
@@ -276,7 +310,10 @@ async def test_backpressure_pauses_reading_and_recovers(
 
 @pytest.mark.parametrize("window", [1, 8])
 async def test_a_stalled_journal_holds_the_stream_to_its_window(
-    tmp_path: Path, broker_url: str, exchange_name: str, window: int,
+    tmp_path: Path,
+    broker_url: str,
+    exchange_name: str,
+    window: int,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """
@@ -294,9 +331,7 @@ async def test_a_stalled_journal_holds_the_stream_to_its_window(
 
     monkeypatch.setattr(Journal, "submit", counted)
     async with Layerx402Simulator(rate=200) as sim:
-        config = stream_config(
-            tmp_path, broker_url, exchange_name, sim.url, journal_window=window
-        )
+        config = stream_config(tmp_path, broker_url, exchange_name, sim.url, journal_window=window)
         async with running(config) as service:
             source = stream_source(service)
             await wait_for(lambda: source.events_received > 20, what="events flowing")
@@ -334,7 +369,10 @@ async def test_sigkill_mid_stream_resumes_from_stored_cursor(
             listener.kill()
             await listener.wait()
             await listener.start()
-            await wait_for(lambda: sum(1 for r in sim.requests if r.get("since_seq")) >= 1, what="since_seq resume")
+            await wait_for(
+                lambda: sum(1 for r in sim.requests if r.get("since_seq")) >= 1,
+                what="since_seq resume",
+            )
             await wait_for(lambda: len(t.messages) > 600, timeout=30, what="more events")
             sim.pause()
             every = {i for ids in expected_ids(sim).values() for i in ids}

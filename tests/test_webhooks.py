@@ -32,7 +32,9 @@ def gst_source(**signature: Any) -> dict[str, Any]:
 
 @pytest.fixture
 def config(tmp_path: Path, broker_url: str, exchange_name: str) -> Config:
-    return make_config(tmp_path, broker_url=broker_url, exchange=exchange_name, sources=[gst_source()])
+    return make_config(
+        tmp_path, broker_url=broker_url, exchange=exchange_name, sources=[gst_source()]
+    )
 
 
 @pytest.fixture
@@ -167,7 +169,9 @@ async def test_secret_rotation_accepts_both(
     """With two secrets configured, a webhook signed with either is accepted."""
     new = "whsec_" + "bmV3LXNlY3JldC1mb3Itcm90YXRpb24tMTIzNDU2Nzg="
     config = make_config(
-        tmp_path, broker_url=broker_url, exchange=exchange_name,
+        tmp_path,
+        broker_url=broker_url,
+        exchange=exchange_name,
         sources=[{**gst_source(), "signature": {"secrets": [WHSEC, new]}}],
     )
     async with running(config) as service:
@@ -198,7 +202,9 @@ async def test_other_schemes_end_to_end(
     if header:
         signature["header"] = header
     config = make_config(
-        tmp_path, broker_url=broker_url, exchange=exchange_name,
+        tmp_path,
+        broker_url=broker_url,
+        exchange=exchange_name,
         sources=[{**gst_source(), "signature": signature}],
     )
     async with running(config) as service:
@@ -212,7 +218,10 @@ async def test_body_limit(
 ) -> None:
     """A body over max_body gets 413, announced by Content-Length or sent chunked."""
     config = make_config(
-        tmp_path, broker_url=broker_url, exchange=exchange_name, sources=[gst_source()],
+        tmp_path,
+        broker_url=broker_url,
+        exchange=exchange_name,
+        sources=[gst_source()],
         http={"max_body": "1KiB"},
     )
     async with running(config) as service:
@@ -233,8 +242,11 @@ async def test_journal_full_is_503_with_retry_after(
 ) -> None:
     """Over the journal limit a webhook gets 503 UNAVAILABLE with Retry-After, nothing lost."""
     config = make_config(
-        tmp_path, broker_url="amqp://guest:guest@127.0.0.1:1/", exchange=exchange_name,
-        sources=[gst_source()], journal={"path": str(tmp_path / "j.db"), "max_pending": 2},
+        tmp_path,
+        broker_url="amqp://guest:guest@127.0.0.1:1/",
+        exchange=exchange_name,
+        sources=[gst_source()],
+        journal={"path": str(tmp_path / "j.db"), "max_pending": 2},
     )
     async with running(config) as service:
         sender = Sender(session, url(service))
@@ -316,7 +328,9 @@ async def test_readyz_and_metrics(
         async with session.get(f"{admin}/readyz") as response:
             body = await response.json()
             assert response.status == 200, body
-            assert body["broker"]["status"] == "ok" and body["sources"]["gst"]["status"] == "listening"
+            assert (
+                body["broker"]["status"] == "ok" and body["sources"]["gst"]["status"] == "listening"
+            )
         await Sender(session, url(service)).post(gst_event())
         await Sender(session, url(service)).post(b"nope")
         async with session.get(f"{admin}/healthz") as response:
@@ -334,7 +348,9 @@ async def test_readyz_and_metrics(
             assert name in text, name
 
     down = make_config(
-        tmp_path / "down", broker_url="amqp://guest:guest@127.0.0.1:1/", exchange=exchange_name,
+        tmp_path / "down",
+        broker_url="amqp://guest:guest@127.0.0.1:1/",
+        exchange=exchange_name,
         sources=[gst_source()],
     )
     async with running(down) as service:
@@ -349,7 +365,10 @@ async def test_slow_drip_body_is_cut_off(
 ) -> None:
     """A body that does not arrive within read_timeout frees the connection; nothing is accepted."""
     config = make_config(
-        tmp_path, broker_url=broker_url, exchange=exchange_name, sources=[gst_source()],
+        tmp_path,
+        broker_url=broker_url,
+        exchange=exchange_name,
+        sources=[gst_source()],
         http={"read_timeout": "300ms"},
     )
 

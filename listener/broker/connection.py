@@ -29,7 +29,7 @@ from aio_pika.connection import make_url
 from listener.broker.topology import raw_connection
 from listener.config import BrokerConfig, mask_url
 from listener.exceptions import BrokerUnreachable
-from listener.retry import backoff
+from listener.retry import backoff, stop_if_cancelled
 
 __all__ = ["close_quietly", "confirm_channel", "connect", "connect_retrying"]
 
@@ -65,6 +65,7 @@ async def connect_retrying(
         try:
             return await _attempt(config, name=name, start=start)
         except BrokerUnreachable as exc:
+            stop_if_cancelled(exc)
             delay = next(delays)
             on_failure(exc.__cause__ or exc, delay, attempt)
             await asyncio.sleep(delay)
@@ -93,6 +94,7 @@ async def _attempt(
             await close_quietly(connection, within=1.0)
             if not isinstance(exc, Exception):  # cancelled: closed, and on its way
                 raise
+            stop_if_cancelled(exc)
             # Any failure to connect is retried (aiormq raises many kinds).
             failure = BrokerUnreachable(mask_url(url), f"{type(exc).__name__}: {exc}")
             failure.__cause__ = exc

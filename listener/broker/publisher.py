@@ -49,7 +49,7 @@ from listener.config import BrokerConfig, mask_url
 from listener.exceptions import JournalError, PublishNacked, PublishTimeout
 from listener.journal import Journal
 from listener.metrics import Metrics
-from listener.retry import backoff
+from listener.retry import backoff, stop_if_cancelled
 
 __all__ = ["Publisher"]
 
@@ -142,6 +142,7 @@ class Publisher:
             await self._connect()
             delays = backoff(self._config.retry_initial, self._config.retry_max)
             while True:
+                stop_if_cancelled()
                 if self._lost or not self.connected:
                     await self._reconnect()
                 if await self._session():  # healthy
@@ -197,6 +198,7 @@ class Publisher:
                 channel = await confirm_channel(connection, self._config.connect_timeout * 2)
                 break
             except Exception as exc:  # a channel that cannot open: start over
+                stop_if_cancelled(exc)
                 failed(exc, delay := next(delays), 2)
                 await close_quietly(connection)
                 await asyncio.sleep(delay)

@@ -19,6 +19,7 @@ import yaml
 from listener.cli.common import CONFIG_OPTION, load_or_exit
 from listener.config_loader import config_path, render_config, secret_values
 from listener.exceptions import JournalCorrupt, JournalLocked
+from listener.hangups import hung_up
 from listener.logs import configure_logging
 from listener.loop import run_async
 from listener.memory import settle_heap
@@ -78,7 +79,7 @@ def run(config_file: Path | None) -> None:
     service = Service(config, config_file=config_path(config_file))
 
     async def serve() -> None:
-        service.install_signal_handlers()
+        service.install_signal_handlers(hung_up=hung_up())
         running = asyncio.create_task(service.run())
         started = asyncio.create_task(service.started.wait())
         await asyncio.wait({running, started}, return_when=asyncio.FIRST_COMPLETED)
@@ -94,6 +95,17 @@ def run(config_file: Path | None) -> None:
         # one line, no traceback.
         click.echo(f"listener: cannot start: {exc}", err=True)
         sys.exit(2)
-    except OSError as exc:
-        click.echo(f"listener: cannot start: {exc}", err=True)
+    except (OSError, ExceptionGroup) as exc:
+        # A port in use fails a task of the service's TaskGroup: it arrives grouped.
+        error = _first_os_error(exc)
+        if error is None:
+            raise
+        click.echo(f"listener: cannot start: {error}", err=True)
         sys.exit(1)
+
+
+def _first_os_error(exc: BaseException) -> OSError | None:
+    if isinstance(exc, BaseExceptionGroup):
+        found = (_first_os_error(e) for e in exc.exceptions)
+        return next((e for e in found if e is not None), None)
+    return exc if isinstance(exc, OSError) else None

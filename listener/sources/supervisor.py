@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import structlog
 
 from listener.metrics import Metrics
-from listener.retry import backoff
+from listener.retry import backoff, stop_if_cancelled
 
 __all__ = ["HEALTHY_AFTER", "SourceRuntime", "supervised"]
 
@@ -60,7 +60,8 @@ async def supervised(
             await source.run()
         except asyncio.CancelledError:
             raise
-        except Exception:  # the supervisor's job: log, count, restart (never swallow silently)
+        except Exception as exc:  # the supervisor's job: log, count, restart (never silently)
+            stop_if_cancelled(exc)
             errors.inc()
             if time.monotonic() - started >= HEALTHY_AFTER:
                 delays = backoff(initial, maximum)

@@ -27,19 +27,28 @@ pytestmark = [pytest.mark.chaos, pytest.mark.usefixtures("cleanup_topology")]
 
 def acknowledge_journal(book: Ledger, journal: Path, source: str) -> int:
     """Acknowledge every event the listener journaled for ``source``; return how many."""
-    ids = [event for (src, event), (kind, _) in journal_outcomes(journal).items() if src == source and kind == "event"]
+    ids = [
+        event
+        for (src, event), (kind, _) in journal_outcomes(journal).items()
+        if src == source and kind == "event"
+    ]
     book.acknowledge(source, ids)
     return len(ids)
 
 
 def tt_resources(projects: list[str]) -> list[dict[str, Any]]:
-    return [{"endpoint": "project_metrics", "projects": [p], "metrics": ["fees"], "lookback": "2d"} for p in projects]
+    return [
+        {"endpoint": "project_metrics", "projects": [p], "metrics": ["fees"], "lookback": "2d"}
+        for p in projects
+    ]
 
 
 async def wait_until_polled(source: Any, rows: int, service: Any, timeout: float = 60) -> int:
     """Wait until every resource of ``source`` polled well and the journal drained."""
     await wait_for(
-        lambda: all(r.state == "ok" for r in source.resources) and service.journal.pending_count == 0,
+        lambda: (
+            all(r.state == "ok" for r in source.resources) and service.journal.pending_count == 0
+        ),
         timeout=timeout,
         what="every resource polled and published",
     )
@@ -47,16 +56,22 @@ async def wait_until_polled(source: Any, rows: int, service: Any, timeout: float
 
 
 @pytest.mark.timeout(120)
-async def test_provider_429_storm(tmp_path: Path, broker_url: str, exchange_name: str, chaos_run: str) -> None:
+async def test_provider_429_storm(
+    tmp_path: Path, broker_url: str, exchange_name: str, chaos_run: str
+) -> None:
     """A 429 storm: the source pauses as told, never goes over budget, and every row arrives once."""
     projects = [f"p{i}" for i in range(20)]
     async with (
-        ledger(broker_url, exchange_name, scenario="poll: provider 429 storm", run=chaos_run) as book,
+        ledger(
+            broker_url, exchange_name, scenario="poll: provider 429 storm", run=chaos_run
+        ) as book,
         TokenTerminalSimulator(projects=projects, chains=["ethereum"], rate_limit=(40, 2.0)) as sim,
     ):
         sim.force_429(seconds=3.0, retry_after=1)
         config = make_config(
-            tmp_path, broker_url=broker_url, exchange=exchange_name,
+            tmp_path,
+            broker_url=broker_url,
+            exchange=exchange_name,
             sources=[tt_source(sim.url, resources=tt_resources(projects), rate_limit="20/1s")],
         )
         async with running(config) as service:
@@ -66,7 +81,11 @@ async def test_provider_429_storm(tmp_path: Path, broker_url: str, exchange_name
         journaled = acknowledge_journal(book, tmp_path / "journal.db", "tt")
         assert journaled == len(projects) * 3  # one event per row: no new id for a retry
         silences = sim.silence_after(429)
-        book.note(requests=len(sim.ledger), answered_429=sim.statuses().count(429), min_silence_s=round(min(silences), 2))
+        book.note(
+            requests=len(sim.ledger),
+            answered_429=sim.statuses().count(429),
+            min_silence_s=round(min(silences), 2),
+        )
         assert min(silences) >= 1.0, silences
         assert sim.max_in_window(1.0) <= 20
         verdict = await book.check()
@@ -74,16 +93,26 @@ async def test_provider_429_storm(tmp_path: Path, broker_url: str, exchange_name
 
 
 @pytest.mark.timeout(120)
-async def test_provider_502_redeploy(tmp_path: Path, broker_url: str, exchange_name: str, chaos_run: str) -> None:
+async def test_provider_502_redeploy(
+    tmp_path: Path, broker_url: str, exchange_name: str, chaos_run: str
+) -> None:
     """502s while the provider redeploys are retried within the poll; every row arrives once."""
     async with (
-        ledger(broker_url, exchange_name, scenario="poll: provider 502 redeploy", run=chaos_run) as book,
+        ledger(
+            broker_url, exchange_name, scenario="poll: provider 502 redeploy", run=chaos_run
+        ) as book,
         TerrapinSimulator(isins=generate_isins(300, seed=5), rate_limit=None) as sim,
     ):
         sim.fail_next(4, status=502)
         config = make_config(
-            tmp_path, broker_url=broker_url, exchange=exchange_name,
-            sources=[bonds_source(sim.url, generate_isins(300, seed=5), batch_size=50, rate_limit="600/1m")],
+            tmp_path,
+            broker_url=broker_url,
+            exchange=exchange_name,
+            sources=[
+                bonds_source(
+                    sim.url, generate_isins(300, seed=5), batch_size=50, rate_limit="600/1m"
+                )
+            ],
         )
         async with running(config) as service:
             source = poll_source(service, "bonds")
@@ -97,7 +126,9 @@ async def test_provider_502_redeploy(tmp_path: Path, broker_url: str, exchange_n
 
 
 @pytest.mark.timeout(120)
-async def test_slow_provider(tmp_path: Path, broker_url: str, exchange_name: str, chaos_run: str) -> None:
+async def test_slow_provider(
+    tmp_path: Path, broker_url: str, exchange_name: str, chaos_run: str
+) -> None:
     """A provider slower than the interval: one poll per resource at a time, nothing piles up or is lost."""
     projects = ["aave", "comp", "uni"]
     async with (
@@ -106,7 +137,9 @@ async def test_slow_provider(tmp_path: Path, broker_url: str, exchange_name: str
     ):
         sim.delay(0.8)
         config = make_config(
-            tmp_path, broker_url=broker_url, exchange=exchange_name,
+            tmp_path,
+            broker_url=broker_url,
+            exchange=exchange_name,
             sources=[tt_source(sim.url, resources=tt_resources(projects), interval="300ms")],
         )
         async with running(config) as service:
@@ -122,7 +155,9 @@ async def test_slow_provider(tmp_path: Path, broker_url: str, exchange_name: str
 
 
 @pytest.mark.timeout(180)
-async def test_sigkill_mid_poll(tmp_path: Path, broker_url: str, exchange_name: str, chaos_run: str) -> None:
+async def test_sigkill_mid_poll(
+    tmp_path: Path, broker_url: str, exchange_name: str, chaos_run: str
+) -> None:
     """SIGKILL of a real listener in the middle of a poll, restart: nothing lost, no change published under a new id."""
     isins = generate_isins(2000, seed=11)
     async with (
@@ -148,14 +183,19 @@ async def test_sigkill_mid_poll(tmp_path: Path, broker_url: str, exchange_name: 
 
             def done() -> bool:
                 rows = journal_outcomes(tmp_path / "journal.db")
-                events = [k for k, (kind, status) in rows.items() if k[0] == "bonds" and kind == "event"]
+                events = [
+                    k for k, (kind, status) in rows.items() if k[0] == "bonds" and kind == "event"
+                ]
                 return len(events) >= len(isins) and all(rows[k][1] for k in events)
 
             await wait_for(done, timeout=90, what="every ISIN journaled and published")
             book.fault_cleared()
             journaled = acknowledge_journal(book, tmp_path / "journal.db", "bonds")
             assert journaled == len(isins)  # one event per ISIN, across the kill and the restart
-            book.note(requests_before_kill=killed_after, recover_poll_s=round(time.monotonic() - started, 2))
+            book.note(
+                requests_before_kill=killed_after,
+                recover_poll_s=round(time.monotonic() - started, 2),
+            )
             verdict = await book.check(timeout=60)
             assert verdict.extra == 0, verdict
         finally:

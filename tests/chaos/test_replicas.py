@@ -92,9 +92,11 @@ class Replicas:
             for held, p in zip(self.held, self.processes, strict=True)
             if p.proc and p.proc.returncode is None
         ]
-        return self.counts() == [1, 1, 1] and max(len(h) for h in live) - min(
-            len(h) for h in live
-        ) <= 1 and sum(len(h) for h in live) == 3
+        return (
+            self.counts() == [1, 1, 1]
+            and max(len(h) for h in live) - min(len(h) for h in live) <= 1
+            and sum(len(h) for h in live) == 3
+        )
 
     def holder_of(self, unit: str) -> int:
         return next(i for i, held in enumerate(self.held) if unit in held)

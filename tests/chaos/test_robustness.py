@@ -36,7 +36,6 @@ from tests.webhook_sender import Sender, gst_event
 pytestmark = [pytest.mark.chaos, pytest.mark.usefixtures("cleanup_topology")]
 
 
-
 async def stream_caught_up(service: Any, sim: Layerx402Simulator, name: str) -> None:
     """Wait until the journaled cursor of every key reached what the simulator produced."""
     assert service.journal is not None
@@ -55,13 +54,17 @@ async def test_hostile_stream_peers_beside_webhooks(
 ) -> None:
     """A mute stream server and a poison event never end the process; nothing acknowledged is lost."""
     async with (
-        ledger(broker_url, exchange_name, scenario="hostile stream peers + webhooks", run=chaos_run) as book,
+        ledger(
+            broker_url, exchange_name, scenario="hostile stream peers + webhooks", run=chaos_run
+        ) as book,
         mute_server() as mute_url,
         Layerx402Simulator(rate=200) as sim,
     ):
         mute = {**lx_source(mute_url, open_timeout="300ms", subscriptions=[TRADE]), "name": "mute"}
         config = make_config(
-            tmp_path, broker_url=broker_url, exchange=exchange_name,
+            tmp_path,
+            broker_url=broker_url,
+            exchange=exchange_name,
             sources=[gst_source(), mute, lx_source(sim.url, subscriptions=[TRADE])],
         )
         async with running(config) as service:
@@ -90,11 +93,17 @@ async def test_unroutable_type_under_load(
 ) -> None:
     """One type no binding takes: the rest arrive once, pending drains; the rest arrive once bound."""
     async with ledger(
-        broker_url, exchange_name, scenario="one unroutable type under load", run=chaos_run,
+        broker_url,
+        exchange_name,
+        scenario="one unroutable type under load",
+        run=chaos_run,
         routing_key="getstoken.badge.#",
     ) as book:
         config = make_config(
-            tmp_path, broker_url=broker_url, exchange=exchange_name, sources=[gst_source()],
+            tmp_path,
+            broker_url=broker_url,
+            exchange=exchange_name,
+            sources=[gst_source()],
             broker={"archive": {"enabled": False}},
         )
         async with running(config) as service, aiohttp.ClientSession() as session:
@@ -123,7 +132,11 @@ async def test_unroutable_type_under_load(
 
 @pytest.mark.timeout(120)
 async def test_intermittent_commit_failures(
-    tmp_path: Path, broker_url: str, exchange_name: str, chaos_run: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    broker_url: str,
+    exchange_name: str,
+    chaos_run: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Every 7th group commit fails under stream and webhook load: no cursor skips, nothing lost."""
     calls = 0
@@ -138,11 +151,15 @@ async def test_intermittent_commit_failures(
 
     monkeypatch.setattr("listener.journal.store.commit", flaky)
     async with (
-        ledger(broker_url, exchange_name, scenario="intermittent commit failures", run=chaos_run) as book,
+        ledger(
+            broker_url, exchange_name, scenario="intermittent commit failures", run=chaos_run
+        ) as book,
         Layerx402Simulator(rate=300, buffer_size=50_000) as sim,
     ):
         config = make_config(
-            tmp_path, broker_url=broker_url, exchange=exchange_name,
+            tmp_path,
+            broker_url=broker_url,
+            exchange=exchange_name,
             sources=[gst_source(), lx_source(sim.url, subscriptions=[TRADE], journal_window=16)],
             http={"retry_after": 1},
         )
@@ -178,7 +195,9 @@ async def test_two_daemons_on_one_journal(
     second_dir = tmp_path / "second"
     second_dir.mkdir()
     second = ListenerProcess(second_dir, config)
-    async with ledger(broker_url, exchange_name, scenario="two daemons, one journal", run=chaos_run) as book:
+    async with ledger(
+        broker_url, exchange_name, scenario="two daemons, one journal", run=chaos_run
+    ) as book:
         try:
             await first.start()
             async with load(f"{first.webhook_url}/webhooks/gst", book, prefix="two") as traffic:

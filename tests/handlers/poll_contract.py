@@ -86,7 +86,6 @@ json_values = st.recursive(
 )
 
 
-
 def dumps(value: Any) -> bytes:
     """JSON with Decimals written as their exact digits (for bodies built in tests)."""
     return respell(value, indent=None).encode()

@@ -43,7 +43,12 @@ RELEASE = {
 }
 ISSUES = {
     "action": "opened",
-    "issue": {"id": 1347, "number": 7, "title": "Found a bug", "updated_at": "2026-11-22T12:00:00Z"},
+    "issue": {
+        "id": 1347,
+        "number": 7,
+        "title": "Found a bug",
+        "updated_at": "2026-11-22T12:00:00Z",
+    },
     "repository": REPO,
 }
 PING = orjson.dumps({"zen": "Keep it logically awesome.", "hook_id": 1})

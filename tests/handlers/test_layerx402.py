@@ -162,7 +162,9 @@ def test_auth_ok() -> None:
     [
         (
             '{"type": "error", "code": "UNAUTHORIZED", "message": "invalid api key"}',
-            ErrorFrame(id=None, code="UNAUTHORIZED", message="invalid api key", kind="unauthorized"),
+            ErrorFrame(
+                id=None, code="UNAUTHORIZED", message="invalid api key", kind="unauthorized"
+            ),
         ),
         (
             '{"type": "error", "id": "r1", "code": "FORBIDDEN", "message": "no access"}',
@@ -170,15 +172,25 @@ def test_auth_ok() -> None:
         ),
         (
             '{"type": "error", "id": "r2", "code": "INVALID_PARAMS", "message": "mint missing"}',
-            ErrorFrame(id="r2", code="INVALID_PARAMS", message="mint missing", kind="invalid_params"),
+            ErrorFrame(
+                id="r2", code="INVALID_PARAMS", message="mint missing", kind="invalid_params"
+            ),
         ),
         (
             '{"type": "error", "code": "RATE_LIMITED", "message": "slow down", "retry_after": 2.5}',
-            ErrorFrame(id=None, code="RATE_LIMITED", message="slow down", retry_after=2.5, kind="rate_limited"),
+            ErrorFrame(
+                id=None,
+                code="RATE_LIMITED",
+                message="slow down",
+                retry_after=2.5,
+                kind="rate_limited",
+            ),
         ),
         (
             '{"type": "error", "code": "RATE_LIMITED", "retry_after": 3}',
-            ErrorFrame(id=None, code="RATE_LIMITED", message="", retry_after=3.0, kind="rate_limited"),
+            ErrorFrame(
+                id=None, code="RATE_LIMITED", message="", retry_after=3.0, kind="rate_limited"
+            ),
         ),
     ],
 )
@@ -191,7 +203,9 @@ def test_error_frames(raw: str, expected: ErrorFrame) -> None:
 def test_error_frame_with_off_spec_retry_after_keeps_its_code(retry_after: Any) -> None:
     """An off-spec retry_after is dropped, but the error's code is kept."""
     raw = orjson.dumps({"type": "error", "code": "RATE_LIMITED", "retry_after": retry_after})
-    assert parse_frame(raw) == ErrorFrame(id=None, code="RATE_LIMITED", message="", kind="rate_limited")
+    assert parse_frame(raw) == ErrorFrame(
+        id=None, code="RATE_LIMITED", message="", kind="rate_limited"
+    )
 
 
 def test_subscribed() -> None:
@@ -615,7 +629,10 @@ class TestLayerx402Contract(StreamProviderContract):
     control_frames: ClassVar[list[tuple[bytes, type]]] = [
         (b'{"type": "auth_ok"}', AuthOk),
         (b'{"type": "ping", "ts": 1}', Ping),
-        (b'{"type": "subscribed", "id": "r1", "channel": "trades", "subscription": "s"}', Subscribed),
+        (
+            b'{"type": "subscribed", "id": "r1", "channel": "trades", "subscription": "s"}',
+            Subscribed,
+        ),
         (b'{"type": "unsubscribed", "id": "r1", "subscription": "s"}', Unsubscribed),
         (b'{"type": "error", "code": "UNAUTHORIZED", "message": "no"}', ErrorFrame),
         (b'{"type": "error", "id": "r1", "code": "FORBIDDEN", "message": "no"}', ErrorFrame),

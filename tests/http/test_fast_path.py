@@ -225,9 +225,7 @@ async def test_a_body_split_across_reads_is_put_together(
         assert parses == 2  # the part without the whole head, and the one that ended it
 
 
-async def dripped_until_closed(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-) -> float:
+async def dripped_until_closed(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> float:
     """Send a byte now and then until the server closes; the seconds that took (< 2)."""
     loop = asyncio.get_running_loop()
     started = loop.time()

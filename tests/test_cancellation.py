@@ -1,0 +1,87 @@
+"""
+A cancellation that a library swallows does not leave a retry loop running: Python
+3.11's ``asyncio.wait_for`` (inside aio-pika and aiormq) raises the awaited operation's
+own error instead of ``CancelledError`` when both come at once. The publisher's connect
+loop then retried the broker for ever, and the service's TaskGroup waited for it: a
+daemon whose port was taken never exited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aio_pika
+import pytest
+from pydantic import SecretStr
+
+from listener.broker.connection import connect_retrying
+from listener.config import BrokerConfig
+from listener.metrics import Metrics
+from listener.retry import stop_if_cancelled
+from listener.sources.supervisor import supervised
+
+
+async def swallowing_connect(*_: Any, **__: Any) -> None:
+    """What wait_for does when the connect fails as the cancel lands: the error, not the cancel."""
+    try:
+        await asyncio.sleep(30)
+    except asyncio.CancelledError:
+        raise ConnectionRefusedError(111, "Connection refused") from None
+
+
+async def test_the_broker_connect_loop_stops_when_cancelled_even_if_the_cancel_was_swallowed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(aio_pika.Connection, "connect", swallowing_connect)
+    config = BrokerConfig(
+        url=SecretStr("amqp://guest:guest@127.0.0.1:1/"), retry_initial=0.01, retry_max=0.01
+    )
+    failures: list[BaseException] = []
+    task = asyncio.create_task(
+        connect_retrying(config, name="test", on_failure=lambda e, *_: failures.append(e))
+    )
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, timeout=5)  # (before: still retrying after 5 s)
+    assert failures == []  # the swallowed cancel is not counted as a failed attempt
+
+
+async def test_a_supervised_source_whose_cancel_became_an_error_is_not_restarted() -> None:
+    runs = 0
+
+    class Source:
+        name = "swallower"
+
+        async def run(self) -> None:
+            nonlocal runs
+            runs += 1
+            await swallowing_connect()
+
+    task = asyncio.create_task(supervised(Source(), metrics=Metrics(), initial=0.01))  # type: ignore[arg-type]  # a SourceRuntime in all the supervisor uses
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, timeout=5)
+    assert runs == 1
+
+
+async def test_stop_if_cancelled_raises_only_for_a_task_asked_to_stop() -> None:
+    stop_if_cancelled()  # not asked: nothing
+    asked = asyncio.Event()
+
+    async def loop() -> None:
+        while True:
+            try:
+                await swallowing_connect()
+            except ConnectionRefusedError as exc:
+                asked.set()
+                stop_if_cancelled(exc)
+
+    task = asyncio.create_task(loop())
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, timeout=5)
+    assert asked.is_set()
