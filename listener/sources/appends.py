@@ -16,6 +16,8 @@ import collections
 import functools
 import time
 
+import structlog
+
 from handlers import Event, Quarantine
 from listener.envelope import Entry
 from listener.exceptions import JournalError
@@ -24,6 +26,8 @@ from listener.sources.intake import Intake
 from listener.sources.websocket_policy import Subscription
 
 __all__ = ["Appends"]
+
+log = structlog.get_logger("listener.streams")
 
 
 class Appends:
@@ -45,27 +49,54 @@ class Appends:
         self.error = None
 
     def event(
-        self, sub: Subscription, seq: int, result: Event | Quarantine, payload: bytes, now: float
+        self,
+        sub: Subscription,
+        seq: int | None,
+        result: Event | Quarantine,
+        payload: bytes,
+        now: float,
     ) -> None:
-        """Journal one event frame's result with its subscription's cursor."""
+        """
+        Journal one event frame's result with its subscription's cursor at ``seq``
+        (``None``: a frame at or below the cursor, which stays).
+        """
         entry = self.intake.build(result, raw=payload, received_at=now)
+        if seq is None:
+            future = self._journal.submit([entry])
+            future.add_done_callback(functools.partial(self._appended, entry, None, None))
+            self._in_flight.append(future)
+            return
         cursor = Cursor(self._source, sub.key, seq, prev=sub.last_seq)
         sub.last_seq = seq
         future = self._journal.submit([entry], cursors=[cursor])
         future.add_done_callback(functools.partial(self._appended, entry, sub, seq))
         self._in_flight.append(future)
 
-    def quarantine(self, payload: bytes, verdict: Quarantine) -> None:
+    def quarantine(self, payload: bytes, verdict: Quarantine, *, keep: int | None = None) -> None:
         """
-        Journal input that is no event of a subscription (no cursor moves).
+        Journal input that is no event of a subscription (no cursor moves); of a payload
+        over ``keep`` bytes (taken on a raised frame limit), its head.
 
         Raises:
             JournalFull: the journal is over its limit.
         """
+        if keep is not None and len(payload) > keep:
+            detail = f"{verdict.detail}; the first {keep} of {len(payload)} bytes kept"
+            payload, verdict = payload[:keep], Quarantine(verdict.reason, detail)
         entry = self.intake.build(verdict, raw=payload, received_at=time.time())
         future = self._journal.submit([entry])
         future.add_done_callback(functools.partial(self._appended, entry, None, None))
         self._in_flight.append(future)
+
+    def refused(self, size: int, max_size: int) -> None:
+        """Keep a record of a frame over ``size`` bytes the connection refused (1009)."""
+        now = time.time()
+        detail = f"a frame over {size} bytes was refused (max_size {max_size})"
+        payload = f'{{"error": "frame_too_large", "max_size": {size}, "at": {now}}}'.encode()
+        try:
+            self.quarantine(payload, Quarantine("frame_too_large", detail))
+        except JournalError as exc:
+            log.warning("stream_quarantine_failed", source=self._source, error=str(exc))
 
     def _appended(
         self,

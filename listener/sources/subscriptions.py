@@ -111,15 +111,29 @@ class Subscriptions:
 
     def fresh(self, sub: Subscription, seq: int) -> bool:
         """
-        Whether ``seq`` is new for ``sub``: not a resend at or below the last position
-        handed to the journal. A jump past the next one is a gap (the server could not
-        resend what is missing): counted and logged with the range.
+        Whether ``seq`` moves ``sub``'s cursor: above the last position handed to the
+        journal. A jump past the next one is a gap (the server could not resend what is
+        missing): counted and logged with the range. One at or below it is a resend (the
+        journal drops it by its id) or a server numbering again from lower down (a reset,
+        or after a wild jump): its event is journaled all the same, and the first such
+        frame is logged. Dropping them blinded the subscription for good.
         """
         last = sub.last_seq
         if last is None:
             return True
         if seq <= last:
+            if not sub.behind:
+                sub.behind = True
+                log.warning(
+                    "stream_seq_behind",
+                    source=self._source,
+                    subscription=sub.key,
+                    seq=seq,
+                    last_seq=last,
+                    note="journaled without moving the cursor; duplicates are dropped by id",
+                )
             return False
+        sub.behind = False
         if seq > last + 1:
             missing = seq - last - 1
             self._metrics.stream_gaps.labels(self._source, sub.key).inc(missing)
@@ -136,8 +150,10 @@ class Subscriptions:
     def subscribed(self, frame: Subscribed) -> None:
         """The server acknowledged a subscribe."""
         sub = self._by_request.get(frame.id)
-        if sub is None:
-            return
+        if sub is None or (sub.state == "active" and sub.server_id == frame.subscription):
+            return  # (an ack again: nothing new)
+        if sub.server_id is not None:  # acked under another id: only the last one holds
+            self._by_server.pop(sub.server_id, None)
         sub.state = "active"
         sub.server_id = frame.subscription
         sub.last_heard = time.monotonic()

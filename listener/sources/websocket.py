@@ -14,8 +14,9 @@ Appends are pipelined (``journal_window`` in flight) so one fsync covers many fr
 
 A frame over ``max_size`` closes the connection (1009): a record of it is
 quarantined, and the next connections take frames up to 4, 16, ... times the limit
-(at most 64), so a retained event the server sends first after every reconnect is
-received once, quarantined with its head as ``frame_too_large``, and passed.
+(at most 64) until one is taken, so a retained event the server sends first after
+every reconnect is received once, quarantined with its head as ``frame_too_large``,
+and passed; the limit is then ``max_size`` again. Nothing kept is over ``max_size``.
 
 Backpressure: over the journal's limit the socket is not read (websockets' bounded
 ``max_queue`` pushes back to TCP); a drop meanwhile resumes with ``since_seq``.
@@ -208,8 +209,9 @@ class StreamSource:
         self._config = config.model_copy(update={"subscriptions": self._config.subscriptions})
 
     def _grow_max_size(self) -> None:
-        # Whatever comes next, a frame was refused: keep a record of it for operators.
-        self._quarantine_oversize()
+        # Whatever comes next, a frame was refused: keep a record of it for operators (the
+        # frame never reached us; a retained event comes again after since_seq).
+        self._appends.refused(self._max_size, self._config.max_size)
         cap = self._config.max_size * OVERSIZE_CAP_FACTOR
         grown = min(self._max_size * OVERSIZE_GROWTH, cap)
         if grown == self._max_size:
@@ -345,8 +347,6 @@ class StreamSource:
             frame = self._provider.parse_frame(raw)
             if isinstance(frame, EventFrame):
                 self._on_event(frame, raw)
-                if len(self._appends) >= window:
-                    await self._appends.settle_some(max(window // 2, 1))
             elif isinstance(frame, Ping):
                 await ws.send(self._provider.pong_frame(frame.ts))
             elif isinstance(frame, Subscribed):
@@ -357,7 +357,12 @@ class StreamSource:
                 self._subs.unsubscribed(frame.subscription)
             elif isinstance(frame, Unparseable):
                 self._keep_quarantined(raw, frame.verdict)
-            # AuthOk again: harmless, ignored.
+            # AuthOk again: harmless, ignored. Quarantined input counts in the window too:
+            # a flood of junk frames queued appends without end (2 GB in 45 s).
+            if len(self._appends) >= window:
+                await self._appends.settle_some(max(window // 2, 1))
+            if len(raw) > self._config.max_size:  # taken on a raised limit: once is enough
+                self._max_size = ws.protocol.max_message_size = self._config.max_size
 
     def _on_event(self, frame: EventFrame, raw: str | bytes) -> None:
         sub = self._subs.find(frame)
@@ -367,8 +372,7 @@ class StreamSource:
                 Quarantine("unknown_subscription", f"no subscription {frame.subscription[:64]!r}"),
             )
             return
-        if not self._subs.fresh(sub, frame.seq):
-            return  # already journaled (a resend after since_seq)
+        seq = frame.seq if self._subs.fresh(sub, frame.seq) else None  # (None: behind)
         now = time.time()
         payload = raw.encode() if isinstance(raw, str) else raw
         result = frame.result
@@ -383,23 +387,11 @@ class StreamSource:
             payload = payload[: self._config.max_size]
         sub.last_event_at = now
         sub.last_heard = time.monotonic()
-        self._appends.event(sub, frame.seq, result, payload, now)
+        self._appends.event(sub, seq, result, payload, now)
 
     def _keep_quarantined(self, raw: str | bytes, verdict: Quarantine) -> None:
-        self._appends.quarantine(raw.encode() if isinstance(raw, str) else raw, verdict)
-
-    def _quarantine_oversize(self) -> None:
-        # The frame itself never reached us (websockets refuses it past the limit and
-        # closes 1009): keep a record of it. A retained event comes again after
-        # since_seq, to a connection that takes it (then quarantined with its head).
-        now = time.time()
-        size = self._max_size
-        detail = f"a frame over {size} bytes was refused (max_size {self._config.max_size})"
-        payload = f'{{"error": "frame_too_large", "max_size": {size}, "at": {now}}}'.encode()
-        try:
-            self._appends.quarantine(payload, Quarantine("frame_too_large", detail))
-        except JournalError as exc:
-            log.warning("stream_quarantine_failed", source=self.name, error=str(exc))
+        payload = raw.encode() if isinstance(raw, str) else raw
+        self._appends.quarantine(payload, verdict, keep=self._config.max_size)
 
     async def _goodbye(self, ws: ClientConnection) -> None:
         """On shutdown: unsubscribe and close, briefly (CONTRACT §8)."""

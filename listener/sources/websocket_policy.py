@@ -61,8 +61,9 @@ class Subscription:
     request_id: str
     state: SubState = "pending"
     server_id: str | None = None
-    # The last seq handed to the journal on this connection (resends at or below it
-    # are skipped), and the last one known to be on disk (what a reconnect asks after).
+    # The last seq handed to the journal on this connection (frames at or below it do
+    # not move the cursor), and the last one known to be on disk (what a reconnect asks
+    # after).
     last_seq: int | None = None
     durable_seq: int | None = None
     last_event_at: float | None = None
@@ -70,6 +71,7 @@ class Subscription:
     last_heard: float = 0.0
     error: str | None = None
     refused_at: float = 0.0  # monotonic clock of the last FORBIDDEN
+    behind: bool = False  # frames at or below last_seq arrive (logged once)
 
     def view(self) -> dict[str, Any]:
         return {
