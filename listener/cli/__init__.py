@@ -18,7 +18,7 @@ import yaml
 
 from listener.cli.common import CONFIG_OPTION, load_or_exit
 from listener.config_loader import config_path, render_config, secret_values
-from listener.exceptions import JournalCorrupt, JournalLocked
+from listener.exceptions import JournalError
 from listener.hangups import hung_up
 from listener.logs import configure_logging
 from listener.loop import run_async
@@ -90,10 +90,11 @@ def run(config_file: Path | None) -> None:
 
     try:
         run_async(serve)
-    except (JournalLocked, JournalCorrupt) as exc:
-        # The operator must act (stop the other daemon, move the file aside): exit 2,
-        # one line, no traceback.
-        click.echo(f"listener: cannot start: {exc}", err=True)
+    except JournalError as exc:
+        # The operator must act (stop the other daemon, move a damaged file aside, let
+        # the daemon write its journal): exit 2, one line, no traceback.
+        started = "" if service.started.is_set() else "cannot start: "
+        click.echo(f"listener: {started}{exc}", err=True)
         sys.exit(2)
     except (OSError, ExceptionGroup) as exc:
         # A port in use fails a task of the service's TaskGroup: it arrives grouped.

@@ -11,10 +11,11 @@ import asyncio
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, TypeVar
 
-from listener.exceptions import JournalError
-from listener.journal.schema import COLUMNS, Status, StoredEntry, row_to_entry
+from listener.exceptions import JournalCorrupt, JournalError
+from listener.journal.schema import COLUMNS, Status, StoredEntry, is_corrupt, row_to_entry
 
 __all__ = ["Reads"]
 
@@ -28,9 +29,9 @@ class Reads:
     _querier: sqlite3.Connection | None
     _read_thread: ThreadPoolExecutor
     _query_thread: ThreadPoolExecutor
+    _path: Path
 
-    @staticmethod
-    async def _on(thread: ThreadPoolExecutor, fn: Callable[..., _T], *args: Any) -> _T:
+    async def _on(self, thread: ThreadPoolExecutor, fn: Callable[..., _T], *args: Any) -> _T:
         """
         Run ``fn(*args)`` on ``thread``.
 
@@ -38,10 +39,13 @@ class Reads:
             JournalError: SQLite failed (an I/O error, a lock held past the busy timeout):
                 the callers (the publisher, the sources, the admin API) handle the
                 journal's errors, and a bare ``sqlite3.Error`` would end the service.
+                ``JournalCorrupt`` when the file is damaged (at start: exit 2, one line).
         """
         try:
             return await asyncio.get_running_loop().run_in_executor(thread, fn, *args)
         except sqlite3.Error as exc:
+            if is_corrupt(exc):
+                raise JournalCorrupt(self._path, str(exc)) from exc
             raise JournalError(f"journal access failed: {exc}") from exc
 
     async def pending(self, *, after_seq: int, limit: int) -> list[StoredEntry]:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from listener.envelope import Entry
-from listener.exceptions import JournalCorrupt
+from listener.exceptions import JournalCorrupt, JournalError
 
 __all__ = [
     "COLUMNS",
@@ -37,6 +37,7 @@ __all__ = [
     "Status",
     "StoredEntry",
     "connect",
+    "is_corrupt",
     "migrate",
     "row_to_entry",
 ]
@@ -44,6 +45,14 @@ __all__ = [
 BUSY_TIMEOUT_MS = 30_000
 # What SQLite says of a file that is not (or no longer) a database it can read.
 _CORRUPT = re.compile(r"not a database|malformed|corrupt", re.IGNORECASE)
+
+
+def is_corrupt(exc: sqlite3.Error) -> bool:
+    """Whether ``exc`` says the file is damaged (or no database at all)."""
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+    return code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB) or bool(
+        _CORRUPT.search(str(exc))
+    )
 
 
 class Status(enum.IntEnum):
@@ -232,9 +241,21 @@ def connect(
             # multi-row insert's undo record outgrows SQLite's 64 KiB and went to a temp
             # file, a third of the bytes the writer wrote on the soak's 1 GiB journal.
             conn.execute("PRAGMA temp_store=MEMORY")
+            # SQLite opens a file it may not write read-only, quietly: a daemon that
+            # could not journal anything started and said it was ready.
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute("DELETE FROM cursors WHERE 0")
+            finally:
+                conn.execute("ROLLBACK")
     except sqlite3.DatabaseError as exc:
         conn.close()
-        if _CORRUPT.search(str(exc)):
+        if is_corrupt(exc):
             raise JournalCorrupt(path, str(exc)) from exc
+        if getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_READONLY:
+            raise JournalError(
+                f"the journal {path} cannot be written ({exc}); check its permissions,"
+                " attributes and file system"
+            ) from exc
         raise
     return conn

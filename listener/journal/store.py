@@ -37,6 +37,7 @@ from typing import Any, Literal, TypeVar
 from listener.config import JournalConfig
 from listener.envelope import Entry
 from listener.exceptions import JournalError, JournalFull
+from listener.journal.identity import FileIdentity
 from listener.journal.inline import InlineCommits
 from listener.journal.lock import JournalLock
 from listener.journal.schema import BUSY_TIMEOUT_MS, Cursor, StoredEntry, connect
@@ -92,6 +93,7 @@ class Journal(Upkeep):
         self._queue: asyncio.Queue[Op] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._inline = InlineCommits()
+        self._identity = FileIdentity(self._path)
         self._busy_ms = BUSY_TIMEOUT_MS  # the writer connection's busy_timeout
         self._writing = asyncio.Lock()
         self._stats = Stats()
@@ -156,6 +158,7 @@ class Journal(Upkeep):
                 self._read_thread, count_open, self._reader
             )
             await self._on(self._write_thread, self._measure_size)
+            self._identity.lost()  # (the files opened, as they are now)
         except BaseException:
             await self._close_connections()
             raise
@@ -343,14 +346,12 @@ class Journal(Upkeep):
         Commit ``ops`` on this thread while commits are quick, else on the writer thread.
 
         On the writer thread each SQLite call gives up Python's lock and must win it
-        back from the busy event loop (up to ``sys.getswitchinterval()`` each time),
-        which made a commit several times longer than its work; on this thread a commit
-        of a few dozen events blocks the loop for about a millisecond, the fsync
-        included (and now and then SQLite's automatic WAL checkpoint, a few ms: a
-        checkpointer of its own on the writer thread measured worse). A slow disk, a
-        large batch or another process holding the write lock (``INLINE_BUSY_MS``)
-        sends the commits to the thread for a while (:mod:`listener.journal.inline`):
-        a slow disk stalls the loop a few times, a lock never.
+        back from the busy event loop (up to ``sys.getswitchinterval()`` each time): a
+        commit took several times its work. Here a commit of a few dozen events blocks
+        the loop about a millisecond, fsync and now and then a WAL checkpoint included.
+        A slow disk, a large batch or another process holding the write lock
+        (``INLINE_BUSY_MS``) sends the commits to the thread for a while
+        (:mod:`listener.journal.inline`).
         """
         now = time.monotonic()
         if self._inline.allowed(body_bytes(ops), now):
@@ -406,6 +407,8 @@ class Journal(Upkeep):
         conn = self._writer
         assert conn is not None  # opened before the writer task starts
         committed = commit(conn, ops)
+        if (lost := self._identity.lost()) is not None:
+            raise JournalError(lost)  # committed into a file no start will read
         self._stats.pending += committed.pending
         self._stats.deferred += committed.deferred
         self._stats.commits += 1

@@ -153,6 +153,26 @@ class _OneFailed(Exception):
     """An operation of the fast path failed: redo the batch a savepoint each."""
 
 
+# The database's failures, not an operation's: the whole batch fails, and the journal
+# reports an error (before, a read-only file failed each append alone while /readyz
+# said the journal was ok).
+_WHOLE = {
+    sqlite3.SQLITE_READONLY,
+    sqlite3.SQLITE_IOERR,
+    sqlite3.SQLITE_FULL,
+    sqlite3.SQLITE_CORRUPT,
+    sqlite3.SQLITE_NOTADB,
+    sqlite3.SQLITE_CANTOPEN,
+}
+
+
+def _one_failed(exc: Exception) -> _OneFailed:
+    """``exc`` as one operation's failure, or raised as it is when it is the database's."""
+    if isinstance(exc, sqlite3.Error) and (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in _WHOLE:
+        raise exc
+    return _OneFailed()
+
+
 class _RowByRow(Exception):
     """Not every event of the batch is new: redo it a row at a time."""
 
@@ -197,13 +217,13 @@ def _run(
                     )
                 )
             except _OP_ERRORS as exc:
-                raise _OneFailed from exc
+                raise _one_failed(exc) from exc
         for op in ops:
             if not savepoints:
                 try:
                     result, pending, deferred = _apply(cur, op, out.fresh, seqs)
                 except _OP_ERRORS as exc:
-                    raise _OneFailed from exc
+                    raise _one_failed(exc) from exc
             else:
                 cur.execute("SAVEPOINT op")
                 mark = len(out.fresh)
@@ -213,6 +233,7 @@ def _run(
                     # This operation alone is undone; the transaction goes on. If SQLite
                     # already rolled the whole transaction back (a full disk), ROLLBACK
                     # TO fails and the whole batch fails.
+                    _one_failed(exc)
                     cur.execute("ROLLBACK TO op")
                     cur.execute("RELEASE op")
                     del out.fresh[mark:]

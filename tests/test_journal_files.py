@@ -1,0 +1,115 @@
+"""
+The journal's file going wrong under the daemon: deleted or replaced while it runs,
+not writable, damaged inside. Each was a 2xx for something not durable, a `/readyz`
+that said ok, or a traceback at start; now it is an error the journal reports (503s)
+or one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from listener.exceptions import JournalCorrupt, JournalError
+from listener.journal import Journal
+from listener.journal import schema as journal_schema
+from tests.test_config import run_cli, write
+from tests.test_journal import config, entry
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced", "wal deleted"])
+async def test_a_journal_file_gone_while_running_fails_appends(tmp_path: Path, how: str) -> None:
+    """SQLite went on writing to the unlinked file: 200s for events gone at the next start."""
+    path = tmp_path / "j.db"
+    async with Journal(config=config(tmp_path)) as journal:
+        assert await journal.append([entry(1)]) == [True]
+        if how == "deleted":
+            for name in ("j.db", "j.db-wal", "j.db-shm"):
+                (tmp_path / name).unlink()
+        elif how == "replaced":
+            copy = tmp_path / "copy.db"
+            copy.write_bytes(path.read_bytes())
+            copy.replace(path)
+        else:
+            (tmp_path / "j.db-wal").unlink()
+        with pytest.raises(JournalError, match=r"the journal file .* was (deleted|replaced)"):
+            await journal.append([entry(2)])
+        assert journal.state()["status"] == "error"
+        assert journal.over_limit() == "journal_error"
+        with pytest.raises(JournalError):  # and so on: nothing more is taken
+            await journal.append([entry(3)])
+
+
+async def test_a_journal_that_cannot_be_written_fails_as_a_whole(tmp_path: Path) -> None:
+    """A read-only database failed each append alone, while /readyz said the journal was ok."""
+    async with Journal(config=config(tmp_path)) as journal:
+        assert await journal.append([entry(1)]) == [True]
+        assert journal._writer is not None
+        journal._writer.close()  # what SQLite opens when it may not write the file:
+        journal._writer = sqlite3.connect(
+            f"file:{tmp_path / 'j.db'}?mode=ro",
+            uri=True,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+        with pytest.raises(JournalError, match="readonly"):
+            await journal.append([entry(2)])
+        assert journal.state()["status"] == "error"
+        assert journal.over_limit() == "journal_error"
+
+
+async def test_a_journal_opened_read_only_does_not_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite opens a file it may not write read-only, silently: the daemon said it was ready."""
+    async with Journal(config=config(tmp_path)) as journal:
+        await journal.append([entry(1)])
+    connect = sqlite3.connect
+
+    def read_only(path: Any, *args: Any, **kwargs: Any) -> sqlite3.Connection:
+        return connect(f"file:{path}?mode=ro", *args, uri=True, **kwargs)
+
+    monkeypatch.setattr(journal_schema.sqlite3, "connect", read_only)
+    with pytest.raises(JournalError, match=r"cannot be written .*readonly"):
+        async with Journal(config=config(tmp_path)):
+            pass
+
+
+def damage_index(path: Path, index: str) -> None:
+    with sqlite3.connect(path) as conn:
+        (root,) = conn.execute(
+            "SELECT rootpage FROM sqlite_master WHERE name = ?", (index,)
+        ).fetchone()
+        (page_size,) = conn.execute("PRAGMA page_size").fetchone()
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    with path.open("r+b") as file:
+        file.seek((root - 1) * page_size)
+        file.write(b"\xff" * page_size)
+
+
+async def test_a_damaged_journal_is_named_at_start_not_a_traceback(tmp_path: Path) -> None:
+    """A file whose header reads but whose pending index is damaged: exit 1 and two tracebacks."""
+    async with Journal(config=config(tmp_path)) as journal:
+        await journal.append([entry(i) for i in range(500)])
+    damage_index(tmp_path / "j.db", "events_pending")
+    with pytest.raises(JournalCorrupt, match="move it aside"):
+        async with Journal(config=config(tmp_path)):
+            pass
+    config_file = write(
+        tmp_path,
+        f"""
+broker: {{url: "amqp://guest:guest@127.0.0.1:1/", exchange: journal-files}}
+journal: {{path: {tmp_path / "j.db"}}}
+http: {{host: 127.0.0.1, port: 0}}
+admin: {{host: 127.0.0.1, port: 0}}
+sources: []
+""",
+    )
+    result = run_cli("run", "--config", str(config_file))
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if "move it aside" in line]
+    assert line.startswith("listener: cannot start: the journal ") and str(tmp_path) in line
