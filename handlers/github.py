@@ -4,17 +4,22 @@ GitHub webhooks: ``push``, ``release`` and ``issues`` events, signed with
 
 A small second webhook provider: enough to route and to id. The event type is the
 ``X-GitHub-Event`` header (for a payload without headers, as redrive replays it, it is
-read from the body's shape); the CloudEvent type is ``github.<event>``. Ids are
-UUIDv5 over what identifies each event in its payload, so a redelivery (same body)
-keeps its id:
+read from the body's shape); the CloudEvent type is ``github.<event>``. The id is a
+UUIDv5 of the event name and a SHA-256 of the payload with its keys sorted: a
+redelivery, or a captured request replayed (the same body), keeps its id, and two
+different events always differ. Fields picked from the payload did not: a release
+edited twice (``release.id`` and ``action`` alike) and a ref moved back to a head it
+had (``ref`` and ``after`` alike) were dropped as duplicates. ``X-GitHub-Delivery``
+would be unique per event too, but the signature does not cover headers: a replay
+with another one would pass as new.
 
-=========== ================================================ ==========================
-event       id from                                          time
-=========== ================================================ ==========================
-push        repository.id, ref, after (the new head sha)     head_commit.timestamp
-release     repository.id, release.id, action                release.published_at
-issues      repository.id, issue.id, action, issue.updated_at issue.updated_at
-=========== ================================================ ==========================
+=========== ===========================
+event       time
+=========== ===========================
+push        head_commit.timestamp
+release     release.published_at
+issues      issue.updated_at
+=========== ===========================
 
 Quarantine reasons: ``invalid_json``, ``too_deep``, ``schema_violation`` (the detail
 names fields, never values), ``unknown_type`` (another GitHub event: subscribe the hook
@@ -23,6 +28,7 @@ to these three only). Pure: no I/O, no logging, no clock.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Mapping
 from datetime import datetime
@@ -118,17 +124,16 @@ MODELS: Final[Mapping[str, type[_Model]]] = {
 }
 
 
-def _identity(event: str, model: Any) -> tuple[list[str | int], datetime | None]:
+def _time(event: str, model: Any) -> datetime | None:
     if event == "push":
-        head = model.head_commit
-        return [model.repository.id, model.ref, model.after], head.timestamp if head else None
+        return model.head_commit.timestamp if model.head_commit else None
     if event == "release":
-        release = model.release
-        return [model.repository.id, release.id, model.action], release.published_at
-    issue = model.issue
-    return [model.repository.id, issue.id, model.action, issue.updated_at.isoformat()], (
-        issue.updated_at
-    )
+        return model.release.published_at  # type: ignore[no-any-return]  # (a pydantic field)
+    return model.issue.updated_at  # type: ignore[no-any-return]  # (a pydantic field)
+
+
+def _digest(payload: dict[str, Any]) -> str:
+    return hashlib.sha256(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
 def _event_name(headers: Mapping[str, str], payload: dict[str, Any]) -> str | None:
@@ -176,13 +181,12 @@ class GitHub:
             parsed = model.model_validate(payload)
         except ValidationError as exc:
             return Quarantine("schema_violation", describe_errors(exc))
-        parts, moment = _identity(event, parsed)
-        name = orjson.dumps([event, *parts]).decode()
+        data = exact_numbers(payload, raw=body)
         return Event(
-            id=str(uuid.uuid5(NAMESPACE, name)),
+            id=str(uuid.uuid5(NAMESPACE, f"{event}:{_digest(data)}")),
             type=f"{NAME}.{event}",
-            time=moment,
-            data=exact_numbers(payload, raw=body),
+            time=_time(event, parsed),
+            data=data,
         )
 
 

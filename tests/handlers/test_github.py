@@ -96,7 +96,47 @@ def test_known_answer_id() -> None:
     """The id of a push is pinned: changing it would change every id consumers stored."""
     event = parse(PUSH, "push")
     assert isinstance(event, Event)
-    assert event.id == "15cafd5d-f1be-5a99-8608-6e6c48ec1875"
+    assert event.id == "9f37e488-0d85-5638-8264-544195a2521c"
+
+
+def ids(*payloads: dict[str, Any], event: str) -> list[str]:
+    found = [parse(p, event) for p in payloads]
+    return [e.id for e in found if isinstance(e, Event)]
+
+
+def test_different_events_never_share_an_id() -> None:
+    """
+    A release edited twice (same release id and action) and a ref moved back to a head
+    it had (same ref and after) got one id each time: the later one was dropped as a
+    duplicate for the whole dedupe window.
+    """
+    edited = {**RELEASE, "action": "edited"}
+    first = {**edited, "release": {**RELEASE["release"], "name": "v1.0.0"}}
+    second = {**edited, "release": {**RELEASE["release"], "name": "v1.0.0 (final)"}}
+    assert len(set(ids(first, second, event="release"))) == 2
+    other = "a" * 40
+    there = {**PUSH, "before": "0" * 40, "after": SHA}
+    away = {**PUSH, "before": SHA, "after": other, "head_commit": {"id": other}}
+    back = {**PUSH, "before": other, "after": SHA}
+    assert len(set(ids(there, away, back, event="push"))) == 3
+    labels = [{**ISSUES, "action": "labeled", "label": {"name": n}} for n in ("bug", "p1")]
+    assert len(set(ids(*labels, event="issues"))) == 2
+
+
+def test_a_redelivery_keeps_its_id_whatever_its_layout() -> None:
+    """The same payload, keys in another order and with spaces, is the same event."""
+    body = b'{ "repository": %s, "ref": "refs/heads/main", "after": "%s", "before": "%s",' % (
+        orjson.dumps(REPO),
+        SHA.encode(),
+        b"0" * 40,
+    )
+    body += b' "pusher": {"name": "octocat"}, "commits": %s, "head_commit": %s }' % (
+        orjson.dumps(PUSH["commits"]),
+        orjson.dumps(PUSH["head_commit"]),
+    )
+    again = PROVIDER.parse(body, NoSettings(), {"X-GitHub-Event": "push", "X-GitHub-Delivery": "x"})
+    first = parse(PUSH, "push")
+    assert isinstance(again, Event) and isinstance(first, Event) and again.id == first.id
 
 
 def test_type_from_the_body_without_headers() -> None:
