@@ -35,6 +35,7 @@ import orjson
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from handlers import Event, NoSettings, Quarantine
+from handlers.base import MAX_PROBLEMS
 from handlers.polling import (
     Page,
     PollRequest,
@@ -240,14 +241,19 @@ class Terrapin:
         entries = payload.get("data")
         if not isinstance(entries, list):
             return schema_violation(["data: expected a list of records"])
-        problems = []
+        problems, total = [], 0
         for index, entry in enumerate(entries):
             if not isinstance(entry, dict):
-                problems.append(f"data[{index}]: expected an object")
+                problem = f"data[{index}]: expected an object"
             elif not isinstance(entry.get("isin"), str) or not entry["isin"]:
-                problems.append(f"data[{index}].isin: expected a non-empty string")
+                problem = f"data[{index}].isin: expected a non-empty string"
+            else:
+                continue
+            total += 1
+            if total <= MAX_PROBLEMS:  # (not one string per entry of a bad answer)
+                problems.append(problem)
         if problems:
-            return schema_violation(problems)
+            return schema_violation(problems, total)
         asked = set(request.items)
         records: dict[str, Record] = {}
         unasked = 0

@@ -35,6 +35,7 @@ from urllib.parse import parse_qs, quote, unquote, urlencode, urljoin, urlsplit
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, field_validator
 
 from handlers import Event, NoSettings, Quarantine
+from handlers.base import MAX_PROBLEMS
 from handlers.polling import (
     Page,
     PollRequest,
@@ -328,10 +329,14 @@ class TokenTerminal:
             return schema_violation(["data: expected a list of rows"])
         requested, metrics = _requested(request)
         warnings, problems = _warnings(payload.get("errors"))
+        total = len(problems)
         for index, row in enumerate(rows):
-            problems.extend(_row_problems(index, row, metrics))
+            found = _row_problems(index, row, metrics)
+            total += len(found)
+            if len(problems) < MAX_PROBLEMS:  # (not one string per row of a bad answer)
+                problems.extend(found)
         if problems:
-            return schema_violation(problems)
+            return schema_violation(problems[:MAX_PROBLEMS], total)
         project = _item(request, requested)
         records: dict[str, Record] = {}
         for row in rows:

@@ -87,8 +87,17 @@ def _canonical(content: Any) -> bytes:
     return orjson.dumps(content, option=orjson.OPT_SORT_KEYS)
 
 
+# An answer is kept in quarantine for inspection, not to be redriven (the next poll asks
+# again): its head is enough, and whole 64 MiB answers, poll after poll, filled the
+# journal every source shares.
+QUARANTINE_KEEP = 2**20
+
+
 async def quarantine(source: PollSource, payload: bytes, verdict: Quarantine) -> None:
-    """Journal an answer (or an item) that is not usable, with its reason."""
+    """Journal an answer (or an item) that is not usable, with its reason (and its head)."""
+    if len(payload) > QUARANTINE_KEEP:
+        detail = f"{verdict.detail}; the first {QUARANTINE_KEEP} of {len(payload)} bytes kept"
+        payload, verdict = payload[:QUARANTINE_KEEP], Quarantine(verdict.reason, detail)
     intake = source.intake
     entry = intake.build(verdict, raw=payload, received_at=time.time())
     (new,) = await source.journal.append([entry])

@@ -1,0 +1,85 @@
+"""
+A hostile or broken REST provider cannot make a poll source hold gigabytes, stall the
+loop or fill the journal: an answer of millions of values is refused before it is
+parsed, a bad answer names a few problems (not one string per row), and what is kept
+in quarantine of an answer is its first MiB.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import orjson
+import pytest
+from aiohttp import web
+
+from handlers import Quarantine
+from handlers.polling import MAX_VALUES, PollRequest, read_answer
+from handlers.tokenterminal import PROVIDER as TT
+from listener.sources.poll_changes import QUARANTINE_KEEP
+from tests.conftest import make_config, running, tap
+from tests.test_poll import poll_once, tt_source
+
+
+def test_an_answer_of_millions_of_values_is_not_parsed() -> None:
+    """`{"data":[1,1,1,...]}` under the read limit took 2 GB and a 7 s stall to parse."""
+    body = b'{"data":[' + b"1," * MAX_VALUES + b"1]}"
+    verdict = read_answer(body)
+    assert isinstance(verdict, Quarantine) and verdict.reason == "schema_violation"
+    assert f"more than {MAX_VALUES} values" in verdict.detail
+    assert not isinstance(read_answer(b'{"data":[' + b"1," * 1000 + b"1]}"), Quarantine)
+
+
+def test_a_bad_answer_names_five_problems_and_counts_the_rest() -> None:
+    request = PollRequest(method="GET", target="/v2/projects/aave/metrics", items=("aave",))
+    body = orjson.dumps({"data": [{"timestamp": "nope"} for _ in range(10_000)]})
+    verdict = TT.parse(request, body)
+    assert isinstance(verdict, Quarantine) and verdict.reason == "schema_violation"
+    assert verdict.detail.count("data[") == 5
+    assert verdict.detail.endswith(" more")
+
+
+@contextlib.asynccontextmanager
+async def answering(body: bytes) -> AsyncIterator[str]:
+    async def handler(_: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.usefixtures("cleanup_topology")
+async def test_a_quarantined_answer_keeps_its_first_mib(
+    tmp_path: Path, broker_url: str, exchange_name: str
+) -> None:
+    """Whole answers (up to 64 MiB each, every poll) went into the journal all sources share."""
+    junk = b"<html>" + b"x" * (3 * QUARANTINE_KEEP)
+    async with (
+        answering(junk) as url,
+        tap(broker_url, f"{exchange_name}.quarantine") as q,
+    ):
+        config = make_config(
+            tmp_path,
+            broker_url=broker_url,
+            exchange=exchange_name,
+            sources=[tt_source(url)],
+        )
+        async with running(config) as service:
+            await poll_once(service, "tt")
+            await q.wait_count(1)
+    (message,) = q.messages
+    assert message.headers["x-quarantine-reason"] == "invalid_json"
+    assert len(message.body) == QUARANTINE_KEEP and junk.startswith(message.body)
+    detail = message.headers["x-quarantine-detail"]
+    assert isinstance(detail, str) and f"the first {QUARANTINE_KEEP} of {len(junk)}" in detail
