@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -18,6 +19,9 @@ from aiohttp import web
 from handlers import Quarantine
 from handlers.polling import MAX_VALUES, PollRequest, read_answer
 from handlers.tokenterminal import PROVIDER as TT
+from listener.dev.simulators.tokenterminal import TokenTerminalSimulator
+from listener.journal import Journal
+from listener.sources import poll_changes
 from listener.sources.poll_changes import QUARANTINE_KEEP
 from tests.conftest import make_config, running, tap
 from tests.test_poll import poll_once, tt_source
@@ -83,3 +87,35 @@ async def test_a_quarantined_answer_keeps_its_first_mib(
     assert len(message.body) == QUARANTINE_KEEP and junk.startswith(message.body)
     detail = message.headers["x-quarantine-detail"]
     assert isinstance(detail, str) and f"the first {QUARANTINE_KEEP} of {len(junk)}" in detail
+
+
+@pytest.mark.usefixtures("cleanup_topology")
+async def test_a_large_answer_is_written_a_chunk_at_a_time(
+    tmp_path: Path, broker_url: str, exchange_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    300,000 valid rows went into one transaction, and every other source's appends
+    waited behind it for seconds. Here 3 records a transaction: 12 records, 4 of them,
+    each change written with its state, and nothing again at the next poll.
+    """
+    monkeypatch.setattr(poll_changes, "CHUNK", 3)
+    writes: list[int] = []
+    append = Journal.append
+
+    async def counted(self: Journal, entries: Any, **kwargs: Any) -> list[bool]:
+        poll = kwargs.get("poll")
+        if poll is not None and poll.states:  # (not the poll's own end mark)
+            writes.append(len(poll.states))
+        return await append(self, entries, **kwargs)
+
+    monkeypatch.setattr(Journal, "append", counted)
+    chains = ["ethereum", "arbitrum", "base"]
+    async with TokenTerminalSimulator(projects=["aave"], chains=chains, null_share=0) as sim:
+        config = make_config(
+            tmp_path, broker_url=broker_url, exchange=exchange_name, sources=[tt_source(sim.url)]
+        )
+        async with tap(broker_url, exchange_name) as t, running(config) as service:
+            await t.wait_count(12)  # 3 days of lookback + today, three chains
+            assert writes == [3, 3, 3, 3]
+            await poll_once(service, "tt")
+            assert len(t.messages) == 12 and len({m.message_id for m in t.messages}) == 12
