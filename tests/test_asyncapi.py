@@ -206,6 +206,18 @@ def test_server_has_no_password(tmp_path: Path) -> None:
     assert "amqps://app:***@rabbit.internal:5671/prod" in server["description"]
 
 
+def test_an_ipv6_server_keeps_its_brackets(tmp_path: Path) -> None:
+    """`::1:5671` read as host and port either way; `[::1]:5671` does not."""
+    config = make_config(tmp_path, broker_url=f"amqps://app:{PASSWORD}@[::1]/", sources=[])
+    assert build_document(config)["servers"]["broker"]["host"] == "[::1]:5671"
+
+
+def test_the_archive_says_it_holds_replay_markers(tmp_path: Path) -> None:
+    """A consumer of the archive met empty-bodied markers the document did not mention."""
+    archive = build_document(every_provider(tmp_path))["channels"]["archive"]
+    assert "x-listener-marker" in archive["description"]
+
+
 def test_cli_prints_json_and_yaml(tmp_path: Path) -> None:
     """`listener asyncapi` prints the document (JSON by default, --format yaml); a bad config exits 2."""
     raw = config_data(

@@ -73,8 +73,9 @@ def _server(config: Config) -> dict[str, Any]:
     url = config.broker.nodes[0].get_secret_value()
     parts = urlsplit(url)
     port = parts.port or (5671 if parts.scheme == "amqps" else 5672)
+    host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname  # (IPv6)
     return {
-        "host": f"{parts.hostname}:{port}",
+        "host": f"{host}:{port}",
         "protocol": parts.scheme,
         "protocolVersion": "0.9.1",
         "description": f"RabbitMQ at {mask_url(url)} (virtual host {_vhost(url)!r}).",
@@ -307,7 +308,9 @@ def build_document(config: Config) -> dict[str, Any]:
             "title": topology.archive_queue,
             "description": "A RabbitMQ stream bound '#' to the events exchange: every event "
             f"above, kept {config.broker.archive.max_age:g} s (x-max-age). Read it with "
-            "x-stream-offset; `listener replay --from archive` re-publishes from it.",
+            "x-stream-offset; `listener replay --from archive` re-publishes from it. It "
+            "also holds the end markers of archive replays: an empty body with the header "
+            "x-listener-marker and no content type; skip them.",
             "messages": {
                 cid: {"$ref": f"#/components/messages/{cid}"}
                 for cid in channels
