@@ -99,6 +99,7 @@ class Service:
         self._reloads: set[asyncio.Task[Any]] = set()
         self.metrics = Metrics()
         self._stop = asyncio.Event()
+        self._skip_drain = asyncio.Event()  # a second SIGTERM/SIGINT: exit without waiting
         self.started = asyncio.Event()
         self.public_port: int | None = None
         self.admin_port: int | None = None
@@ -126,7 +127,12 @@ class Service:
         return next((t for t in self.transports if t.kind == kind), None)
 
     def stop(self) -> None:
-        """Begin the shutdown sequence (idempotent; safe from a signal handler)."""
+        """
+        Begin the shutdown sequence (safe from a signal handler); called again, end the
+        drain now: what is still pending stays in the journal for the next start.
+        """
+        if self._stop.is_set():
+            self._skip_drain.set()
         self._stop.set()
 
     def install_signal_handlers(self, *, hung_up: bool = False) -> None:
@@ -346,9 +352,14 @@ class Service:
 
     async def _drain(self, publisher: Publisher, journal: Journal) -> None:
         started = time.monotonic()
+        drained = asyncio.ensure_future(publisher.wait_drained())
+        skipped = asyncio.ensure_future(self._skip_drain.wait())
         try:
             async with asyncio.timeout(self.config.shutdown_timeout):
-                await publisher.wait_drained()
+                await asyncio.wait((drained, skipped), return_when=asyncio.FIRST_COMPLETED)
+            if not drained.done():
+                raise TimeoutError  # (told again to stop: as if the time were up)
+            drained.result()  # (its error, as awaiting it gave)
         except TimeoutError:
             log.warning(
                 "shutdown_drain_incomplete",
@@ -357,6 +368,9 @@ class Service:
             )
         else:
             log.info("shutdown_drained", seconds=round(time.monotonic() - started, 3))
+        finally:
+            for waiter in (drained, skipped):
+                waiter.cancel()
 
     async def _maintenance(self, journal: Journal) -> None:
         memory = Trimmer()

@@ -5,13 +5,17 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import signal
+import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
+from listener.config import JournalConfig
 from listener.config_loader import secret_values
+from listener.journal import Journal
 from listener.logs import configure_logging
 from tests.conftest import BROKER_HOST, BROKER_PORT, make_config, running, tap, wait_for
 from tests.faults import proxy
@@ -239,3 +243,34 @@ async def test_no_secret_in_logs(tmp_path: Path, exchange_name: str) -> None:
     text = out.getvalue()
     assert password not in text and WHSEC not in text
     assert '"oops"' in text and "***" in text
+
+
+async def test_a_second_sigterm_ends_the_drain_now(tmp_path: Path) -> None:
+    """
+    With the broker gone, SIGTERM waits shutdown_timeout for a drain that cannot end; a
+    second SIGTERM (or Ctrl-C twice) did not hurry it. Now it exits 0 at once, and the
+    events stay in the journal for the next start.
+    """
+    raw: dict[str, Any] = {
+        "broker": {"url": "amqp://guest:guest@127.0.0.1:1/", "exchange": "second-sigterm"},
+        "journal": {"path": str(tmp_path / "journal.db")},
+        "sources": [gst_source()],
+        "shutdown_timeout": "60s",
+    }
+    listener = ListenerProcess(tmp_path, raw)
+    try:
+        await listener.start()
+        async with aiohttp.ClientSession() as session:
+            sender = Sender(session, f"{listener.webhook_url}/webhooks/gst")
+            acknowledged = await post_many(sender, [f"evt_s{i}" for i in range(5)])
+        assert listener.proc is not None
+        listener.proc.send_signal(signal.SIGTERM)
+        await wait_for(lambda: "shutdown_started" in listener.logs(), what="the drain")
+        began = time.monotonic()
+        assert await listener.terminate(timeout=20) == 0
+        assert time.monotonic() - began < 10  # (not the 60 s shutdown_timeout)
+        assert '"shutdown_drain_incomplete"' in listener.logs()
+    finally:
+        await listener.stop()
+    async with Journal(config=JournalConfig(path=tmp_path / "journal.db")) as journal:
+        assert journal.pending_count == len(acknowledged) == 5
