@@ -11,13 +11,17 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from listener.exceptions import JournalCorrupt, JournalError
 from listener.journal import Journal
 from listener.journal import schema as journal_schema
+from tests.conftest import make_config, running
 from tests.test_config import run_cli, write
 from tests.test_journal import config, entry
+from tests.test_webhooks import gst_source
+from tests.webhook_sender import Sender, gst_event
 
 
 @pytest.mark.parametrize("how", ["deleted", "replaced", "wal deleted"])
@@ -113,3 +117,32 @@ sources: []
     assert "Traceback" not in result.stderr
     (line,) = [line for line in result.stderr.splitlines() if "move it aside" in line]
     assert line.startswith("listener: cannot start: the journal ") and str(tmp_path) in line
+
+
+@pytest.mark.usefixtures("cleanup_topology")
+async def test_webhooks_refused_by_a_failing_journal_say_so(
+    tmp_path: Path, broker_url: str, exchange_name: str
+) -> None:
+    """A disk error was counted, and answered, as the journal being over its size limit."""
+    config = make_config(
+        tmp_path, broker_url=broker_url, exchange=exchange_name, sources=[gst_source()]
+    )
+    async with running(config) as service, aiohttp.ClientSession() as session:
+        sender = Sender(session, f"http://127.0.0.1:{service.public_port}/webhooks/gst")
+        assert (await sender.post(gst_event()))[0] == 200
+        journal = service.journal
+        assert journal is not None and journal._writer is not None
+        journal._writer.close()
+        journal._writer = sqlite3.connect(
+            f"file:{journal.path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+        )
+        statuses = [(await sender.post(gst_event()))[0] for _ in range(3)]
+        assert statuses == [503, 503, 503]
+        rejected = service.metrics.registry.get_sample_value(
+            "listener_webhook_rejected_total", {"source": "gst", "reason": "journal_error"}
+        )
+        assert rejected == 3
+        full = service.metrics.registry.get_sample_value(
+            "listener_webhook_rejected_total", {"source": "gst", "reason": "journal_full"}
+        )
+        assert not full

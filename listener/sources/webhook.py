@@ -158,7 +158,11 @@ class _Endpoint:
             self._rejected.labels(self.name, exc.code.lower()).inc()
             return error_reply(401, exc.code, "signature verification failed")
         journal = transport.journal
-        if (reason := journal.over_limit()) is not None:
+        if (reason := journal.over_limit()) == "journal_error":  # (a disk error, not a limit)
+            return self._unavailable(
+                "journal_error", "journal unavailable; retry later", str(transport.http.retry_after)
+            )
+        if reason is not None:
             return self._unavailable(
                 "journal_full",
                 f"journal over its limit ({reason}); retry later",
