@@ -230,7 +230,9 @@ def _quarantine(
                 "x-quarantine-detail": {
                     "type": "string",
                     "maxLength": 1000,
-                    "description": "Human readable; names fields, never their values.",
+                    "description": "Human readable; a schema violation names fields, never"
+                    " their values; an unknown type, channel or environment is quoted (at most"
+                    " 245 characters).",
                 },
                 "x-source": {"type": "string", **named},
             },
