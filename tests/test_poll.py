@@ -401,3 +401,18 @@ async def test_a_restart_keeps_the_interval_between_two_polls(
             assert 0.9 * 3600 <= resource.next_poll - first <= 1.1 * 3600
             await poll_once(service, "tt")  # and a poll now is still a poll now
             assert len(sim.ledger) > asked
+
+
+def test_429s_in_a_row_back_off_whatever_retry_after_says() -> None:
+    """`Retry-After: 0` on every answer had the source spend its whole budget on 429s."""
+    budget = Budget(90, 60.0)
+    pauses = []
+    for _ in range(8):
+        budget.observe(429, {"Retry-After": "0"})
+        pauses.append(budget.paused_for)
+        budget._paused_until = 0.0  # (as if the pause were over)
+    assert 0.45 <= pauses[0] <= 1.1
+    assert pauses[-1] >= 60  # 1 s doubling: 64 s by the eighth, jittered
+    budget.observe(200, {})
+    budget.observe(429, {"Retry-After": "0"})
+    assert budget.paused_for <= 1.1  # an answer that is no 429 starts it again
