@@ -77,6 +77,8 @@ class HttpConfig(_Model):
     read_timeout: PositiveDuration = 30.0
     # Seconds sent in Retry-After with a 503.
     retry_after: int = Field(default=5, ge=1)
+    # Open connections at most: one more closes the longest idle one (listener.fast_http).
+    max_connections: int = Field(default=4096, ge=1, le=1_000_000)
 
 
 class ApiKeyConfig(_Model):

@@ -31,6 +31,12 @@ has not all come after ``read_timeout`` closes the connection, as aiohttp's path
 Responses go out in request order (a pipelined request waits for the one before it),
 idle keep-alive connections close after ``KEEPALIVE`` seconds, and on shutdown the
 requests being answered get ``shutdown_timeout`` to finish (:meth:`FastServer.shutdown`).
+
+At most ``max_connections`` are open at once (``http.max_connections``): one more closes
+the longest idle one, else the one that has waited longest (over a second) for its
+head, else it is refused. Any client could otherwise open connections, send one request
+on each and keep them the hour, until the process ran out of file descriptors (and
+with them its broker connection, its streams and its admin port).
 """
 
 from __future__ import annotations
@@ -77,13 +83,23 @@ _REASONS = {status.value: status.phrase for status in HTTPStatus}
 class FastServer(web.Server):
     """aiohttp's low-level server for ``routes``, with the fast path in front."""
 
-    def __init__(self, routes: PublicRoutes, *, head_timeout: float, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        routes: PublicRoutes,
+        *,
+        head_timeout: float,
+        max_connections: int = 4096,
+        **kwargs: Any,
+    ) -> None:
         # aiohttp cannot tell an idle connection from one whose next head is dripping in:
         # on its path both close after head_timeout (the fast path keeps idle ones longer).
         kwargs.setdefault("keepalive_timeout", head_timeout)
         super().__init__(routes, **kwargs)
         self.routes = routes
         self.head_timeout = head_timeout
+        self.max_connections = max_connections
+        self.refused = 0  # connections refused at the limit (none idle or waiting to close)
+        self._warned_at = -60.0
         self.fast: set[_Connection] = set()
         self._date = b""
         self._date_at = 0.0
@@ -92,7 +108,34 @@ class FastServer(web.Server):
     def __call__(self) -> Any:  # aiohttp's type is RequestHandler; this is a Protocol
         if self._sweeper is None:
             self._sweeper = self._loop.call_later(SWEEP, self._sweep)
+        full = len(self.fast) + len(self._connections) >= self.max_connections
+        if full and not self._make_room():
+            return _Refused(self)
         return _Connection(self)
+
+    def _make_room(self) -> bool:
+        """Close the longest idle connection, or the slowest head; ``False``: none is."""
+        now = self._loop.time()
+        idle = [c for c in self.fast if c.idle_since(now) is not None]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda c: c.idle_since(now) or now)
+        self.fast.discard(victim)
+        victim.close()
+        return True
+
+    def at_limit(self) -> None:
+        """A connection was refused: count it, and say so at most once a minute."""
+        self.refused += 1
+        now = self._loop.time()
+        if now - self._warned_at >= 60.0:
+            self._warned_at = now
+            log.warning(
+                "public_connections_at_limit",
+                max_connections=self.max_connections,
+                refused=self.refused,
+                note="every connection is busy: raise http.max_connections (and the file limit)",
+            )
 
     def aiohttp_handler(self) -> asyncio.Protocol:
         """A connection handler of aiohttp's own (what the fast path hands over to)."""
@@ -159,6 +202,7 @@ class _Connection(asyncio.Protocol):
         self._buffer = bytearray()
         self._paused = False
         self._seen = 0.0
+        self._head_from = 0.0  # when the head being waited for was first waited for
         self._timer: asyncio.TimerHandle | None = None
         self._body = False  # whether the timer is a body's (else a head's)
         #: The head of the request whose body is still coming (parsed once).
@@ -191,6 +235,19 @@ class _Connection(asyncio.Protocol):
         """Close the connection if nothing came for ``KEEPALIVE`` seconds (nor went out)."""
         if self.answering is None and now - self._seen > KEEPALIVE:
             self.close()
+
+    def idle_since(self, now: float) -> float | None:
+        """
+        Since when this connection may be closed to make room: answered and waiting
+        for nothing, or waiting over a second for a head; ``None``: it may not be.
+        """
+        if self.answering is not None or self._body:
+            return None
+        if self._timer is None and not self._buffer:
+            return self._seen  # (idle since its last byte, in or out)
+        if self._timer is not None and now - self._head_from > 1.0:
+            return self._head_from
+        return None
 
     def close_if_idle(self) -> None:
         """Close the connection unless a request is being answered (shutdown)."""
@@ -292,6 +349,7 @@ class _Connection(asyncio.Protocol):
     def _time_head(self) -> None:
         """Time the head being waited for: ``head_timeout`` from now, unless already timed."""
         if self._timer is None:
+            self._head_from = self._loop.time()
             self._timer = self._loop.call_later(self._server.head_timeout, self._time_out, None)
 
     def _time_out(self, route: FastRoute | None) -> None:
@@ -322,6 +380,17 @@ class _Connection(asyncio.Protocol):
             transport.resume_reading()
         data, self._buffer = bytes(self._buffer), bytearray()
         handler.data_received(data)
+
+
+class _Refused(asyncio.Protocol):
+    """A connection over ``max_connections`` with none to close for it: closed at once."""
+
+    def __init__(self, server: FastServer) -> None:
+        self._server = server
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._server.at_limit()
+        transport.close()
 
 
 def _plain(headers: CIMultiDict[str]) -> bool:

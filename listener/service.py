@@ -45,6 +45,7 @@ from listener.config_loader import load_config, recheck, secret_values
 from listener.exceptions import ConfigError
 from listener.fast_http import FastServer
 from listener.journal import Journal
+from listener.limits import fit_file_limit
 from listener.logs import redact_also
 from listener.memory import TRIM_NOTABLE, Trimmer
 from listener.metrics import Metrics, watch_loop_lag
@@ -253,6 +254,7 @@ class Service:
     async def run(self) -> None:
         """Run until :meth:`stop`, then shut down in order."""
         config = self.config
+        fit_file_limit(config.http.max_connections)
         async with Journal(
             config=config.journal, retry_after=config.http.retry_after, lock=True
         ) as journal:
@@ -310,6 +312,7 @@ class Service:
                         FastServer(
                             public_routes(self.transports),
                             head_timeout=config.http.read_timeout,
+                            max_connections=config.http.max_connections,
                             access_log=None,
                         ),
                         config.http.host,

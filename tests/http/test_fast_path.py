@@ -59,7 +59,9 @@ class Running:
 
 
 @contextlib.asynccontextmanager
-async def serve(route: Route, head_timeout: float = 30.0) -> AsyncIterator[Running]:
+async def serve(
+    route: Route, head_timeout: float = 30.0, max_connections: int = 4096
+) -> AsyncIterator[Running]:
     slow: list[bytes] = []
 
     async def handler(request: web.BaseRequest) -> web.StreamResponse:
@@ -70,7 +72,9 @@ async def serve(route: Route, head_timeout: float = 30.0) -> AsyncIterator[Runni
     routes = PublicRoutes()
     routes.add_post(PATH, handler, fast=route)
     runner = web.ServerRunner(
-        FastServer(routes, head_timeout=head_timeout), handle_signals=False, shutdown_timeout=1.0
+        FastServer(routes, head_timeout=head_timeout, max_connections=max_connections),
+        handle_signals=False,
+        shutdown_timeout=1.0,
     )
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

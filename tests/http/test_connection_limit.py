@@ -1,0 +1,77 @@
+"""
+The public port holds at most ``http.max_connections``: a connection past it closes the
+longest idle one, else one that has waited over a second for its head, else it is
+refused. Before, any client could keep connections open an hour each (one request on
+each) until the process had no file descriptor left for anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from listener.fast_http import FastServer
+from tests.http.test_fast_path import Route, answers, post, serve
+
+
+async def closed(reader: asyncio.StreamReader, within: float = 2.0) -> bool:
+    """Whether the server closed this connection (EOF) within ``within`` seconds."""
+    with contextlib.suppress(TimeoutError, ConnectionError):
+        async with asyncio.timeout(within):
+            return await reader.read(1) == b""
+    return False
+
+
+async def test_a_connection_past_the_limit_closes_the_longest_idle_one() -> None:
+    async with serve(Route(), max_connections=3) as svc:
+        opened = []
+        for name in ("a", "b", "c"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+            writer.write(post(name))
+            assert await answers(reader, 1) == [(200, "fast", name)]
+            opened.append((reader, writer))
+            await asyncio.sleep(0.01)  # (each idle a little longer than the next)
+        reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+        writer.write(post("d"))
+        assert await answers(reader, 1) == [(200, "fast", "d")]
+        assert await closed(opened[0][0])  # "a": idle the longest
+        for still in opened[1:]:
+            still[1].write(post("again"))
+            assert await answers(still[0], 1) == [(200, "fast", "again")]
+        for _, w in [*opened, (reader, writer)]:
+            w.close()
+
+
+async def test_heads_that_do_not_come_make_room_for_one_that_does() -> None:
+    """A slowloris holding every slot: connections silent over a second are closed first."""
+    async with serve(Route(), max_connections=3) as svc:
+        silent = [await asyncio.open_connection("127.0.0.1", svc.port) for _ in range(3)]
+        await asyncio.sleep(1.2)
+        reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+        writer.write(post("late"))
+        assert await answers(reader, 1) == [(200, "fast", "late")]
+        assert sum([await closed(r, 0.5) for r, _ in silent]) == 1
+        for _, w in [*silent, (reader, writer)]:
+            w.close()
+
+
+async def test_when_every_connection_is_busy_the_next_is_refused() -> None:
+    gate = asyncio.Event()
+    async with serve(Route(gate=gate), max_connections=2) as svc:
+        server = svc.runner.server
+        assert isinstance(server, FastServer)
+        busy = []
+        for name in ("a", "b"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+            writer.write(post(name))
+            busy.append((reader, writer))
+        while len(svc.route.fast) < 2:
+            await asyncio.sleep(0.01)
+        reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+        assert await closed(reader)
+        assert server.refused == 1
+        gate.set()
+        for (r, _), name in zip(busy, ("a", "b"), strict=True):
+            assert await answers(r, 1) == [(200, "fast", name)]
+        for _, w in [*busy, (reader, writer)]:
+            w.close()
