@@ -384,7 +384,14 @@ SourceConfig = Annotated[
 
 
 CLUSTER_HEARTBEAT = 3.0
-_ANY = {"0.0.0.0", "::", ""}  # (any address)
+
+
+def _overlap(a: str, b: str) -> bool:
+    """Whether two listening addresses take one port: the same, or one any-address of its family."""
+    if a == b or {a, b} & {"", "::"}:  # (`::` takes IPv4 too, on Linux by default)
+        return True
+    other = b if a == "0.0.0.0" else a if b == "0.0.0.0" else None
+    return other is not None and ":" not in other  # (IPv4's any-address, an IPv4 one)
 
 
 class Config(_Model):
@@ -407,8 +414,7 @@ class Config(_Model):
             if isinstance(source, WebhookSourceConfig) and paths.setdefault(source.path, i) != i:
                 problems.append((f"sources[{i}].path", f"sources[{paths[source.path]}] has it too"))
         http, admin = self.http, self.admin
-        hosts = {http.host, admin.host}
-        if http.port and http.port == admin.port and (len(hosts) == 1 or hosts & _ANY):
+        if http.port and http.port == admin.port and _overlap(http.host, admin.host):
             problems.append(("admin.port", "http.port is the same port on the same address"))
         if problems:
             raise ProviderSettingsError(problems)

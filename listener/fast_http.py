@@ -34,7 +34,7 @@ requests being answered get ``shutdown_timeout`` to finish (:meth:`FastServer.sh
 
 At most ``max_connections`` are open at once (``http.max_connections``): one more closes
 the longest idle one, else the one that has waited longest (over a second) for its
-head, else it is refused. Any client could otherwise open connections, send one request
+head, else the oldest idle one on aiohttp's path, else it is refused. Any client could otherwise open connections, send one request
 on each and keep them the hour, until the process ran out of file descriptors (and
 with them its broker connection, its streams and its admin port).
 """
@@ -114,15 +114,24 @@ class FastServer(web.Server):
         return _Connection(self)
 
     def _make_room(self) -> bool:
-        """Close the longest idle connection, or the slowest head; ``False``: none is."""
+        """
+        Close the longest idle connection, or the slowest head, else the oldest idle
+        one on aiohttp's path; ``False``: none is idle.
+        """
         now = self._loop.time()
         idle = [c for c in self.fast if c.idle_since(now) is not None]
-        if not idle:
-            return False
-        victim = min(idle, key=lambda c: c.idle_since(now) or now)
-        self.fast.discard(victim)
-        victim.close()
-        return True
+        if idle:
+            victim = min(idle, key=lambda c: c.idle_since(now) or now)
+            self.fast.discard(victim)
+            victim.close()
+            return True
+        for handler in self._connections:  # (oldest first)
+            # aiohttp's own test and close for an idle keep-alive connection.
+            waiter = getattr(handler, "_waiter", None)
+            if waiter is not None and not waiter.done():
+                handler.force_close()
+                return True
+        return False
 
     def at_limit(self) -> None:
         """A connection was refused: count it, and say so at most once a minute."""

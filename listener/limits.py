@@ -27,8 +27,11 @@ def fit_file_limit(connections: int) -> int:
     if hard != resource.RLIM_INFINITY:
         wanted = min(wanted, hard)
     if soft != resource.RLIM_INFINITY and soft < wanted:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-        soft = wanted
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):  # (macOS: at most OPEN_MAX, whatever the hard limit)
+            pass
     if soft != resource.RLIM_INFINITY and soft < connections + SPARE:
         log.warning(
             "file_limit_low",

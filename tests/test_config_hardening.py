@@ -89,6 +89,17 @@ def test_a_key_given_twice_is_refused_a_merge_key_may_be_overridden(tmp_path: Pa
     assert config.journal.retention == 7200
 
 
+def test_nested_merges_are_not_keys_given_twice(tmp_path: Path) -> None:
+    """A merge of a merge was flattened into its node before the check read it."""
+    text = (
+        "x-a: &a {retention: 1h, dedupe_window: 1d}\n"
+        "x-b: &b {<<: *a, retention: 2h}\n"
+        "journal: {<<: *b, dedupe_window: 2d}\n"
+    )
+    problems = problems_of(tmp_path, text + BASE.replace("journal:\n  retention: 2h\n", ""))
+    assert problems == ["x-a: unknown key", "x-b: unknown key"]
+
+
 def test_an_alias_that_holds_itself_is_one_problem(tmp_path: Path) -> None:
     """`a: &a [*a]` recursed until RecursionError."""
     assert problems_of(tmp_path, "loop: &a [*a]\n" + BASE) == [
@@ -158,6 +169,8 @@ def test_clashes_name_each_key(tmp_path: Path) -> None:
         + "admin:\n  port: 8080\n  host: 127.0.0.2\n"
     )
     load_config(write(tmp_path, apart), environ={"GST_SECRET": WHSEC})
+    families = apart.replace("127.0.0.1", "0.0.0.0").replace("127.0.0.2", "'::1'")
+    load_config(write(tmp_path, families), environ={"GST_SECRET": WHSEC})  # (v4 any, v6 one)
     assert problems_of(tmp_path, BASE + "  - {name: x, provider: getstoken}\n") == [
         "sources[1].kind: must be 'webhook', 'websocket' or 'poll'"
     ]

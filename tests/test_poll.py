@@ -403,6 +403,14 @@ async def test_a_restart_keeps_the_interval_between_two_polls(
             assert len(sim.ledger) > asked
 
 
+def test_429s_in_a_row_with_an_honest_retry_after_wait_what_it_says() -> None:
+    budget = Budget(90, 60.0)
+    for _ in range(6):
+        budget.observe(429, {"Retry-After": "5"})
+        assert 4.9 <= budget.paused_for <= 5.6
+        budget._paused_until = 0.0
+
+
 def test_429s_in_a_row_back_off_whatever_retry_after_says() -> None:
     """`Retry-After: 0` on every answer had the source spend its whole budget on 429s."""
     budget = Budget(90, 60.0)

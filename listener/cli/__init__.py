@@ -99,7 +99,7 @@ def run(config_file: Path | None) -> None:
     except (OSError, ExceptionGroup) as exc:
         # A port in use fails a task of the service's TaskGroup: it arrives grouped.
         error = _first_os_error(exc)
-        if error is None:
+        if error is None or service.started.is_set():
             raise
         click.echo(f"listener: cannot start: {error}", err=True)
         sys.exit(1)

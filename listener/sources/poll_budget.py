@@ -14,11 +14,12 @@ provider asks for.
   date, RFC 9110 §10.2.3) or the ``RateLimit``/``X-RateLimit`` reset, plus up to 10%
   jitter, never shorter, but at most ``PAUSE_CAP`` (15 minutes) at a time, as a
   stream's ``retry_after`` is (a broken or hostile value must not park the source for
-  days; still limited then, the next 429 pauses it again); and never shorter than an
-  exponential backoff with jitter (from 1 s, capped at 15 minutes) that grows with each
-  429 in a row, whatever the provider says. A ``remaining`` of 0 pauses until the
-  reset; a low one (under a tenth of the limit) spreads what is left over the time to
-  the reset, so the source slows down before a 429 happens.
+  days; still limited then, the next 429 pauses it again); without either, or when they
+  ask for under a second (``Retry-After: 0`` to every request), exponential backoff with
+  jitter (from 1 s, growing with each 429 in a row) capped at 15 minutes. A
+  ``remaining`` of 0 pauses until the reset; a low one (under a tenth of the limit)
+  spreads what is left over the time to the reset, so the source slows down before a
+  429 happens.
 * Rate headers: the IETF draft's ``RateLimit: limit=100, remaining=42, reset=23``
   (reset in seconds) and ``X-RateLimit-Limit/Remaining/Reset`` (reset a Unix time;
   NOTES: values above 10^9 are times, below are durations).
@@ -163,9 +164,11 @@ class Budget:
         self.provider_remaining = remaining
         if status == 429:
             asked = retry_after_seconds(_header(headers, "Retry-After") or "", now=wall)
-            # At least the growing backoff: a provider saying `Retry-After: 0` to every
-            # request had the source spend its whole budget on 429s, for ever.
-            self.pause(max(asked or 0.0, reset or 0.0, next(self._delays)))
+            wait = max(asked or 0.0, reset or 0.0)
+            if wait < 1.0:  # nothing said, or `Retry-After: 0` to every request (which
+                # had the source spend its whole budget on 429s): a growing backoff
+                wait = max(wait, next(self._delays))
+            self.pause(wait)
             return
         self._delays = backoff(1.0, PAUSE_CAP)
         if remaining is None or reset is None:

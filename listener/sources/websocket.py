@@ -361,7 +361,8 @@ class StreamSource:
             # a flood of junk frames queued appends without end (2 GB in 45 s).
             if len(self._appends) >= window:
                 await self._appends.settle_some(max(window // 2, 1))
-            if len(raw) > self._config.max_size:  # taken on a raised limit: once is enough
+            if self._max_size > self._config.max_size and _size(raw) > self._config.max_size:
+                # taken on a raised limit: once is enough
                 self._max_size = ws.protocol.max_message_size = self._config.max_size
 
     def _on_event(self, frame: EventFrame, raw: str | bytes) -> None:
@@ -436,6 +437,11 @@ class StreamTransport(RuntimeTransport):
                 mine = tuple(r for r in self.runtimes if r.name == name)
                 gauge = context.metrics.source_connected.labels(name)
                 gauge.set_function(functools.partial(_any_connected, mine))
+
+
+def _size(raw: str | bytes) -> int:
+    """A frame's size as websockets' ``max_size`` counts it (bytes, not characters)."""
+    return len(raw.encode()) if isinstance(raw, str) else len(raw)
 
 
 def _any_connected(runtimes: tuple[StreamSource, ...]) -> float:

@@ -75,3 +75,20 @@ async def test_when_every_connection_is_busy_the_next_is_refused() -> None:
             assert await answers(r, 1) == [(200, "fast", name)]
         for _, w in [*busy, (reader, writer)]:
             w.close()
+
+
+async def test_idle_connections_on_aiohttps_path_make_room_too() -> None:
+    """A connection handed to aiohttp (any request not plain) was never closed for room."""
+    async with serve(Route(), max_connections=3) as svc:
+        handed = []
+        for name in ("a", "b", "c"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+            writer.write(post(name, **{"Content-Encoding": "identity"}))
+            assert await answers(reader, 1) == [(200, "aiohttp", name)]
+            handed.append((reader, writer))
+        reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+        writer.write(post("d"))
+        assert await answers(reader, 1) == [(200, "fast", "d")]
+        assert await closed(handed[0][0])  # the oldest
+        for _, w in [*handed, (reader, writer)]:
+            w.close()
