@@ -2,12 +2,9 @@
 The public port's fast path: the plainest webhook requests answered without aiohttp's
 per-request machinery, everything else handed to aiohttp unchanged.
 
-aiohttp's low-level server (:class:`listener.web.PublicRoutes`) spends ~50 µs of CPU per
-request around the route's own work (measured with a trivial handler): its parser's
-message and stream objects, the request, a task, the response object, its headers and
-writer. Measured end to end (``python -m bench --only webhooks``), the listener's CPU
-per webhook went from 195 to 132 µs with this path, and its confirmed rate from 0.81 to
-1.03-1.24 x the bare aio-pika publisher's.
+aiohttp's low-level server spends ~50 µs of CPU a request around the route's own work
+(its message, stream, request, task and response objects): with this path the
+listener's CPU per webhook went from 195 to 132 µs (``python -m bench --only webhooks``).
 
 :class:`FastServer` is an aiohttp :class:`~aiohttp.web.Server` whose connections start
 on :class:`_Connection`: it answers a request itself only when all of this holds, and
@@ -33,10 +30,12 @@ idle keep-alive connections close after ``KEEPALIVE`` seconds, and on shutdown t
 requests being answered get ``shutdown_timeout`` to finish (:meth:`FastServer.shutdown`).
 
 At most ``max_connections`` are open at once (``http.max_connections``): one more closes
-the longest idle one, else the one that has waited longest (over a second) for its
-head, else the oldest idle one on aiohttp's path, else it is refused. Any client could otherwise open connections, send one request
-on each and keep them the hour, until the process ran out of file descriptors (and
-with them its broker connection, its streams and its admin port).
+the one quiet the longest (nothing in or out for over a second: idle, or a head or a
+body that does not come), on either path, else it is refused; and at most
+``max_buffered`` bytes of requests are held: past it, the connection holding the most
+closes. Any client could otherwise open connections and keep them, each with a head
+(and up to ``max_body`` of a body) sent, until the process ran out of file descriptors
+or memory. Answers a client does not read stop the reading of its requests.
 """
 
 from __future__ import annotations
@@ -89,6 +88,7 @@ class FastServer(web.Server):
         *,
         head_timeout: float,
         max_connections: int = 4096,
+        max_buffered: int = 64 * 2**20,
         **kwargs: Any,
     ) -> None:
         # aiohttp cannot tell an idle connection from one whose next head is dripping in:
@@ -98,6 +98,8 @@ class FastServer(web.Server):
         self.routes = routes
         self.head_timeout = head_timeout
         self.max_connections = max_connections
+        self.max_buffered = max_buffered
+        self.buffered = 0  # bytes of requests held by fast-path connections
         self.refused = 0  # connections refused at the limit (none idle or waiting to close)
         self._warned_at = -60.0
         self.fast: set[_Connection] = set()
@@ -114,24 +116,26 @@ class FastServer(web.Server):
         return _Connection(self)
 
     def _make_room(self) -> bool:
-        """
-        Close the longest idle connection, or the slowest head, else the oldest idle
-        one on aiohttp's path; ``False``: none is idle.
-        """
-        now = self._loop.time()
-        idle = [c for c in self.fast if c.idle_since(now) is not None]
-        if idle:
-            victim = min(idle, key=lambda c: c.idle_since(now) or now)
-            self.fast.discard(victim)
-            victim.close()
+        """Close the connection quiet the longest, over a second; ``False``: none is."""
+        quiet = self._loop.time() - 1.0
+        fast = min(self.fast, key=lambda c: c.heard, default=None)
+        slow = min(self._connections, key=lambda h: getattr(h, "heard", quiet), default=None)
+        if fast is not None and fast.heard < min(quiet, getattr(slow, "heard", quiet)):
+            self.fast.discard(fast)
+            fast.close()
             return True
-        for handler in self._connections:  # (oldest first)
-            # aiohttp's own test and close for an idle keep-alive connection.
-            waiter = getattr(handler, "_waiter", None)
-            if waiter is not None and not waiter.done():
-                handler.force_close()
-                return True
+        if isinstance(slow, _JsonErrors) and slow.heard < quiet:
+            slow.force_close()
+            return True
         return False
+
+    def shed(self) -> None:
+        """Over ``max_buffered``: close the connections holding the most until under it."""
+        while self.buffered > self.max_buffered and self.fast:
+            biggest = max(self.fast, key=lambda c: c.held)
+            self.fast.discard(biggest)
+            biggest.close()
+            biggest.release()
 
     def at_limit(self) -> None:
         """A connection was refused: count it, and say so at most once a minute."""
@@ -184,8 +188,19 @@ class _JsonErrors(RequestHandler):
     """
     aiohttp's connection handler, whose own answers (to a request it could not parse:
     a bad request line, a header over its limits) are the contract's JSON error body
-    too. aiohttp's are text, and echo the request's bytes back.
+    too. aiohttp's are text, and echo the request's bytes back. ``heard``: when it last
+    sent or received (the connection limit closes the quietest).
     """
+
+    heard = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.heard = self._loop.time()
+        super().connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.heard = self._loop.time()
+        super().data_received(data)
 
     def handle_error(
         self,
@@ -210,8 +225,9 @@ class _Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._paused = False
-        self._seen = 0.0
-        self._head_from = 0.0  # when the head being waited for was first waited for
+        self._writing_held = False  # the client does not read its answers
+        self.held = 0  # bytes of this buffer counted in the server's ``buffered``
+        self.heard = 0.0  # when a byte last came or an answer went
         self._timer: asyncio.TimerHandle | None = None
         self._body = False  # whether the timer is a body's (else a head's)
         #: The head of the request whose body is still coming (parsed once).
@@ -222,7 +238,7 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream server's (uvloop's transports do not subclass asyncio's).
         self._transport = cast(asyncio.Transport, transport)
-        self._seen = self._loop.time()
+        self.heard = self._loop.time()
         self._server.fast.add(self)
         self._time_head()  # the first request's head: from the connection's opening on
 
@@ -230,33 +246,58 @@ class _Connection(asyncio.Protocol):
         self._server.fast.discard(self)
         self._transport = None
         self._cancel_timer()
+        self.release()
+
+    def release(self) -> None:
+        """Uncount what this connection holds (it is closed, or handed over)."""
+        self._server.buffered -= self.held
+        self.held = 0
+
+    def _count(self) -> None:
+        self._server.buffered += len(self._buffer) - self.held
+        self.held = len(self._buffer)
+
+    def pause_writing(self) -> None:  # (asyncio: the answers are not read)
+        self._writing_held = True
+        self._hold_reading()
+
+    def resume_writing(self) -> None:
+        self._writing_held = False
+        if self.answering is None:
+            self._go_on()
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
-        self._seen = self._loop.time()
-        if self.answering is None:
+        self.heard = self._loop.time()
+        self._count()
+        if self._server.buffered > self._server.max_buffered:
+            self._server.shed()
+            if self._transport is None:
+                return
+        if self.answering is None and not self._writing_held:
             self._next()
-        elif len(self._buffer) > PAUSE_AT and not self._paused and self._transport is not None:
+        elif len(self._buffer) > PAUSE_AT:
+            self._hold_reading()
+
+    def _hold_reading(self) -> None:
+        if not self._paused and self._transport is not None:
             self._paused = True
             self._transport.pause_reading()
 
+    def _go_on(self) -> None:
+        """After an answer: read again if little is buffered, and answer the next."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        if self._paused and len(self._buffer) <= PAUSE_AT:
+            self._paused = False
+            transport.resume_reading()
+        self._next()
+
     def expire_idle(self, now: float) -> None:
         """Close the connection if nothing came for ``KEEPALIVE`` seconds (nor went out)."""
-        if self.answering is None and now - self._seen > KEEPALIVE:
+        if self.answering is None and now - self.heard > KEEPALIVE:
             self.close()
-
-    def idle_since(self, now: float) -> float | None:
-        """
-        Since when this connection may be closed to make room: answered and waiting
-        for nothing, or waiting over a second for a head; ``None``: it may not be.
-        """
-        if self.answering is not None or self._body:
-            return None
-        if self._timer is None and not self._buffer:
-            return self._seen  # (idle since its last byte, in or out)
-        if self._timer is not None and now - self._head_from > 1.0:
-            return self._head_from
-        return None
 
     def close_if_idle(self) -> None:
         """Close the connection unless a request is being answered (shutdown)."""
@@ -295,6 +336,7 @@ class _Connection(asyncio.Protocol):
         self._head = None
         body = bytes(buffer[start:end])
         del buffer[:end]
+        self._count()
         self.answering = self._loop.create_task(self._answer(route, headers, body))
 
     def _parse(
@@ -339,13 +381,9 @@ class _Connection(asyncio.Protocol):
         if transport is not None:
             transport.write(self._encode(reply))
         self.answering = None
-        self._seen = self._loop.time()
-        if transport is None or transport.is_closing():
-            return
-        if self._paused:
-            self._paused = False
-            transport.resume_reading()
-        self._next()
+        self.heard = self._loop.time()
+        if not self._writing_held:
+            self._go_on()
 
     def _encode(self, reply: Reply) -> bytes:
         extra = "".join(f"{k}: {v}\r\n" for k, v in reply.headers.items()) if reply.headers else ""
@@ -358,7 +396,6 @@ class _Connection(asyncio.Protocol):
     def _time_head(self) -> None:
         """Time the head being waited for: ``head_timeout`` from now, unless already timed."""
         if self._timer is None:
-            self._head_from = self._loop.time()
             self._timer = self._loop.call_later(self._server.head_timeout, self._time_out, None)
 
     def _time_out(self, route: FastRoute | None) -> None:
@@ -388,6 +425,7 @@ class _Connection(asyncio.Protocol):
         if self._paused:
             transport.resume_reading()
         data, self._buffer = bytes(self._buffer), bytearray()
+        self.release()
         handler.data_received(data)
 
 

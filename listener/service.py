@@ -313,6 +313,7 @@ class Service:
                             public_routes(self.transports),
                             head_timeout=config.http.read_timeout,
                             max_connections=config.http.max_connections,
+                            max_buffered=max(64 * 2**20, 4 * config.http.max_body),
                             access_log=None,
                         ),
                         config.http.host,
