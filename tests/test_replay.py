@@ -20,6 +20,7 @@ import yaml
 
 from listener.config import Config
 from listener.envelope import rfc3339
+from listener.exceptions import ReplayError
 from listener.journal.schema import migrate
 from listener.ops.replay import Replay, ReplayStatus
 from listener.ops.replay_request import replay_request
@@ -496,3 +497,41 @@ async def test_a_replay_cut_off_says_how_far_it_got(
     line = next(x for x in err.splitlines() if x.startswith("replay failed"))
     published = int(line.split(" after ")[1].split(" of ")[0])
     assert 1 <= published < 30 and " of 30 events published: " in line, line
+
+
+async def test_a_replay_into_a_queue_deleted_meanwhile_fails(
+    setup: tuple[Config, Path], broker_url: str, exchange_name: str
+) -> None:
+    """
+    The broker returned every message after the queue was deleted, and the replay went
+    on publishing into nothing, then said it completed (exit 0, API `completed`).
+    """
+    config, _ = setup
+    queue = f"{exchange_name}.gone"
+    async with running(config) as service:
+        await ingest(service, [event_at(i, minute=i / 10) for i in range(60)])
+        async with target_queue(broker_url, queue):
+            request = replay_request(archive_enabled=True, since="2h", to_queue=queue, rate=20)
+            run = Replay(request, broker=config.broker, journal=service.journal)
+            async with run:
+                task = asyncio.create_task(run.run())
+                await wait_for(lambda: run.status.published >= 5, what="a few published")
+                connection = await aio_pika.connect(broker_url)
+                async with connection:
+                    await (await connection.channel()).queue_delete(queue)
+                with pytest.raises(ReplayError, match="no longer exists"):
+                    await asyncio.wait_for(task, timeout=20)
+            assert run.status.published < 60
+
+
+async def test_an_archive_replay_of_a_window_yet_to_come_is_empty_at_once(
+    setup: tuple[Config, Path], broker_url: str, exchange_name: str
+) -> None:
+    """The stream was read from a minute before `since`, past the end marker: 30 s, then a failure."""
+    config, _ = setup
+    async with running(config) as service:
+        await ingest(service, [event_at(i) for i in range(3)])
+        future = rfc3339(datetime.fromtimestamp(time.time() + 3600, UTC))
+        async with asyncio.timeout(10):
+            status = await replay(config, None, since=future, origin="archive", dry_run=True)
+    assert status.state == "completed" and status.matched == 0

@@ -7,7 +7,8 @@ AMQP 0-9-1 takes a prefetch, manual acks (credit, not removal) and an
 ``x-stream-offset`` (https://www.rabbitmq.com/docs/streams#consuming).
 
 * Start: the offset is a timestamp, a minute before ``since`` (a provider clock
-  ahead of ours stamps events later than they were published). Timestamp offsets are
+  ahead of ours stamps events later than they were published), and at most ten
+  minutes before now (the end marker must come back). Timestamp offsets are
   chunk-granular, so earlier messages come too; every message is checked against the
   window on its CloudEvent ``time`` anyway, because publish order is not event order.
 * End: the stream's end as it was when the read started. A stream queue reports no
@@ -29,6 +30,7 @@ import asyncio
 import collections
 import contextlib
 import copy
+import time
 import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
@@ -122,11 +124,13 @@ async def read_archive(
         inbox.put_nowait(message)
 
     await underlay.basic_qos(prefetch_count=PREFETCH)
-    since = selection.since or 0.0
+    # Never later than a while ago: the marker just appended must be read back, also for a
+    # window in the future or a broker clock behind ours (it hung `stall` s, then failed).
+    start = min((selection.since or 0.0) - ARCHIVE_SKEW, time.time() - 10 * ARCHIVE_SKEW)
     consume = await underlay.basic_consume(
         queue,
         on_message,
-        arguments={_OFFSET_HEADER: datetime.fromtimestamp(max(since - ARCHIVE_SKEW, 0.0), UTC)},
+        arguments={_OFFSET_HEADER: datetime.fromtimestamp(max(start, 0.0), UTC)},
     )
     seen: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
     try:

@@ -59,6 +59,13 @@ __all__ = [
     "replay_request",
 ]
 
+# Into a queue, a message the broker returns means the queue is gone (deleted while the
+# replay ran): what was published into nothing is no success.
+_GONE = (
+    "the broker returned messages as unroutable: the queue {queue!r} no longer exists;"
+    " declare it and run the replay again"
+)
+
 # CONTRACT §4: replayed messages carry this header and are otherwise identical.
 REPLAY_HEADERS: dict[str, Any] = {"x-replayed": True}
 # Journal rows read per query.
@@ -298,6 +305,8 @@ class Replay:
                         if pacer is not None:
                             await pacer.wait()
                         key = request.to_queue or item.routing_key
+                        if request.to_queue is not None and window.returned:
+                            raise ReplayError(_GONE.format(queue=request.to_queue))
                         await window.publish(Outgoing(item.body, exchange, key, item.properties))
                         status.matched += 1
                         status.by_type[item.routing_key] += 1
@@ -311,6 +320,8 @@ class Replay:
                 await channel.close()
         if window.nacked:
             raise ReplayError(f"the broker refused (nacked) {window.nacked} messages; run again")
+        if request.to_queue is not None and window.returned:
+            raise ReplayError(_GONE.format(queue=request.to_queue))
 
     def _count(self, window: ConfirmWindow) -> None:
         status = self.status
