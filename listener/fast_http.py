@@ -31,11 +31,11 @@ requests being answered get ``shutdown_timeout`` to finish (:meth:`FastServer.sh
 
 At most ``max_connections`` are open at once (``http.max_connections``): one more closes
 the one quiet the longest (nothing in or out for over a second: idle, or a head or a
-body that does not come), on either path, else it is refused; and at most
-``max_buffered`` bytes of requests are held: past it, the connection holding the most
-closes. Any client could otherwise open connections and keep them, each with a head
-(and up to ``max_body`` of a body) sent, until the process ran out of file descriptors
-or memory. Answers a client does not read stop the reading of its requests.
+body that does not come), on either path, else it is refused; and unfinished requests
+hold at most ``routes.held.budget`` bytes in all (:class:`listener.web.Held`). Any
+client could otherwise open connections and keep them, each with a head (and up to
+``max_body`` of a body) sent, until the process ran out of file descriptors or memory.
+Answers a client does not read stop the reading of its requests.
 """
 
 from __future__ import annotations
@@ -88,7 +88,6 @@ class FastServer(web.Server):
         *,
         head_timeout: float,
         max_connections: int = 4096,
-        max_buffered: int = 64 * 2**20,
         **kwargs: Any,
     ) -> None:
         # aiohttp cannot tell an idle connection from one whose next head is dripping in:
@@ -98,8 +97,7 @@ class FastServer(web.Server):
         self.routes = routes
         self.head_timeout = head_timeout
         self.max_connections = max_connections
-        self.max_buffered = max_buffered
-        self.buffered = 0  # bytes of requests held by fast-path connections
+        self.held = routes.held  # (the budget of unfinished requests, shared with aiohttp's)
         self.refused = 0  # connections refused at the limit (none idle or waiting to close)
         self._warned_at = -60.0
         self.fast: set[_Connection] = set()
@@ -128,14 +126,6 @@ class FastServer(web.Server):
             slow.force_close()
             return True
         return False
-
-    def shed(self) -> None:
-        """Over ``max_buffered``: close the connections holding the most until under it."""
-        while self.buffered > self.max_buffered and self.fast:
-            biggest = max(self.fast, key=lambda c: c.held)
-            self.fast.discard(biggest)
-            biggest.close()
-            biggest.release()
 
     def at_limit(self) -> None:
         """A connection was refused: count it, and say so at most once a minute."""
@@ -226,7 +216,6 @@ class _Connection(asyncio.Protocol):
         self._buffer = bytearray()
         self._paused = False
         self._writing_held = False  # the client does not read its answers
-        self.held = 0  # bytes of this buffer counted in the server's ``buffered``
         self.heard = 0.0  # when a byte last came or an answer went
         self._timer: asyncio.TimerHandle | None = None
         self._body = False  # whether the timer is a body's (else a head's)
@@ -244,18 +233,12 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._server.fast.discard(self)
+        self._server.held.set(self._transport, 0)
         self._transport = None
         self._cancel_timer()
-        self.release()
-
-    def release(self) -> None:
-        """Uncount what this connection holds (it is closed, or handed over)."""
-        self._server.buffered -= self.held
-        self.held = 0
 
     def _count(self) -> None:
-        self._server.buffered += len(self._buffer) - self.held
-        self.held = len(self._buffer)
+        self._server.held.set(self._transport, len(self._buffer))
 
     def pause_writing(self) -> None:  # (asyncio: the answers are not read)
         self._writing_held = True
@@ -269,11 +252,7 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._buffer += data
         self.heard = self._loop.time()
-        self._count()
-        if self._server.buffered > self._server.max_buffered:
-            self._server.shed()
-            if self._transport is None:
-                return
+        self._count()  # (over the port's budget, the biggest holder is closed: maybe this)
         if self.answering is None and not self._writing_held:
             self._next()
         elif len(self._buffer) > PAUSE_AT:
@@ -425,7 +404,7 @@ class _Connection(asyncio.Protocol):
         if self._paused:
             transport.resume_reading()
         data, self._buffer = bytes(self._buffer), bytearray()
-        self.release()
+        self._server.held.set(transport, 0)  # (aiohttp's path counts its body itself)
         handler.data_received(data)
 
 

@@ -81,9 +81,10 @@ async def _site(app: web.Application | FastServer, host: str, port: int) -> Asyn
         await runner.cleanup()
 
 
-def public_routes(transports: list[Transport]) -> PublicRoutes:
+def public_routes(transports: list[Transport], *, max_body: int) -> PublicRoutes:
     """The public port's routes: the transports' (webhooks), JSON errors elsewhere."""
     routes = PublicRoutes()
+    routes.held.budget = max(routes.held.budget, 4 * max_body)
     for transport in transports:
         transport.mount(routes)
     return routes
@@ -108,6 +109,7 @@ class Service:
         self.publisher: Publisher | None = None
         self.admin: AdminApp | None = None
         self.transports: list[Transport] = []
+        self.routes = PublicRoutes()  # (the public port's, built with the transports)
         #: cluster.enabled: holds the units (streams, polls) this replica runs.
         self.coordinator: Coordinator | None = None
         self.exit_pending = 0
@@ -269,6 +271,7 @@ class Service:
                 units=config.cluster.enabled,
             )
             self.transports = build_transports(config, context)
+            self.routes = public_routes(self.transports, max_body=config.http.max_body)
             if config.cluster.enabled:
                 self.coordinator = Coordinator(
                     units=units_of(self.runtimes),
@@ -310,10 +313,9 @@ class Service:
                     _site(self.admin.app, config.admin.host, config.admin.port) as admin_port,
                     _site(
                         FastServer(
-                            public_routes(self.transports),
+                            self.routes,
                             head_timeout=config.http.read_timeout,
                             max_connections=config.http.max_connections,
-                            max_buffered=max(64 * 2**20, 4 * config.http.max_body),
                             access_log=None,
                         ),
                         config.http.host,

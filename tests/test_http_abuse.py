@@ -749,3 +749,26 @@ async def test_a_request_aiohttp_cannot_parse_gets_the_json_400(
         "success": False,
         "error": {"code": "BAD_REQUEST", "message": "Bad Request"},
     }
+
+
+async def test_bodies_read_on_aiohttps_path_share_the_ports_budget(service: Service) -> None:
+    """
+    Chunked bodies (aiohttp's path) were each read up to max_body outside any budget:
+    4,096 such connections could hold 4 GiB. They count with the fast path's buffers.
+    """
+    assert service.public_port is not None
+    held = service.routes.held
+    held.budget = 2 * MAX_BODY
+    connections = []
+    for _ in range(4):
+        reader, writer = await asyncio.open_connection("127.0.0.1", service.public_port)
+        body = b"x" * (MAX_BODY - 100)
+        writer.write(request("POST", PATH, headers={"Transfer-Encoding": "chunked"}, length=False))
+        writer.write(b"%x\r\n%s\r\n" % (len(body), body))  # (and never the last chunk)
+        await writer.drain()
+        connections.append((reader, writer))
+    await asyncio.sleep(0.5 * UNIT)
+    assert held.total <= 2 * MAX_BODY
+    assert sum([await closed_by_server(r, 0.5) for r, _ in connections]) >= 2
+    for _, writer in connections:
+        writer.close()

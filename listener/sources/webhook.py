@@ -214,6 +214,7 @@ class WebhookTransport:
 
     def mount(self, routes: PublicRoutes) -> None:
         """Add one POST route per source (its other methods are 405)."""
+        self._held = routes.held
         for endpoint in self._endpoints:
             routes.add_post(endpoint.source.path, endpoint.receive, fast=endpoint)
 
@@ -256,16 +257,18 @@ class WebhookTransport:
             loop = self._loop = asyncio.get_running_loop()
         transport = request.transport
         expiry = loop.call_later(self.http.read_timeout, _expire, transport)
-        body = bytearray()
+        body, held = bytearray(), self._held
         try:
             while chunk := await content.readany():
                 body += chunk
                 if len(body) > limit:
                     raise _BodyTooLarge
+                held.set(transport, len(body))  # (over the port's budget: the biggest closes)
         except (ConnectionError, aiohttp.ClientError) as exc:
             if transport is None or transport.is_closing():
                 raise TimeoutError from exc
             raise
         finally:
             expiry.cancel()
+            held.set(transport, 0)
         return bytes(body)

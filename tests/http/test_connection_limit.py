@@ -1,8 +1,9 @@
 """
 The public port holds at most ``http.max_connections``: a connection past it closes the
 one quiet the longest (over a second: idle, or a head or body that does not come), else
-it is refused; and at most ``max_buffered`` bytes of requests. Before, any client could keep connections open an hour each (one request on
-each) until the process had no file descriptor left for anything.
+it is refused; and unfinished requests hold at most ``held.budget`` bytes in all.
+Before, any client could keep connections open an hour each (one request on each)
+until the process had no file descriptor left for anything.
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ async def test_the_bytes_held_are_capped_the_biggest_holder_closed() -> None:
     async with serve(Route(max_body=200_000)) as svc:
         server = svc.runner.server
         assert isinstance(server, FastServer)
-        server.max_buffered = 300_000
+        server.held.budget = 300_000
         holders = []
         for _ in range(4):
             reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
@@ -127,7 +128,7 @@ async def test_the_bytes_held_are_capped_the_biggest_holder_closed() -> None:
             await writer.drain()
             holders.append((reader, writer))
         await asyncio.sleep(0.3)
-        assert server.buffered <= 300_000
+        assert server.held.total <= 300_000
         assert sum([await closed(r, 0.5) for r, _ in holders]) >= 2
         reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
         writer.write(post("small"))
@@ -135,7 +136,7 @@ async def test_the_bytes_held_are_capped_the_biggest_holder_closed() -> None:
         for _, w in [*holders, (reader, writer)]:
             w.close()
         await asyncio.sleep(0.1)
-        assert server.buffered == 0
+        assert server.held.total == 0
 
 
 async def test_answers_a_client_does_not_read_stop_its_requests_being_read() -> None:
