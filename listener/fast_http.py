@@ -31,16 +31,18 @@ requests being answered get ``shutdown_timeout`` to finish (:meth:`FastServer.sh
 
 At most ``max_connections`` are open at once (``http.max_connections``): one more closes
 the one quiet the longest (nothing in or out for over a second: idle, or a head or a
-body that does not come), on either path, else it is refused; and unfinished requests
-hold at most ``routes.held.budget`` bytes in all (:class:`listener.web.Held`). Any
-client could otherwise open connections and keep them, each with a head (and up to
-``max_body`` of a body) sent, until the process ran out of file descriptors or memory.
-Answers a client does not read stop the reading of its requests.
+body that does not come; not one being answered), on either path, else it is refused;
+and unfinished requests hold at most ``routes.held.budget`` bytes in all
+(:class:`listener.web.Held`). Any client could otherwise open connections and keep
+them, each with a head (and up to ``max_body`` of a body) sent, until the process ran
+out of file descriptors or memory. Answers a client does not read stop the reading of
+its requests.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import time
 from collections.abc import Mapping
@@ -114,18 +116,30 @@ class FastServer(web.Server):
         return _Connection(self)
 
     def _make_room(self) -> bool:
-        """Close the connection quiet the longest, over a second; ``False``: none is."""
-        quiet = self._loop.time() - 1.0
-        fast = min(self.fast, key=lambda c: c.heard, default=None)
-        slow = min(self._connections, key=lambda h: getattr(h, "heard", quiet), default=None)
-        if fast is not None and fast.heard < min(quiet, getattr(slow, "heard", quiet)):
+        """
+        Close the connection quiet the longest, over a second, unless its request is
+        being answered (its body all came); ``False``: none is.
+        """
+        answering = self.held.answering
+
+        def since(conn: _Connection | _JsonErrors | None) -> float:  # (inf: not to close)
+            if isinstance(conn, _Connection):
+                return math.inf if conn.answering else conn.heard
+            return math.inf if conn is None or conn.transport in answering else conn.heard
+
+        fast = min(self.fast, key=since, default=None)
+        handlers = (h for h in self._connections if isinstance(h, _JsonErrors))
+        slow = min(handlers, key=since, default=None)
+        if min(since(fast), since(slow)) >= self._loop.time() - 1.0:
+            return False
+        if since(fast) <= since(slow):
+            assert fast is not None  # (its time is finite)
             self.fast.discard(fast)
             fast.close()
-            return True
-        if isinstance(slow, _JsonErrors) and slow.heard < quiet:
+        else:
+            assert slow is not None
             slow.force_close()
-            return True
-        return False
+        return True
 
     def at_limit(self) -> None:
         """A connection was refused: count it, and say so at most once a minute."""

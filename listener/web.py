@@ -154,6 +154,9 @@ class Held:
         self.budget = budget
         self.total = 0
         self._by: dict[asyncio.BaseTransport, int] = {}
+        #: Connections whose request (body all read) is being answered on aiohttp's path:
+        #: never closed to make room (listener.fast_http).
+        self.answering: set[asyncio.BaseTransport | None] = set()
 
     def set(self, transport: asyncio.BaseTransport | None, size: int) -> None:
         """``transport``'s connection holds ``size`` bytes now (0: nothing, or it is gone)."""

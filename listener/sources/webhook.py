@@ -36,6 +36,7 @@ from listener.sources.registry import TransportContext
 from listener.sources.signatures import Verifier
 from listener.web import (
     Handler,
+    Held,
     PublicRoutes,
     Reply,
     error_reply,
@@ -132,7 +133,12 @@ class _Endpoint:
             # broken chunking): the client's fault, not a 500.
             self._rejected.labels(self.name, "bad_body").inc()
             return error_response(400, "BAD_REQUEST", "the body could not be decoded")
-        return reply_response(await self.accept(request.headers, body))
+        answering = transport.held.answering
+        answering.add(request.transport)  # (not to be closed to make room meanwhile)
+        try:
+            return reply_response(await self.accept(request.headers, body))
+        finally:
+            answering.discard(request.transport)
 
     def _shutting_down(self) -> Reply:
         retry_after = str(self._transport.http.retry_after)
@@ -206,6 +212,8 @@ class WebhookTransport:
         self.accepting = True
         #: Requests between their body and their answer (the soak tells them from leaks).
         self.in_flight = 0
+        #: The public port's budget of unfinished requests (the routes', once mounted).
+        self.held = Held()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._endpoints = [_Endpoint(s, p, self, metrics) for s, p in sources]
         for endpoint in self._endpoints:
@@ -214,7 +222,7 @@ class WebhookTransport:
 
     def mount(self, routes: PublicRoutes) -> None:
         """Add one POST route per source (its other methods are 405)."""
-        self._held = routes.held
+        self.held = routes.held
         for endpoint in self._endpoints:
             routes.add_post(endpoint.source.path, endpoint.receive, fast=endpoint)
 
@@ -257,7 +265,7 @@ class WebhookTransport:
             loop = self._loop = asyncio.get_running_loop()
         transport = request.transport
         expiry = loop.call_later(self.http.read_timeout, _expire, transport)
-        body, held = bytearray(), self._held
+        body, held = bytearray(), self.held
         try:
             while chunk := await content.readany():
                 body += chunk
