@@ -37,6 +37,7 @@ __all__ = [
     "Status",
     "StoredEntry",
     "connect",
+    "error_code",
     "is_corrupt",
     "migrate",
     "row_to_entry",
@@ -47,12 +48,15 @@ BUSY_TIMEOUT_MS = 30_000
 _CORRUPT = re.compile(r"not a database|malformed|corrupt", re.IGNORECASE)
 
 
+def error_code(exc: sqlite3.Error) -> int:
+    """SQLite's primary result code of ``exc`` (``SQLITE_READONLY``...), 0 if it has none."""
+    return getattr(exc, "sqlite_errorcode", 0) & 0xFF
+
+
 def is_corrupt(exc: sqlite3.Error) -> bool:
     """Whether ``exc`` says the file is damaged (or no database at all)."""
-    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
-    return code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB) or bool(
-        _CORRUPT.search(str(exc))
-    )
+    damaged = error_code(exc) in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+    return damaged or bool(_CORRUPT.search(str(exc)))
 
 
 class Status(enum.IntEnum):
@@ -252,7 +256,7 @@ def connect(
         conn.close()
         if is_corrupt(exc):
             raise JournalCorrupt(path, str(exc)) from exc
-        if getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_READONLY:
+        if error_code(exc) == sqlite3.SQLITE_READONLY:
             raise JournalError(
                 f"the journal {path} cannot be written ({exc}); check its permissions,"
                 " attributes and file system"

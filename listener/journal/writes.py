@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from listener.envelope import Entry
-from listener.journal.schema import Cursor, Status
+from listener.journal.schema import Cursor, Status, error_code
 
 __all__ = [
     "Append",
@@ -168,7 +168,7 @@ _WHOLE = {
 
 def _one_failed(exc: Exception) -> _OneFailed:
     """``exc`` as one operation's failure, or raised as it is when it is the database's."""
-    if isinstance(exc, sqlite3.Error) and (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in _WHOLE:
+    if isinstance(exc, sqlite3.Error) and error_code(exc) in _WHOLE:
         raise exc
     return _OneFailed()
 

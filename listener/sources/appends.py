@@ -80,10 +80,7 @@ class Appends:
         Raises:
             JournalFull: the journal is over its limit.
         """
-        if keep is not None and len(payload) > keep:
-            detail = f"{verdict.detail}; the first {keep} of {len(payload)} bytes kept"
-            payload, verdict = payload[:keep], Quarantine(verdict.reason, detail)
-        entry = self.intake.build(verdict, raw=payload, received_at=time.time())
+        entry = self.intake.build(verdict, raw=payload, received_at=time.time(), keep=keep)
         future = self._journal.submit([entry])
         future.add_done_callback(functools.partial(self._appended, entry, None, None))
         self._in_flight.append(future)

@@ -52,8 +52,18 @@ class Intake:
         self.events_received = 0
         self.last_event_at: float | None = None
 
-    def build(self, result: Event | Quarantine, *, raw: bytes, received_at: float) -> Entry:
-        """The journal entry for ``result``; never raises."""
+    def build(
+        self,
+        result: Event | Quarantine,
+        *,
+        raw: bytes,
+        received_at: float,
+        keep: int | None = None,
+    ) -> Entry:
+        """
+        The journal entry for ``result``; never raises. A quarantined ``raw`` over
+        ``keep`` bytes is kept cut to them, the detail saying so.
+        """
         if isinstance(result, Event):
             try:
                 return event_entry(
@@ -68,6 +78,9 @@ class Intake:
                 result = Quarantine(
                     "unrepresentable", f"valid, but cannot be written as a CloudEvent: {exc}"
                 )
+        if keep is not None and len(raw) > keep:
+            detail = f"{result.detail}; the first {keep} of {len(raw)} bytes kept"
+            raw, result = raw[:keep], Quarantine(result.reason, detail)
         return quarantine_entry(
             source=self.source, payload=raw, verdict=result, received_at=received_at
         )

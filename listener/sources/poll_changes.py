@@ -95,11 +95,8 @@ QUARANTINE_KEEP = 2**20
 
 async def quarantine(source: PollSource, payload: bytes, verdict: Quarantine) -> None:
     """Journal an answer (or an item) that is not usable, with its reason (and its head)."""
-    if len(payload) > QUARANTINE_KEEP:
-        detail = f"{verdict.detail}; the first {QUARANTINE_KEEP} of {len(payload)} bytes kept"
-        payload, verdict = payload[:QUARANTINE_KEEP], Quarantine(verdict.reason, detail)
     intake = source.intake
-    entry = intake.build(verdict, raw=payload, received_at=time.time())
+    entry = intake.build(verdict, raw=payload, received_at=time.time(), keep=QUARANTINE_KEEP)
     (new,) = await source.journal.append([entry])
     intake.record(entry, new=new)
 
