@@ -80,8 +80,13 @@ class ListenerProcess:
                     f"http://127.0.0.1:{self.admin_port}/healthz", timeout=aiohttp.ClientTimeout(1)
                 ) as r,
             ):
-                return r.status == 200
-        except (aiohttp.ClientError, TimeoutError):
+                if r.status != 200:
+                    return False
+            # The admin port opens before the public one: wait for that too.
+            _, writer = await asyncio.open_connection("127.0.0.1", self.public_port)
+            writer.close()
+            return True
+        except (aiohttp.ClientError, TimeoutError, OSError):
             return False
 
     def logs(self) -> str:
