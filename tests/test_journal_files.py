@@ -47,18 +47,27 @@ async def test_a_journal_file_gone_while_running_fails_appends(tmp_path: Path, h
             await journal.append([entry(3)])
 
 
+async def write_read_only(journal: Journal) -> None:
+    """
+    Give the writer what SQLite opens when it may not write the file, on the writer
+    thread between commits (closed under the maintenance round's feet, it crashed).
+    """
+
+    def swap() -> None:
+        assert journal._writer is not None
+        journal._writer.close()
+        journal._writer = sqlite3.connect(
+            f"file:{journal.path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+        )
+
+    await journal._on_writer(swap)
+
+
 async def test_a_journal_that_cannot_be_written_fails_as_a_whole(tmp_path: Path) -> None:
     """A read-only database failed each append alone, while /readyz said the journal was ok."""
     async with Journal(config=config(tmp_path)) as journal:
         assert await journal.append([entry(1)]) == [True]
-        assert journal._writer is not None
-        journal._writer.close()  # what SQLite opens when it may not write the file:
-        journal._writer = sqlite3.connect(
-            f"file:{tmp_path / 'j.db'}?mode=ro",
-            uri=True,
-            isolation_level=None,
-            check_same_thread=False,
-        )
+        await write_read_only(journal)
         with pytest.raises(JournalError, match="readonly"):
             await journal.append([entry(2)])
         assert journal.state()["status"] == "error"
@@ -131,11 +140,8 @@ async def test_webhooks_refused_by_a_failing_journal_say_so(
         sender = Sender(session, f"http://127.0.0.1:{service.public_port}/webhooks/gst")
         assert (await sender.post(gst_event()))[0] == 200
         journal = service.journal
-        assert journal is not None and journal._writer is not None
-        journal._writer.close()
-        journal._writer = sqlite3.connect(
-            f"file:{journal.path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
-        )
+        assert journal is not None
+        await write_read_only(journal)
         statuses = [(await sender.post(gst_event()))[0] for _ in range(3)]
         assert statuses == [503, 503, 503]
         rejected = service.metrics.registry.get_sample_value(
