@@ -12,8 +12,11 @@ One SQLite file in WAL mode (https://sqlite.org/wal.html) holds
   (content per key, renamed items, resources polled once), written in the same
   transaction as the change events it produced.
 
-Schema changes are additive and applied on open (:func:`migrate`), so an older file
-opens as it is.
+Schema changes are additive and applied on open (:func:`migrate`, in one transaction),
+so an older file opens as it is. The file's ``PRAGMA user_version`` says which schema it
+has (:data:`SCHEMA_VERSION`; 0 before the number was kept): a build refuses a file a
+newer one wrote, whose rows it could misread (a rollback after an upgrade: a build
+that knew no deferred rows left them unpublished without a word).
 """
 
 from __future__ import annotations
@@ -22,10 +25,13 @@ import enum
 import re
 import sqlite3
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+import structlog
 
 from listener.envelope import Entry
 from listener.exceptions import JournalCorrupt, JournalError
@@ -33,6 +39,7 @@ from listener.exceptions import JournalCorrupt, JournalError
 __all__ = [
     "COLUMNS",
     "SCHEMA",
+    "SCHEMA_VERSION",
     "Cursor",
     "Status",
     "StoredEntry",
@@ -43,7 +50,12 @@ __all__ = [
     "row_to_entry",
 ]
 
+log = structlog.get_logger("listener.journal")
+
 BUSY_TIMEOUT_MS = 30_000
+# The schema this build writes, kept as the file's PRAGMA user_version. Raise it with
+# every change to the tables, columns or indexes (and migrate to it below).
+SCHEMA_VERSION = 1
 # What SQLite says of a file that is not (or no longer) a database it can read.
 _CORRUPT = re.compile(r"not a database|malformed|corrupt", re.IGNORECASE)
 
@@ -192,9 +204,71 @@ def row_to_entry(row: Sequence[Any], status: Status = Status.PENDING) -> StoredE
     )
 
 
+def _statements(script: str) -> list[str]:
+    """``script`` as single statements (``executescript`` would commit first)."""
+    out: list[str] = []
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            out.append(pending.strip())
+            pending = ""
+    return out
+
+
+_SCHEMA_STATEMENTS = _statements(SCHEMA)
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    """
+    The file's schema (``PRAGMA user_version``).
+
+    Raises:
+        JournalError: a newer build wrote it.
+    """
+    (version,) = conn.execute("PRAGMA user_version").fetchone()
+    if version > SCHEMA_VERSION:
+        raise JournalError(
+            f"was written by a newer listener (its schema {version}; this build knows"
+            f" {SCHEMA_VERSION} at most): run that build or a newer one on it"
+        )
+    return int(version)
+
+
 def migrate(conn: sqlite3.Connection) -> None:
-    """Create what is missing: tables, columns added since, indexes."""
-    conn.executescript(SCHEMA)
+    """
+    Bring the file to :data:`SCHEMA_VERSION` in one transaction: tables, columns added
+    since, indexes. Another process migrating at the same time waits for it (the write
+    lock), then finds nothing to do; an interrupted migration leaves the file as it was.
+
+    Raises:
+        JournalError: a newer build wrote the file.
+    """
+    if schema_version(conn) == SCHEMA_VERSION:
+        return
+    began = time.monotonic()
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        found = schema_version(conn)  # (again, under the write lock)
+        (tables,) = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        if found < SCHEMA_VERSION and tables:
+            log.info("journal_migrating", from_schema=found, to_schema=SCHEMA_VERSION)
+        if found < SCHEMA_VERSION:
+            _migrate(conn)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    if found < SCHEMA_VERSION and tables:
+        seconds = round(time.monotonic() - began, 3)
+        log.info("journal_migrated", from_schema=found, to_schema=SCHEMA_VERSION, seconds=seconds)
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    for statement in _SCHEMA_STATEMENTS:
+        conn.execute(statement)
     present = {row[1] for row in conn.execute("PRAGMA table_info(events)")}
     for name, declaration in _ADDED_COLUMNS:
         if name not in present:
@@ -222,6 +296,7 @@ def connect(
 
     Raises:
         JournalCorrupt: the file is not a readable SQLite database.
+        JournalError: it cannot be written (``create``), or a newer build wrote it.
         sqlite3.Error: anything else (permissions, a full disk).
     """
     if create:
@@ -236,6 +311,7 @@ def connect(
             conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
         # Reading the schema proves the file is a database before the first query.
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        schema_version(conn)
         if not read_only:
             migrate(conn)
         if read_only:
@@ -252,6 +328,9 @@ def connect(
                 conn.execute("DELETE FROM cursors WHERE 0")
             finally:
                 conn.execute("ROLLBACK")
+    except JournalError as exc:  # (a newer build's file)
+        conn.close()
+        raise JournalError(f"the journal {path} {exc}") from exc
     except sqlite3.DatabaseError as exc:
         conn.close()
         if is_corrupt(exc):
