@@ -4,6 +4,11 @@ on one; the stdlib loggers of aiohttp, aio-pika and websockets routed through th
 processors (``structlog.stdlib.ProcessorFormatter``); and a redaction processor, last
 before rendering, that replaces every configured secret with ``***`` wherever it
 appears, so no secret reaches output even inside an exception message.
+
+The same secrets are masked by :func:`redact` in text a provider sends back that the
+daemon keeps or shows elsewhere (an error frame's message on ``/v1/sources``, a
+quarantined payload and its detail in the journal and on the broker), before it is
+cut to length: a secret cut in two is no longer one the log processor finds.
 """
 
 from __future__ import annotations
@@ -16,9 +21,12 @@ from typing import Any, TextIO
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
-__all__ = ["Redactor", "configure_logging", "redact_also"]
+__all__ = ["Redactor", "configure_logging", "redact", "redact_also", "redact_bytes"]
 
 REDACTED = "***"
+# A secret's first characters, this many or more, are masked where text was cut inside
+# it (a message cut to length after the secret began): fewer could be ordinary text.
+PARTIAL = 12
 
 
 class Redactor:
@@ -28,18 +36,29 @@ class Redactor:
         self._secrets: list[str] = []
         self.add(secrets)
 
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """The secrets masked, longest first."""
+        return tuple(self._secrets)
+
     def add(self, secrets: Iterable[str]) -> None:
         """Mask these too (a reload's new secrets; the old ones stay masked)."""
         # Short strings would mask ordinary words; the config enforces real secrets anyway.
         known = {*self._secrets, *(s for s in secrets if len(s) >= 4)}
         self._secrets = sorted(known, key=len, reverse=True)
 
+    def text(self, value: str) -> str:
+        """``value`` with every secret in it masked, and the head of one cut short."""
+        for secret in self._secrets:
+            if secret in value:
+                value = value.replace(secret, REDACTED)
+            if len(secret) > PARTIAL:
+                value = _mask_heads(value, secret)
+        return value
+
     def _clean(self, value: Any) -> Any:
         if isinstance(value, str):
-            for secret in self._secrets:
-                if secret in value:
-                    value = value.replace(secret, REDACTED)
-            return value
+            return self.text(value)
         if isinstance(value, bytes):
             return self._clean(value.decode("utf-8", "replace"))
         if isinstance(value, dict):
@@ -56,13 +75,40 @@ class Redactor:
         return {k: self._clean(v) for k, v in event_dict.items()}
 
 
-_redactor: Redactor | None = None
+def _mask_heads(value: str, secret: str) -> str:
+    """``value`` with each run of ``secret``'s first characters (:data:`PARTIAL` or more) masked."""
+    head = secret[:PARTIAL]
+    start = value.find(head)
+    while start >= 0:
+        end = start + PARTIAL
+        while end < len(value) and end - start < len(secret) and value[end] == secret[end - start]:
+            end += 1
+        value = value[:start] + REDACTED + value[end:]
+        start = value.find(head, start + len(REDACTED))
+    return value
+
+
+# The process's secrets (the configuration's, and those SIGHUP brought since).
+_redactor = Redactor(())
 
 
 def redact_also(secrets: Iterable[str]) -> None:
-    """Add secrets to the running log redaction (SIGHUP brought new ones)."""
-    if _redactor is not None:
-        _redactor.add(secrets)
+    """Add secrets to the redaction (a configuration's; SIGHUP brought new ones)."""
+    _redactor.add(secrets)
+
+
+def redact(text: str) -> str:
+    """``text`` with every secret the logs mask masked (provider text kept or shown)."""
+    return _redactor.text(text)
+
+
+def redact_bytes(data: bytes) -> bytes:
+    """``data`` with every secret masked where it appears as UTF-8 (a payload kept)."""
+    for secret in _redactor.secrets:
+        encoded = secret.encode()
+        if encoded in data:
+            data = data.replace(encoded, REDACTED.encode())
+    return data
 
 
 def configure_logging(
@@ -76,8 +122,7 @@ def configure_logging(
     out = stream or sys.stderr
     if fmt == "auto":
         fmt = "console" if out.isatty() else "json"
-    global _redactor  # noqa: PLW0603 - one logging configuration per process
-    redact = _redactor = Redactor(secrets)
+    _redactor.add(secrets)
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
@@ -103,7 +148,7 @@ def configure_logging(
         foreign_pre_chain=shared,
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            redact,
+            _redactor,
             renderer,
         ],
     )

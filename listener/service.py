@@ -95,6 +95,7 @@ class Service:
 
     def __init__(self, config: Config, *, config_file: Path | None = None) -> None:
         self.config = config
+        redact_also(secret_values(config))  # (masked in logs and in what providers echo)
         #: Re-read on SIGHUP (:meth:`reload`); ``None``: no file to re-read.
         self.config_file = config_file
         self._reloading = asyncio.Lock()

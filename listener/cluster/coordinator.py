@@ -41,6 +41,7 @@ from listener.cluster import leases
 from listener.cluster.units import Unit, source_views
 from listener.config import BrokerConfig, ClusterConfig
 from listener.journal import Journal
+from listener.logs import redact
 from listener.metrics import Metrics
 from listener.sources.supervisor import supervised
 
@@ -336,7 +337,7 @@ class Coordinator:
                 try:
                     adopted = await self._journal.adopt(unit.source, unit.key, state)
                 except ValueError as exc:  # not a checkpoint of ours: go on from the journal
-                    log.warning("cursor_unusable", unit=unit.name, error=str(exc)[:200])
+                    log.warning("cursor_unusable", unit=unit.name, error=redact(str(exc))[:200])
             elif unit.key is not None:
                 # The first holder ever: before it subscribes, say that a holder began
                 # without a position, so one taking over before its first cursor is

@@ -21,7 +21,9 @@ that knew no deferred rows left them unpublished without a word).
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import os
 import re
 import sqlite3
 import sys
@@ -300,7 +302,14 @@ def connect(
         sqlite3.Error: anything else (permissions, a full disk).
     """
     if create:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        # Every event is in it (and what a provider sent with it): its owner's alone. A
+        # new file only; SQLite gives its WAL and shared-memory files the same mode.
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except OSError as exc:
+            raise JournalError(f"the journal {path} cannot be created: {exc}") from exc
     conn = sqlite3.connect(
         path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False
     )

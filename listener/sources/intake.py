@@ -24,6 +24,7 @@ import structlog
 
 from handlers import Event, Quarantine
 from listener.envelope import Entry, event_entry, quarantine_entry
+from listener.logs import redact, redact_bytes
 from listener.metrics import Metrics
 
 __all__ = ["Intake"]
@@ -78,6 +79,8 @@ class Intake:
                 result = Quarantine(
                     "unrepresentable", f"valid, but cannot be written as a CloudEvent: {exc}"
                 )
+        # Kept, shown and published: no secret a provider echoed back (our API key).
+        raw, result = redact_bytes(raw), Quarantine(result.reason, redact(result.detail))
         if keep is not None and len(raw) > keep:
             detail = f"{result.detail}; the first {keep} of {len(raw)} bytes kept"
             raw, result = raw[:keep], Quarantine(result.reason, detail)

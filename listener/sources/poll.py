@@ -40,6 +40,7 @@ from listener.config import PollSourceConfig
 from listener.exceptions import JournalError
 from listener.journal import Journal
 from listener.journal.writes import PollWrite
+from listener.logs import redact
 from listener.metrics import Metrics
 from listener.retry import backoff
 from listener.sources.intake import Intake
@@ -264,7 +265,7 @@ class PollSource:
             page = self.provider.parse(current, body)
             if isinstance(page, Quarantine):
                 await quarantine(self, body, page)
-                raise PollStop("error", f"{page.reason}: {page.detail[:200]}")
+                raise PollStop("error", f"{page.reason}: {redact(page.detail)[:200]}")
             for warning in page.warnings:
                 log.warning(
                     "poll_partial_answer", source=self.name, resource=resource.label, detail=warning

@@ -27,6 +27,7 @@ from handlers import Quarantine
 from handlers.polling import Page, Record, Renamed
 from listener.envelope import Entry
 from listener.journal.writes import PollWrite
+from listener.logs import redact
 from listener.sources.poll_budget import utc_now
 from listener.sources.websocket_policy import iso
 
@@ -75,7 +76,7 @@ class Resource:
         self.wake.clear()
 
     def fail(self, state: str, detail: str) -> None:
-        self.state, self.error = state, detail[:300]
+        self.state, self.error = state, redact(detail)[:300]
 
     def succeeded(self) -> None:
         self.state, self.error = "ok", None

@@ -18,6 +18,7 @@ import structlog
 from handlers import StreamProvider
 from handlers.frames import ErrorFrame, EventFrame, Subscribed
 from listener.config import SubscriptionConfig
+from listener.logs import redact
 from listener.metrics import Metrics
 from listener.sources.websocket_policy import Outcome, Subscription
 
@@ -172,25 +173,24 @@ class Subscriptions:
         if frame.retry_after is not None:
             outcome.retry_after = frame.retry_after
         sub = self._by_request.get(frame.id) if frame.id else None
+        message = redact(frame.message)[:200]  # (shown on /v1/sources: a key echoed back)
         if sub is None:
             if frame.kind == "unauthorized":
                 outcome.unauthorized = True
-            self.last_error = f"{frame.code}: {frame.message[:200]}"
-            log.warning(
-                "stream_error", source=self._source, code=frame.code, message=frame.message[:200]
-            )
+            self.last_error = f"{frame.code}: {message}"
+            log.warning("stream_error", source=self._source, code=frame.code, message=message)
             return
         if frame.kind in ("forbidden", "invalid_params"):
             sub.state = "forbidden" if frame.kind == "forbidden" else "invalid_params"
             sub.refused_at = time.monotonic()
             if frame.kind == "forbidden":
                 self.retry_at = min(self.retry_at, sub.refused_at + FORBIDDEN_RETRY)
-            sub.error = frame.message[:200]
+            sub.error = message
             self._metrics.subscription_failed.labels(self._source, sub.key).set(1)
             log.warning(
                 "stream_subscription_failed",
                 source=self._source,
                 subscription=sub.key,
                 code=frame.code,
-                message=frame.message[:200],
+                message=message,
             )

@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import structlog
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from handlers import Quarantine, StreamProvider
@@ -47,12 +47,14 @@ from handlers.frames import (
 from listener.config import StreamSourceConfig
 from listener.exceptions import JournalError
 from listener.journal import Journal
+from listener.logs import redact
 from listener.metrics import Metrics
 from listener.retry import backoff
 from listener.sources.appends import Appends
 from listener.sources.intake import Intake
 from listener.sources.registry import RuntimeTransport, TransportContext
 from listener.sources.subscriptions import Subscriptions
+from listener.sources.websocket_connect import SameOriginConnect
 from listener.sources.websocket_policy import (
     Delays,
     Outcome,
@@ -158,7 +160,7 @@ class StreamSource:
             await self._load_cursors()
             while True:
                 size = self._max_size
-                async for ws in connect(
+                async for ws in SameOriginConnect(
                     cfg.url,
                     open_timeout=cfg.open_timeout,
                     ping_interval=cfg.ping_interval,
@@ -192,7 +194,7 @@ class StreamSource:
                         "stream_disconnected",
                         source=self.name,
                         code=outcome.code,
-                        reason=outcome.reason[:200],
+                        reason=redact(outcome.reason)[:200],
                         stale=outcome.stale,
                         lasted=round(outcome.lasted, 3),
                         reconnect_in=round(delay, 3),
@@ -229,7 +231,7 @@ class StreamSource:
         # Decide retry-or-fatal for a failed connection attempt (websockets' hook): the
         # network, handshake and HTTP status errors are all retried with backoff; a 401
         # or 403 at the HTTP level also marks the source unauthorized.
-        self._last_error = f"{type(exc).__name__}: {exc}"
+        self._last_error = redact(f"{type(exc).__name__}: {exc}")
         if isinstance(exc, InvalidStatus) and exc.response.status_code in (401, 403):
             self._set_status("unauthorized")
         else:
@@ -302,7 +304,7 @@ class StreamSource:
                     break
                 if isinstance(frame, ErrorFrame):
                     if frame.kind == "unauthorized":
-                        self._last_error = f"UNAUTHORIZED: {frame.message[:200]}"
+                        self._last_error = f"UNAUTHORIZED: {redact(frame.message)[:200]}"
                         raise _Unauthorized
                     # Before auth_ok too (a rate limit at connect): its retry_after
                     # holds the next attempt back (CONTRACT §6, close code 4029).
