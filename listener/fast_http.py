@@ -161,7 +161,7 @@ class FastServer(web.Server):
     def date(self) -> bytes:
         """The ``Date`` header's value, formatted once a second."""
         now = time.time()
-        if now - self._date_at >= 1.0:
+        if not 0.0 <= now - self._date_at < 1.0:  # (also after the clock stepped back)
             self._date_at = now
             self._date = formatdate(now, usegmt=True).encode()
         return self._date

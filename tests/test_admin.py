@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from tests.conftest import make_config, running
 from tests.test_webhooks import gst_source
@@ -102,3 +104,39 @@ async def test_errors_a_handler_raises_carry_the_rate_headers_too(
             assert response.status == 405
             assert response.headers["Allow"] == "GET,HEAD"
             assert "X-RateLimit-Remaining" in response.headers
+
+
+async def test_a_clock_stepped_back_does_not_hold_a_rate_window_open(
+    tmp_path: Path, exchange_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    The window ran on the wall clock: stepped back two hours, a key over its limit
+    got 429 for two hours (Retry-After 7,200 s), the dashboard and automation locked out.
+    """
+    wall, elapsed = [0.0], [0.0]
+    clock = type("Clock", (), {})
+    clock.time = staticmethod(lambda: time.time() + wall[0])  # type: ignore[attr-defined]
+    clock.monotonic = staticmethod(lambda: time.monotonic() + elapsed[0])  # type: ignore[attr-defined]
+    monkeypatch.setattr("listener.admin.auth.time", clock)
+    config = make_config(
+        tmp_path,
+        broker_url="amqp://guest:guest@127.0.0.1:1/",
+        exchange=exchange_name,
+        sources=[gst_source()],
+        admin={"api_keys": [{"key": READ_KEY, "scopes": ["read"]}], "rate_limit": 2},
+    )
+    async with running(config) as service, aiohttp.ClientSession() as session:
+        url = f"http://127.0.0.1:{service.admin_port}/v1/sources"
+        headers = {"Authorization": f"Bearer {READ_KEY}"}
+
+        async def get() -> tuple[int, dict[str, str]]:
+            async with session.get(url, headers=headers) as response:
+                return response.status, dict(response.headers)
+
+        statuses = [(await get())[0] for _ in range(3)]
+        assert statuses == [200, 200, 429]
+        wall[0], elapsed[0] = -7200.0, 61.0  # the clock steps back; a minute goes by
+        status, answered = await get()
+        assert status == 200
+        reset = int(answered["X-RateLimit-Reset"])  # (a Unix time, on the clock as it is)
+        assert 0 < reset - clock.time() <= 61  # type: ignore[attr-defined]

@@ -251,13 +251,29 @@ async def test_deferred_rows_leave_the_head(tmp_path: Path) -> None:
             "evt_1",
             "evt_2",
         ]
-        assert await journal.due_deferred(now=time.time(), limit=10) == []
-        due = await journal.due_deferred(now=time.time() + 61, limit=10)
+        assert await journal.due_deferred(now=time.time(), limit=10, longest=61) == []
+        due = await journal.due_deferred(now=time.time() + 61, limit=10, longest=61)
         assert [r.entry.event_id for r in due] == ["evt_0"]
         await journal.mark_published([due[0].seq], wait=True, deferred=True)
         assert journal.deferred_count == 0
     async with Journal(config=config(tmp_path)) as journal:
         assert (journal.pending_count, journal.deferred_count) == (2, 0)
+
+
+async def test_deferred_rows_come_back_after_the_clock_stepped_back(tmp_path: Path) -> None:
+    """
+    Their retry time is wall-clock: after a step back of two hours (NTP, a VM resumed)
+    they waited two hours, well past the longest backoff, the publisher's readiness
+    and a cluster hand-over held up with them.
+    """
+    async with Journal(config=config(tmp_path)) as journal:
+        await journal.append([entry(i) for i in range(2)])
+        rows = await journal.pending(after_seq=0, limit=10)
+        await journal.defer([rows[0].seq], base=30, cap=60, error="returned")
+        stepped_back = time.time() - 7200
+        due = await journal.due_deferred(now=stepped_back, limit=10, longest=61)
+        assert [r.entry.event_id for r in due] == ["evt_0"]
+        assert await journal.due_deferred(now=time.time(), limit=10, longest=61) == []
 
 
 async def test_handoff_holds_each_new_row_with_its_seq(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import sqlite3
 import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from email.utils import formatdate
 from pathlib import Path
 from typing import Any
 
@@ -424,3 +425,57 @@ def test_429s_in_a_row_back_off_whatever_retry_after_says() -> None:
     budget.observe(200, {})
     budget.observe(429, {"Retry-After": "0"})
     assert budget.paused_for <= 1.1  # an answer that is no 429 starts it again
+
+
+async def test_a_clock_stepped_back_does_not_hold_the_next_poll_back(
+    tmp_path: Path, broker_url: str, exchange_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    The wall clock stepping back two hours (NTP, a VM resumed) while the daemon was down,
+    or while a poll was answered, held the next poll back two hours past its interval.
+    """
+    async with TokenTerminalSimulator(projects=["aave"], chains=["ethereum"], null_share=0) as sim:
+        config = make_config(
+            tmp_path,
+            broker_url=broker_url,
+            exchange=exchange_name,
+            sources=[tt_source(sim.url, interval="20s")],
+        )
+        async with running(config) as service:
+            source = poll_source(service, "tt")
+            await wait_for(lambda: source.resources[0].state == "ok", what="the first poll")
+        with sqlite3.connect(tmp_path / "journal.db") as db:  # (polled "two hours from now")
+            db.execute("UPDATE poll_resources SET polled_at = polled_at + 7200")
+        db.close()
+        stepped = [0.0]
+        clock = type("Clock", (), {"time": staticmethod(lambda: time.time() + stepped[0])})
+        clock.monotonic = staticmethod(time.monotonic)  # type: ignore[attr-defined]  # (a shim)
+        monkeypatch.setattr("listener.sources.poll.time", clock)
+        async with running(config) as service:
+            source = poll_source(service, "tt")
+            await wait_for(lambda: source.status == "polling", what="running")
+            resource = source.resources[0]
+            assert resource.next_poll - time.time() <= 1.1 * 20
+            sim.delay(1.0)
+            resource.next_poll = 0.0
+            resource.wake.set()
+            await wait_for(lambda: (resource.last_poll or 0) > time.time() - 5, what="a poll")
+            stepped[0] = -7200.0  # while it is answered
+            await wait_for(lambda: resource.next_poll > 0, what="the next poll set")
+            due_in = resource.next_poll - clock.time()  # type: ignore[attr-defined]  # (a shim)
+            assert 0 < due_in <= 1.1 * 20
+
+
+def test_a_reset_time_is_read_against_the_providers_clock() -> None:
+    """
+    `X-RateLimit-Reset` is a Unix time on the provider's clock: read against a local
+    clock two hours behind it, a reset 30 s away paused the source 15 minutes (the cap).
+    """
+    provider_now = time.time() + 7200
+    headers = {"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": str(int(provider_now) + 30)}
+    budget = Budget(90, 60.0)
+    budget.observe(200, {**headers, "Date": formatdate(provider_now, usegmt=True)})
+    assert 28 <= budget.paused_for <= 34  # (+ up to 10% jitter)
+    undated = Budget(90, 60.0)
+    undated.observe(200, headers)  # (no Date: the local clock is all there is)
+    assert undated.paused_for >= PAUSE_CAP - 1

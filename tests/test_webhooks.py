@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from structlog.testing import capture_logs
 
 from listener.config import Config
 from listener.service import Service
@@ -155,12 +156,18 @@ async def test_signature_failures_are_401(config: Config, session: aiohttp.Clien
 async def test_timestamp_out_of_tolerance_both_ways(
     config: Config, session: aiohttp.ClientSession
 ) -> None:
-    """A timestamp too far in the past or the future gets 401 TIMESTAMP_OUT_OF_RANGE."""
+    """
+    A timestamp too far in the past or the future gets 401 TIMESTAMP_OUT_OF_RANGE, and the
+    daemon says once a minute how far off it was (every sender off alike: our clock).
+    """
     async with running(config) as service:
         sender = Sender(session, url(service))
-        for skew in (-3600, 3600):
-            status, body, _ = await sender.post(gst_event(), timestamp=int(time.time()) + skew)
-            assert (status, body["error"]["code"]) == (401, "TIMESTAMP_OUT_OF_RANGE")
+        with capture_logs() as logs:
+            for skew in (-3600, 3600):
+                status, body, _ = await sender.post(gst_event(), timestamp=int(time.time()) + skew)
+                assert (status, body["error"]["code"]) == (401, "TIMESTAMP_OUT_OF_RANGE")
+    (said,) = [e for e in logs if e["event"] == "webhook_timestamp_out_of_range"]
+    assert said["source"] == "gst" and "+3600s from now" in said["detail"]
 
 
 async def test_secret_rotation_accepts_both(

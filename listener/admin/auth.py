@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -85,8 +86,9 @@ class ApiAuth:
                 found = key
         return found
 
-    def _count(self, who: str) -> tuple[int, int, int]:
-        now = time.time()
+    def _count(self, who: str) -> tuple[int, int, float]:
+        """The limit, what is left of it, and the seconds until the window resets."""
+        now = time.monotonic()  # (a wall clock stepped back held a window open for hours)
         start, used = self._windows.get(who, (now, 0))
         if now - start >= WINDOW:
             start, used = now, 0
@@ -94,7 +96,7 @@ class ApiAuth:
         self._windows[who] = (start, used)
         if len(self._windows) > 10_000:  # bound memory against address churn
             self._windows = {k: v for k, v in self._windows.items() if now - v[0] < WINDOW}
-        return self._limit, max(self._limit - used, 0), int(start + WINDOW)
+        return self._limit, max(self._limit - used, 0), start + WINDOW - now
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -103,15 +105,15 @@ class ApiAuth:
             return await handler(request)
         key = self._identify(request)
         who = key.label if key else f"ip:{request.remote}"
-        limit, remaining, reset = self._count(who)
+        limit, remaining, reset_in = self._count(who)
         headers = {
             "X-RateLimit-Limit": str(limit),
             "X-RateLimit-Remaining": str(remaining),
-            "X-RateLimit-Reset": str(reset),
+            "X-RateLimit-Reset": str(int(time.time() + reset_in)),  # (Unix time)
         }
         response: web.StreamResponse
         if self._windows[who][1] > limit:
-            retry = max(reset - int(time.time()), 1)
+            retry = max(math.ceil(reset_in), 1)
             response = error_response(
                 429,
                 "RATE_LIMITED",

@@ -283,11 +283,9 @@ class Publisher:
             self._record_failure("channel_unavailable", exc)
             return False
         try:
-            # A connection the broker blocked (a resource alarm: Connection.Blocked,
-            # https://www.rabbitmq.com/docs/connection-blocked) reads nothing: a window
+            # A connection the broker blocked (a resource alarm) reads nothing: a window
             # written into it would sit in the socket buffer, one more each retry (memory
-            # without bound, and a duplicate of each once the alarm clears). Wait here for
-            # Connection.Unblocked instead; the events wait in the journal.
+            # without bound, a duplicate of each later). Wait for Connection.Unblocked.
             async with asyncio.timeout(self._config.publish_timeout):
                 await underlay.connection.ready()
         except TimeoutError:
@@ -336,7 +334,9 @@ class Publisher:
             if not backlog and room > 0:
                 if journal.deferred_count and time.monotonic() >= next_check:
                     next_check = time.monotonic() + DEFERRED_CHECK
-                    due = await journal.due_deferred(now=time.time(), limit=min(size, FILL_MAX))
+                    due = await journal.due_deferred(
+                        now=time.time(), limit=min(size, FILL_MAX), longest=DEFER_CAP + 1
+                    )
                     backlog.extend(due)
                 if not backlog:
                     await taken.fill(min(2 * size, FILL_MAX))
@@ -417,10 +417,9 @@ class Publisher:
             await self._journal.mark_published(fresh, wait=wait)
             await self._journal.mark_published(retried, wait=True, deferred=True)
         except JournalError as exc:
-            # The journal cannot write (disk full, I/O error). The broker has these
-            # messages: keep them to mark at the next flush instead of letting the error
-            # end the publisher, and with it the whole service. They stay pending on disk
-            # meanwhile, so a restart before then publishes them again (a duplicate).
+            # The journal cannot write (disk full, I/O error): keep them to mark at the next
+            # flush instead of ending the publisher, and with it the service. They stay
+            # pending on disk meanwhile (a restart before then publishes them again).
             self._confirmed = confirmed + self._confirmed
             log.warning("journal_mark_failed", error=str(exc), confirmed=len(self._confirmed))
             return

@@ -58,14 +58,19 @@ class Reads:
         )
         return [row_to_entry(r) for r in rows]
 
-    async def due_deferred(self, *, now: float, limit: int) -> list[StoredEntry]:
-        """Deferred entries whose retry time has come, oldest retry first."""
+    async def due_deferred(self, *, now: float, limit: int, longest: float) -> list[StoredEntry]:
+        """
+        Deferred entries whose retry time has come, oldest retry first; and those due
+        more than ``longest`` (the longest backoff) from ``now``, which no backoff set:
+        the wall clock stepped back since (an NTP step, a VM resumed), and they would
+        have waited the size of the step.
+        """
         rows = await self._on(
             self._read_thread,
             self._read,
-            f"SELECT {COLUMNS} FROM events WHERE status = 3 AND retry_at <= ?"  # noqa: S608 - constant column list
-            " ORDER BY retry_at LIMIT ?",
-            (now, limit),
+            f"SELECT {COLUMNS} FROM events WHERE status = 3"  # noqa: S608 - constant column list
+            " AND (retry_at <= ? OR retry_at > ?) ORDER BY retry_at LIMIT ?",
+            (now, now + longest, limit),
         )
         return [row_to_entry(r, Status.DEFERRED) for r in rows]
 

@@ -171,11 +171,14 @@ class PollSource:
         resource.next_poll = time.time() + first
         if resource.last_poll is not None:  # by an earlier run, or the replica before
             jitter = random.uniform(0.9, 1.1)  # noqa: S311 - jitter, not security
-            resource.next_poll = max(resource.next_poll, resource.last_poll + interval * jitter)
+            # (not after now: a clock since stepped back, or a replica's ahead, would
+            # hold the next poll back by the step)
+            last = min(resource.last_poll, time.time())
+            resource.next_poll = max(resource.next_poll, last + interval * jitter)
         errors = backoff(ERROR_BACKOFF, interval)
         while True:
             await resource.sleep_until_due()
-            started = time.time()
+            began = time.monotonic()  # (the wall clock may step while it polls)
             delay = interval * random.uniform(0.9, 1.1)  # noqa: S311 - jitter, not security
             try:
                 await self._poll(resource)
@@ -206,7 +209,7 @@ class PollSource:
                 errors = backoff(ERROR_BACKOFF, interval)
                 self.status = "polling"
                 self.metrics.poll_last_success.labels(self.name).set(resource.last_success or 0)
-            resource.next_poll = max(started + delay, time.time())
+            resource.next_poll = time.time() + max(delay - (time.monotonic() - began), 0.0)
 
     async def _poll(self, resource: Resource) -> None:
         resource.last_poll = started = time.time()

@@ -73,6 +73,18 @@ def retry_after_seconds(value: str, *, now: float) -> float | None:
     return max(moment.timestamp() - now, 0.0)
 
 
+def server_time(headers: Mapping[str, str]) -> float | None:
+    """The answer's ``Date`` as Unix time: the provider's clock, for its own Unix times."""
+    text = (_header(headers, "Date") or "").strip()
+    try:
+        moment = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
 def _header(headers: Mapping[str, str], name: str) -> str | None:
     value = headers.get(name)
     if value is None:
@@ -158,8 +170,13 @@ class Budget:
         self._paused_until = max(self._paused_until, until)
 
     def observe(self, status: int, headers: Mapping[str, str], *, now: float | None = None) -> None:
-        """Read an answer's rate headers (and a 429's ``Retry-After``); pause as asked."""
-        wall = time.time() if now is None else now
+        """
+        Read an answer's rate headers (and a 429's ``Retry-After``); pause as asked. A
+        reset or retry given as a time is read against the answer's ``Date`` when it
+        has one: on a local clock two hours behind, a reset 30 s away read as 7,230 s
+        (a 15-minute pause, the cap, at every low answer).
+        """
+        wall = (server_time(headers) or time.time()) if now is None else now
         remaining, reset = rate_headers(headers, now=wall)
         self.provider_remaining = remaining
         if status == 429:

@@ -29,7 +29,7 @@ from aiohttp import web
 from handlers import WebhookProvider
 from listener.config import WebhookSourceConfig
 from listener.envelope import rfc3339
-from listener.exceptions import JournalError, JournalFull, SignatureError
+from listener.exceptions import JournalError, JournalFull, SignatureError, TimestampOutOfRange
 from listener.metrics import Metrics
 from listener.sources.intake import Intake
 from listener.sources.registry import TransportContext
@@ -82,6 +82,7 @@ class _Endpoint:
         )
         self._transport = transport
         self._rejected = metrics.webhook_rejected
+        self._skew_said_at = -60.0  # (monotonic) the last skew warning
 
     def state(self, accepting: bool) -> dict[str, Any]:
         last = self.intake.last_event_at
@@ -140,6 +141,16 @@ class _Endpoint:
         finally:
             answering.discard(request.transport)
 
+    def _skewed(self, exc: TimestampOutOfRange) -> None:
+        """
+        An authentic request out of the tolerance (the signature is checked first): once a
+        minute, how far off it was, so an operator sees when it is every sender (our
+        clock) and not one.
+        """
+        if (now := time.monotonic()) - self._skew_said_at >= 60.0:
+            self._skew_said_at = now
+            log.warning("webhook_timestamp_out_of_range", source=self.name, detail=str(exc))
+
     def _shutting_down(self) -> Reply:
         retry_after = str(self._transport.http.retry_after)
         return self._unavailable("shutting_down", "shutting down; retry later", retry_after)
@@ -162,6 +173,8 @@ class _Endpoint:
             self.verifier.verify(headers, body, now=now)
         except SignatureError as exc:
             self._rejected.labels(self.name, exc.code.lower()).inc()
+            if isinstance(exc, TimestampOutOfRange):
+                self._skewed(exc)
             return error_reply(401, exc.code, "signature verification failed")
         journal = transport.journal
         if (reason := journal.over_limit()) == "journal_error":  # (a disk error, not a limit)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
 
 import pytest
 from aiohttp import web
@@ -357,3 +359,20 @@ async def test_an_error_reply_keeps_its_status_and_headers() -> None:
     }
     assert reply.headers["retry-after"] == "7"
     assert reply.headers["content-type"] == "application/json" and "date" in reply.headers
+
+
+async def test_the_date_follows_a_clock_stepped_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """It was formatted again only once a second had passed: stepped back, it froze for hours."""
+    stepped = [0.0]
+    clock = type("Clock", (), {"time": staticmethod(lambda: time.time() + stepped[0])})
+    monkeypatch.setattr(fast_http, "time", clock)
+    route = Route()
+    async with serve(route) as svc:
+        reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+        dates = []
+        for step in (0.0, -7200.0):
+            stepped[0] = step
+            writer.write(post("d"))
+            dates.append(parsedate_to_datetime((await read_reply(reader)).headers["date"]))
+        writer.close()
+    assert 7190 <= (dates[0] - dates[1]).total_seconds() <= 7210
