@@ -64,18 +64,17 @@ def retry_after_seconds(value: str, *, now: float) -> float | None:
         return None
     if _NUMBER.fullmatch(text):
         return float(text)
-    try:
-        moment = parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return max(moment.timestamp() - now, 0.0)
+    moment = _http_date(text)
+    return None if moment is None else max(moment - now, 0.0)
 
 
 def server_time(headers: Mapping[str, str]) -> float | None:
     """The answer's ``Date`` as Unix time: the provider's clock, for its own Unix times."""
-    text = (_header(headers, "Date") or "").strip()
+    return _http_date((_header(headers, "Date") or "").strip())
+
+
+def _http_date(text: str) -> float | None:
+    """An HTTP date as Unix time; ``None`` if it is none."""
     try:
         moment = parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError):
