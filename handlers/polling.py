@@ -11,10 +11,11 @@ schedules and the poll state; it never names a provider.
 Change detection is by content, never by a ``>=`` cursor: a record's ``content`` (the
 part that is compared) is hashed canonically (:func:`content_hash`: numbers as exact
 decimal strings, key order and whitespace irrelevant). The id of a change event is a
-UUIDv5 over the provider, the key, the previous hash and the new hash
-(:func:`change_id`), so polling again yields nothing new, a value that changes and
-changes back yields distinct ids, and a lost poll state re-emits first-sight events
-with their old ids.
+UUIDv5 over the provider, the key, the previous hash and the new hash, and from a key's
+third change on the number of changes before it (:func:`change_id`), so polling again
+yields nothing new, a value that changes and changes back yields distinct ids, and so
+does one that keeps flipping, and a lost poll state re-emits first-sight events with
+their old ids.
 
 Pure: no I/O, no logging, no clock (``today`` and ``observed`` are passed in).
 """
@@ -91,6 +92,9 @@ class Record:
     data: Mapping[str, Any]
     content: Mapping[str, Any]
     hash: str
+    #: Of a record as last seen (the runtime's poll state): the changes of its key seen
+    #: since its first sight (:func:`change_id`).
+    changes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,9 +283,20 @@ def uuid5(*parts: str) -> str:
     return str(uuid.uuid5(NAMESPACE, json.dumps(list(parts), separators=(",", ":"))))
 
 
-def change_id(provider: str, key: str, previous_hash: str | None, new_hash: str) -> str:
-    """The id of a change event (CONTRACT §9): provider, key, previous and new hash."""
-    return uuid5(provider, key, previous_hash or "", new_hash)
+def change_id(provider: str, key: str, previous: Record | None, new_hash: str) -> str:
+    """
+    The id of a change event (CONTRACT §9): a UUIDv5 of the provider, the key, the
+    previous and the new hash; from a key's third change on, also of how many changes
+    came before it. A value flapping A→B→A→B gave its fourth change the id of its
+    second, and the journal (as a consumer would) dropped it as a duplicate, for the
+    whole dedupe window: every later flip was lost. Polling again still yields nothing
+    new (the count is part of the poll state, restored with it).
+    """
+    if previous is None:
+        return uuid5(provider, key, "", new_hash)
+    if previous.changes < 2:
+        return uuid5(provider, key, previous.hash, new_hash)
+    return uuid5(provider, key, previous.hash, new_hash, str(previous.changes))
 
 
 def change_data(record: Record, previous: Record | None, *, field: str) -> dict[str, Any]:

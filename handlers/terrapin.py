@@ -329,7 +329,7 @@ class Terrapin:
     def change_event(self, record: Record, previous: Record | None, *, observed: datetime) -> Event:
         """``terrapin.bond.reference`` with ``{"record", "changed", "previous"}``."""
         return Event(
-            id=change_id(NAME, record.key, previous.hash if previous else None, record.hash),
+            id=change_id(NAME, record.key, previous, record.hash),
             type=REFERENCE_TYPE,
             time=observed,
             data=change_data(record, previous, field="record"),

@@ -386,7 +386,7 @@ class TokenTerminal:
     def change_event(self, record: Record, previous: Record | None, *, observed: datetime) -> Event:
         """``tokenterminal.project.metrics`` with ``{"row", "changed", "previous"}``."""
         return Event(
-            id=change_id(NAME, record.key, previous.hash if previous else None, record.hash),
+            id=change_id(NAME, record.key, previous, record.hash),
             type=METRICS_TYPE,
             time=observed,
             data=change_data(record, previous, field="row"),

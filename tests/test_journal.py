@@ -910,3 +910,28 @@ def test_record_redrive_answers_each_fresh_entry_in_its_place(tmp_path: Path) ->
     assert seqs[1] is None and seqs[0] is not None and seqs[2] is not None
     assert seqs[0] < seqs[2]
     conn.close()
+
+
+async def test_a_poll_keys_change_count_goes_with_its_state_to_another_replica(
+    tmp_path: Path,
+) -> None:
+    """
+    The count names a change's id from the third on: a replica taking the source over
+    without it would give a flipping value's next change an id already used. A
+    checkpoint of an older release (no counts) adopts as 0.
+    """
+    one, two = tmp_path / "one", tmp_path / "two"
+    async with Journal(config=config(one)) as journal:
+        states = [("k1", "h1", b'{"v": 1}', 3), ("k2", "h2", b'{"v": 2}', 0)]
+        await journal.append([], poll=PollWrite("tt", states=states))
+        checkpoint = await journal.checkpoint("tt", None)
+    assert checkpoint.state["changes"] == [("k1", 3)]
+    async with Journal(config=config(two)) as journal:
+        assert await journal.adopt("tt", None, checkpoint.state) == 2
+        found = await journal.poll_states("tt", ["k1", "k2"])
+        assert {k: v[2] for k, v in found.items()} == {"k1": 3, "k2": 0}
+        older = {k: v for k, v in checkpoint.state.items() if k != "changes"}
+        newer_states = [[k, h + "x", c, at + 1] for k, h, c, at in older["states"]]
+        assert await journal.adopt("tt", None, {**older, "states": newer_states}) == 2
+        found = await journal.poll_states("tt", ["k1", "k2"])
+        assert {k: v[2] for k, v in found.items()} == {"k1": 0, "k2": 0}

@@ -114,7 +114,7 @@ async def test_a_journal_a_newer_build_wrote_is_refused_and_left_as_it_is(
     with sqlite3.connect(path) as conn:
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     conn.close()
-    with pytest.raises(JournalError, match=r"written by a newer listener \(its schema 2"):
+    with pytest.raises(JournalError, match=rf"written by a newer listener \(its schema {SCHEMA_VERSION + 1}"):
         async with Journal(config=config(tmp_path)):
             pass
     with pytest.raises(JournalError, match="newer listener"):

@@ -141,6 +141,37 @@ async def test_token_terminal_changes_by_content(
             )
 
 
+
+async def test_a_value_flipping_back_and_forth_is_every_time_an_event(
+    tmp_path: Path, broker_url: str, exchange_name: str
+) -> None:
+    """
+    A→B→A→B→A: the fourth change had the id of the second (previous and new hash
+    alike), so the journal took it for a duplicate and dropped it, and every later flip:
+    consumers kept the old value. Polling again is still nothing new, across a restart.
+    """
+    async with TokenTerminalSimulator(projects=["aave"], chains=["ethereum"], null_share=0) as sim:
+        config = make_config(
+            tmp_path, broker_url=broker_url, exchange=exchange_name, sources=[tt_source(sim.url)]
+        )
+        past = (datetime.now(UTC).date() - timedelta(days=2)).isoformat()
+        async with tap(broker_url, exchange_name) as t:
+            async with running(config) as service:
+                await t.wait_count(4)
+                for i, fees in enumerate(("1.5", "2.5", "1.5", "2.5", "1.5")):
+                    sim.restate("aave", past, "fees", fees, chain="ethereum")
+                    await poll_once(service, "tt")
+                    await t.wait_count(5 + i)
+                await poll_once(service, "tt")
+            async with running(config) as service:
+                await poll_once(service, "tt")
+            await asyncio.sleep(0.3)
+        flips = [orjson.loads(m.body)["data"] for m in t.messages[4:]]
+        assert [f["row"]["fees"] for f in flips] == ["1.5", "2.5", "1.5", "2.5", "1.5"]
+        assert [f["previous"] for f in flips][1:] == [{"fees": "1.5"}, {"fees": "2.5"}] * 2
+        assert len({m.message_id for m in t.messages}) == len(t.messages) == 9
+
+
 async def test_token_terminal_rename_is_one_event(
     tmp_path: Path, broker_url: str, exchange_name: str
 ) -> None:
@@ -361,7 +392,7 @@ async def test_state_no_poll_asks_for_any_more_is_forgotten(
             tmp_path, broker_url=broker_url, exchange=exchange_name, sources=[tt_source(sim.url)]
         )
         async with Journal(config=config.journal) as journal:  # what an earlier run left
-            write = PollWrite("tt", states=[(old, "h", b"{}")])
+            write = PollWrite("tt", states=[(old, "h", b"{}", 0)])
             await journal.append([], poll=write)
         with sqlite3.connect(config.journal.path) as conn:  # last changed 5 days ago
             conn.execute("UPDATE poll_state SET updated_at = ?", (time.time() - 5 * 86400,))

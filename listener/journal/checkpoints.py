@@ -69,6 +69,11 @@ def _read_checkpoint(conn: sqlite3.Connection, source: str, key: str | None) -> 
                         (source,),
                     )
                 ],
+                # Apart from "states" (an older replica reads those and ignores this).
+                "changes": conn.execute(
+                    "SELECT key, changes FROM poll_state WHERE source = ? AND changes > 0",
+                    (source,),
+                ).fetchall(),
                 "aliases": conn.execute(
                     "SELECT item, current, updated_at FROM poll_aliases WHERE source = ?",
                     (source,),
@@ -133,14 +138,15 @@ def _merge(conn: sqlite3.Connection, source: str, key: str | None, state: Mappin
                 )
                 changed += cur.rowcount
         else:
+            counts = {str(k): int(n) for k, n in state.get("changes", ())}
             for k, h, content, at in state.get("states", ()):
                 cur.execute(
-                    "INSERT INTO poll_state (source, key, hash, content, updated_at)"
-                    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (source, key) DO UPDATE SET"
+                    "INSERT INTO poll_state (source, key, hash, content, updated_at, changes)"
+                    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (source, key) DO UPDATE SET"
                     " hash = excluded.hash, content = excluded.content,"
-                    " updated_at = excluded.updated_at"
+                    " updated_at = excluded.updated_at, changes = excluded.changes"
                     " WHERE excluded.updated_at > poll_state.updated_at",
-                    (source, k, h, str(content).encode(), float(at)),
+                    (source, k, h, str(content).encode(), float(at), counts.get(str(k), 0)),
                 )
                 changed += cur.rowcount
             for item, current, at in state.get("aliases", ()):

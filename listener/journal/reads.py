@@ -100,19 +100,25 @@ class Reads:
         assert conn is not None  # opened first
         return conn.execute(sql, args).fetchall()
 
-    async def poll_states(self, source: str, keys: Sequence[str]) -> dict[str, tuple[str, bytes]]:
-        """The last content seen per key of a poll source: key → (hash, content JSON)."""
-        found: dict[str, tuple[str, bytes]] = {}
+    async def poll_states(
+        self, source: str, keys: Sequence[str]
+    ) -> dict[str, tuple[str, bytes, int]]:
+        """
+        The last content seen per key of a poll source: key → (hash, content JSON, the
+        changes seen since its first sight).
+        """
+        found: dict[str, tuple[str, bytes, int]] = {}
         for start in range(0, len(keys), 500):
             chunk = list(keys[start : start + 500])
             marks = ",".join("?" * len(chunk))
             rows = await self._on(
                 self._read_thread,
                 self._read,
-                f"SELECT key, hash, content FROM poll_state WHERE source = ? AND key IN ({marks})",  # noqa: S608 - placeholders only
+                f"SELECT key, hash, content, changes FROM poll_state"  # noqa: S608 - placeholders only
+                f" WHERE source = ? AND key IN ({marks})",
                 (source, *chunk),
             )
-            found.update({str(k): (str(h), bytes(c)) for k, h, c in rows})
+            found.update({str(k): (str(h), bytes(c), int(n)) for k, h, c, n in rows})
         return found
 
     async def poll_aliases(self, source: str) -> dict[str, str]:

@@ -57,7 +57,7 @@ log = structlog.get_logger("listener.journal")
 BUSY_TIMEOUT_MS = 30_000
 # The schema this build writes, kept as the file's PRAGMA user_version. Raise it with
 # every change to the tables, columns or indexes (and migrate to it below).
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: poll_state.changes
 # What SQLite says of a file that is not (or no longer) a database it can read.
 _CORRUPT = re.compile(r"not a database|malformed|corrupt", re.IGNORECASE)
 
@@ -124,6 +124,7 @@ CREATE TABLE IF NOT EXISTS poll_state (
     hash TEXT NOT NULL,
     content BLOB NOT NULL,
     updated_at REAL NOT NULL,
+    changes INTEGER NOT NULL DEFAULT 0,     -- changes of the key seen since its first sight
     PRIMARY KEY (source, key)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS poll_resources (
@@ -141,11 +142,17 @@ CREATE TABLE IF NOT EXISTS poll_aliases (
 ) WITHOUT ROWID;
 """
 
-# Columns added after the first release: (name, declaration).
+# Columns added after the tables were first released: (table, name, declaration).
 _ADDED_COLUMNS = (
-    ("attempts", "INTEGER NOT NULL DEFAULT 0"),
-    ("retry_at", "REAL"),
-    ("error", "TEXT"),
+    ("events", "attempts", "INTEGER NOT NULL DEFAULT 0"),
+    ("events", "retry_at", "REAL"),
+    ("events", "error", "TEXT"),
+    # The start of the resource's last whole successful poll: the next waits for its
+    # interval after that, across restarts and hand-overs too.
+    ("poll_resources", "polled_at", "REAL"),
+    # How many changes of the key were seen since its first sight (a change event's id
+    # names it from the third: handlers.polling.change_id).
+    ("poll_state", "changes", "INTEGER NOT NULL DEFAULT 0"),
 )
 _ADDED_INDEXES = (
     "CREATE INDEX IF NOT EXISTS events_deferred ON events (retry_at) WHERE status = 3",
@@ -271,15 +278,10 @@ def migrate(conn: sqlite3.Connection) -> None:
 def _migrate(conn: sqlite3.Connection) -> None:
     for statement in _SCHEMA_STATEMENTS:
         conn.execute(statement)
-    present = {row[1] for row in conn.execute("PRAGMA table_info(events)")}
-    for name, declaration in _ADDED_COLUMNS:
+    for table, name, declaration in _ADDED_COLUMNS:
+        present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
         if name not in present:
-            conn.execute(f"ALTER TABLE events ADD COLUMN {name} {declaration}")
-    polled = {row[1] for row in conn.execute("PRAGMA table_info(poll_resources)")}
-    if "polled_at" not in polled:
-        # The start of the resource's last whole successful poll: the next waits for
-        # its interval after that, across restarts and hand-overs too.
-        conn.execute("ALTER TABLE poll_resources ADD COLUMN polled_at REAL")
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {declaration}")
     for statement in _ADDED_INDEXES:
         conn.execute(statement)
 

@@ -70,9 +70,9 @@ _DEFER = (
     " WHERE seq = ? AND status IN (0, 3)"
 )
 _POLL_STATE = (
-    "INSERT INTO poll_state (source, key, hash, content, updated_at) VALUES (?, ?, ?, ?, ?)"
-    " ON CONFLICT (source, key) DO UPDATE SET hash = excluded.hash,"
-    " content = excluded.content, updated_at = excluded.updated_at"
+    "INSERT INTO poll_state (source, key, hash, content, updated_at, changes)"
+    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (source, key) DO UPDATE SET hash = excluded.hash,"
+    " content = excluded.content, updated_at = excluded.updated_at, changes = excluded.changes"
 )
 _POLLED = (
     "INSERT INTO poll_resources (source, resource, polled_at, primed_at) VALUES (?, ?, ?, ?)"
@@ -93,7 +93,7 @@ class PollWrite:
     """
 
     source: str
-    states: Sequence[tuple[str, str, bytes]] = ()  # (key, hash, content)
+    states: Sequence[tuple[str, str, bytes, int]] = ()  # (key, hash, content, changes)
     aliases: Sequence[tuple[str, str]] = ()  # (configured item, current id)
     #: (resource label, when it started) of a whole successful poll: the resource is
     #: primed (first sight is a change from now on), and its next poll is due an
@@ -330,7 +330,7 @@ def _apply(
         if op.poll is not None:
             source = op.poll.source
             cur.executemany(
-                _POLL_STATE, ((source, k, h, content, now) for k, h, content in op.poll.states)
+                _POLL_STATE, ((source, k, h, c, now, n) for k, h, c, n in op.poll.states)
             )
             cur.executemany(_POLL_ALIAS, ((source, i, c, now) for i, c in op.poll.aliases))
             if op.poll.polled is not None:

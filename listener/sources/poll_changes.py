@@ -131,7 +131,7 @@ async def _commit_records(
     observed = utc_now()
     silent = source.config.initial == "silent" and not resource.primed
     entries: list[Entry] = []
-    states: list[tuple[str, str, bytes]] = []
+    states: list[tuple[str, str, bytes, int]] = []
     for record in records:
         before = known.get(record.key)
         if before is not None and before[0] == record.hash:
@@ -139,8 +139,9 @@ async def _commit_records(
         previous = None
         if before is not None:
             content = orjson.loads(before[1])
-            previous = Record(key=record.key, data=content, content=content, hash=before[0])
-        states.append((record.key, record.hash, _canonical(record.content)))
+            previous = Record(record.key, content, content, before[0], changes=before[2])
+        changes = 0 if previous is None else previous.changes + 1
+        states.append((record.key, record.hash, _canonical(record.content), changes))
         if previous is None and silent:
             continue  # first sight, remembered only
         event = provider.change_event(record, previous, observed=observed)
