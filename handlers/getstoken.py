@@ -82,7 +82,9 @@ _DECIMAL_RE = re.compile(_DECIMAL, re.ASCII)
 def _rfc3339(value: object) -> object:
     if not isinstance(value, str) or not _RFC3339.fullmatch(value):
         raise ValueError("expected an RFC 3339 date-time such as 2026-11-22T10:00:00Z")
-    return value
+    # A leap second (RFC 3339 allows second 60; Python's datetime does not) is read as
+    # the second before it, for the CloudEvent's time; data keeps it as sent.
+    return value[:17] + "59" + value[19:] if value[17:19] == "60" else value
 
 
 def _in_utc_range(value: datetime) -> datetime:

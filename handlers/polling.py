@@ -251,7 +251,9 @@ def canonical(value: Any) -> Any:
         return {str(k): canonical(v) for k, v in value.items()}
     if kind is list:
         return [canonical(v) for v in value]
-    if isinstance(value, Decimal | int | float):
+    if isinstance(value, Decimal):
+        return _plain(value)
+    if isinstance(value, int | float):
         return str(value)
     if isinstance(value, str):
         return str(value)
@@ -260,6 +262,25 @@ def canonical(value: Any) -> Any:
     if isinstance(value, Sequence):
         return [canonical(v) for v in value]
     return str(value)
+
+
+def _plain(number: Decimal) -> str:
+    """
+    A decimal as its digits: ``0.0000001`` stays that, where ``str`` writes ``1E-7`` (a
+    consumer reading decimal strings refused it). Exponents far out (``1e999999999``:
+    a gigabyte of zeros) keep the exponent form.
+    """
+    text = str(number)
+    if (
+        ("E" in text)
+        and number.is_finite()
+        and -_PLAIN_EXPONENT <= number.adjusted() <= _PLAIN_EXPONENT
+    ):
+        return format(number, "f")
+    return text
+
+
+_PLAIN_EXPONENT = 60
 
 
 def content_hash(content: Mapping[str, Any]) -> str:
@@ -310,7 +331,11 @@ def change_data(record: Record, previous: Record | None, *, field: str) -> dict[
     if previous is None:
         return {field: dict(record.data), "changed": sorted(now), "previous": None}
     before = previous.content
-    changed = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
+    # A field gone counts as a change even from null: the content (and its hash) differs,
+    # and a change event naming no change said nothing.
+    changed = sorted(
+        k for k in set(now) | set(before) if (k in now) != (k in before) or now[k] != before[k]
+    )
     return {
         field: dict(record.data),
         "changed": changed,

@@ -304,6 +304,9 @@ def test_envelope_field_malformed(field: str, value: Any) -> None:
         ("2026-11-22 10:00:00Z", datetime(2026, 11, 22, 10, 0, tzinfo=UTC)),
         ("2026-11-22t10:00:00.5z", datetime(2026, 11, 22, 10, 0, 0, 500000, tzinfo=UTC)),
         ("2026-11-22T05:00:00-05:00", datetime(2026, 11, 22, 10, 0, tzinfo=UTC)),
+        # A leap second (RFC 3339 allows it): the second before it, not a quarantine.
+        ("2016-12-31T23:59:60Z", datetime(2016, 12, 31, 23, 59, 59, tzinfo=UTC)),
+        ("2016-12-31T15:59:60.25-08:00", datetime(2016, 12, 31, 23, 59, 59, 250000, tzinfo=UTC)),
     ],
 )
 def test_created_at_is_rfc3339(created_at: str, expected: datetime) -> None:
