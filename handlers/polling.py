@@ -104,6 +104,11 @@ class Page:
     records: tuple[Record, ...]
     # Partial errors the provider answered beside the data (an unknown metric id).
     warnings: tuple[str, ...] = ()
+    #: Rows of the answer that are not valid (kept together in one quarantine entry,
+    #: named by ``rejection``), beside the valid ones (the records). When no row is
+    #: valid the whole answer is a Quarantine instead.
+    rejected: tuple[Any, ...] = ()
+    rejection: Quarantine | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -241,23 +241,27 @@ class Terrapin:
         entries = payload.get("data")
         if not isinstance(entries, list):
             return schema_violation(["data: expected a list of records"])
-        problems, total = [], 0
+        problems: list[str] = []
+        rejected: list[Any] = []
+        good: list[dict[str, Any]] = []
         for index, entry in enumerate(entries):
             if not isinstance(entry, dict):
                 problem = f"data[{index}]: expected an object"
             elif not isinstance(entry.get("isin"), str) or not entry["isin"]:
                 problem = f"data[{index}].isin: expected a non-empty string"
             else:
+                good.append(entry)
                 continue
-            total += 1
-            if total <= MAX_PROBLEMS:  # (not one string per entry of a bad answer)
+            rejected.append(entry)
+            if len(problems) < MAX_PROBLEMS:  # (not one string per entry of a bad answer)
                 problems.append(problem)
-        if problems:
-            return schema_violation(problems, total)
+        rejection = schema_violation(problems, len(rejected)) if rejected else None
+        if rejection is not None and not good:  # no record valid: not the answer asked for
+            return rejection
         asked = set(request.items)
         records: dict[str, Record] = {}
         unasked = 0
-        for entry in entries:
+        for entry in good:
             isin: str = entry["isin"]
             if asked and isin not in asked:
                 unasked += 1
@@ -267,12 +271,14 @@ class Terrapin:
                 key=isin, data=record, content=record, hash=canonical_hash(record)
             )
         warnings = []
+        if rejected:
+            warnings.append(f"{len(rejected)} records not valid were quarantined")
         if unasked:
             warnings.append(f"{unasked} records for ISINs not asked for were left out")
-        answered = len(entries) - unasked
+        answered = len(good) - unasked
         if len(records) < answered:
             warnings.append(f"{answered - len(records)} records repeat an ISIN; the last is kept")
-        return Page(records=tuple(records.values()), warnings=tuple(warnings))
+        return Page(tuple(records.values()), tuple(warnings), tuple(rejected), rejection)
 
     def redirect(self, request: PollRequest, location: str) -> Renamed | None:
         """Terrapin renames nothing: no redirect is a rename."""

@@ -329,28 +329,39 @@ class TokenTerminal:
             return schema_violation(["data: expected a list of rows"])
         requested, metrics = _requested(request)
         warnings, problems = _warnings(payload.get("errors"))
-        total = len(problems)
+        warnings.extend(problems)  # (a malformed partial error is no reason to drop rows)
+        rejected: list[Any] = []
+        good: list[dict[str, Any]] = []
+        named: list[str] = []
+        total = 0
         for index, row in enumerate(rows):
             found = _row_problems(index, row, metrics)
+            if not found:
+                good.append(row)
+                continue
+            rejected.append(row)
             total += len(found)
-            if len(problems) < MAX_PROBLEMS:  # (not one string per row of a bad answer)
-                problems.extend(found)
-        if problems:
-            return schema_violation(problems[:MAX_PROBLEMS], total)
+            if len(named) < MAX_PROBLEMS:  # (not one string per row of a bad answer)
+                named.extend(found)
+        rejection = schema_violation(named[:MAX_PROBLEMS], total) if rejected else None
+        if rejection is not None and not good:  # no row valid: not the answer asked for
+            return rejection
+        if rejected:
+            warnings.append(f"{len(rejected)} rows not valid were quarantined")
         project = _item(request, requested)
         records: dict[str, Record] = {}
-        for row in rows:
+        for row in good:
             day = str(row["timestamp"])[:10]
             key = f"{project}|{day}|{row['chain']}"
             content = {metric: canonical(row.get(metric)) for metric in metrics}
             records[key] = Record(
                 key=key, data=canonical(row), content=content, hash=canonical_hash(content)
             )
-        if len(records) < len(rows):
+        if len(records) < len(good):
             warnings.append(
-                f"{len(rows) - len(records)} rows repeat a (day, chain); the last one is kept"
+                f"{len(good) - len(records)} rows repeat a (day, chain); the last one is kept"
             )
-        return Page(records=tuple(records.values()), warnings=tuple(warnings))
+        return Page(tuple(records.values()), tuple(warnings), tuple(rejected), rejection)
 
     def redirect(self, request: PollRequest, location: str) -> Renamed | None:
         """

@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 
 from listener.dev.simulators.terrapin import TerrapinSimulator, generate_isins
 from listener.dev.simulators.tokenterminal import TokenTerminalSimulator
@@ -510,3 +511,52 @@ def test_a_reset_time_is_read_against_the_providers_clock() -> None:
     undated = Budget(90, 60.0)
     undated.observe(200, headers)  # (no Date: the local clock is all there is)
     assert undated.paused_for >= PAUSE_CAP - 1
+
+
+async def test_a_bad_row_is_quarantined_beside_the_good_ones_published(
+    tmp_path: Path, broker_url: str, exchange_name: str
+) -> None:
+    """
+    One bad row quarantined the whole answer, poll after poll: the good rows beside it
+    were never published. Now they are, and the bad rows are kept once, with why.
+    """
+    today = datetime.now(UTC).date().isoformat()
+    good = {"timestamp": f"{today}T00:00:00.000Z", "project_id": "aave", "chain": "ethereum"}
+    rows = [{**good, "fees": 1.5}, {**good, "chain": None, "fees": 2}]
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.json_response({"data": rows})
+
+    app = web.Application()
+    app.router.add_get("/v2/projects/{project}/metrics", metrics)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]  # started
+    resources = [{"endpoint": "project_metrics", "projects": ["aave"], "metrics": ["fees"]}]
+    config = make_config(
+        tmp_path,
+        broker_url=broker_url,
+        exchange=exchange_name,
+        sources=[tt_source(f"http://127.0.0.1:{port}", resources=resources)],
+    )
+    try:
+        async with (
+            tap(broker_url, exchange_name) as t,
+            tap(broker_url, f"{exchange_name}.quarantine") as q,
+            running(config) as service,
+        ):
+            await t.wait_count(1)
+            await q.wait_count(1)
+            await poll_once(service, "tt")
+            await asyncio.sleep(0.3)
+            assert poll_source(service, "tt").resources[0].state == "ok"
+    finally:
+        await runner.cleanup()
+    (event,) = events(t.messages, "tokenterminal.project.metrics")
+    assert event["data"]["row"]["fees"] == "1.5"
+    (kept,) = q.messages  # (once: the same rows again are the same quarantine entry)
+    assert kept.headers["x-quarantine-reason"] == "schema_violation"
+    assert "data[1].chain" in str(kept.headers["x-quarantine-detail"])
+    assert orjson.loads(kept.body) == [{**good, "chain": None, "fees": "2"}]  # (exact digits)

@@ -24,7 +24,7 @@ import orjson
 from pydantic import BaseModel
 
 from handlers import Quarantine
-from handlers.polling import Page, Record, Renamed
+from handlers.polling import Page, Record, Renamed, canonical
 from listener.envelope import Entry
 from listener.journal.writes import PollWrite
 from listener.logs import redact
@@ -116,6 +116,8 @@ async def commit_page(
     crash between two leaves the rest unwritten, found again (same ids) by the next poll.
     """
     records = page.records
+    if page.rejection is not None:  # rows not valid beside valid ones: kept, with why
+        await quarantine(source, _canonical(canonical(list(page.rejected))), page.rejection)
     for start in range(0, max(len(records), 1), CHUNK):
         last = start + CHUNK >= len(records)
         await _commit_records(

@@ -78,7 +78,6 @@ class TestTokenTerminalContract(PollProviderContract):
         dumps({"data": [row(fees="1234.5")]}),
         dumps({"data": [row(fees=True)]}),
         dumps({"data": [{**row(), "timestamp": "yesterday"}]}),
-        dumps({"data": [row()], "errors": "NOT_FOUND"}),
     )
     invalid_resources = (
         {**RESOURCE, "endpoint": "project_fees"},
@@ -476,3 +475,22 @@ def test_state_is_kept_two_days_past_the_lookback() -> None:
     """A row's day leaves the polled range `lookback` days on; one more for time zones."""
     assert PROVIDER.state_ttl(model(lookback="7d")) == 9 * 86400
     assert PROVIDER.state_ttl(model(lookback="1d")) == 3 * 86400
+
+
+def test_one_bad_row_is_set_aside_the_others_are_records() -> None:
+    """
+    One bad row (a null chain, a metric as a string) quarantined the whole answer:
+    nothing of the project until the row left `lookback`, and then its day's other
+    chains never came out at all. A malformed `errors` beside good rows is a warning.
+    """
+    bad = [{**row(), "chain": None}, row(fees="1234.5")]
+    page = parse(dumps({"data": [row(), *bad], "errors": "NOT_FOUND"}))
+    assert len(page.records) == 1 and page.rejected == tuple(bad)
+    assert page.rejection is not None and page.rejection.reason == "schema_violation"
+    assert page.rejection.detail.startswith("data[1].chain: expected a non-empty string")
+    assert "data[2].fees" in page.rejection.detail
+    assert "2 rows not valid were quarantined" in page.warnings
+    assert any("errors" in w for w in page.warnings)
+    assert violation(dumps({"data": bad})).detail == page.rejection.detail.replace(
+        "data[1]", "data[0]"
+    ).replace("data[2]", "data[1]")
