@@ -9,6 +9,8 @@ daemon whose port was taken never exited.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from typing import Any
 
 import aio_pika
@@ -16,6 +18,7 @@ import pytest
 from pydantic import SecretStr
 
 from listener.broker.connection import connect_retrying
+from listener.broker.deadline import within
 from listener.config import BrokerConfig
 from listener.metrics import Metrics
 from listener.retry import stop_if_cancelled
@@ -85,3 +88,34 @@ async def test_stop_if_cancelled_raises_only_for_a_task_asked_to_stop() -> None:
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(task, timeout=5)
     assert asked.is_set()
+
+
+async def test_a_deadline_holds_when_the_operation_swallows_its_cancellation() -> None:
+    """
+    aio-pika and aiormq catch CancelledError in places and go on waiting (closing a
+    connection to a blackholed broker): asyncio.timeout cancels once, and its deadline
+    passed with nothing happening; the publisher did not reconnect for over a minute.
+    """
+    swallowed = 0
+
+    async def stubborn() -> None:
+        nonlocal swallowed
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            swallowed += 1
+            await asyncio.sleep(0.8)  # (goes on waiting, as a close on a dead socket does)
+
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        await within(stubborn(), 0.2)
+    assert time.monotonic() - started < 0.6
+    await asyncio.sleep(0.05)
+    assert swallowed == 1  # (it was cancelled, and went on)
+    started = time.monotonic()
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(0.2):  # (what it was: the deadline came 0.6 s late)
+            await stubborn()
+    assert time.monotonic() - started >= 0.8
+    assert await within(asyncio.sleep(0, result=7), 1.0) == 7
+    await asyncio.sleep(0.9)  # (the operation given up on has ended by itself)

@@ -26,6 +26,7 @@ import aiormq
 from aio_pika.abc import AbstractConnection
 from aio_pika.connection import make_url
 
+from listener.broker.deadline import within as deadline
 from listener.broker.topology import raw_connection
 from listener.config import BrokerConfig, mask_url
 from listener.exceptions import BrokerUnreachable
@@ -88,8 +89,9 @@ async def _attempt(
             heartbeat=heartbeat,
         )
         try:
-            async with asyncio.timeout(config.connect_timeout * 2):
-                await connection.connect(timeout=config.connect_timeout)
+            await deadline(
+                connection.connect(timeout=config.connect_timeout), config.connect_timeout * 2
+            )
         except BaseException as exc:
             await close_quietly(connection, within=1.0)
             if not isinstance(exc, Exception):  # cancelled: closed, and on its way
@@ -107,8 +109,7 @@ async def _attempt(
 async def close_quietly(connection: AbstractConnection, *, within: float = 5.0) -> str | None:
     """Close, within ``within`` s; return the error when closing a broken connection failed."""
     try:
-        async with asyncio.timeout(within):
-            await connection.close()
+        await deadline(connection.close(), within)
     except Exception as exc:  # closing a broken connection may fail in many ways; it is gone
         return f"{type(exc).__name__}: {exc}"
     return None
@@ -116,8 +117,7 @@ async def close_quietly(connection: AbstractConnection, *, within: float = 5.0) 
 
 async def confirm_channel(connection: AbstractConnection, within: float) -> aiormq.Channel:
     """The publisher's channel (confirms on, returns raised), open within ``within`` s."""
-    async with asyncio.timeout(within):
-        raw = raw_connection(connection)
-        channel = await raw.channel(publisher_confirms=True, on_return_raises=True)
+    raw = raw_connection(connection)
+    channel = await deadline(raw.channel(publisher_confirms=True, on_return_raises=True), within)
     assert isinstance(channel, aiormq.Channel)  # (the confirm window writes frames to it)
     return channel

@@ -37,6 +37,7 @@ from aio_pika.abc import AbstractConnection
 from listener.broker.backlog import Backlog
 from listener.broker.confirms import ConfirmWindow, Outcome, Outgoing, Sent
 from listener.broker.connection import close_quietly, confirm_channel, connect_retrying
+from listener.broker.deadline import within
 from listener.broker.inflight import Kept, outgoing
 from listener.broker.topology import (
     CONFLICT_RETRY,
@@ -249,8 +250,8 @@ class Publisher:
             return True
         before = self._topology.status
         # A deadline of our own: a declare waits for the broker's answer forever.
-        async with asyncio.timeout(self._config.publish_timeout):
-            self._topology = await declare_topology(connection, self._config)
+        declared = declare_topology(connection, self._config)
+        self._topology = await within(declared, self._config.publish_timeout)
         self._declared_on = connection
         if self._topology.conflicts:
             self._last_error = "; ".join(self._topology.conflicts)
@@ -286,8 +287,7 @@ class Publisher:
             # A connection the broker blocked (a resource alarm) reads nothing: a window
             # written into it would sit in the socket buffer, one more each retry (memory
             # without bound, a duplicate of each later). Wait for Connection.Unblocked.
-            async with asyncio.timeout(self._config.publish_timeout):
-                await underlay.connection.ready()
+            await within(underlay.connection.ready(), self._config.publish_timeout)
         except TimeoutError:
             self._record_failure(
                 "blocked", TimeoutError("the broker blocks publishing (a resource alarm)")

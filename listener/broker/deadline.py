@@ -1,0 +1,57 @@
+"""
+A deadline that holds whatever the awaited operation does with its cancellation.
+
+``asyncio.timeout`` cancels the waiting task once, and counts on the cancellation
+coming back out. aio-pika and aiormq catch ``CancelledError`` in places (closing a
+channel whose call was cancelled, closing a connection) and go on awaiting a socket that
+a blackholed broker never drains: the deadline passed and nothing happened. After a
+blackhole, the publisher closing the dead connection waited so for over a minute,
+publishing nothing (the chaos test of a blackholed broker, now and then, under load).
+:func:`within` runs the operation as a task of its own and waits for it with
+``asyncio.wait``: at the deadline the task is cancelled and left to end by itself, and
+``TimeoutError`` is raised at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+__all__ = ["within"]
+
+_T = TypeVar("_T")
+
+# Operations given up on, until they end (a task nobody references may be collected).
+_abandoned: set[asyncio.Future[Any]] = set()
+
+
+async def within(operation: Awaitable[_T], seconds: float) -> _T:
+    """
+    ``await operation``, for ``seconds`` at most.
+
+    Raises:
+        TimeoutError: not done in time (it is cancelled, and not waited for).
+    """
+    task = asyncio.ensure_future(operation)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=seconds)
+    except asyncio.CancelledError:
+        _abandon(task)
+        raise
+    if not done:
+        _abandon(task)
+        raise TimeoutError(f"not done within {seconds:g} s")
+    return task.result()
+
+
+def _abandon(task: asyncio.Future[Any]) -> None:
+    task.cancel()
+    _abandoned.add(task)
+    task.add_done_callback(_forget)
+
+
+def _forget(task: asyncio.Future[Any]) -> None:
+    _abandoned.discard(task)
+    if not task.cancelled():
+        task.exception()  # (retrieved: no "exception was never retrieved" at exit)
