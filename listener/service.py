@@ -152,6 +152,8 @@ class Service:
             self._on_sighup()
 
     def _on_sighup(self) -> None:
+        if self._stop.is_set():  # shutting down: nothing to reload into
+            return
         task = asyncio.create_task(self.reload(), name="reload")
         self._reloads.add(task)  # held until done (the loop keeps only weak references)
         task.add_done_callback(self._reloads.discard)
@@ -352,7 +354,7 @@ class Service:
                 # while the broker drops the connection (the publisher then carries on):
                 # cancel again until the task has ended, or SIGTERM would never exit.
                 while not publishing.done():
-                    await asyncio.wait({publishing}, timeout=1.0)
+                    await asyncio.wait({publishing}, timeout=0.1)
                     publishing.cancel()
         self.exit_pending = journal.pending_count
         log.info("shutdown_complete", pending=self.exit_pending)

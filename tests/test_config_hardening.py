@@ -6,6 +6,7 @@ or hung up while it starts.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -214,16 +215,97 @@ def test_run_on_a_port_in_use_is_one_line_not_a_traceback(tmp_path: Path) -> Non
 
 
 def test_hangups_are_noted_until_the_loop_handles_them() -> None:
-    """After note(), a SIGHUP does not end the process: it is remembered."""
-    previous = signal.getsignal(signal.SIGHUP)
+    """After note(), a SIGHUP or a SIGTERM does not end the process: it is remembered."""
+    previous = {
+        sig: signal.getsignal(sig) for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
+    }
     try:
         hangups.note()
         os.kill(os.getpid(), signal.SIGHUP)
         time.sleep(0.01)  # (a signal is handled between two bytecodes of the main thread)
-        assert hangups.hung_up()
+        assert hangups.hung_up() and not hangups.stopped()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+        assert hangups.stopped()
     finally:
-        signal.signal(signal.SIGHUP, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         hangups._hangups.clear()
+        hangups._stops.clear()
+
+
+def _noting_then(tmp_path: Path, sig: signal.Signals) -> subprocess.Popen[bytes]:
+    """`listener run`, sent ``sig`` at the first moment it can be noted (before its imports)."""
+    path = daemon_config(tmp_path, 0)
+    script = (
+        "import os, signal, sys\n"
+        f"sys.argv = ['listener', 'run', '--config', {str(path)!r}]\n"
+        "from listener import hangups\n"
+        "noted = hangups.note\n"
+        "def note():\n"
+        "    noted()\n"
+        f"    os.kill(os.getpid(), {int(sig)})\n"
+        "hangups.note = note\n"
+        "from listener.__main__ import main\n"
+        "main()\n"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_while_the_daemon_starts_is_a_clean_shutdown(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    """It took the default action: exit 143, or a KeyboardInterrupt traceback (130)."""
+    with _noting_then(tmp_path, sig) as proc:
+        out, _ = proc.communicate(timeout=60)
+    logs = out.decode()
+    assert proc.returncode == 0, logs[-2000:]
+    assert "Traceback" not in logs and "shutdown_complete" in logs
+
+
+def test_hangups_during_the_shutdown_neither_fail_nor_change_the_exit(tmp_path: Path) -> None:
+    """
+    A SIGHUP after the drain began logged a reload failure with a traceback; one in the
+    milliseconds after the loop closed killed the process (exit 129 for a clean stop).
+    """
+    with (
+        (tmp_path / "daemon.log").open("w") as out,
+        subprocess.Popen(
+            [sys.executable, "-m", "listener", "run", "--config", str(daemon_config(tmp_path, 0))],
+            stdout=out,
+            stderr=out,
+        ) as proc,
+    ):
+        deadline = time.monotonic() + 30
+        while '"listener_started"' not in (tmp_path / "daemon.log").read_text():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        while proc.poll() is None:  # (until it has exited, a SIGHUP every few ms)
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGHUP)
+            time.sleep(0.003)
+    logs = (tmp_path / "daemon.log").read_text()
+    assert proc.returncode == 0, logs[-2000:]
+    assert "Traceback" not in logs and "config_reload_failed" not in logs
+
+
+def test_a_journal_lock_that_cannot_be_made_is_one_line_exit_2(tmp_path: Path) -> None:
+    """The lock file came first, and its OSError was a bare errno with exit 1."""
+    (tmp_path / "file").write_text("not a directory")
+    config = daemon_config(tmp_path, 0)
+    config.write_text(
+        config.read_text().replace(
+            str(tmp_path / "journal.db"), str(tmp_path / "file" / "journal.db")
+        )
+    )
+    result = run_cli("run", "--config", str(config))
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "listener: cannot start: the journal lock " in result.stderr
 
 
 def test_a_sighup_while_the_daemon_starts_reloads_it_instead_of_killing_it(

@@ -16,10 +16,11 @@ from pathlib import Path
 import click
 import yaml
 
+from listener import hangups
 from listener.cli.common import CONFIG_OPTION, load_or_exit
 from listener.config_loader import config_path, render_config, secret_values
 from listener.exceptions import JournalError
-from listener.hangups import hung_up
+from listener.hangups import hung_up, stopped
 from listener.logs import configure_logging
 from listener.loop import run_async
 from listener.memory import settle_heap
@@ -80,6 +81,8 @@ def run(config_file: Path | None) -> None:
 
     async def serve() -> None:
         service.install_signal_handlers(hung_up=hung_up())
+        if stopped():  # a SIGTERM or SIGINT while it started: shut down at once
+            service.stop()
         running = asyncio.create_task(service.run())
         started = asyncio.create_task(service.started.wait())
         await asyncio.wait({running, started}, return_when=asyncio.FIRST_COMPLETED)
@@ -103,6 +106,8 @@ def run(config_file: Path | None) -> None:
             raise
         click.echo(f"listener: cannot start: {error}", err=True)
         sys.exit(1)
+    finally:
+        hangups.ignore()  # (the loop is closed: a signal now would change the exit code)
 
 
 def _first_os_error(exc: BaseException) -> OSError | None:

@@ -16,7 +16,7 @@ import os
 import socket
 from pathlib import Path
 
-from listener.exceptions import JournalLocked
+from listener.exceptions import JournalError, JournalLocked
 
 __all__ = ["JournalLock"]
 
@@ -33,17 +33,26 @@ class JournalLock:
         """
         Raises:
             JournalLocked: another process holds it; the message names the holder.
+            JournalError: the lock file cannot be made (a read-only or full disk, a
+                file where the directory should be): one line naming it, exit 2.
         """
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise JournalError(f"the journal lock {self.path} cannot be created: {exc}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown pid"
             os.close(fd)
             raise JournalLocked(self.journal_path, holder) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        except OSError as exc:
+            os.close(fd)
+            raise JournalError(f"the journal lock {self.path} cannot be written: {exc}") from exc
         self._fd = fd
 
     def release(self) -> None:
