@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 import pytest
 import yaml
@@ -234,7 +235,9 @@ def test_hangups_are_noted_until_the_loop_handles_them() -> None:
         hangups._stops.clear()
 
 
-def _noting_then(tmp_path: Path, sig: signal.Signals) -> subprocess.Popen[bytes]:
+def _noting_then(
+    tmp_path: Path, sig: signal.Signals, out: IO[str] | int = subprocess.PIPE
+) -> subprocess.Popen[bytes]:
     """`listener run`, sent ``sig`` at the first moment it can be noted (before its imports)."""
     path = daemon_config(tmp_path, 0)
     script = (
@@ -249,9 +252,7 @@ def _noting_then(tmp_path: Path, sig: signal.Signals) -> subprocess.Popen[bytes]
         "from listener.__main__ import main\n"
         "main()\n"
     )
-    return subprocess.Popen(
-        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
+    return subprocess.Popen([sys.executable, "-c", script], stdout=out, stderr=subprocess.STDOUT)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -316,24 +317,8 @@ def test_a_sighup_while_the_daemon_starts_reloads_it_instead_of_killing_it(
     died (exit 129) with nothing said. Here it arrives at the first moment it can be
     noted, before every import of `listener run`.
     """
-    path = daemon_config(tmp_path, 0)
-    script = (
-        "import os, signal, sys\n"
-        f"sys.argv = ['listener', 'run', '--config', {str(path)!r}]\n"
-        "from listener import hangups\n"
-        "noted = hangups.note\n"
-        "def note():\n"
-        "    noted()\n"
-        "    os.kill(os.getpid(), signal.SIGHUP)\n"
-        "hangups.note = note\n"
-        "from listener.__main__ import main\n"
-        "main()\n"
-    )
     log = tmp_path / "daemon.log"
-    with (
-        log.open("w") as out,
-        subprocess.Popen([sys.executable, "-c", script], stdout=out, stderr=out) as proc,
-    ):
+    with log.open("w") as out, _noting_then(tmp_path, signal.SIGHUP, out) as proc:
         deadline = time.monotonic() + 30
         while '"config_reloaded"' not in log.read_text() and proc.poll() is None:
             assert time.monotonic() < deadline, log.read_text()[-2000:]
