@@ -30,7 +30,7 @@ PARTIAL = 12
 
 
 class Redactor:
-    """A structlog processor that masks secrets in every value, keys and nested data."""
+    """A structlog processor that masks secrets in every value, nested ones included."""
 
     def __init__(self, secrets: Iterable[str]) -> None:
         self._secrets: list[str] = []

@@ -36,6 +36,7 @@ import structlog
 from aiohttp import web
 
 from listener.admin.app import AdminApp
+from listener.broker import deadline
 from listener.broker.asyncapi import build_document
 from listener.broker.publisher import Publisher
 from listener.cluster.coordinator import Coordinator
@@ -356,6 +357,7 @@ class Service:
                 while not publishing.done():
                     await asyncio.wait({publishing}, timeout=0.1)
                     publishing.cancel()
+                await deadline.settle(1.0)  # (broker operations given up on, before exit)
         self.exit_pending = journal.pending_count
         log.info("shutdown_complete", pending=self.exit_pending)
 

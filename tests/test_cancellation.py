@@ -18,7 +18,7 @@ import pytest
 from pydantic import SecretStr
 
 from listener.broker.connection import connect_retrying
-from listener.broker.deadline import within
+from listener.broker.deadline import settle, within
 from listener.config import BrokerConfig
 from listener.metrics import Metrics
 from listener.retry import stop_if_cancelled
@@ -119,3 +119,21 @@ async def test_a_deadline_holds_when_the_operation_swallows_its_cancellation() -
     assert time.monotonic() - started >= 0.8
     assert await within(asyncio.sleep(0, result=7), 1.0) == 7
     await asyncio.sleep(0.9)  # (the operation given up on has ended by itself)
+
+
+async def test_operations_given_up_on_are_settled_before_the_loop_closes() -> None:
+    """One still pending when the loop closed ran aio-pika's callbacks on a closed loop."""
+    ended = asyncio.Event()
+
+    async def stubborn() -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.3)
+            ended.set()
+
+    with pytest.raises(TimeoutError):
+        await within(stubborn(), 0.05)
+    started = time.monotonic()
+    await settle(2.0)
+    assert ended.is_set() and time.monotonic() - started < 1.0

@@ -18,7 +18,7 @@ import asyncio
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
-__all__ = ["within"]
+__all__ = ["settle", "within"]
 
 _T = TypeVar("_T")
 
@@ -43,6 +43,20 @@ async def within(operation: Awaitable[_T], seconds: float) -> _T:
         _abandon(task)
         raise TimeoutError(f"not done within {seconds:g} s")
     return task.result()
+
+
+async def settle(seconds: float) -> None:
+    """
+    Give this loop's operations given up on ``seconds`` to end, then cancel them again:
+    a loop closed under one left its coroutine to the garbage collector, which ran
+    aio-pika's close callbacks on a closed loop ("Event loop is closed").
+    """
+    loop = asyncio.get_running_loop()
+    pending = {t for t in _abandoned if not t.done() and t.get_loop() is loop}
+    if pending:
+        await asyncio.wait(pending, timeout=seconds)
+        for task in pending:
+            task.cancel()
 
 
 def _abandon(task: asyncio.Future[Any]) -> None:
