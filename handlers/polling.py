@@ -256,9 +256,7 @@ def canonical(value: Any) -> Any:
         return {str(k): canonical(v) for k, v in value.items()}
     if kind is list:
         return [canonical(v) for v in value]
-    if isinstance(value, Decimal):
-        return _plain(value)
-    if isinstance(value, int | float):
+    if isinstance(value, Decimal | int | float):
         return str(value)
     if isinstance(value, str):
         return str(value)
@@ -267,25 +265,6 @@ def canonical(value: Any) -> Any:
     if isinstance(value, Sequence):
         return [canonical(v) for v in value]
     return str(value)
-
-
-def _plain(number: Decimal) -> str:
-    """
-    A decimal as its digits: ``0.0000001`` stays that, where ``str`` writes ``1E-7`` (a
-    consumer reading decimal strings refused it). Exponents far out (``1e999999999``:
-    a gigabyte of zeros) keep the exponent form.
-    """
-    text = str(number)
-    if (
-        ("E" in text)
-        and number.is_finite()
-        and -_PLAIN_EXPONENT <= number.adjusted() <= _PLAIN_EXPONENT
-    ):
-        return format(number, "f")
-    return text
-
-
-_PLAIN_EXPONENT = 60
 
 
 def content_hash(content: Mapping[str, Any]) -> str:

@@ -32,6 +32,7 @@ __all__ = [
     "load_config",
     "render_config",
     "secret_values",
+    "source_secret_values",
 ]
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -272,6 +273,19 @@ def _read_secret_file(
 
 def secret_values(config: Config) -> list[str]:
     """Every secret string in ``config``, for the log redaction processor."""
+    return _secrets_in(config)
+
+
+def source_secret_values(config: Config) -> list[str]:
+    """
+    The secrets of the sources (API keys, webhook secrets, source URL credentials): what
+    a provider could send back, masked in its text (the broker's and the admin port's
+    are not: ``guest`` masked in a quarantined payload changed the payload).
+    """
+    return _secrets_in(list(config.sources))
+
+
+def _secrets_in(root: Any) -> list[str]:
     found: list[str] = []
 
     def walk(value: Any) -> None:
@@ -292,7 +306,7 @@ def secret_values(config: Config) -> list[str]:
             for item in value:
                 walk(item)
 
-    walk(config)
+    walk(root)
     # Longest first, so a secret that contains another is redacted whole.
     return sorted(set(found), key=len, reverse=True)
 

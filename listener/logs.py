@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import urllib.parse
 from collections.abc import Iterable
 from typing import Any, TextIO
 
@@ -52,7 +53,7 @@ class Redactor:
         for secret in self._secrets:
             if secret in value:
                 value = value.replace(secret, REDACTED)
-            if len(secret) > PARTIAL:
+            if len(secret) > PARTIAL and "://" not in secret:  # (a URL's head is no secret)
                 value = _mask_heads(value, secret)
         return value
 
@@ -88,26 +89,36 @@ def _mask_heads(value: str, secret: str) -> str:
     return value
 
 
-# The process's secrets (the configuration's, and those SIGHUP brought since).
+# The process's secrets (the configuration's, and those SIGHUP brought since), and of
+# them the sources' (what a provider could echo back: masked in its text too).
 _redactor = Redactor(())
+_echoes = Redactor(())
+# Shorter source secrets are not looked for in provider text: a common short string
+# masked in a payload would change the payload.
+ECHO_MIN = 8
 
 
-def redact_also(secrets: Iterable[str]) -> None:
+def redact_also(secrets: Iterable[str], *, sources: Iterable[str] = ()) -> None:
     """Add secrets to the redaction (a configuration's; SIGHUP brought new ones)."""
     _redactor.add(secrets)
+    _echoes.add(s for s in sources if len(s) >= ECHO_MIN)
 
 
 def redact(text: str) -> str:
-    """``text`` with every secret the logs mask masked (provider text kept or shown)."""
-    return _redactor.text(text)
+    """Provider text (kept or shown) with every source secret in it masked."""
+    return _echoes.text(text)
 
 
 def redact_bytes(data: bytes) -> bytes:
-    """``data`` with every secret masked where it appears as UTF-8 (a payload kept)."""
-    for secret in _redactor.secrets:
-        encoded = secret.encode()
-        if encoded in data:
-            data = data.replace(encoded, REDACTED.encode())
+    """
+    A payload with every source secret in it masked: as UTF-8, escaped as JSON writes
+    ``/`` (``\\/``) and percent-encoded.
+    """
+    for secret in _echoes.secrets:
+        for form in {secret, secret.replace("/", "\\/"), urllib.parse.quote(secret, safe="")}:
+            encoded = form.encode()
+            if encoded in data:
+                data = data.replace(encoded, REDACTED.encode())
     return data
 
 

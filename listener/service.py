@@ -42,7 +42,7 @@ from listener.broker.publisher import Publisher
 from listener.cluster.coordinator import Coordinator
 from listener.cluster.units import units_of
 from listener.config import Config
-from listener.config_loader import load_config, recheck, secret_values
+from listener.config_loader import load_config, recheck, secret_values, source_secret_values
 from listener.exceptions import ConfigError
 from listener.fast_http import FastServer
 from listener.journal import Journal
@@ -96,7 +96,8 @@ class Service:
 
     def __init__(self, config: Config, *, config_file: Path | None = None) -> None:
         self.config = config
-        redact_also(secret_values(config))  # (masked in logs and in what providers echo)
+        # Masked in logs, and the sources' in what providers echo back.
+        redact_also(secret_values(config), sources=source_secret_values(config))
         #: Re-read on SIGHUP (:meth:`reload`); ``None``: no file to re-read.
         self.config_file = config_file
         self._reloading = asyncio.Lock()
@@ -198,7 +199,8 @@ class Service:
 
     def _apply(self, plan: ReloadPlan) -> ReloadPlan:
         """Hand the new secrets to the log redaction, the transports and the admin port."""
-        redact_also(secret_values(plan.config))  # before anything could log one
+        # Before anything could log one.
+        redact_also(secret_values(plan.config), sources=source_secret_values(plan.config))
         self._use_secrets(plan.config)
         self.config = plan.config
         for key in plan.restart:

@@ -110,10 +110,31 @@ def test_the_head_of_a_secret_cut_short_is_masked_too() -> None:
     cut = f"{'z' * 10} key={LONG_KEY}"[:30]
     assert LONG_KEY[:PARTIAL] in cut and masking.text(cut) == "z" * 10 + " key=***"
     assert masking.text(repr(cut)) == "'" + "z" * 10 + " key=***'"
-    assert masking.text(f"{LONG_KEY[: PARTIAL - 1]} and short") == f"{LONG_KEY[: PARTIAL - 1]} and ***"
-    redact_also([LONG_KEY])
+    assert (
+        masking.text(f"{LONG_KEY[: PARTIAL - 1]} and short") == f"{LONG_KEY[: PARTIAL - 1]} and ***"
+    )
+    redact_also([LONG_KEY, "guest"], sources=[LONG_KEY, "short"])
     assert redact(f"a {LONG_KEY[:20]}") == "a ***"
     assert redact_bytes(b'{"api_key": "%s"}' % LONG_KEY.encode()) == b'{"api_key": "***"}'
+    # Only the sources' secrets, and not short ones: the broker's `guest` in a payload
+    # kept in quarantine is the payload's ("user_id": "guest_42" became "***_42").
+    assert (
+        redact_bytes(b'{"user_id": "guest_42", "n": "short"}')
+        == b'{"user_id": "guest_42", "n": "short"}'
+    )
+    # A URL's head is no secret: a logged masked broker URL stays readable.
+    url = "amqp://guest:guest@localhost:5672/"
+    assert (
+        Redactor([url, "guest"]).text("broker amqp://guest:***@localhost:5672/")
+        == "broker amqp://***:***@localhost:5672/"
+    )
+    slashed = "lx/live+8fK2Z/0123456789"
+    redact_also([], sources=[slashed])
+    for echoed in (
+        b'{"k": "lx\\/live+8fK2Z\\/0123456789"}',
+        b"k=lx%2Flive%2B8fK2Z%2F0123456789&x=1",
+    ):
+        assert b"8fK2Z" not in redact_bytes(echoed), echoed
 
 
 async def test_a_key_a_stream_provider_echoes_back_is_shown_nowhere(
@@ -126,7 +147,11 @@ async def test_a_key_a_stream_provider_echoes_back_is_shown_nowhere(
     """
     message = "z" * 186 + f" key={LONG_KEY} is over its budget"
     echo = {"type": "whoami", "you_sent": {"type": "auth", "api_key": LONG_KEY}}
-    replies = ({"type": "auth_ok"}, echo, {"type": "error", "code": "SERVER_BUSY", "message": message})
+    replies = (
+        {"type": "auth_ok"},
+        echo,
+        {"type": "error", "code": "SERVER_BUSY", "message": message},
+    )
     async with (
         Server({"/ws": ""}, replies).serving() as provider,
         tap(broker_url, f"{exchange_name}.quarantine") as quarantined,
@@ -155,7 +180,9 @@ async def test_a_key_a_stream_provider_echoes_back_is_shown_nowhere(
     with sqlite3.connect(tmp_path / "journal.db") as db:
         rows = db.execute("SELECT body, detail FROM events WHERE kind = 'quarantine'").fetchall()
     db.close()
-    assert rows and all(head.encode() not in bytes(body) and head not in detail for body, detail in rows)
+    assert rows and all(
+        head.encode() not in bytes(body) and head not in detail for body, detail in rows
+    )
 
 
 async def test_a_new_journal_is_its_owners_alone(tmp_path: Path) -> None:

@@ -138,13 +138,16 @@ def _merge(conn: sqlite3.Connection, source: str, key: str | None, state: Mappin
                 )
                 changed += cur.rowcount
         else:
+            # A key's change count only grows (a change id names it): one from a
+            # replica that counts fewer (an older release's: none) is not taken.
             counts = {str(k): int(n) for k, n in state.get("changes", ())}
             for k, h, content, at in state.get("states", ()):
                 cur.execute(
                     "INSERT INTO poll_state (source, key, hash, content, updated_at, changes)"
                     " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (source, key) DO UPDATE SET"
                     " hash = excluded.hash, content = excluded.content,"
-                    " updated_at = excluded.updated_at, changes = excluded.changes"
+                    " updated_at = excluded.updated_at,"
+                    " changes = max(poll_state.changes, excluded.changes)"
                     " WHERE excluded.updated_at > poll_state.updated_at",
                     (source, k, h, str(content).encode(), float(at), counts.get(str(k), 0)),
                 )

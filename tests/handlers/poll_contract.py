@@ -265,6 +265,19 @@ class PollProviderContract:
                     self.provider.data_models[event.type].model_validate(dict(event.data))
                     ids.add(event.id)
                 assert len(ids) == 3
+                # From a key's third change on the count of changes before it is in the
+                # id too (a value flipping back and forth repeated ids): each count its own.
+                other = "0" * 64
+                counted = {
+                    self.provider.change_event(
+                        record,
+                        Record(record.key, {}, {"x": other}, other, changes=n),
+                        observed=OBSERVED,
+                    ).id
+                    for n in range(5)
+                }
+                assert len(counted) == 4  # (0 and 1: the contract's id; 2, 3, 4: their own)
+                assert counted & ids
 
     def test_first_sight_names_every_compared_field(self) -> None:
         """On first sight, changed lists every compared field and previous is null."""
