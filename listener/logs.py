@@ -5,7 +5,8 @@ processors (``structlog.stdlib.ProcessorFormatter``); and a redaction processor,
 before rendering, that replaces every configured secret with ``***`` wherever it
 appears, so no secret reaches output even inside an exception message.
 
-The same secrets are masked by :func:`redact` in text a provider sends back that the
+The sources' secrets (what a provider could send back: API keys, webhook secrets) are
+also masked by :func:`redact` and :func:`redact_bytes` in text a provider sends that the
 daemon keeps or shows elsewhere (an error frame's message on ``/v1/sources``, a
 quarantined payload and its detail in the journal and on the broker), before it is
 cut to length: a secret cut in two is no longer one the log processor finds.
