@@ -47,16 +47,25 @@ async def within(operation: Awaitable[_T], seconds: float) -> _T:
 
 async def settle(seconds: float) -> None:
     """
-    Give this loop's operations given up on ``seconds`` to end, then cancel them again:
-    a loop closed under one left its coroutine to the garbage collector, which ran
-    aio-pika's close callbacks on a closed loop ("Event loop is closed").
+    Give this loop's operations given up on, and aio-pika's close callbacks (it runs
+    them in tasks of their own, after a close), ``seconds`` to end, then cancel them: a
+    loop closed under one left its coroutine to the garbage collector, which ran it on a
+    closed loop ("Event loop is closed").
     """
     loop = asyncio.get_running_loop()
     pending = {t for t in _abandoned if not t.done() and t.get_loop() is loop}
+    pending |= {t for t in asyncio.all_tasks(loop) if _CALLBACK in _name(t)}
     if pending:
         await asyncio.wait(pending, timeout=seconds)
         for task in pending:
             task.cancel()
+
+
+_CALLBACK = "OneShotCallback.__task_inner"
+
+
+def _name(task: asyncio.Task[Any]) -> str:
+    return str(getattr(task.get_coro(), "__qualname__", ""))
 
 
 def _abandon(task: asyncio.Future[Any]) -> None:
