@@ -115,10 +115,10 @@ async def close_quietly(connection: AbstractConnection, *, within: float = 5.0) 
     """
     underlay = getattr(connection, "transport", None)  # (the close sets it to None)
     try:
-        await deadline(connection.close(), within)
+        await deadline(connection.close(), within, finish=True)
         ran = getattr(underlay, "close_callback", None)
         if ran is not None:
-            await deadline(ran.wait(), 1.0)
+            await deadline(ran.wait(), 1.0, finish=True)
     except Exception as exc:  # closing a broken connection may fail in many ways; it is gone
         return f"{type(exc).__name__}: {exc}"
     return None

@@ -26,21 +26,25 @@ _T = TypeVar("_T")
 _abandoned: set[asyncio.Future[Any]] = set()
 
 
-async def within(operation: Awaitable[_T], seconds: float) -> _T:
+async def within(operation: Awaitable[_T], seconds: float, *, finish: bool = False) -> _T:
     """
     ``await operation``, for ``seconds`` at most.
 
+    ``finish``: an operation given up on (the deadline, or the caller cancelled) is left
+    to finish, not cancelled (a close: cut short, aio-pika's close callbacks were left
+    pending on a loop about to close). :func:`settle` waits for it before the exit.
+
     Raises:
-        TimeoutError: not done in time (it is cancelled, and not waited for).
+        TimeoutError: not done in time (cancelled unless ``finish``; not waited for).
     """
     task = asyncio.ensure_future(operation)
     try:
         done, _ = await asyncio.wait({task}, timeout=seconds)
     except asyncio.CancelledError:
-        _abandon(task)
+        _abandon(task, cancel=not finish)
         raise
     if not done:
-        _abandon(task)
+        _abandon(task, cancel=not finish)
         raise TimeoutError(f"not done within {seconds:g} s")
     return task.result()
 
@@ -68,8 +72,9 @@ def _name(task: asyncio.Task[Any]) -> str:
     return str(getattr(task.get_coro(), "__qualname__", ""))
 
 
-def _abandon(task: asyncio.Future[Any]) -> None:
-    task.cancel()
+def _abandon(task: asyncio.Future[Any], *, cancel: bool) -> None:
+    if cancel:
+        task.cancel()
     _abandoned.add(task)
     task.add_done_callback(_forget)
 
