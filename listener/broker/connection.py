@@ -89,9 +89,10 @@ async def _attempt(
             heartbeat=heartbeat,
         )
         try:
-            await deadline(
-                connection.connect(timeout=config.connect_timeout), config.connect_timeout * 2
-            )
+            # In this task, not under deadline(): a connect given up on that went on and
+            # succeeded would leave an open connection nobody closes.
+            async with asyncio.timeout(config.connect_timeout * 2):
+                await connection.connect(timeout=config.connect_timeout)
         except BaseException as exc:
             await close_quietly(connection, within=1.0)
             if not isinstance(exc, Exception):  # cancelled: closed, and on its way

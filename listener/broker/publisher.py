@@ -250,8 +250,9 @@ class Publisher:
             return True
         before = self._topology.status
         # A deadline of our own: a declare waits for the broker's answer forever.
-        declared = declare_topology(connection, self._config)
-        self._topology = await within(declared, self._config.publish_timeout)
+        # (In this task: a declare given up on that went on would leave its channel open.)
+        async with asyncio.timeout(self._config.publish_timeout):
+            self._topology = await declare_topology(connection, self._config)
         self._declared_on = connection
         if self._topology.conflicts:
             self._last_error = "; ".join(self._topology.conflicts)
