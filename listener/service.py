@@ -359,8 +359,7 @@ class Service:
                 while not publishing.done():
                     await asyncio.wait({publishing}, timeout=0.1)
                     publishing.cancel()
-        # Broker operations given up on, and aio-pika's close callbacks, before the exit.
-        await deadline.settle(1.0)
+        await deadline.settle(1.0)  # (broker operations given up on, before the exit)
         self.exit_pending = journal.pending_count
         log.info("shutdown_complete", pending=self.exit_pending)
 

@@ -8,8 +8,9 @@ a blackholed broker never drains: the deadline passed and nothing happened. Afte
 blackhole, the publisher closing the dead connection waited so for over a minute,
 publishing nothing (the chaos test of a blackholed broker, now and then, under load).
 :func:`within` runs the operation as a task of its own and waits for it with
-``asyncio.wait``: at the deadline the task is cancelled and left to end by itself, and
-``TimeoutError`` is raised at once.
+``asyncio.wait``: at the deadline the task is given up on (cancelled, or left to
+finish: a close) and kept referenced until it ends, and ``TimeoutError`` is raised at
+once; :func:`settle` gives those still running a last moment before the service returns.
 """
 
 from __future__ import annotations
@@ -51,25 +52,15 @@ async def within(operation: Awaitable[_T], seconds: float, *, finish: bool = Fal
 
 async def settle(seconds: float) -> None:
     """
-    Give this loop's operations given up on, and aio-pika's close callbacks (it runs
-    them in tasks of their own, after a close), ``seconds`` to end, then cancel them: a
-    loop closed under one left its coroutine to the garbage collector, which ran it on a
-    closed loop ("Event loop is closed").
+    Give this loop's operations given up on ``seconds`` to end, then cancel them (one a
+    closed loop left to the garbage collector would run on a closed loop).
     """
     loop = asyncio.get_running_loop()
     pending = {t for t in _abandoned if not t.done() and t.get_loop() is loop}
-    pending |= {t for t in asyncio.all_tasks(loop) if _CALLBACK in _name(t)}
     if pending:
         await asyncio.wait(pending, timeout=seconds)
         for task in pending:
             task.cancel()
-
-
-_CALLBACK = "OneShotCallback.__task_inner"
-
-
-def _name(task: asyncio.Task[Any]) -> str:
-    return str(getattr(task.get_coro(), "__qualname__", ""))
 
 
 def _abandon(task: asyncio.Future[Any], *, cancel: bool) -> None:
