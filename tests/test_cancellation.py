@@ -11,18 +11,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from pathlib import Path
 from typing import Any
 
 import aio_pika
+import aiormq
 import pytest
+from aio_pika.abc import AbstractConnection
 from pydantic import SecretStr
 
+from listener.broker import publisher as publisher_module
 from listener.broker.connection import connect_retrying
 from listener.broker.deadline import settle, within
+from listener.broker.topology import raw_connection
 from listener.config import BrokerConfig
 from listener.metrics import Metrics
 from listener.retry import stop_if_cancelled
 from listener.sources.supervisor import supervised
+from tests.conftest import make_config, running
 
 
 async def swallowing_connect(*_: Any, **__: Any) -> None:
@@ -49,6 +55,33 @@ async def test_the_broker_connect_loop_stops_when_cancelled_even_if_the_cancel_w
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(task, timeout=5)  # (before: still retrying after 5 s)
     assert failures == []  # the swallowed cancel is not counted as a failed attempt
+
+
+@pytest.mark.broker
+async def test_a_service_stopped_while_its_channel_opens_closes_the_connection(
+    tmp_path: Path,
+    broker_url: str,
+    exchange_name: str,
+    cleanup_topology: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """
+    A stop while the publisher opens its channel closes its new connection (was left open:
+    aio-pika's close callback for it then ran on a closed loop, CI's unraisable warnings).
+    """
+    opening = asyncio.Event()
+    seen: list[aiormq.abc.AbstractConnection] = []
+
+    async def slow_channel(connection: AbstractConnection, within: float) -> None:
+        seen.append(raw_connection(connection))
+        opening.set()
+        await asyncio.sleep(3600)
+
+    monkeypatch.setattr(publisher_module, "confirm_channel", slow_channel)
+    async with running(make_config(tmp_path, broker_url=broker_url, exchange=exchange_name)):
+        await asyncio.wait_for(opening.wait(), 10)
+    assert len(seen) == 1
+    assert seen[0].is_closed
 
 
 async def test_a_supervised_source_whose_cancel_became_an_error_is_not_restarted() -> None:

@@ -3,9 +3,8 @@ The publisher: drains the journal to RabbitMQ with publisher confirms (CONTRACT 
 
 * One connection (:mod:`listener.broker.connection`) and one confirm-mode channel
   with ``on_return_raises=True``; frames go straight to the underlying aiormq channel
-  through the one confirm window
-  (:class:`listener.broker.confirms.ConfirmWindow`), many messages per socket write,
-  no task or timer per message.
+  through the one confirm window (:class:`listener.broker.confirms.ConfirmWindow`),
+  many messages per socket write, no task or timer per message.
 * One message, one fate (STYLE): a message the broker returns (unroutable) or nacks is
   set aside in the journal as *deferred*, counted, logged, and retried with backoff
   away from the head (1 s doubling to 1 min; all of a routing key at once when one of
@@ -198,10 +197,12 @@ class Publisher:
             try:
                 channel = await confirm_channel(connection, self._config.connect_timeout * 2)
                 break
-            except Exception as exc:  # a channel that cannot open: start over
+            except BaseException as exc:  # a channel that cannot open: start over
+                await close_quietly(connection)  # (cancelled too: nobody else holds it)
+                if not isinstance(exc, Exception):
+                    raise
                 stop_if_cancelled(exc)
                 failed(exc, delay := next(delays), 2)
-                await close_quietly(connection)
                 await asyncio.sleep(delay)
         self._connection, self._channel = connection, channel
         self._metrics.broker_connected.set(1)
@@ -249,8 +250,7 @@ class Publisher:
         if self._declared_on is connection and not self._topology.conflicts:
             return True
         before = self._topology.status
-        # A deadline of our own: a declare waits for the broker's answer forever.
-        # (In this task: a declare given up on that went on would leave its channel open.)
+        # Our own deadline (a declare waits forever), in this task (one abandoned leaks).
         async with asyncio.timeout(self._config.publish_timeout):
             self._topology = await declare_topology(connection, self._config)
         self._declared_on = connection
