@@ -263,9 +263,10 @@ class Service:
         """Run until :meth:`stop`, then shut down in order."""
         config = self.config
         fit_file_limit(config.http.max_connections)
-        async with Journal(
-            config=config.journal, retry_after=config.http.retry_after, lock=True
-        ) as journal:
+        journal = Journal(config=config.journal, retry_after=config.http.retry_after, lock=True)
+        if not await self._opened(journal):
+            return
+        async with journal:
             self.journal = journal
             journal.timed = self.metrics.journal_timed
             publisher = Publisher(config=config.broker, journal=journal, metrics=self.metrics)
@@ -362,6 +363,24 @@ class Service:
         await deadline.settle(1.0)  # (broker operations given up on, before the exit)
         self.exit_pending = journal.pending_count
         log.info("shutdown_complete", pending=self.exit_pending)
+
+    async def _opened(self, journal: Journal) -> bool:
+        """Open the journal; ``False``: stopped first (it may wait for another's lock)."""
+        opening = asyncio.ensure_future(journal.open())
+        stopping = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({opening, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not opening.done():
+                opening.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await opening
+        if opening.cancelled():
+            log.info("shutdown_complete", note="stopped while the journal opened")
+            return False
+        opening.result()  # (its error, if any)
+        return True
 
     async def _drain(self, publisher: Publisher, journal: Journal) -> None:
         started = time.monotonic()

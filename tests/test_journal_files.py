@@ -7,16 +7,22 @@ or one line and exit 2.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import structlog
 
 from listener.exceptions import JournalCorrupt, JournalError
 from listener.journal import Journal
+from listener.journal import lock as journal_lock
 from listener.journal import schema as journal_schema
+from listener.service import Service
 from tests.conftest import make_config, running
 from tests.test_config import run_cli, write
 from tests.test_journal import config, entry
@@ -152,3 +158,64 @@ async def test_webhooks_refused_by_a_failing_journal_say_so(
             "listener_webhook_rejected_total", {"source": "gst", "reason": "journal_full"}
         )
         assert not full
+
+
+@contextlib.contextmanager
+def write_transaction(path: Path) -> Iterator[None]:
+    """Another process's write lock on the journal (a sqlite3 shell left in a transaction)."""
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("DELETE FROM cursors WHERE 0")
+        yield
+    finally:
+        other.close()
+
+
+async def test_a_journal_held_by_another_write_says_so_and_opens_once_it_ends(
+    tmp_path: Path,
+) -> None:
+    """The daemon's journal waits for another process's write lock, says so, then opens."""
+    async with Journal(config=config(tmp_path)):
+        pass
+    path = tmp_path / "j.db"
+    with write_transaction(path), structlog.testing.capture_logs() as logs:
+        journal = Journal(config=config(tmp_path), lock=True)
+        opening = asyncio.ensure_future(journal.open())
+        await asyncio.sleep(1.0)
+        assert not opening.done()
+        assert [e["path"] for e in logs if e["event"] == "journal_busy"] == [str(path)]
+    await asyncio.wait_for(opening, 5)  # the transaction ended: it opens
+    try:
+        assert await journal.append([entry(1)]) == [True]
+    finally:
+        await journal.close()
+
+
+async def test_a_journal_held_too_long_is_one_error_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Held past the busy timeout (30 s; 1 s here): an error naming the file and the cause."""
+    async with Journal(config=config(tmp_path)):
+        pass
+    monkeypatch.setattr(journal_lock, "BUSY_TIMEOUT_MS", 1000)
+    with write_transaction(tmp_path / "j.db"), pytest.raises(JournalError) as raised:
+        await Journal(config=config(tmp_path), lock=True).open()
+    assert "stayed locked by another process's write transaction" in str(raised.value)
+    assert str(tmp_path / "j.db") in str(raised.value)
+
+
+async def test_a_stop_while_the_journal_waits_for_a_lock_ends_the_service(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM while the journal waits for another's write lock: the service ends at once."""
+    cfg = make_config(tmp_path)
+    async with Journal(config=cfg.journal):
+        pass
+    with write_transaction(Path(cfg.journal.path)):
+        service = Service(cfg)
+        task = asyncio.create_task(service.run())
+        await asyncio.sleep(0.7)
+        service.stop()
+        await asyncio.wait_for(task, 3)  # (before: 30 s, then "database is locked")
+    assert not service.started.is_set()

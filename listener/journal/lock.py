@@ -7,6 +7,11 @@ opens and released when the process ends, however it ends (the kernel drops a fl
 with its last descriptor, so a SIGKILL leaves no stale lock). The file holds the
 holder's pid and host, for the error the second daemon prints. Commands other than
 ``run`` (replay, quarantine) do not take it: they work beside a running daemon.
+
+SQLite's own write lock is another matter: any process may hold it for a transaction
+(a command's, a ``sqlite3`` shell left in one). :func:`writable` opens the daemon's
+writer connection in short waits for it, saying what it waits for, and can be
+stopped between them (a SIGTERM during a start held up so was ignored for 30 s).
 """
 
 from __future__ import annotations
@@ -14,11 +19,56 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
+
+import structlog
 
 from listener.exceptions import JournalError, JournalLocked
+from listener.journal.schema import BUSY_TIMEOUT_MS, error_code
 
-__all__ = ["JournalLock"]
+__all__ = ["JournalLock", "writable"]
+
+log = structlog.get_logger("listener.journal")
+
+_T = TypeVar("_T")
+OPEN_STEP_MS = 500  # each attempt's wait for another process's write lock
+
+
+async def writable(path: Path, attempt: Callable[[int], Awaitable[_T]]) -> _T:
+    """
+    ``attempt(busy_ms)`` (open the writer connection, waiting ``busy_ms`` at most for
+    another process's write lock) again until it is not held up, ``BUSY_TIMEOUT_MS`` at
+    most; the first wait is logged. Cancellable between attempts.
+
+    Raises:
+        JournalError: still held up after that (naming the file and what to look for).
+    """
+    began, told = time.monotonic(), False
+    while True:
+        try:
+            return await attempt(OPEN_STEP_MS)
+        except JournalError as exc:
+            cause = exc.__cause__
+            if not isinstance(cause, sqlite3.Error) or error_code(cause) != sqlite3.SQLITE_BUSY:
+                raise
+            waited = time.monotonic() - began
+            if waited * 1000 >= BUSY_TIMEOUT_MS:
+                raise JournalError(
+                    f"the journal {path} stayed locked by another process's write"
+                    f" transaction for {waited:.0f} s (a sqlite3 shell, a listener command)"
+                ) from cause
+            if not told:
+                told = True
+                log.warning(
+                    "journal_busy",
+                    path=str(path),
+                    note="another process holds the journal's write lock; waiting for it",
+                    wait_max=BUSY_TIMEOUT_MS // 1000,
+                )
 
 
 class JournalLock:

@@ -293,10 +293,13 @@ def connect(
     create: bool = True,
     read_only: bool = False,
     writer: bool = False,
+    busy_ms: int = BUSY_TIMEOUT_MS,
 ) -> sqlite3.Connection:
     """
     Open the journal file in WAL mode, with ``busy_timeout`` so writers wait their turn.
     ``writer``: the daemon's writer connection, whose temporary files stay in memory.
+    ``busy_ms``: how long opening waits for another process's write lock (then
+    ``BUSY_TIMEOUT_MS`` again).
 
     Raises:
         JournalCorrupt: the file is not a readable SQLite database.
@@ -313,10 +316,10 @@ def connect(
         except OSError as exc:
             raise JournalError(f"the journal {path} cannot be created: {exc}") from exc
     conn = sqlite3.connect(
-        path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False
+        path, isolation_level=None, timeout=busy_ms / 1000, check_same_thread=False
     )
     try:
-        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        conn.execute(f"PRAGMA busy_timeout={busy_ms}")
         if create:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
@@ -339,6 +342,8 @@ def connect(
                 conn.execute("DELETE FROM cursors WHERE 0")
             finally:
                 conn.execute("ROLLBACK")
+        if busy_ms != BUSY_TIMEOUT_MS:
+            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     except JournalError as exc:  # (a newer build's file)
         conn.close()
         raise JournalError(f"the journal {path} {exc}") from exc

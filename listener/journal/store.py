@@ -39,7 +39,7 @@ from listener.envelope import Entry
 from listener.exceptions import JournalError, JournalFull
 from listener.journal.identity import FileIdentity
 from listener.journal.inline import InlineCommits
-from listener.journal.lock import JournalLock
+from listener.journal.lock import JournalLock, writable
 from listener.journal.schema import BUSY_TIMEOUT_MS, Cursor, StoredEntry, connect
 from listener.journal.upkeep import Stats, Upkeep
 from listener.journal.writes import (
@@ -74,9 +74,8 @@ class Journal(Upkeep):
     """
     The durable local store of every accepted event.
 
-    Use as an async context manager; the writer task runs inside it. ``lock=True``
-    (the daemon) takes the file's lock first: a second daemon on the same file is
-    refused with :class:`listener.exceptions.JournalLocked`.
+    Use as an async context manager; the writer task runs inside it. ``lock=True`` (the
+    daemon) takes the file's lock first: a second daemon gets :class:`JournalLocked`.
     """
 
     def __init__(self, *, config: JournalConfig, retry_after: int = 5, lock: bool = False) -> None:
@@ -117,9 +116,8 @@ class Journal(Upkeep):
     def hand_off(self, on: bool) -> None:
         """
         Keep the rows appended from now on in :attr:`fresh` (``on``: a publish session
-        takes them), or stop and let go of those held: with nobody taking them (the
-        broker away, blocked, or none yet) they would only fill the deque and fall off
-        it, and the memory they held stayed with the process after the outage.
+        takes them), or let go of those held: with nobody taking them (the broker away,
+        blocked, or none yet) they would fill the deque, their memory kept after the outage.
         """
         self._handoff = on
         if not on:
@@ -133,7 +131,8 @@ class Journal(Upkeep):
     # -- lifecycle -------------------------------------------------------------
 
     async def __aenter__(self) -> Journal:
-        await self.open()
+        if self._task is None:  # (not opened before)
+            await self.open()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -150,7 +149,9 @@ class Journal(Upkeep):
         try:
             if self._lock is not None:
                 self._lock.acquire()
-            self._writer = await self._on(self._write_thread, self._connect, True)
+            self._writer = await writable(
+                self._path, lambda ms: self._on(self._write_thread, self._connect, True, ms)
+            )
             self._reader = await self._on(self._read_thread, self._connect)
             self._querier = await self._on(self._query_thread, self._connect)
             assert self._reader is not None  # connected just above
@@ -176,7 +177,6 @@ class Journal(Upkeep):
         await self._close_connections()
 
     async def _close_connections(self) -> None:
-        threads = (self._write_thread, self._read_thread, self._query_thread)
         for name, thread in (
             ("_writer", self._write_thread),
             ("_reader", self._read_thread),
@@ -186,13 +186,14 @@ class Journal(Upkeep):
             if conn is not None:
                 setattr(self, name, None)
                 await self._on(thread, conn.close)
-        for thread in threads:
+        for thread in (self._write_thread, self._read_thread, self._query_thread):
             thread.shutdown(wait=True)
         if self._lock is not None:
             self._lock.release()
 
-    def _connect(self, writer: bool = False) -> sqlite3.Connection:
-        return connect(self._path, synchronous=self._config.synchronous, writer=writer)
+    def _connect(self, writer: bool = False, busy_ms: int = BUSY_TIMEOUT_MS) -> sqlite3.Connection:
+        synchronous = self._config.synchronous
+        return connect(self._path, synchronous=synchronous, writer=writer, busy_ms=busy_ms)
 
     # -- capacity ---------------------------------------------------------------
 
