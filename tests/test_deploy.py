@@ -465,7 +465,10 @@ def test_k8s_container_runs_the_configmap_config() -> None:
 
 
 def test_k8s_probes_hit_healthz_and_readyz_on_the_admin_port() -> None:
-    """Liveness /healthz and readiness /readyz on the config's admin port, bound to 0.0.0.0."""
+    """
+    Liveness /healthz and readiness /readyz?for=intake (not the broker: webhooks wait in
+    the journal while it is away) on the config's admin port, bound to 0.0.0.0.
+    """
     raw = k8s_config_raw()
     admin_port = raw.get("admin", {}).get("port", 9090)
     assert raw["admin"]["host"] == "0.0.0.0", "the kubelet probes the pod address"
@@ -473,7 +476,7 @@ def test_k8s_probes_hit_healthz_and_readyz_on_the_admin_port() -> None:
     liveness = spec["livenessProbe"]["httpGet"]
     readiness = spec["readinessProbe"]["httpGet"]
     assert liveness["path"] == "/healthz"
-    assert readiness["path"] == "/readyz"
+    assert readiness["path"] == "/readyz?for=intake"
     assert container_port(liveness["port"]) == admin_port
     assert container_port(readiness["port"]) == admin_port
 

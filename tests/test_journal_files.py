@@ -150,6 +150,10 @@ async def test_webhooks_refused_by_a_failing_journal_say_so(
         await write_read_only(journal)
         statuses = [(await sender.post(gst_event()))[0] for _ in range(3)]
         assert statuses == [503, 503, 503]
+        intake = f"http://127.0.0.1:{service.admin_port}/readyz?for=intake"
+        async with session.get(intake) as response:  # (a load balancer sends elsewhere)
+            assert response.status == 503
+            assert (await response.json())["journal"]["status"] == "error"
         rejected = service.metrics.registry.get_sample_value(
             "listener_webhook_rejected_total", {"source": "gst", "reason": "journal_error"}
         )

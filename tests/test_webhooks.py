@@ -328,7 +328,10 @@ async def test_a_body_still_arriving_when_intake_stops_is_503_and_not_journaled(
 async def test_readyz_and_metrics(
     config: Config, session: aiohttp.ClientSession, tmp_path: Path, exchange_name: str
 ) -> None:
-    """readyz is 200 with the broker up, 503 without; metrics carry the contract's names."""
+    """
+    readyz is 200 with the broker up, 503 without (``?for=intake``: 200, webhooks are
+    still journaled; 503 once intake stops); metrics carry the contract's names.
+    """
     async with running(config) as service:
         admin = f"http://127.0.0.1:{service.admin_port}"
         assert service.publisher is not None
@@ -366,6 +369,18 @@ async def test_readyz_and_metrics(
         async with session.get(ready_url) as response:
             assert response.status == 503
             assert (await response.json())["broker"]["status"] == "unavailable"
+        # A load balancer's question: webhooks are still taken (they wait in the journal).
+        async with session.get(f"{ready_url}?for=intake") as response:
+            body = await response.json()
+            assert response.status == 200, body
+            assert body["status"] == "degraded" and body["broker"]["status"] == "unavailable"
+        assert (await Sender(session, url(service)).post(gst_event()))[0] == 200
+        async with session.get(f"{ready_url}?for=everything") as response:
+            assert response.status == 400
+        for transport in service.transports:
+            transport.stop_intake()  # (shutdown step 1: webhooks answer 503 from here on)
+        async with session.get(f"{ready_url}?for=intake") as response:
+            assert response.status == 503
 
 
 async def test_slow_drip_body_is_cut_off(

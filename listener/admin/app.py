@@ -8,6 +8,12 @@ that defers messages (the broker returned them) or archives with another retenti
 is ``degraded``: still ready (200), because taking the replica out of a load balancer
 would not help, but visible.
 
+``/readyz?for=intake`` asks only whether webhooks are taken into the journal (the
+journal writable, the webhook endpoints not shut down): a load balancer's question.
+The broker away is no reason to turn webhooks away (they wait in the journal,
+CONTRACT §8), and with every replica's full ``/readyz`` at 503 a load balancer had
+no replica left to send them to.
+
 It listens on a private address (``admin.host``, 127.0.0.1 by default), apart from
 the public webhook port, so probes and scrapes never queue behind webhook traffic.
 """
@@ -102,19 +108,29 @@ class AdminApp:
     async def _healthz(self, _: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
-    def readiness(self) -> tuple[bool, dict[str, Any]]:
-        """Whether the service is ready, with the status of every component and source."""
+    def readiness(self, *, intake: bool = False) -> tuple[bool, dict[str, Any]]:
+        """
+        Whether the service is ready, with the status of every component and source;
+        ``intake``: whether it takes webhooks (the journal and the webhook sources).
+        """
         body: dict[str, Any] = {name: dict(fn()) for name, fn in self._components.items()}
         sources = {name: dict(state) for name, state in self._sources().items()}
         body["sources"] = sources
         parts = [c for k, c in body.items() if k != "sources"] + list(sources.values())
-        ready = all(p.get("status") in READY for p in parts)
+        gate = parts
+        if intake:
+            webhooks = [s for s in sources.values() if s.get("kind") == "webhook"]
+            gate = [body.get("journal", {}), *webhooks]
+        ready = all(p.get("status") in READY for p in gate)
         healthy = all(p.get("status") in HEALTHY for p in parts)
         body["status"] = "ready" if healthy else "degraded" if ready else "not_ready"
         return ready, body
 
-    async def _readyz(self, _: web.Request) -> web.Response:
-        ready, body = self.readiness()
+    async def _readyz(self, request: web.Request) -> web.Response:
+        scope = request.query.get("for")
+        if scope not in (None, "intake"):
+            return error_response(400, "BAD_REQUEST", "for: only 'intake' is known")
+        ready, body = self.readiness(intake=scope == "intake")
         body = public(body)
         return web.Response(
             status=200 if ready else 503,

@@ -214,8 +214,18 @@ def document() -> dict[str, Any]:
             "/readyz": {
                 "get": {
                     **plain,
+                    "parameters": [
+                        {
+                            "name": "for",
+                            "in": "query",
+                            "description": "intake: only whether webhooks are journaled"
+                            " (a load balancer's check; the broker is not asked).",
+                            "schema": {"type": "string", "enum": ["intake"]},
+                        }
+                    ],
                     "responses": {
                         "200": {"description": "Ready."},
+                        "400": {"description": "An unknown `for`."},
                         "503": {"description": "Not ready; the body says which part."},
                     },
                 }
