@@ -87,7 +87,7 @@ class Publisher:
         self._drained = asyncio.Event()
         # Set when the shutdown drain starts: retries stop waiting out the backoff.
         self._hurry = asyncio.Event()
-        self._closing = False
+        self._closing, self._blocked = False, False  # (blocked: Connection.Blocked)
         self._node = 0  # (of broker.urls) connected to; after a loss, the next one first
         self._lost = False  # the connection was lost: make another
         self._watchers: list[Callable[[bool], None]] = []  # (:meth:`watch`)
@@ -117,12 +117,14 @@ class Publisher:
             watcher(up)
 
     def state(self) -> dict[str, Any]:
-        """Component status for ``/readyz``: ok, degraded, conflict or unavailable."""
+        """Component status for ``/readyz``: ok, degraded, blocked, conflict or unavailable."""
         deferred = self._journal.deferred_count
         if not self.connected:
             status = "unavailable"
         elif self._topology.conflicts:
             status = "conflict"
+        elif self._blocked:
+            status = "blocked"
         elif deferred or self._topology.mismatches:
             status = "degraded"
         else:
@@ -235,8 +237,7 @@ class Publisher:
         self._closing = True
         if self._connection is not None:
             connection, self._connection = self._connection, None
-            error = await close_quietly(connection)
-            if error is not None:
+            if (error := await close_quietly(connection)) is not None:
                 log.warning("broker_close_failed", error=error)
 
     # -- one session: publish until the connection fails ------------------------------
@@ -289,10 +290,9 @@ class Publisher:
             # written into it would sit in the socket buffer, one more each retry (memory
             # without bound, a duplicate of each later). Wait for Connection.Unblocked.
             await within(underlay.connection.ready(), self._config.publish_timeout)
+            self._blocked = False
         except TimeoutError:
-            self._record_failure(
-                "blocked", TimeoutError("the broker blocks publishing (a resource alarm)")
-            )
+            self._record_failure("blocked", TimeoutError("the broker blocks publishing (an alarm)"))
             return True  # nothing was sent: retry soon, without a growing backoff
         self._confirmed_any = False
         window = ConfirmWindow(
@@ -373,8 +373,7 @@ class Publisher:
             self._confirmed_any = True
             self._confirmed.append(kept)
             self._metrics.publish_seconds.observe(seconds)
-            lag = max(time.time() - kept.received_at, 0.0)
-            self._metrics.event_lag_seconds.observe(lag)
+            self._metrics.event_lag_seconds.observe(max(time.time() - kept.received_at, 0.0))
             return
         reason = "nacked" if isinstance(outcome, PublishNacked) else "returned"
         self._metrics.publish_failures.labels(reason).inc()
@@ -440,6 +439,7 @@ class Publisher:
 
     def _record_failure(self, reason: str, exc: BaseException) -> None:
         self._last_error = f"{type(exc).__name__}: {exc}"
+        self._blocked = reason == "blocked"  # (a resource alarm: /readyz says so)
         self._metrics.publish_failures.labels(reason).inc()
         log.warning(
             "publish_failed",

@@ -68,6 +68,18 @@ async def scrape(admin_port: int, name: str) -> float:
     return sum(float(v) for v in pattern.findall(text))
 
 
+async def readyz(admin_port: int, query: str = "") -> tuple[int, str]:
+    """A child listener's /readyz: the HTTP status and the broker's status in the body."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(
+            f"http://127.0.0.1:{admin_port}/readyz{query}", timeout=aiohttp.ClientTimeout(5)
+        ) as response,
+    ):
+        body = orjson.loads(await response.read())
+    return response.status, body["broker"]["status"]
+
+
 def log_events(listener: ListenerProcess) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in listener.logs().splitlines() if line.startswith("{")]
 
@@ -247,9 +259,13 @@ async def test_memory_alarm(
                     started = time.monotonic()
                     first_failure: float | None = None
                     peak = baseline
+                    ready: set[tuple[int, str]] = set()
+                    intake: set[int] = set()
                     deadline = time.monotonic() + 12 * UNIT
                     while time.monotonic() < deadline:
                         peak = max(peak, child.memory_info().rss)
+                        ready.add(await readyz(listener.admin_port))
+                        intake.add((await readyz(listener.admin_port, "?for=intake"))[0])
                         if (
                             first_failure is None
                             and await scrape(listener.admin_port, "listener_publish_failures_total")
@@ -271,6 +287,9 @@ async def test_memory_alarm(
             verdict = await book.check(timeout=60)
             assert first_failure is not None and first_failure < 5 * UNIT, verdict.notes
             assert pending > 0, "the journal held the events while blocked"
+            # /readyz says so (it said "ok", 200); webhooks were still taken meanwhile.
+            assert (503, "blocked") in ready, ready
+            assert intake == {200}
             assert growth_mib < 64, f"memory grew {growth_mib:.1f} MiB while blocked"
             # Each window written into the blocked connection waits in its socket buffer
             # (memory) and reaches the broker after the alarm (a duplicate each): one
