@@ -256,6 +256,9 @@ class Service:
             self.metrics.journal_bytes.set(self.journal.size_bytes)
         webhooks = self.transport("webhook")
         self.metrics.webhooks_in_flight.set(getattr(webhooks, "in_flight", 0))
+        if self.admin is not None:
+            for check, intake in (("all", False), ("intake", True)):
+                self.metrics.ready.labels(check).set(self.admin.readiness(intake=intake)[0])
         with contextlib.suppress(RuntimeError):  # (no running loop: nothing to count)
             self.metrics.asyncio_tasks.set(len(asyncio.all_tasks()))
 

@@ -355,6 +355,9 @@ async def test_readyz_and_metrics(
             "listener_publish_seconds_bucket",
             "listener_event_lag_seconds_bucket",
             'listener_source_connected{source="gst"} 1.0',
+            'listener_ready{check="all"} 1.0',
+            'listener_ready{check="intake"} 1.0',
+            'listener_event_lag_seconds_bucket{le="3600.0"}',  # (an outage's lag, not 60 s)
         ):
             assert name in text, name
 
@@ -375,6 +378,11 @@ async def test_readyz_and_metrics(
             assert response.status == 200, body
             assert body["status"] == "degraded" and body["broker"]["status"] == "unavailable"
         assert (await Sender(session, url(service)).post(gst_event()))[0] == 200
+        metrics_url = f"http://127.0.0.1:{service.admin_port}/metrics"
+        async with session.get(metrics_url) as response:
+            text = await response.text()
+        assert 'listener_ready{check="all"} 0.0' in text  # (what the alerts read)
+        assert 'listener_ready{check="intake"} 1.0' in text
         async with session.get(f"{ready_url}?for=everything") as response:
             assert response.status == 400
         for transport in service.transports:
