@@ -182,6 +182,9 @@ async def test_forbidden_channel_is_isolated(
             assert (
                 'listener_subscription_failed{source="lx",subscription="portfolio?wallet=' in text
             )
+            assert service.admin is not None
+            ready, body = service.admin.readiness()
+            assert ready and body["status"] == "degraded"  # (it said "ready": all was well)
 
 
 @pytest.mark.parametrize("how", ["reconnect", "live"])

@@ -6,7 +6,7 @@ Bearer-key guarded ``/v1`` API (see :mod:`listener.admin.auth`).
 or the broker's own words (those are on ``/v1/sources``, behind a key). A publisher
 that defers messages (the broker returned them) or archives with another retention
 is ``degraded``: still ready (200), because taking the replica out of a load balancer
-would not help, but visible.
+would not help, but visible; so is a stream with a subscription its provider refused.
 
 ``/readyz?for=intake`` asks only whether webhooks are taken into the journal (the
 journal writable, the webhook endpoints not shut down): a load balancer's question.
@@ -58,6 +58,12 @@ def public(state: Mapping[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+def _refused(part: Mapping[str, Any]) -> bool:
+    """A stream with a subscription the provider refused: connected, but degraded."""
+    subscriptions = part.get("subscriptions", ())
+    return any(s.get("state") in ("forbidden", "invalid_params") for s in subscriptions)
 
 
 class AdminApp:
@@ -122,7 +128,7 @@ class AdminApp:
             webhooks = [s for s in sources.values() if s.get("kind") == "webhook"]
             gate = [body.get("journal", {}), *webhooks]
         ready = all(p.get("status") in READY for p in gate)
-        healthy = all(p.get("status") in HEALTHY for p in parts)
+        healthy = all(p.get("status") in HEALTHY and not _refused(p) for p in parts)
         body["status"] = "ready" if healthy else "degraded" if ready else "not_ready"
         return ready, body
 
