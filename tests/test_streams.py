@@ -185,6 +185,14 @@ async def test_forbidden_channel_is_isolated(
             assert service.admin is not None
             ready, body = service.admin.readiness()
             assert ready and body["status"] == "degraded"  # (it said "ready": all was well)
+        # Stopped (a unit gone to another replica): the refusal is not this one's any more.
+        text = service.metrics.render().decode()
+        assert 'subscription="portfolio?wallet=' in text
+        assert [
+            line
+            for line in text.splitlines()
+            if line.endswith(" 1.0") and "subscription_failed" in line
+        ] == []
 
 
 @pytest.mark.parametrize("how", ["reconnect", "live"])

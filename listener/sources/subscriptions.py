@@ -87,6 +87,11 @@ class Subscriptions:
         self.retry_at = min(refused, default=math.inf) + FORBIDDEN_RETRY
         return chosen
 
+    def stopped(self) -> None:
+        """The source stopped: ``listener_subscription_failed`` no longer holds here."""
+        for sub in self.all:
+            self._metrics.subscription_failed.labels(self._source, sub.key).set(0)
+
     def disconnected(self) -> None:
         """The connection ended: active subscriptions are pending again."""
         for sub in self.all:

@@ -167,8 +167,7 @@ class StreamSource:
                     ping_timeout=cfg.ping_timeout,
                     close_timeout=2,
                     max_size=size,
-                    # Compression halves throughput on small frames and a compressed frame
-                    # can inflate far past max_size's intent (NOTES: websockets traps).
+                    # No compression (NOTES: halves small-frame throughput, inflates past max_size).
                     compression=None,
                     process_exception=self._process_exception,
                     reconnect_delays=lambda: backoff(cfg.reconnect.initial, cfg.reconnect.max),
@@ -204,6 +203,7 @@ class StreamSource:
                         break  # connect again with the new frame size limit
         finally:
             self._set_status("stopped")
+            self._subs.stopped()  # (a unit that moved away: its refusals are not ours now)
 
     def use_config(self, config: StreamSourceConfig) -> None:
         """SIGHUP: the same source with new secrets, used from the next connect on."""
