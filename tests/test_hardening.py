@@ -11,6 +11,7 @@ import contextlib
 import os
 import sqlite3
 import stat
+import threading
 import time
 import uuid
 from collections import Counter
@@ -683,6 +684,44 @@ def test_dev_env_is_created_private_from_the_start(
         os.umask(umask)
     mode = stat.S_IMODE(second.stat().st_mode)
     assert mode == 0o600, f"created as {oct(mode)}, made private only afterwards"
+
+
+def test_dev_env_keeps_what_an_existing_file_says(tmp_path: Path) -> None:
+    """
+    An ``export NAME=`` line counts (a second value was appended and won when sourced);
+    a last line without its newline stays its own (the first new secret was glued onto
+    it); a file made 0644 by hand becomes 0600.
+    """
+    env = tmp_path / ".env"
+    env.write_text("export GST_WEBHOOK_SECRET=whsec_mine\nRABBITMQ_URL=amqp://h/")
+    env.chmod(0o644)
+    added = write_dev_env(env)
+    assert "GST_WEBHOOK_SECRET" not in added and "LAYERX402_API_KEY" in added
+    lines = env.read_text().splitlines()
+    assert lines[:2] == ["export GST_WEBHOOK_SECRET=whsec_mine", "RABBITMQ_URL=amqp://h/"]
+    assert all(line.count("=") >= 1 and "/GST" not in line for line in lines)
+    assert stat.S_IMODE(env.stat().st_mode) == 0o600
+    assert write_dev_env(env) == []
+
+
+def test_dev_env_written_twice_at_once_has_one_value_each(tmp_path: Path) -> None:
+    """`make run` beside `make simulate` on a fresh clone: both end with the same secrets."""
+    env = tmp_path / ".env"
+    for _ in range(20):
+        env.unlink(missing_ok=True)
+        start = threading.Barrier(6)
+
+        def write(start: threading.Barrier = start) -> None:
+            start.wait()
+            write_dev_env(env)
+
+        threads = [threading.Thread(target=write) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        names = [line.split("=")[0] for line in env.read_text().splitlines() if "=" in line]
+        assert sorted(names) == sorted(set(names)), env.read_text()
 
 
 def test_huge_retry_after_is_capped() -> None:
