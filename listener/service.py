@@ -60,12 +60,12 @@ __all__ = ["Service"]
 log = structlog.get_logger("listener.service")
 
 MAINTENANCE_INTERVAL = 60.0
+REPEAT_IGNORED = 0.25  # seconds: a second stop this soon is the same signal twice
 
 
 @contextlib.asynccontextmanager
 async def _site(app: web.Application | FastServer, host: str, port: int) -> AsyncIterator[int]:
-    # Our own shutdown bounds the drain; aiohttp's default 60 s is longer than
-    # Kubernetes' 30 s grace (NOTES: shutdown facts).
+    # Our shutdown bounds the drain (aiohttp's default 60 s outlasts any grace: NOTES).
     runner: web.AppRunner | web.ServerRunner
     if isinstance(app, web.Application):
         runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=2.0)
@@ -104,6 +104,7 @@ class Service:
         self._reloads: set[asyncio.Task[Any]] = set()
         self.metrics = Metrics()
         self._stop = asyncio.Event()
+        self._stop_at = float("inf")  # (monotonic) when stop() was first called
         self._skip_drain = asyncio.Event()  # a second SIGTERM/SIGINT: exit without waiting
         self.started = asyncio.Event()
         self.public_port: int | None = None
@@ -135,10 +136,13 @@ class Service:
     def stop(self) -> None:
         """
         Begin the shutdown sequence (safe from a signal handler); called again, end the
-        drain now: what is still pending stays in the journal for the next start.
+        drain now (the rest waits in the journal), unless within :data:`REPEAT_IGNORED`:
+        a signal sent to a process group (``timeout``, ``make run``) comes twice at once.
         """
-        if self._stop.is_set():
+        now = time.monotonic()
+        if now - self._stop_at >= REPEAT_IGNORED:  # (never before the first)
             self._skip_drain.set()
+        self._stop_at = min(self._stop_at, now)
         self._stop.set()
 
     def install_signal_handlers(self, *, hung_up: bool = False) -> None:
@@ -396,6 +400,9 @@ class Service:
                 raise TimeoutError  # (told again to stop: as if the time were up)
             drained.result()  # (its error, as awaiting it gave)
         except TimeoutError:
+            if not journal.pending_count:  # (told again to stop with nothing left)
+                log.info("shutdown_drained", seconds=round(time.monotonic() - started, 3))
+                return
             log.warning(
                 "shutdown_drain_incomplete",
                 pending=journal.pending_count,
