@@ -64,5 +64,6 @@ demo: dev-env
 demo-replicas: dev-env
 	@set -a && . ./.env && set +a && exec $(BIN)/listener demo --config config.yaml --replicas 3 --seconds 30
 
+# Not data/: the journal there may hold accepted events not yet published.
 clean:
-	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

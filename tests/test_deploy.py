@@ -405,6 +405,24 @@ def test_compose_ships_no_secret() -> None:
     assert not credentials, f"rabbitmq.conf sets {credentials}: the environment does"
 
 
+def test_single_node_compose_keeps_its_broker_and_ships_no_credential() -> None:
+    """
+    docker/compose.yaml: the broker's node name and data survive a recreated container
+    (its archive stream and queues were lost), its credentials come from .env (it
+    shipped guest:guest), and both services come back after a crash or a reboot.
+    """
+    data = load_yaml(ROOT / "docker" / "compose.yaml")
+    rabbitmq, listener = data["services"]["rabbitmq"], data["services"]["listener"]
+    assert rabbitmq["hostname"]
+    assert any(v.split(":")[1] == "/var/lib/rabbitmq" for v in rabbitmq["volumes"])
+    assert rabbitmq["volumes"][0].split(":")[0] in data["volumes"]
+    password = rabbitmq["environment"]["RABBITMQ_DEFAULT_PASS"]
+    assert NO_VALUE_REFERENCE.match(password), password
+    url = environment(listener)["RABBITMQ_URL"]
+    assert "guest" not in url and "${RABBITMQ_PASSWORD" in url, url
+    assert rabbitmq["restart"] == listener["restart"] == "unless-stopped"
+
+
 def test_compose_gives_every_replica_the_variables_its_config_needs() -> None:
     """Each ${VAR} without a fallback in docker/cluster/config.yaml is set by compose."""
     needed = {
