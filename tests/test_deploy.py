@@ -423,6 +423,23 @@ def test_single_node_compose_keeps_its_broker_and_ships_no_credential() -> None:
     assert rabbitmq["restart"] == listener["restart"] == "unless-stopped"
 
 
+def test_the_image_points_its_sources_at_the_providers() -> None:
+    """
+    The image's config.yaml defaults to `make run`'s local simulators: a `docker run`
+    with only the secrets set polled 127.0.0.1 and said it was healthy. The image sets
+    the production endpoints compose uses.
+    """
+    text = DOCKERFILE.read_text().replace("\\\n", " ")
+    env = dict(
+        re.findall(r"\b([A-Z0-9_]+)=(\S+)", " ".join(re.findall(r"^ENV\s+(.*)$", text, re.M)))
+    )
+    single = environment(load_yaml(ROOT / "docker" / "compose.yaml")["services"]["listener"])
+    for name in ("LAYERX402_URL", "TOKENTERMINAL_URL", "TERRAPIN_URL"):
+        default = COMPOSE_VARIABLE.match(single[name])
+        assert default and default[2] == ":-", single[name]
+        assert env.get(name) == default[3], name
+
+
 def test_compose_gives_every_replica_the_variables_its_config_needs() -> None:
     """Each ${VAR} without a fallback in docker/cluster/config.yaml is set by compose."""
     needed = {
