@@ -69,6 +69,7 @@ class PacedResult:
     max_ms: float
     behind: int
     tick_p99_ms: float = math.nan  # the scheduler thread's own lateness (see above)
+    unsent: int = 0  # due during the run, never sent (in the quantiles as waiting)
     # Quantiles of the listener's own histograms over the run, in ms (bench.webhooks).
     inside: dict[str, float] = field(default_factory=dict)
     commits: float = 0.0  # the journal's commits over the run (bench.webhooks)
@@ -172,6 +173,7 @@ class _Run:
         self.sent = self.ok = self.errors = self.behind = 0
         self.last_done = 0.0
         self.latencies: list[float] = []
+        self.started = [False] * self.planned  # (a request never sent counts too)
         self.ticked = [0.0] * self.planned  # when the scheduler thread queued each index
         self.due: asyncio.Queue[int | None] = asyncio.Queue()
         self.stop = threading.Event()
@@ -202,6 +204,7 @@ class _Run:
                 if started - due > LATE:
                     self.behind += 1
                 self.sent += 1
+                self.started[index] = True
                 try:
                     if reader is None or writer is None:
                         reader, writer = await asyncio.open_connection(self.host, self.port)
@@ -257,9 +260,14 @@ class _Run:
         self.stop.set()
         ticker.join()
         self.errors = self.sent - self.ok if pending else self.errors  # unanswered: errors
+        ended = _clock()
         span = max(self.last_done, self.t0 + self.planned / self.rate) - self.t0
         unsent = self.planned - self.sent
-        ordered = sorted(self.latencies)
+        # Every planned request is a sample: one never sent waited at least until the end
+        # (a stall at the end of the run left them out, and the p99 read 2 ms for 400 ms);
+        # a failed or refused one, forever.
+        waited = [ended - (self.t0 + i / self.rate) for i, on in enumerate(self.started) if not on]
+        ordered = sorted(self.latencies + waited + [math.inf] * self.errors)
         ticks = sorted(
             at - (self.t0 + index / self.rate) for index, at in enumerate(self.ticked) if at
         )

@@ -265,8 +265,9 @@ def report(
     counters = ", ".join(f"{label} {final.get(name, 0):,.0f}" for label, name in COUNTERS)
     print(f"  listener totals: {counters}")
     short = _load(opts, samples, judged)
-    print(f"verdict: {'FLAT' if flat else 'NOT FLAT'}{short}")
-    return flat
+    # A load that fell short judged a lighter daemon than asked: not a pass.
+    print(f"verdict: {'NOT FLAT' if not flat else 'NOT JUDGED' if short else 'FLAT'}{short}")
+    return flat and not short
 
 
 def _load(opts: Options, samples: list[Sample], judged: list[Sample]) -> str:
