@@ -14,6 +14,7 @@ import os
 import socket
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import aio_pika
 import aiohttp
 import hypothesis  # noqa: F401 - imported up front, see below
 import pytest
+from aio_pika.tools import OneShotCallback
 
 from handlers.layerx402 import subscription_key
 from handlers.polling import loads_exact
@@ -36,6 +38,40 @@ from tests import wire
 # when pytest's assertion rewriter compiles it while garbage from closed aiormq
 # connections raises warnings: CPython 3.11's compiler then fails with "AST constructor
 # recursion depth mismatch" and the run exits 1 after passing.
+
+# aio-pika runs a connection's and a channel's close callbacks as tasks. One still
+# pending when its test's event loop closed is a connection the code under test left
+# open, nobody to close it (the garbage collector then ran the callback on a closed
+# loop: "Event loop is closed", reported against whichever later test it ran in). Each
+# test is checked for those at its teardown, so the one that leaked fails.
+_close_callbacks: weakref.WeakSet[asyncio.Future[Any]] = weakref.WeakSet()
+_run_close_callback = OneShotCallback.__call__
+
+
+def _recording_close_callback(self: OneShotCallback, *args: Any, **kwargs: Any) -> Any:
+    started = _run_close_callback(self, *args, **kwargs)
+    if isinstance(started, asyncio.Future):
+        _close_callbacks.add(started)
+    return started
+
+
+OneShotCallback.__call__ = _recording_close_callback  # type: ignore[method-assign]  # (the check above)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Any:
+    yield  # (the test's event loop is closed by now)
+    left = [f for f in _close_callbacks if not f.done() and f.get_loop().is_closed()]
+    _close_callbacks.clear()
+    if left:
+        pytest.fail(f"{item.nodeid} left {len(left)} broker connection(s) open: {left[0]!r}")
+
+
+# Child processes (the daemon, the CLI, the simulators) import this tree, not whatever
+# the venv's editable install points at: a copy or a worktree sharing the venv ran its
+# children on another tree's code, and its tests judged that.
+_ROOT = str(Path(__file__).resolve().parent.parent)
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_ROOT, os.environ.get("PYTHONPATH")]))
 
 BROKER_HOST = "127.0.0.1"
 BROKER_PORT = 5672

@@ -187,10 +187,20 @@ async def test_sigkill_with_backlog_then_restart_delivers_everything(
 async def test_sigterm_drains_and_exits_zero(
     tmp_path: Path, broker_url: str, exchange_name: str
 ) -> None:
-    """SIGTERM publishes what the journal holds and exits 0."""
-    async with tap(broker_url, exchange_name) as t:
+    """
+    SIGTERM publishes what the journal holds and exits 0. The events are still pending
+    when it comes (the broker was away while they arrived, and is back just then): the
+    drain publishes them, not the publisher's ordinary work before.
+    """
+    async with proxy(BROKER_HOST, BROKER_PORT) as p, tap(broker_url, exchange_name) as t:
+        p.refuse()
         raw: dict[str, Any] = {
-            "broker": {"url": broker_url, "exchange": exchange_name},
+            "broker": {
+                "url": p.url("amqp", "/", "guest:guest"),
+                "exchange": exchange_name,
+                "retry_initial": "5s",
+                "retry_max": "5s",
+            },
             "journal": {"path": str(tmp_path / "journal.db")},
             "sources": [gst_source()],
             "shutdown_timeout": "10s",
@@ -201,11 +211,16 @@ async def test_sigterm_drains_and_exits_zero(
             async with aiohttp.ClientSession() as session:
                 sender = Sender(session, f"{listener.webhook_url}/webhooks/gst")
                 acknowledged = await post_many(sender, [f"evt_t{i}" for i in range(100)])
+            assert len(acknowledged) == 100
+            p.restore()  # (the publisher waits out its 5 s backoff: the drain hurries it)
             assert await listener.terminate() == 0
             await t.wait_ids(acknowledged, timeout=15)
             lines = [
                 json.loads(line) for line in listener.logs().splitlines() if line.startswith("{")
             ]
+            started = [line for line in lines if line["event"] == "shutdown_started"]
+            assert started and started[0]["pending"] == 100  # (the drain had work to do)
+            assert any(line["event"] == "shutdown_drained" for line in lines)
             assert any(
                 line["event"] == "shutdown_complete" and line["pending"] == 0 for line in lines
             )
@@ -233,9 +248,18 @@ async def test_no_secret_in_logs(tmp_path: Path, exchange_name: str) -> None:
             await sender.post(b"garbage")
             import structlog
 
+            url = config.broker.url.get_secret_value()
+            structlog.get_logger("test").error("oops", url=url, key=WHSEC)
+            # Inside structures and exceptions too (as a library's error would carry it).
             structlog.get_logger("test").error(
-                "oops", url=config.broker.url.get_secret_value(), key=WHSEC
+                "nested",
+                found={"broker": {"urls": [url]}, "keys": (WHSEC,)},
+                error=ConnectionError(f"connect to {url} failed"),
             )
+            try:
+                raise RuntimeError(f"signature {WHSEC} refused")
+            except RuntimeError:
+                structlog.get_logger("test").exception("raised")
             await wait_for(
                 lambda: "broker_connect_failed" in out.getvalue(), what="a connect failure log"
             )
@@ -244,6 +268,7 @@ async def test_no_secret_in_logs(tmp_path: Path, exchange_name: str) -> None:
     text = out.getvalue()
     assert password not in text and WHSEC not in text
     assert '"oops"' in text and "***" in text
+    assert '"nested"' in text and '"raised"' in text  # (they were logged, masked)
 
 
 async def test_one_signal_delivered_twice_at_once_does_not_skip_the_drain(

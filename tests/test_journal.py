@@ -937,3 +937,18 @@ async def test_a_poll_keys_change_count_goes_with_its_state_to_another_replica(
         found = await journal.poll_states("tt", ["k1", "k2"])
         assert {k: v[2] for k, v in found.items()} == {"k1": 3, "k2": 0}
         assert {k: v[0] for k, v in found.items()} == {"k1": "h1x", "k2": "h2x"}  # (taken)
+
+
+@pytest.mark.parametrize(("setting", "expected"), [(None, 2), ("full", 2), ("normal", 1)])
+async def test_the_writer_syncs_as_configured(
+    tmp_path: Path, setting: str | None, expected: int
+) -> None:
+    """
+    CONTRACT §8's 2xx-after-durable rests on ``synchronous=full`` (2), the default; no
+    SIGKILL test could tell OFF from FULL, as the page cache survives a killed process.
+    """
+    options = {} if setting is None else {"synchronous": setting}
+    async with Journal(config=config(tmp_path, **options)) as journal:
+        writer = journal._writer  # (the connection every commit goes through)
+        assert writer is not None
+        assert writer.execute("PRAGMA synchronous").fetchone() == (expected,)

@@ -40,7 +40,7 @@ from listener.exceptions import JournalError, JournalFull
 from listener.journal.identity import FileIdentity
 from listener.journal.inline import InlineCommits
 from listener.journal.lock import JournalLock, writable
-from listener.journal.schema import BUSY_TIMEOUT_MS, Cursor, StoredEntry, connect
+from listener.journal.schema import BUSY_TIMEOUT_MS, Cursor, StoredEntry, connect, error_code
 from listener.journal.upkeep import Stats, Upkeep
 from listener.journal.writes import (
     Append,
@@ -360,7 +360,7 @@ class Journal(Upkeep):
                 self._busy_timeout(INLINE_BUSY_MS)
                 return self._write(ops)
             except sqlite3.OperationalError as exc:
-                if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
+                if error_code(exc) != sqlite3.SQLITE_BUSY:
                     raise
                 # Another process holds the write lock (a redrive): wait for it on the
                 # writer thread, not here. BEGIN failed: nothing of ops was written.

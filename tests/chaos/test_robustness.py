@@ -146,7 +146,10 @@ async def test_intermittent_commit_failures(
         nonlocal calls
         calls += 1
         if calls % 7 == 0:
-            raise sqlite3.OperationalError("disk I/O error (injected)")
+            error = sqlite3.OperationalError("disk I/O error (injected)")
+            error.sqlite_errorcode = sqlite3.SQLITE_IOERR  # (as SQLite's own carry it)
+            error.sqlite_errorname = "SQLITE_IOERR"
+            raise error
         return real_commit(conn, ops)
 
     monkeypatch.setattr("listener.journal.store.commit", flaky)
