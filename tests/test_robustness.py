@@ -23,9 +23,11 @@ from handlers import Event
 from listener.dev.simulators.layerx402 import Layerx402Simulator
 from listener.envelope import Entry, event_entry
 from listener.journal import Journal
+from listener.sources.poll import PollSource
 from listener.sources.supervisor import supervised
 from tests.conftest import make_config, running, tap, wait_for
 from tests.process import ListenerProcess
+from tests.test_poll import tt_source
 from tests.test_streams import MINT, expected_ids, lx_source, stream_config, stream_source
 from tests.test_webhooks import gst_source
 from tests.webhook_sender import Sender, gst_event
@@ -266,6 +268,35 @@ async def test_a_crashing_source_is_restarted_and_counted(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_the_service_runs_its_sources_under_the_supervisor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    A source of the real service that raises is counted and started again, and the
+    service goes on (the test above calls the supervisor itself: a service starting its
+    sources without it passed every test).
+    """
+    runs = 0
+    again = asyncio.Event()
+
+    async def crashing_once(self: PollSource) -> None:
+        nonlocal runs
+        runs += 1
+        if runs == 1:
+            raise RuntimeError("boom")
+        again.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(PollSource, "run", crashing_once)
+    config = make_config(tmp_path, sources=[tt_source("http://127.0.0.1:1")])
+    async with running(config) as service:
+        await asyncio.wait_for(again.wait(), 10)  # (the supervisor's first backoff: ~1 s)
+        errors = service.metrics.registry.get_sample_value(
+            "listener_source_errors_total", {"source": "tt"}
+        )
+        assert errors == 1 and runs == 2
 
 
 async def test_second_daemon_on_one_journal_exits_2_naming_the_holder(

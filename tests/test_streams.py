@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import sqlite3
 from collections import defaultdict
@@ -16,8 +17,10 @@ from handlers import Event
 from handlers.layerx402 import EventFrame, parse_frame
 from listener.config import Config
 from listener.dev.simulators.layerx402 import Layerx402Simulator
+from listener.envelope import Entry
 from listener.journal import Journal
 from listener.sources import subscriptions
+from listener.sources.intake import Intake
 from listener.sources.websocket import StreamSource
 from tests.conftest import make_config, running, tap, wait_for
 from tests.process import ListenerProcess
@@ -391,3 +394,39 @@ async def test_sigkill_mid_stream_resumes_from_stored_cursor(
             assert await listener.terminate() == 0
         finally:
             await listener.stop()
+
+
+async def test_an_event_whose_append_fails_alone_is_asked_for_again(
+    tmp_path: Path, broker_url: str, exchange_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    One event's append fails on its own (its neighbours in the same commit go through):
+    the subscription's cursor does not pass it, so the next connection asks for it again
+    and nothing is lost. (A cursor written apart from its event, ahead of it, passed every
+    stream test: they failed whole commits, which take both down together.)
+    """
+    build = Intake.build
+    failed: list[str] = []
+
+    def unstorable_once(self: Intake, result: Any, **kwargs: Any) -> Entry:
+        entry = build(self, result, **kwargs)
+        if entry.kind == "event" and len(failed) == 0 and self.events_received >= 40:
+            failed.append(entry.event_id)
+            return dataclasses.replace(entry, body=object())  # type: ignore[arg-type]  # (SQLite cannot bind it)
+        return entry
+
+    monkeypatch.setattr(Intake, "build", unstorable_once)
+    async with (
+        Layerx402Simulator(rate=400) as sim,
+        tap(broker_url, exchange_name) as t,
+    ):
+        config = stream_config(tmp_path, broker_url, exchange_name, sim.url)
+        async with running(config) as service:
+            source = stream_source(service)
+            await wait_for(lambda: bool(failed), what="the failed append")
+            await wait_for(lambda: source.connections >= 2, what="a new connection")
+            await wait_for(lambda: source.events_received > 200, what="events flowing")
+            sim.pause()
+            every = {i for ids in expected_ids(sim).values() for i in ids}
+            assert failed[0] in every
+            await t.wait_ids(every, timeout=60)
