@@ -115,6 +115,8 @@ TARGET = 0.5
 # the warm-up left in the journal (13,824 pending at the start of one run), which the
 # window drains; what came in is the rate the listener sustains.
 GOAL_L4_OVER_B = 1.2
+# After the warm-up, wait (this long at most) until fewer than this many are pending.
+SETTLE_MAX, SETTLED_PENDING = 15.0, 4096
 # The paced run: this share of the flat-out confirmed rate (one subscription), at most
 # this many seconds.
 PACED_SHARE = 0.5
@@ -418,6 +420,15 @@ async def _listener(
                     raise RuntimeError("the listener received no event within 15 s")
                 await asyncio.sleep(0.02)
             await asyncio.sleep(warmup)
+            # Then until the start's backlog is published (the stream flows before the
+            # publisher has connected and declared): a window that began with 13,824
+            # pending spent part of itself draining them, confirms over intake.
+            settle = time.monotonic() + SETTLE_MAX
+            while time.monotonic() < settle:
+                counters = parse_metrics(await fetch_metrics_text(session, admin))
+                if counters.get("listener_journal_pending", 0.0) < SETTLED_PENDING:
+                    break
+                await asyncio.sleep(0.1)
             meter = CpuMeter()
             meter.add("listener", proc.pid)
             meter.add("simulator", simulator)
