@@ -10,11 +10,14 @@ Every part runs in its own process, the listener and the bare client on uvloop:
   compression off, at ``rate=0``: each subscription key produces as fast as its
   subscribers read (its per-connection queue is bounded, so a slow reader gets TCP
   backpressure). It stamps every event frame with its wall-clock time just before
-  handing it to the socket, as an extra ``data`` field ``sent_ms`` (CONTRACT §6: extra
-  fields are kept, so the stamp reaches the CloudEvent and the journal);
+  handing it to the socket, as an extra ``data`` field ``sent_us`` (CONTRACT §6: extra
+  fields are kept, so the stamp reaches the CloudEvent and the journal). An integer
+  of microseconds: a float of milliseconds with three decimals has 16 significant
+  digits, which the handler reads again number by number (``handlers.exact_numbers``,
+  ~15 us a frame) as no Layerx402 frame needs (its decimals are strings);
 * the ceiling (``python -m bench.streams bare ...``): a bare websockets client,
   compression off, one connection: authenticates, subscribes, counts event frames (and
-  reads ``sent_ms`` from one in 8), nothing else;
+  reads ``sent_us`` from one in 8), nothing else;
 * the listener: ``python -m listener run`` with one ``layerx402`` stream source holding
   the same subscriptions on one connection, journal on with ``synchronous: full``, a
   fresh exchange with a durable queue bound ``#`` (the stream archive off unless
@@ -33,7 +36,7 @@ fixed window:
   counted when its append is submitted; at most ``journal_window`` = 512 appends are in
   flight) and ``listener_events_published_total`` (broker confirms) over the window,
   from the listener's ``/metrics``;
-* lag, from the journal after the run: server send (``sent_ms``) → listener receipt
+* lag, from the journal after the run: server send (``sent_us``) → listener receipt
   (``received_at``) over the events received in the window, and server send → broker
   confirm (``published_at``, when the listener recorded the confirm) over the events
   confirmed in the window; and the listener's own ``listener_event_lag_seconds``
@@ -147,8 +150,8 @@ SUBSCRIPTIONS: dict[int, tuple[dict[str, Any], ...]] = {
 }
 _EVENT = b'{"type":"event"'
 _PING = b'{"type":"ping"'
-_SENT = b'"sent_ms":'
-# The bare client reads sent_ms from one event frame in this many.
+_SENT = b'"sent_us":'
+# The bare client reads sent_us from one event frame in this many.
 _SAMPLE_EVERY = 8
 
 
@@ -156,12 +159,12 @@ _SAMPLE_EVERY = 8
 
 
 def _stamping(send: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
-    """Wrap a connection's ``send``: event frames get ``"sent_ms"`` as the last data field."""
+    """Wrap a connection's ``send``: event frames get ``"sent_us"`` as the last data field."""
 
     async def stamped(message: Any, text: bool | None = None) -> None:
         if isinstance(message, bytes) and message.startswith(_EVENT):
             # An event frame ends with the data object's "}" and the frame's "}".
-            message = b'%s,"sent_ms":%.3f}}' % (message[:-2], time.time() * 1000)
+            message = b'%s,"sent_us":%d}}' % (message[:-2], time.time_ns() // 1000)
         await send(message, text=text)
 
     return stamped
@@ -247,7 +250,7 @@ async def _bare(
                 frames += 1
                 if frames % _SAMPLE_EVERY == 0:
                     at = raw.rfind(_SENT)
-                    lags.append(time.time() * 1000 - float(raw[at + len(_SENT) : -2]))
+                    lags.append(time.time() * 1000 - int(raw[at + len(_SENT) : -2]) / 1000)
                 if clock() >= end:
                     break
             elif raw.startswith(_PING):
@@ -499,9 +502,10 @@ def _journal_lags(
             (start, end),
         )
         for body, received_at, published_at in rows:
-            sent = orjson.loads(body)["data"].get("sent_ms")
-            if not isinstance(sent, int | float):
+            sent_us = orjson.loads(body)["data"].get("sent_us")
+            if not isinstance(sent_us, int):
                 continue
+            sent = sent_us / 1000
             if start <= received_at < end:
                 sizes += len(body)
                 receipt.append(received_at * 1000 - sent)
