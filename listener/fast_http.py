@@ -45,7 +45,7 @@ import asyncio
 import math
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any, Literal, cast
@@ -90,6 +90,7 @@ class FastServer(web.Server):
         *,
         head_timeout: float,
         max_connections: int = 4096,
+        on_refused: Callable[[], None] | None = None,
         **kwargs: Any,
     ) -> None:
         # aiohttp cannot tell an idle connection from one whose next head is dripping in:
@@ -101,6 +102,7 @@ class FastServer(web.Server):
         self.max_connections = max_connections
         self.held = routes.held  # (the budget of unfinished requests, shared with aiohttp's)
         self.refused = 0  # connections refused at the limit (none idle or waiting to close)
+        self.on_refused = on_refused  # (the service's metric)
         self._warned_at = -60.0
         self.fast: set[_Connection] = set()
         self._date = b""
@@ -144,6 +146,8 @@ class FastServer(web.Server):
     def at_limit(self) -> None:
         """A connection was refused: count it, and say so at most once a minute."""
         self.refused += 1
+        if self.on_refused is not None:
+            self.on_refused()
         now = self._loop.time()
         if now - self._warned_at >= 60.0:
             self._warned_at = now

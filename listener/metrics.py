@@ -183,6 +183,11 @@ class Metrics:
         self.events_duplicate = Counter(
             "listener_events_duplicate", "Events already journaled.", ["source"], registry=r
         )
+        self.public_refused = Counter(
+            "listener_public_connections_refused",
+            "Connections to the public port refused at http.max_connections (none idle).",
+            registry=r,
+        )
         self.webhook_rejected = Counter(
             "listener_webhook_rejected",
             "Webhook requests refused.",

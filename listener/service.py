@@ -320,9 +320,7 @@ class Service:
                 if coordinator is not None:
                     sourcing.append(tasks.create_task(coordinator.run(), name="cluster"))
                 upkeep = tasks.create_task(self._maintenance(journal), name="maintenance")
-                probe = tasks.create_task(
-                    watch_loop_lag(self.metrics.loop_lag_seconds), name="loop-lag"
-                )
+                probe = tasks.create_task(watch_loop_lag(self.metrics.loop_lag_seconds), name="lag")
                 async with (
                     _site(self.admin.app, config.admin.host, config.admin.port) as admin_port,
                     _site(
@@ -330,6 +328,7 @@ class Service:
                             self.routes,
                             head_timeout=config.http.read_timeout,
                             max_connections=config.http.max_connections,
+                            on_refused=self.metrics.public_refused.inc,
                             access_log=None,
                         ),
                         config.http.host,

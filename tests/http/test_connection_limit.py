@@ -63,6 +63,8 @@ async def test_when_every_connection_is_busy_the_next_is_refused() -> None:
     async with serve(Route(gate=gate), max_connections=2) as svc:
         server = svc.runner.server
         assert isinstance(server, FastServer)
+        counted: list[int] = []
+        server.on_refused = lambda: counted.append(1)  # (the service's metric, exported)
         busy = []
         for name in ("a", "b"):
             reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
@@ -73,7 +75,7 @@ async def test_when_every_connection_is_busy_the_next_is_refused() -> None:
         await asyncio.sleep(1.1)  # (quiet, but being answered: never closed for room)
         reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
         assert await closed(reader)
-        assert server.refused == 1
+        assert server.refused == 1 and counted == [1]
         gate.set()
         for (r, _), name in zip(busy, ("a", "b"), strict=True):
             assert await answers(r, 1) == [(200, "fast", name)]
