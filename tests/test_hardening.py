@@ -704,6 +704,27 @@ def test_dev_env_keeps_what_an_existing_file_says(tmp_path: Path) -> None:
     assert write_dev_env(env) == []
 
 
+def test_a_read_only_dev_env_is_read_not_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A `.env` its owner made read-only (0400) still starts `make run` when it is complete."""
+    env = tmp_path / ".env"
+    write_dev_env(env)
+    complete = env.read_text()
+    real_open = os.open
+
+    def no_writing(path: Any, flags: int, *args: Any) -> int:
+        if flags & (os.O_WRONLY | os.O_RDWR):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_writing)
+    assert write_dev_env(env) == []
+    env.write_text("\n".join(complete.splitlines()[:-1]) + "\n")  # (one secret short)
+    with pytest.raises(PermissionError, match="is read-only"):
+        write_dev_env(env)
+
+
 def test_dev_env_written_twice_at_once_has_one_value_each(tmp_path: Path) -> None:
     """`make run` beside `make simulate` on a fresh clone: both end with the same secrets."""
     env = tmp_path / ".env"

@@ -35,10 +35,15 @@ SECRETS: dict[str, Callable[[], str]] = {
 def write_dev_env(path: Path) -> list[str]:
     """Give ``path`` every development secret it lacks; return the names added."""
     # O_CREAT with mode 600: the file never exists with wider permissions.
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
-    with os.fdopen(fd, "r+", encoding="utf-8") as file:
+    writable = True
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+    except PermissionError:  # (made read-only by its owner: read it, add nothing)
+        fd, writable = os.open(path, os.O_RDONLY), False
+    with os.fdopen(fd, "r+" if writable else "r", encoding="utf-8") as file:
         fcntl.flock(fd, fcntl.LOCK_EX)  # (released as it closes)
-        os.fchmod(fd, 0o600)
+        if (mode := os.fstat(fd).st_mode) & 0o077:
+            os.fchmod(fd, mode & 0o700)  # (others' access taken away; the owner's kept)
         text = file.read()
         present = set()
         for line in text.splitlines():
@@ -48,6 +53,8 @@ def write_dev_env(path: Path) -> list[str]:
         missing = [name for name in SECRETS if name not in present]
         if not missing:
             return []
+        if not writable:
+            raise PermissionError(f"{path} lacks {', '.join(missing)} and is read-only")
         lines = (
             [] if text else ["# Development secrets, made by `make run`. Never commit this file."]
         )
