@@ -16,9 +16,8 @@ Stop (SIGTERM/SIGINT), in this fixed order, as arq's ``close()``:
 1. stop intake: every transport stops taking input (webhooks answer 503), source
    runtimes are cancelled (streams unsubscribe and close);
 2. drain: publish what the journal holds, for at most ``shutdown_timeout``;
-3. close the broker connection, the HTTP sites, then the journal.
-
-What is still pending is published at the next start.
+3. close the broker connection, the HTTP sites, then the journal (what is still
+   pending is published at the next start).
 """
 
 from __future__ import annotations
@@ -75,8 +74,7 @@ async def _site(app: web.Application | FastServer, host: str, port: int) -> Asyn
     try:
         site = web.TCPSite(runner, host, port, reuse_address=True)
         await site.start()
-        server = site._server  # aiohttp exposes the bound port only here
-        sockets = getattr(server, "sockets", None) or []
+        sockets = getattr(site._server, "sockets", None) or []  # (the bound port: only here)
         yield sockets[0].getsockname()[1] if sockets else port
     finally:
         await runner.cleanup()
@@ -376,6 +374,10 @@ class Service:
         stopping = asyncio.ensure_future(self._stop.wait())
         try:
             await asyncio.wait({opening, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # (run() itself: an open that finished is closed)
+            if opening.done() and not opening.cancelled() and opening.exception() is None:
+                await journal.close()
+            raise
         finally:
             stopping.cancel()
             if not opening.done():
@@ -385,8 +387,7 @@ class Service:
         if opening.cancelled():
             log.info("shutdown_complete", note="stopped while the journal opened")
             return False
-        opening.result()  # (its error, if any)
-        return True
+        return opening.result() is None  # (its error, if any, raised)
 
     async def _drain(self, publisher: Publisher, journal: Journal) -> None:
         started = time.monotonic()

@@ -227,3 +227,28 @@ async def test_a_stop_while_the_journal_waits_for_a_lock_ends_the_service(
         service.stop()
         await asyncio.wait_for(task, 3)  # (before: 30 s, then "database is locked")
     assert not service.started.is_set()
+
+
+async def test_a_run_cancelled_as_its_journal_opens_closes_it(tmp_path: Path) -> None:
+    """
+    The service's run cancelled in the very turn its journal finished opening (an
+    embedding program's task): the journal is closed, its lock given back (it stayed
+    open, the writer task running, and the next open was refused as locked).
+    """
+    cfg = make_config(tmp_path)
+    service = Service(cfg)
+    journal = Journal(config=cfg.journal, lock=True)
+    opening = journal.open
+    task: asyncio.Task[bool] | None = None
+
+    async def open_then_cancelled() -> None:
+        await opening()
+        assert task is not None
+        task.cancel()
+
+    journal.open = open_then_cancelled  # type: ignore[method-assign]  # (the race, made sure)
+    task = asyncio.create_task(service._opened(journal))
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    async with Journal(config=cfg.journal, lock=True):
+        pass  # (before: JournalLocked)

@@ -14,14 +14,18 @@ import orjson
 import pytest
 
 from handlers import Event
+from handlers.frames import ErrorFrame
+from handlers.layerx402 import PROVIDER as LAYERX402
 from handlers.layerx402 import EventFrame, parse_frame
-from listener.config import Config
+from listener.config import Config, SubscriptionConfig
 from listener.dev.simulators.layerx402 import Layerx402Simulator
 from listener.envelope import Entry
 from listener.journal import Journal
+from listener.metrics import Metrics
 from listener.sources import subscriptions
 from listener.sources.intake import Intake
 from listener.sources.websocket import StreamSource
+from listener.sources.websocket_policy import Outcome
 from tests.conftest import make_config, running, tap, wait_for
 from tests.process import ListenerProcess
 
@@ -430,3 +434,31 @@ async def test_an_event_whose_append_fails_alone_is_asked_for_again(
             every = {i for ids in expected_ids(sim).values() for i in ids}
             assert failed[0] in every
             await t.wait_ids(every, timeout=60)
+
+
+def test_a_subscription_refused_for_its_params_stays_reported_across_a_restart() -> None:
+    """
+    A stream source stopped and run again (the supervisor after a crash, a unit that came
+    back) does not ask again for a subscription refused for its params: it stays
+    refused, and ``listener_subscription_failed`` says so again (it stayed 0 after the
+    stop, while ``/readyz`` said degraded).
+    """
+    metrics = Metrics()
+    config = SubscriptionConfig(channel="trades", params={"mint": MINT})
+    subs = subscriptions.Subscriptions("lx", (config,), LAYERX402, metrics)
+    (sub,) = subs.to_subscribe(connecting=True)
+    frame = ErrorFrame(
+        id=sub.request_id, code="INVALID_PARAMS", message="no", kind="invalid_params"
+    )
+    subs.error(frame, Outcome())
+
+    def failed() -> float | None:
+        return metrics.registry.get_sample_value(
+            "listener_subscription_failed", {"source": "lx", "subscription": sub.key}
+        )
+
+    assert failed() == 1
+    subs.stopped()
+    assert failed() == 0
+    assert subs.to_subscribe(connecting=True) == []  # (the same params fail again)
+    assert failed() == 1

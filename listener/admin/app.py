@@ -40,7 +40,7 @@ __all__ = ["AdminApp", "Component"]
 # "degraded" as ready but worth a look.
 Component = Callable[[], Mapping[str, Any]]
 HEALTHY = frozenset({"ok", "listening", "connected", "polling", "standby"})
-READY = HEALTHY | {"degraded"}
+READY = HEALTHY | {"degraded", "blocked"}  # (blocked: connected, CONTRACT §7; not healthy)
 # Keys whose values may hold a peer's own words: kept off the unauthenticated /readyz.
 _PRIVATE = frozenset({"last_error", "error", "conflicts", "mismatches"})
 

@@ -206,7 +206,7 @@ class Publisher:
                 stop_if_cancelled(exc)
                 failed(exc, delay := next(delays), 2)
                 await asyncio.sleep(delay)
-        self._connection, self._channel = connection, channel
+        self._connection, self._channel, self._blocked = connection, channel, False
         self._metrics.broker_connected.set(1)
         connection.close_callbacks.add(self._on_lost)
         self._last_error = None
@@ -439,7 +439,7 @@ class Publisher:
 
     def _record_failure(self, reason: str, exc: BaseException) -> None:
         self._last_error = f"{type(exc).__name__}: {exc}"
-        self._blocked = reason == "blocked"  # (a resource alarm: /readyz says so)
+        self._blocked |= reason == "blocked"  # (until ready() again, or a new connection)
         self._metrics.publish_failures.labels(reason).inc()
         log.warning(
             "publish_failed",

@@ -10,6 +10,7 @@ on a lock: the second finds the first one's values, so both use the same secrets
 from __future__ import annotations
 
 import base64
+import contextlib
 import fcntl
 import os
 import secrets
@@ -38,12 +39,13 @@ def write_dev_env(path: Path) -> list[str]:
     writable = True
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
-    except PermissionError:  # (made read-only by its owner: read it, add nothing)
+    except OSError:  # (made read-only, or on a read-only file system: read it, add nothing)
         fd, writable = os.open(path, os.O_RDONLY), False
     with os.fdopen(fd, "r+" if writable else "r", encoding="utf-8") as file:
         fcntl.flock(fd, fcntl.LOCK_EX)  # (released as it closes)
-        if (mode := os.fstat(fd).st_mode) & 0o077:
-            os.fchmod(fd, mode & 0o700)  # (others' access taken away; the owner's kept)
+        if (mode := os.fstat(fd).st_mode) & 0o077 and writable:
+            with contextlib.suppress(OSError):  # (not ours to change: left as it is)
+                os.fchmod(fd, mode & 0o700)  # (others' access taken away; the owner's kept)
         text = file.read()
         present = set()
         for line in text.splitlines():
