@@ -83,9 +83,10 @@ class Subscriptions:
         ]
         for sub in chosen:
             sub.state = "pending"
-        for sub in self.all:  # (refused for its params: not asked again, still refused here)
-            if connecting and sub.state == "invalid_params":
-                self._metrics.subscription_failed.labels(self._source, sub.key).set(1)
+        if connecting:  # (refused for its params: not asked again, still refused here)
+            for sub in self.all:
+                if sub.state == "invalid_params":
+                    self._metrics.subscription_failed.labels(self._source, sub.key).set(1)
         refused = [s.refused_at for s in self.all if s.state == "forbidden"]
         self.retry_at = min(refused, default=math.inf) + FORBIDDEN_RETRY
         return chosen

@@ -16,7 +16,7 @@ import os
 import shutil
 from collections.abc import AsyncIterator
 
-import pytest
+from tests.conftest import unavailable
 
 __all__ = ["BrokerApp", "available", "broker_app", "memory_alarm", "rabbitmqctl", "restore"]
 
@@ -33,10 +33,7 @@ def available() -> bool:
 def require() -> None:
     """Skip the test (fail under ``CI=true``) when the broker cannot be controlled."""
     if not available():
-        message = "rabbitmqctl not usable here (needs the local node and root)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable("rabbitmqctl not usable here (needs the local node and root)")
 
 
 async def rabbitmqctl(*args: str, timeout: float = 60.0) -> str:

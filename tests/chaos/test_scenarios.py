@@ -31,7 +31,15 @@ from listener.sources.websocket import StreamSource
 from tests.chaos import rabbit
 from tests.chaos.ledger import Ledger, ledger
 from tests.chaos.load import load
-from tests.conftest import BROKER_HOST, BROKER_PORT, UNIT, make_config, running, wait_for
+from tests.conftest import (
+    BROKER_HOST,
+    BROKER_PORT,
+    UNIT,
+    make_config,
+    running,
+    unavailable,
+    wait_for,
+)
 from tests.faults import TcpProxy, proxy
 from tests.process import ListenerProcess
 from tests.test_streams import expected_ids, lx_source, stream_source
@@ -707,19 +715,12 @@ async def test_stream_cut_mid_frame(
 # -- the journal's disk -------------------------------------------------------------------------
 
 
-def _cannot(why: str) -> None:
-    """Skip the scenario, or fail it under ``CI=true`` (a disk-full check never ran)."""
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(why)
-    pytest.skip(why)
-
-
 @contextlib.contextmanager
 def small_filesystem(where: Path, size: str) -> Iterator[Path]:
     """A tmpfs of ``size`` mounted at ``where`` (root only), unmounted on exit."""
     where.mkdir(parents=True, exist_ok=True)
     if os.geteuid() != 0:
-        _cannot("mounting a small tmpfs needs root")
+        unavailable("mounting a small tmpfs needs root")
     result = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
         capture_output=True,
@@ -727,7 +728,7 @@ def small_filesystem(where: Path, size: str) -> Iterator[Path]:
         check=False,
     )
     if result.returncode != 0:
-        _cannot(f"cannot mount a tmpfs: {result.stderr.strip()}")
+        unavailable(f"cannot mount a tmpfs: {result.stderr.strip()}")
     try:
         yield where
     finally:
