@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from listener.exceptions import JournalCorrupt, JournalError
 from listener.journal import Journal
 from listener.journal import lock as journal_lock
 from listener.journal import schema as journal_schema
+from listener.journal import store as journal_store
 from listener.service import Service
 from tests.conftest import make_config, running
 from tests.test_config import run_cli, write
@@ -252,3 +254,38 @@ async def test_a_run_cancelled_as_its_journal_opens_closes_it(tmp_path: Path) ->
         await task
     async with Journal(config=cfg.journal, lock=True):
         pass  # (before: JournalLocked)
+
+
+async def test_an_open_cancelled_while_a_connection_opens_closes_that_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    ``open()`` cancelled while its reader connection was being made on the reader's
+    thread: the connection that thread went on to make is closed with the rest (it was
+    left open, for the garbage collector to find).
+    """
+    made: list[sqlite3.Connection] = []
+    started, go = threading.Event(), threading.Event()
+
+    def slow_connect(path: Path, **kwargs: Any) -> sqlite3.Connection:
+        conn = journal_schema.connect(path, **kwargs)
+        made.append(conn)
+        if not kwargs.get("writer"):
+            started.set()
+            go.wait(5)
+        return conn
+
+    monkeypatch.setattr(journal_store, "connect", slow_connect)
+    journal = Journal(config=config(tmp_path), lock=True)
+    task = asyncio.create_task(journal.open())
+    assert await asyncio.to_thread(started.wait, 5)
+    task.cancel()
+    threading.Timer(0.05, go.set).start()  # the connect ends after the cancel
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert len(made) == 2  # the writer's, the reader's
+    for conn in made:
+        with pytest.raises(sqlite3.ProgrammingError, match="closed database"):
+            conn.execute("SELECT 1")
+    async with Journal(config=config(tmp_path), lock=True):
+        pass  # and the lock was given back

@@ -51,7 +51,6 @@ from listener.journal.writes import (
     body_bytes,
     commit,
     count_open,
-    measure_size,
 )
 
 __all__ = ["Journal"]
@@ -150,10 +149,10 @@ class Journal(Upkeep):
             if self._lock is not None:
                 self._lock.acquire()
             self._writer = await writable(
-                self._path, lambda ms: self._on(self._write_thread, self._connect, True, ms)
+                self._path, lambda ms: self._on(self._write_thread, self._connect, "_writer", ms)
             )
-            self._reader = await self._on(self._read_thread, self._connect)
-            self._querier = await self._on(self._query_thread, self._connect)
+            self._reader = await self._on(self._read_thread, self._connect, "_reader")
+            self._querier = await self._on(self._query_thread, self._connect, "_querier")
             assert self._reader is not None  # connected just above
             self._stats.pending, self._stats.deferred = await self._on(
                 self._read_thread, count_open, self._reader
@@ -177,23 +176,28 @@ class Journal(Upkeep):
         await self._close_connections()
 
     async def _close_connections(self) -> None:
-        for name, thread in (
-            ("_writer", self._write_thread),
-            ("_reader", self._read_thread),
-            ("_querier", self._query_thread),
-        ):
-            conn = getattr(self, name)
-            if conn is not None:
-                setattr(self, name, None)
-                await self._on(thread, conn.close)
-        for thread in (self._write_thread, self._read_thread, self._query_thread):
+        threads = (self._write_thread, self._read_thread, self._query_thread)
+        for name, thread in zip(("_writer", "_reader", "_querier"), threads, strict=True):
+            # On its own thread, so after a connect still running there (an open()
+            # cancelled meanwhile): that connection is closed too, not left to the GC.
+            with contextlib.suppress(RuntimeError):  # (the thread shut down: closed before)
+                await self._on(thread, self._disconnect, name)
+        for thread in threads:
             thread.shutdown(wait=True)
         if self._lock is not None:
             self._lock.release()
 
-    def _connect(self, writer: bool = False, busy_ms: int = BUSY_TIMEOUT_MS) -> sqlite3.Connection:
-        synchronous = self._config.synchronous
-        return connect(self._path, synchronous=synchronous, writer=writer, busy_ms=busy_ms)
+    def _connect(self, name: str, busy_ms: int = BUSY_TIMEOUT_MS) -> sqlite3.Connection:
+        """Open the connection kept as ``self.<name>``, on its thread."""
+        writer, synchronous = name == "_writer", self._config.synchronous
+        conn = connect(self._path, synchronous=synchronous, writer=writer, busy_ms=busy_ms)
+        setattr(self, name, conn)
+        return conn
+
+    def _disconnect(self, name: str) -> None:
+        if (conn := getattr(self, name)) is not None:
+            setattr(self, name, None)
+            conn.close()
 
     # -- capacity ---------------------------------------------------------------
 
@@ -426,10 +430,6 @@ class Journal(Upkeep):
             with contextlib.suppress(sqlite3.Error):
                 self._measure_size()
         return committed.results, committed.fresh
-
-    def _measure_size(self) -> None:
-        assert self._writer is not None  # opened first
-        self._stats.size = measure_size(self._writer)
 
     def add_commit_listener(self, listener: Callable[[], None]) -> None:
         """Call ``listener()`` after every successful commit (the publisher's wake-up)."""

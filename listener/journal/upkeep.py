@@ -21,7 +21,7 @@ from listener.journal.retention import (
     prune_tombstones,
     retention_bound,
 )
-from listener.journal.writes import count_open, retry_now
+from listener.journal.writes import count_open, measure_size, retry_now
 
 __all__ = ["Stats", "Upkeep"]
 
@@ -84,7 +84,8 @@ class Upkeep(Checkpoints):
         raise NotImplementedError  # (the Journal's)
 
     def _measure_size(self) -> None:
-        raise NotImplementedError  # (the Journal's)
+        assert self._writer is not None  # opened first
+        self._stats.size = measure_size(self._writer)
 
     async def retry_now(self, routing_keys: Sequence[str]) -> None:
         """
