@@ -196,7 +196,7 @@ class Metrics:
         )
         self.publish_failures = Counter(
             "listener_publish_failures",
-            "Publishes not confirmed (returned, nacked, timed out, connection lost).",
+            "Messages returned or nacked; publishing sessions ended (timeout, connection, ...).",
             ["reason"],
             registry=r,
         )
