@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import os
+import sqlite3
 import sys
 import time
 from collections.abc import Sequence
@@ -61,16 +62,57 @@ __all__ = ["PublishResult", "ceiling_a", "ceiling_a_paced", "ceiling_b", "drive"
 # -- A: the bare aiohttp handler ---------------------------------------------------------
 
 
-async def _serve(port: int) -> None:
+async def _serve(port: int, journal: str | None = None) -> None:
     from aiohttp import web  # noqa: PLC0415
 
     body = b'{"success": true}'
+    commits = _GroupCommit(journal) if journal else None
 
     async def ok(request: web.Request) -> web.Response:
-        await request.read()
+        data = await request.read()
+        if commits is not None:
+            await commits.append(data)
         return web.Response(status=200, body=body, content_type="application/json")
 
     await serve_post(ok, port)
+
+
+class _GroupCommit:
+    """
+    The least a journal can do before a 2xx (``serve --journal PATH``, the floor J): each
+    body appended to one SQLite table in WAL mode with ``synchronous=FULL``, every body
+    queued while the last commit ran (and two turns of the loop after the first) in one
+    transaction, committed on the loop's thread as the listener's are; no ids, no
+    indexes, no metadata, nothing read back or marked published.
+    """
+
+    def __init__(self, path: str) -> None:
+        self._conn = sqlite3.connect(path, isolation_level=None)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute("CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY, body BLOB)")
+        self._queued: list[tuple[bytes, asyncio.Future[None]]] = []
+        self._wake = asyncio.Event()
+        self._task = asyncio.create_task(self._write())
+
+    async def append(self, body: bytes) -> None:
+        done = asyncio.get_running_loop().create_future()
+        self._queued.append((body, done))
+        self._wake.set()
+        await done
+
+    async def _write(self) -> None:
+        while True:
+            await self._wake.wait()
+            for _ in range(2):  # (the listener's COALESCE_TURNS)
+                await asyncio.sleep(0)
+            batch, self._queued = self._queued, []
+            self._wake.clear()
+            self._conn.execute("BEGIN")
+            self._conn.executemany("INSERT INTO events (body) VALUES (?)", [(b,) for b, _ in batch])
+            self._conn.execute("COMMIT")
+            for _, done in batch:
+                done.set_result(None)
 
 
 def drive(
@@ -106,11 +148,20 @@ def ceiling_a(
 
 
 def ceiling_a_paced(
-    requests: RequestSet, *, rate: float, seconds: float, concurrency: int = CONCURRENCY
+    requests: RequestSet,
+    *,
+    rate: float,
+    seconds: float,
+    concurrency: int = CONCURRENCY,
+    journal: str | None = None,
 ) -> PacedResult:
-    """The bare server under the open-loop load of the accept-latency run, same rate."""
+    """
+    The bare server under the open-loop load of the accept-latency run, same rate;
+    with ``journal`` (a file to create), floor J: each body journaled before its 200.
+    """
     port = free_port()
-    with child(python_module("bench.ceilings", "serve", "--port", str(port))) as proc:
+    argv = python_module("bench.ceilings", "serve", "--port", str(port))
+    with child([*argv, *(("--journal", journal) if journal else ())]) as proc:
         wait_port(port, proc=proc)
         url = f"http://127.0.0.1:{port}"
         return paced_load(url, requests, rate=rate, seconds=seconds, connections=concurrency)
@@ -294,6 +345,7 @@ def main() -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve")
     serve.add_argument("--port", type=int, required=True)
+    serve.add_argument("--journal", help="journal each body durably before the 200 (floor J)")
     publish = commands.add_parser("publish")
     publish.add_argument("--seconds", type=float, default=10.0)
     publish.add_argument("--window", type=int, default=CONFIRM_WINDOW)
@@ -303,7 +355,7 @@ def main() -> None:
     publish.add_argument("--rate", type=float, default=0.0, help="paced: messages/s (0: flat out)")
     args = parser.parse_args()
     if args.command == "serve":
-        run_uvloop(lambda: _serve(args.port))
+        run_uvloop(lambda: _serve(args.port, args.journal))
         return
     result = run_uvloop(
         lambda: _publish(

@@ -329,20 +329,41 @@ async def fetch_metrics(session: aiohttp.ClientSession, admin: str) -> dict[str,
 
 
 async def wait_ready(
-    session: aiohttp.ClientSession, admin: str, proc: subprocess.Popen[bytes], within: float
+    session: aiohttp.ClientSession,
+    admin: str,
+    proc: subprocess.Popen[bytes],
+    within: float,
+    *,
+    path: str = "/readyz",
 ) -> None:
-    """Wait until the listener's ``/readyz`` answers 200 (or it died, or ``within`` passed)."""
+    """
+    Wait until the listener's ``/readyz`` (or ``path``: ``/readyz?for=intake`` with no
+    broker) answers 200 (or it died, or ``within`` passed).
+    """
     deadline = time.monotonic() + within
     while True:
         if proc.poll() is not None:
             raise RuntimeError(f"the listener exited with {proc.returncode} while starting")
         with contextlib.suppress(aiohttp.ClientError):
-            async with session.get(f"{admin}/readyz") as response:
+            async with session.get(f"{admin}{path}") as response:
                 if response.status == 200:
                     return
         if time.monotonic() > deadline:
             raise RuntimeError(f"the listener was not ready after {within:.0f}s")
         await asyncio.sleep(0.05)
+
+
+def thread_schedstat(pid: int) -> tuple[float, float]:
+    """
+    The seconds the process's main thread (its event loop) has spent on a CPU and
+    waiting in the run queue for one (``/proc/<pid>/task/<pid>/schedstat``; zeros where
+    the kernel does not keep it).
+    """
+    try:
+        fields = Path(f"/proc/{pid}/task/{pid}/schedstat").read_text().split()
+        return int(fields[0]) / 1e9, int(fields[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0, 0.0
 
 
 def py_spy(pid: int, seconds: float, output: Path) -> subprocess.Popen[bytes] | None:

@@ -74,6 +74,10 @@ class PacedResult:
     inside: dict[str, float] = field(default_factory=dict)
     commits: float = 0.0  # the journal's commits over the run (bench.webhooks)
     commit_seconds: float = 0.0  # and the time they took together
+    # The server's event loop thread over the run, shares of the wall time: on a CPU,
+    # and runnable but waiting for one (bench.webhooks; 0 where not measured).
+    on_cpu: float = 0.0
+    run_queue: float = 0.0
 
     @property
     def rate(self) -> float:

@@ -57,6 +57,7 @@ from bench.common import (
     queue_count,
     say,
     stop_child,
+    thread_schedstat,
     unique,
     wait_ready,
     with_loadgen,
@@ -103,14 +104,20 @@ class EndToEnd:
 
 
 def listener_config(
-    directory: Path, *, http_port: int, admin_port: int, exchange: str, archive: bool
+    directory: Path,
+    *,
+    http_port: int,
+    admin_port: int,
+    exchange: str,
+    archive: bool,
+    broker_url: str = BROKER_URL,
 ) -> dict[str, Any]:
     """The listener's configuration for the run (CONTRACT §3)."""
     return {
         "log": {"level": "info", "format": "json"},
         "http": {"host": "127.0.0.1", "port": http_port},
         "admin": {"host": "127.0.0.1", "port": admin_port},
-        "broker": {"url": BROKER_URL, "exchange": exchange, "archive": {"enabled": archive}},
+        "broker": {"url": broker_url, "exchange": exchange, "archive": {"enabled": archive}},
         "journal": {"path": str(directory / "journal.db"), "synchronous": "full"},
         "shutdown_timeout": "20s",
         "sources": [
@@ -138,11 +145,18 @@ class _Running:
 
 
 @contextlib.asynccontextmanager
-async def _listener(directory: Path, *, archive: bool) -> AsyncIterator[_Running]:
-    """The listener in its own process on a fresh exchange with a tap queue, until ready."""
+async def _listener(
+    directory: Path, *, archive: bool, broker: bool = True
+) -> AsyncIterator[_Running]:
+    """
+    The listener in its own process on a fresh exchange with a tap queue, until ready;
+    ``broker=False``: pointed at a port nobody listens on, so it journals only (ready
+    for intake, CONTRACT §8).
+    """
     exchange = unique("bench.e2e")
     queue = f"{exchange}.tap"
     http_port, admin_port = free_port(), free_port()
+    nobody = f"amqp://guest:guest@127.0.0.1:{free_port()}/"
     config = directory / "listener.yaml"
     config.write_text(
         yaml.safe_dump(
@@ -152,6 +166,7 @@ async def _listener(directory: Path, *, archive: bool) -> AsyncIterator[_Running
                 admin_port=admin_port,
                 exchange=exchange,
                 archive=archive,
+                **({} if broker else {"broker_url": nobody}),
             )
         )
     )
@@ -176,7 +191,8 @@ async def _listener(directory: Path, *, archive: bool) -> AsyncIterator[_Running
             log_path,
         )
         async with aiohttp.ClientSession() as session:
-            await wait_ready(session, running.admin, proc, within=30.0)
+            ready = "/readyz" if broker else "/readyz?for=intake"
+            await wait_ready(session, running.admin, proc, within=30.0, path=ready)
         yield running
     finally:
         if proc is not None:
@@ -277,10 +293,20 @@ INSIDE = (
 
 
 async def _paced(
-    requests: RequestSet, *, rate: float, seconds: float, concurrency: int, directory: Path
+    requests: RequestSet,
+    *,
+    rate: float,
+    seconds: float,
+    concurrency: int,
+    directory: Path,
+    broker: bool,
 ) -> PacedResult:
-    async with _listener(directory, archive=False) as running, aiohttp.ClientSession() as session:
+    async with (
+        _listener(directory, archive=False, broker=broker) as running,
+        aiohttp.ClientSession() as session,
+    ):
         before = await fetch_metrics_text(session, running.admin)
+        loop_before = thread_schedstat(running.proc.pid)
         result = await asyncio.to_thread(
             paced_load,
             running.url,
@@ -289,7 +315,12 @@ async def _paced(
             seconds=seconds,
             connections=concurrency,
         )
+        loop_after = thread_schedstat(running.proc.pid)
         after = await fetch_metrics_text(session, running.admin)
+    if result.seconds > 0:
+        result.on_cpu, result.run_queue = (
+            (b - a) / result.seconds for a, b in zip(loop_before, loop_after, strict=True)
+        )
     for label, histogram, q in INSIDE:
         (value,) = between_scrapes(before, after, histogram, q)
         if value is not None:
@@ -303,17 +334,29 @@ async def _paced(
 
 
 def accept_latency(
-    requests: RequestSet, *, rate: float, seconds: float, concurrency: int = CONCURRENCY
+    requests: RequestSet,
+    *,
+    rate: float,
+    seconds: float,
+    concurrency: int = CONCURRENCY,
+    broker: bool = True,
 ) -> PacedResult:
     """
     The listener under an open-loop load of ``rate`` requests per second (the
     performance issue's goal 3: at half its sustained maximum, p99 < 10 ms): latency
-    from each request's due time to its 2xx, so queueing counts.
+    from each request's due time to its 2xx, so queueing counts. ``broker=False``: with
+    no broker reachable, so it journals and publishes nothing (the broker's share of the
+    cores and the publisher's work both left out).
     """
     with tempfile.TemporaryDirectory(prefix="bench-paced-") as tmp:
         return asyncio.run(
             _paced(
-                requests, rate=rate, seconds=seconds, concurrency=concurrency, directory=Path(tmp)
+                requests,
+                rate=rate,
+                seconds=seconds,
+                concurrency=concurrency,
+                directory=Path(tmp),
+                broker=broker,
             )
         )
 
