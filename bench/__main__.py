@@ -274,7 +274,7 @@ def _latency(
         f"synchronous=full, group commit on the loop's thread; no broker): p50 "
         f"{fmt_ms(journaled.p50_ms)}, p99 {fmt_ms(journaled.p99_ms)}, p99.9 "
         f"{fmt_ms(journaled.p999_ms)} ({journaled.ok:,} 2xx, {journaled.errors:,} errors)"
-        f" -> the listener's p99 is {paced.p99_ms / journaled.p99_ms:.2f} x J's"
+        f" -> the listener's p99 is {fmt_ms(paced.p99_ms - journaled.p99_ms)} above it"
     )
     print(
         f"  the listener with no broker (journaling only, nothing published, no broker on "

@@ -82,8 +82,9 @@ class _GroupCommit:
     The least a journal can do before a 2xx (``serve --journal PATH``, the floor J): each
     body appended to one SQLite table in WAL mode with ``synchronous=FULL``, every body
     queued while the last commit ran (and two turns of the loop after the first) in one
-    transaction, committed on the loop's thread as the listener's are; no ids, no
-    indexes, no metadata, nothing read back or marked published.
+    transaction, always committed on the loop's thread (the listener's go to a thread
+    while commits are slow); no ids, no indexes, no metadata, nothing read back or marked
+    published. A failed commit fails its batch's requests (500), not the writer.
     """
 
     def __init__(self, path: str) -> None:
@@ -108,11 +109,23 @@ class _GroupCommit:
                 await asyncio.sleep(0)
             batch, self._queued = self._queued, []
             self._wake.clear()
-            self._conn.execute("BEGIN")
-            self._conn.executemany("INSERT INTO events (body) VALUES (?)", [(b,) for b, _ in batch])
-            self._conn.execute("COMMIT")
+            failure: Exception | None = None
+            try:
+                self._conn.execute("BEGIN")
+                rows = [(b,) for b, _ in batch]
+                self._conn.executemany("INSERT INTO events (body) VALUES (?)", rows)
+                self._conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                failure = exc
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
             for _, done in batch:
-                done.set_result(None)
+                if done.done():  # (its request went away: the server stopping)
+                    continue
+                if failure is None:
+                    done.set_result(None)
+                else:
+                    done.set_exception(failure)
 
 
 def drive(

@@ -119,7 +119,8 @@ def listener_config(
         "admin": {"host": "127.0.0.1", "port": admin_port},
         "broker": {"url": broker_url, "exchange": exchange, "archive": {"enabled": archive}},
         "journal": {"path": str(directory / "journal.db"), "synchronous": "full"},
-        "shutdown_timeout": "20s",
+        # (with no broker the drain can only time out: no need to wait for it)
+        "shutdown_timeout": "20s" if broker_url == BROKER_URL else "1s",
         "sources": [
             {
                 "name": "gst",
@@ -306,7 +307,7 @@ async def _paced(
         aiohttp.ClientSession() as session,
     ):
         before = await fetch_metrics_text(session, running.admin)
-        loop_before = thread_schedstat(running.proc.pid)
+        loop_before, began = thread_schedstat(running.proc.pid), time.monotonic()
         result = await asyncio.to_thread(
             paced_load,
             running.url,
@@ -315,12 +316,13 @@ async def _paced(
             seconds=seconds,
             connections=concurrency,
         )
-        loop_after = thread_schedstat(running.proc.pid)
+        loop_after, window = thread_schedstat(running.proc.pid), time.monotonic() - began
         after = await fetch_metrics_text(session, running.admin)
-    if result.seconds > 0:
-        result.on_cpu, result.run_queue = (
-            (b - a) / result.seconds for a, b in zip(loop_before, loop_after, strict=True)
-        )
+    # (over the generator's whole call, its start and drain included, when the loop is
+    # nearly idle: the shares read somewhat low, the waiting more than the running)
+    result.on_cpu, result.run_queue = (
+        (b - a) / window for a, b in zip(loop_before, loop_after, strict=True)
+    )
     for label, histogram, q in INSIDE:
         (value,) = between_scrapes(before, after, histogram, q)
         if value is not None:

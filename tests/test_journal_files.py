@@ -21,9 +21,9 @@ import structlog
 
 from listener.exceptions import JournalCorrupt, JournalError
 from listener.journal import Journal
+from listener.journal import connections as journal_connections
 from listener.journal import lock as journal_lock
 from listener.journal import schema as journal_schema
-from listener.journal import store as journal_store
 from listener.service import Service
 from tests.conftest import make_config, running
 from tests.test_config import run_cli, write
@@ -275,17 +275,52 @@ async def test_an_open_cancelled_while_a_connection_opens_closes_that_connection
             go.wait(5)
         return conn
 
-    monkeypatch.setattr(journal_store, "connect", slow_connect)
+    monkeypatch.setattr(journal_connections, "connect", slow_connect)
     journal = Journal(config=config(tmp_path), lock=True)
     task = asyncio.create_task(journal.open())
-    assert await asyncio.to_thread(started.wait, 5)
-    task.cancel()
-    threading.Timer(0.05, go.set).start()  # the connect ends after the cancel
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    try:
+        assert await asyncio.to_thread(started.wait, 5)
+        task.cancel()
+        threading.Timer(0.05, go.set).start()  # the connect ends after the cancel
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        go.set()
     assert len(made) == 2  # the writer's, the reader's
     for conn in made:
         with pytest.raises(sqlite3.ProgrammingError, match="closed database"):
             conn.execute("SELECT 1")
+    await journal.close()  # (closed already: nothing to do, no error)
     async with Journal(config=config(tmp_path), lock=True):
         pass  # and the lock was given back
+
+
+async def test_a_close_cancelled_again_still_closes_everything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    The task closing the journal cancelled while a connection's close waits behind a
+    slow job on its thread (``Service._opened`` cancels an open, then may be cancelled
+    itself): every connection is still closed and the lock given back (the second
+    cancellation took the queued close back, and the lock stayed held).
+    """
+    journal = Journal(config=config(tmp_path), lock=True)
+    await journal.open()
+    conns = [journal._writer, journal._reader, journal._querier]
+    go = threading.Event()
+    journal._read_thread.submit(go.wait, 5)  # (a slow read ahead of the close)
+    task = asyncio.create_task(journal.close())
+    try:
+        await asyncio.sleep(0.05)
+        task.cancel()
+        threading.Timer(0.05, go.set).start()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        go.set()
+    for conn in conns:
+        assert conn is not None
+        with pytest.raises(sqlite3.ProgrammingError, match="closed database"):
+            conn.execute("SELECT 1")
+    async with Journal(config=config(tmp_path), lock=True):
+        pass  # the lock was given back

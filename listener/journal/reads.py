@@ -11,10 +11,10 @@ import asyncio
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, TypeVar
 
 from listener.exceptions import JournalCorrupt, JournalError
+from listener.journal.connections import Connections
 from listener.journal.schema import COLUMNS, Status, StoredEntry, is_corrupt, row_to_entry
 
 __all__ = ["Reads"]
@@ -22,14 +22,8 @@ __all__ = ["Reads"]
 _T = TypeVar("_T")
 
 
-class Reads:
+class Reads(Connections):
     """Read access to the journal file."""
-
-    _reader: sqlite3.Connection | None
-    _querier: sqlite3.Connection | None
-    _read_thread: ThreadPoolExecutor
-    _query_thread: ThreadPoolExecutor
-    _path: Path
 
     async def _on(self, thread: ThreadPoolExecutor, fn: Callable[..., _T], *args: Any) -> _T:
         """

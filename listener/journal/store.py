@@ -40,7 +40,7 @@ from listener.exceptions import JournalError, JournalFull
 from listener.journal.identity import FileIdentity
 from listener.journal.inline import InlineCommits
 from listener.journal.lock import JournalLock, writable
-from listener.journal.schema import BUSY_TIMEOUT_MS, Cursor, StoredEntry, connect, error_code
+from listener.journal.schema import BUSY_TIMEOUT_MS, Cursor, StoredEntry, error_code
 from listener.journal.upkeep import Stats, Upkeep
 from listener.journal.writes import (
     Append,
@@ -148,11 +148,12 @@ class Journal(Upkeep):
         try:
             if self._lock is not None:
                 self._lock.acquire()
-            self._writer = await writable(
+            # (each kept by its thread as it opens: _connect, _close_connections)
+            await writable(
                 self._path, lambda ms: self._on(self._write_thread, self._connect, "_writer", ms)
             )
-            self._reader = await self._on(self._read_thread, self._connect, "_reader")
-            self._querier = await self._on(self._query_thread, self._connect, "_querier")
+            await self._on(self._read_thread, self._connect, "_reader")
+            await self._on(self._query_thread, self._connect, "_querier")
             assert self._reader is not None  # connected just above
             self._stats.pending, self._stats.deferred = await self._on(
                 self._read_thread, count_open, self._reader
@@ -174,30 +175,6 @@ class Journal(Upkeep):
                 await self._task
             self._task = None
         await self._close_connections()
-
-    async def _close_connections(self) -> None:
-        threads = (self._write_thread, self._read_thread, self._query_thread)
-        for name, thread in zip(("_writer", "_reader", "_querier"), threads, strict=True):
-            # On its own thread, so after a connect still running there (an open()
-            # cancelled meanwhile): that connection is closed too, not left to the GC.
-            with contextlib.suppress(RuntimeError):  # (the thread shut down: closed before)
-                await self._on(thread, self._disconnect, name)
-        for thread in threads:
-            thread.shutdown(wait=True)
-        if self._lock is not None:
-            self._lock.release()
-
-    def _connect(self, name: str, busy_ms: int = BUSY_TIMEOUT_MS) -> sqlite3.Connection:
-        """Open the connection kept as ``self.<name>``, on its thread."""
-        writer, synchronous = name == "_writer", self._config.synchronous
-        conn = connect(self._path, synchronous=synchronous, writer=writer, busy_ms=busy_ms)
-        setattr(self, name, conn)
-        return conn
-
-    def _disconnect(self, name: str) -> None:
-        if (conn := getattr(self, name)) is not None:
-            setattr(self, name, None)
-            conn.close()
 
     # -- capacity ---------------------------------------------------------------
 
