@@ -290,7 +290,9 @@ async def test_the_service_runs_its_sources_under_the_supervisor(
         await asyncio.Event().wait()
 
     monkeypatch.setattr(PollSource, "run", crashing_once)
-    config = make_config(tmp_path, sources=[tt_source("http://127.0.0.1:1")])
+    # (no broker needed: it would be left the default exchange's topology)
+    nobody = "amqp://guest:guest@127.0.0.1:1/"
+    config = make_config(tmp_path, broker_url=nobody, sources=[tt_source("http://127.0.0.1:1")])
     async with running(config) as service:
         await asyncio.wait_for(again.wait(), 10)  # (the supervisor's first backoff: ~1 s)
         errors = service.metrics.registry.get_sample_value(
