@@ -104,23 +104,16 @@ class EndToEnd:
 
 
 def listener_config(
-    directory: Path,
-    *,
-    http_port: int,
-    admin_port: int,
-    exchange: str,
-    archive: bool,
-    broker_url: str = BROKER_URL,
+    directory: Path, *, http_port: int, admin_port: int, exchange: str, archive: bool
 ) -> dict[str, Any]:
     """The listener's configuration for the run (CONTRACT §3)."""
     return {
         "log": {"level": "info", "format": "json"},
         "http": {"host": "127.0.0.1", "port": http_port},
         "admin": {"host": "127.0.0.1", "port": admin_port},
-        "broker": {"url": broker_url, "exchange": exchange, "archive": {"enabled": archive}},
+        "broker": {"url": BROKER_URL, "exchange": exchange, "archive": {"enabled": archive}},
         "journal": {"path": str(directory / "journal.db"), "synchronous": "full"},
-        # (with no broker the drain can only time out: no need to wait for it)
-        "shutdown_timeout": "20s" if broker_url == BROKER_URL else "1s",
+        "shutdown_timeout": "20s",
         "sources": [
             {
                 "name": "gst",
@@ -157,20 +150,14 @@ async def _listener(
     exchange = unique("bench.e2e")
     queue = f"{exchange}.tap"
     http_port, admin_port = free_port(), free_port()
-    nobody = f"amqp://guest:guest@127.0.0.1:{free_port()}/"
-    config = directory / "listener.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            listener_config(
-                directory,
-                http_port=http_port,
-                admin_port=admin_port,
-                exchange=exchange,
-                archive=archive,
-                **({} if broker else {"broker_url": nobody}),
-            )
-        )
+    settings = listener_config(
+        directory, http_port=http_port, admin_port=admin_port, exchange=exchange, archive=archive
     )
+    if not broker:
+        settings["broker"]["url"] = f"amqp://guest:guest@127.0.0.1:{free_port()}/"
+        settings["shutdown_timeout"] = "1s"  # (the drain can only time out: not waited for)
+    config = directory / "listener.yaml"
+    config.write_text(yaml.safe_dump(settings))
     log_path = directory / "listener.log"
     await declare_tap(exchange, queue)
     proc: subprocess.Popen[bytes] | None = None
