@@ -400,7 +400,7 @@ class Service:
                 raise TimeoutError  # (told again to stop: as if the time were up)
             drained.result()  # (its error, as awaiting it gave)
         except TimeoutError:
-            if not journal.pending_count:  # (told again to stop with nothing left)
+            if not (journal.pending_count or journal.appending):  # (stopped again, none left)
                 log.info("shutdown_drained", seconds=round(time.monotonic() - started, 3))
                 return
             log.warning(

@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import structlog
 
 from listener.config import JournalConfig
 from listener.config_loader import secret_values
@@ -318,3 +319,37 @@ async def test_a_second_sigterm_ends_the_drain_now(tmp_path: Path) -> None:
         await listener.stop()
     async with Journal(config=JournalConfig(path=tmp_path / "journal.db")) as journal:
         assert journal.pending_count == len(acknowledged) == 5
+
+
+async def test_a_second_stop_with_appends_still_committing_does_not_say_drained(
+    tmp_path: Path,
+) -> None:
+    """
+    A second stop while accepted events were still on their way into the journal logged
+    ``shutdown_drained``: nothing was pending *yet*. They commit a moment later, as
+    pending, and go out at the next start, which the log now says.
+    """
+    config = make_config(
+        tmp_path, broker_url="amqp://guest:guest@127.0.0.1:1/", sources=[gst_source()]
+    )
+    with structlog.testing.capture_logs() as logs:
+        async with running(config) as service, aiohttp.ClientSession() as session:
+            journal = service.journal
+            assert journal is not None
+            sender = Sender(session, f"http://127.0.0.1:{service.public_port}/webhooks/gst")
+            async with journal._writing:  # the append waits for the commit before it
+                posted = asyncio.create_task(sender.post(gst_event()))
+                await wait_for(lambda: journal.appending == 1, what="the append queued")
+                service.stop()
+                await asyncio.sleep(REPEAT_IGNORED)  # (sooner, the same signal twice)
+                service.stop()
+                await wait_for(
+                    lambda: any(e["event"].startswith("shutdown_drain") for e in logs),
+                    what="the drain's end",
+                )
+                assert journal.pending_count == 0  # (not committed yet)
+            assert (await posted)[0] == 200
+    events = [e["event"] for e in logs]
+    assert "shutdown_drain_incomplete" in events and "shutdown_drained" not in events
+    (complete,) = [e for e in logs if e["event"] == "shutdown_complete"]
+    assert complete["pending"] == 1 and journal.appending == 0

@@ -154,6 +154,7 @@ async def test_webhooks_refused_by_a_failing_journal_say_so(
         with structlog.testing.capture_logs() as logs:
             statuses = [(await sender.post(gst_event()))[0] for _ in range(3)]
         assert statuses == [503, 503, 503]
+        assert journal.appending == 0  # (a failed append is no longer on its way)
         # The first 503 is its append's own failure, not the shedding that follows it.
         assert [e["source"] for e in logs if e["event"] == "journal_append_failed"] == ["gst"]
         intake = f"http://127.0.0.1:{service.admin_port}/readyz?for=intake"

@@ -95,6 +95,7 @@ class Journal(Upkeep):
         self._busy_ms = BUSY_TIMEOUT_MS  # the writer connection's busy_timeout
         self._writing = asyncio.Lock()
         self._stats = Stats()
+        self._appending = 0  # appends queued or committing (Journal.appending)
         self._capacity = asyncio.Event()
         self._capacity.set()
         self._listeners: list[Callable[[], None]] = []
@@ -249,7 +250,13 @@ class Journal(Upkeep):
             raise JournalFull(retry_after=self._retry_after, reason=reason)
         done: asyncio.Future[list[bool]] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(Append(entries, cursors, done, poll, time.monotonic()))
+        self._appending += 1
         return done
+
+    @property
+    def appending(self) -> int:
+        """Appends queued or committing: not yet in :attr:`pending_count`, nor failed."""
+        return self._appending
 
     async def settled(self) -> None:
         """Return once every operation queued so far is committed (or has failed)."""
@@ -316,6 +323,7 @@ class Journal(Upkeep):
                         retry.append(op)
                 elif op.done is not None and not op.done.done():
                     op.done.set_result(result)
+                self._appending -= isinstance(op, Append)
                 self._queue.task_done()
             if retry:
                 asyncio.get_running_loop().call_later(1.0, self._requeue, retry)
@@ -375,6 +383,7 @@ class Journal(Upkeep):
                 # its event would stay pending for good (pending never back to 0, the
                 # shutdown drain waiting in vain, a duplicate after the next start).
                 unwaited.append(op)
+            self._appending -= isinstance(op, Append)
             self._queue.task_done()
         if unwaited:
             asyncio.get_running_loop().call_later(1.0, self._requeue, unwaited)
