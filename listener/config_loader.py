@@ -95,7 +95,9 @@ def recheck(config: Config) -> list[str]:
     holds together (a standard-webhooks source given a secret that is no ``whsec_``).
     """
     try:
-        Config.model_validate(config.model_dump())
+        # Only what was given: a default dumped beside its alternative reads as both given
+        # (broker.url's, beside broker.urls: every reload of a cluster's file failed).
+        Config.model_validate(config.model_dump(exclude_unset=True))
     except ValidationError as exc:
         return list(_describe(exc))
     return []

@@ -20,7 +20,7 @@ import structlog
 import yaml
 
 from listener.config import Config
-from listener.config_loader import load_config
+from listener.config_loader import load_config, recheck
 from listener.dev.simulators.layerx402.server import Layerx402Simulator
 from listener.dev.simulators.tokenterminal import TokenTerminalSimulator
 from listener.journal import Journal
@@ -362,6 +362,26 @@ def _two_hooks(tmp_path: Path, broker_url: str, exchange: str) -> dict[str, Any]
 
 
 @pytest.mark.usefixtures("cleanup_topology")
+def test_a_cluster_config_with_broker_urls_reloads(tmp_path: Path) -> None:
+    """
+    With ``broker.urls`` (CONTRACT §10) every reload failed its check, "give broker.url
+    or broker.urls, not both": the check read the running settings back with ``url``'s
+    default beside ``urls``. A rotated admin key now passes it.
+    """
+    urls = ["amqp://u:p@127.0.0.1:1/", "amqp://u:p@127.0.0.1:2/"]
+    raw = config_data(tmp_path, admin={"api_keys": [{"key": OLD_KEY, "scopes": ["read"]}]})
+    raw["broker"] = {"urls": urls, "exchange": "reload-urls"}
+    before = Config.model_validate(raw)
+    raw["admin"]["api_keys"][0]["key"] = NEW_KEY
+    plan = plan_reload(before, Config.model_validate(raw))
+    assert plan.rotated == ["admin.api_keys"] and plan.restart == []
+    assert recheck(before) == recheck(plan.config) == []
+    assert [u.get_secret_value() for u in plan.config.broker.nodes] == urls
+    raw["broker"]["url"] = urls[0]  # (both given: still refused)
+    with pytest.raises(ValueError, match="not both"):
+        Config.model_validate(raw)
+
+
 async def test_new_secrets_that_do_not_fit_the_running_settings_change_nothing(
     tmp_path: Path, broker_url: str, exchange_name: str
 ) -> None:
