@@ -524,6 +524,30 @@ async def test_a_replay_into_a_queue_deleted_meanwhile_fails(
             assert run.status.published < 60
 
 
+async def test_an_archive_replay_whose_end_marker_is_never_confirmed_fails(
+    setup: tuple[Config, Path], tmp_path: Path, exchange_name: str
+) -> None:
+    """
+    The end marker's publish had no deadline: a broker that never confirmed it (a
+    memory or disk alarm blocks publishing; here the connection goes silent) held the
+    replay ``running`` for good, and with it one of the two places for running replays.
+    """
+    config, _ = setup
+    async with proxy(BROKER_HOST, BROKER_PORT) as p, running(config) as service:
+        await ingest(service, [event_at(i) for i in range(3)])
+        raw = raw_config(tmp_path, p.url("amqp", "/", "guest:guest"), exchange_name)
+        broker = Config.model_validate(raw).broker
+        request = replay_request(archive_enabled=True, since="2h", origin="archive", dry_run=True)
+        async with Replay(request, broker=broker, journal=None, stall=1.0) as run:
+            p.blackhole()  # (opened and checked; from here on nothing comes back)
+            began = time.monotonic()
+            with pytest.raises(ReplayError, match="end marker"):
+                await asyncio.wait_for(run.run(), timeout=20 * UNIT)
+            p.restore()
+        assert time.monotonic() - began < 10 * UNIT  # (the heartbeat's 60 s: not waited for)
+    assert run.status.state == "failed" and "end marker" in (run.status.error or "")
+
+
 async def test_an_archive_replay_of_a_window_yet_to_come_is_empty_at_once(
     setup: tuple[Config, Path], broker_url: str, exchange_name: str
 ) -> None:

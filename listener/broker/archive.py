@@ -42,6 +42,7 @@ from aio_pika.abc import AbstractConnection
 from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 
+from listener.broker.deadline import within
 from listener.exceptions import ReplayError
 from listener.selection import EventFilter
 
@@ -112,10 +113,19 @@ async def read_archive(
     The properties are copies, without the broker's ``x-stream-offset`` header.
 
     Raises:
-        ReplayError: nothing arrived for ``stall`` seconds before the end marker.
+        ReplayError: the end marker was not confirmed within ``stall`` seconds, or nothing
+            arrived for ``stall`` seconds before it.
     """
     stats = stats if stats is not None else ArchiveStats()
-    marker = await _append_marker(connection, queue)
+    try:
+        # A broker under a memory or disk alarm never confirms it: the replay hung, and
+        # held one of the few running replays' places, until a restart.
+        marker = await within(_append_marker(connection, queue), stall)
+    except TimeoutError:
+        raise ReplayError(
+            f"the broker did not confirm the archive's end marker within {stall:g}s"
+            " (is it blocked, under a memory or disk alarm?): run the replay again"
+        ) from None
     channel = await connection.channel()
     underlay = await channel.get_underlay_channel()
     inbox: asyncio.Queue[DeliveredMessage] = asyncio.Queue()
