@@ -22,8 +22,10 @@ The first request that is anything else, and every later one on its connection, 
 to aiohttp's own :class:`~aiohttp.web_protocol.RequestHandler`, fed the connection's
 bytes from that request's first byte on: the 100-continue, chunked and compressed
 bodies, limits, methods, paths and malformed requests keep aiohttp's handling and the
-contract's JSON errors (:class:`listener.web.PublicRoutes`). A fast request whose body
-has not all come after ``read_timeout`` closes the connection, as aiohttp's path does.
+contract's JSON errors (:class:`listener.web.PublicRoutes`,
+:class:`listener.web.JsonErrorsHandler`), with at most 64 header lines there too. A
+fast request whose body has not all come after ``read_timeout`` closes the connection,
+as aiohttp's path does.
 
 Responses go out in request order (a pipelined request waits for the one before it),
 idle keep-alive connections close after ``KEEPALIVE`` seconds, and on shutdown the
@@ -45,17 +47,16 @@ import asyncio
 import math
 import re
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from email.utils import formatdate
-from http import HTTPStatus
 from typing import Any, Literal, cast
 
 import structlog
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from listener.web import FastRoute, PublicRoutes, Reply, error_reply, error_response
+from listener.web import REASONS, FastRoute, JsonErrorsHandler, PublicRoutes, Reply, error_reply
 
 __all__ = ["FastServer"]
 
@@ -78,7 +79,6 @@ _HEADERS = re.compile(rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e]*\r\n)*\r\n
 _HEADER = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):([^\r]*)\r\n")  # (after _HEADERS)
 _POST = b"POST /"
 _REFUSED = frozenset({"transfer-encoding", "content-encoding", "expect", "upgrade"})
-_REASONS = {status.value: status.phrase for status in HTTPStatus}
 
 
 class FastServer(web.Server):
@@ -96,6 +96,9 @@ class FastServer(web.Server):
         # aiohttp cannot tell an idle connection from one whose next head is dripping in:
         # on its path both close after head_timeout (the fast path keeps idle ones longer).
         kwargs.setdefault("keepalive_timeout", head_timeout)
+        # As many header lines as the fast path takes: aiohttp's 128 of 8 KiB each held
+        # ~2 MiB a connection whose head never ended, outside the budget of held bytes.
+        kwargs.setdefault("max_headers", HEADERS_MAX)
         super().__init__(routes, **kwargs)
         self.routes = routes
         self.head_timeout = head_timeout
@@ -105,6 +108,9 @@ class FastServer(web.Server):
         self.on_refused = on_refused  # (the service's metric)
         self._warned_at = -60.0
         self.fast: set[_Connection] = set()
+        # Made by __call__ but not yet connection_made: counted too (a burst's connections
+        # are all made before the first connection_made runs, on asyncio's loop).
+        self._unmade: weakref.WeakSet[_Connection] = weakref.WeakSet()
         self._date = b""
         self._date_at = 0.0
         self._sweeper: asyncio.TimerHandle | None = None
@@ -112,25 +118,36 @@ class FastServer(web.Server):
     def __call__(self) -> Any:  # aiohttp's type is RequestHandler; this is a Protocol
         if self._sweeper is None:
             self._sweeper = self._loop.call_later(SWEEP, self._sweep)
-        full = len(self.fast) + len(self._connections) >= self.max_connections
-        if full and not self._make_room():
+        open_ = len(self.fast) + len(self._connections) + len(self._unmade)
+        if open_ >= self.max_connections and not self._make_room():
             return _Refused(self)
-        return _Connection(self)
+        connection = _Connection(self)
+        self._unmade.add(connection)
+        return connection
+
+    def made(self, connection: _Connection) -> None:
+        """``connection`` is open: counted in :attr:`fast` from now on."""
+        self._unmade.discard(connection)
+        self.fast.add(connection)
 
     def _make_room(self) -> bool:
         """
         Close the connection quiet the longest, over a second, unless its request is
-        being answered (its body all came); ``False``: none is.
+        being answered (its body all came) or it is closing already (one of aiohttp's is
+        listed until its close is seen: every connection of a burst closed the same one
+        again, and was let in); ``False``: none is.
         """
         answering = self.held.answering
 
-        def since(conn: _Connection | _JsonErrors | None) -> float:  # (inf: not to close)
+        def since(conn: _Connection | JsonErrorsHandler | None) -> float:  # (inf: not to close)
             if isinstance(conn, _Connection):
                 return math.inf if conn.answering else conn.heard
-            return math.inf if conn is None or conn.transport in answering else conn.heard
+            if conn is None or conn.transport is None or conn.transport in answering:
+                return math.inf
+            return conn.heard
 
         fast = min(self.fast, key=since, default=None)
-        handlers = (h for h in self._connections if isinstance(h, _JsonErrors))
+        handlers = (h for h in self._connections if isinstance(h, JsonErrorsHandler))
         slow = min(handlers, key=since, default=None)
         if min(since(fast), since(slow)) >= self._loop.time() - 1.0:
             return False
@@ -160,7 +177,7 @@ class FastServer(web.Server):
 
     def aiohttp_handler(self) -> asyncio.Protocol:
         """A connection handler of aiohttp's own (what the fast path hands over to)."""
-        return _JsonErrors(self, loop=self._loop, **self._kwargs)
+        return JsonErrorsHandler(self, loop=self._loop, **self._kwargs)
 
     def date(self) -> bytes:
         """The ``Date`` header's value, formatted once a second."""
@@ -192,38 +209,6 @@ class FastServer(web.Server):
         await super().shutdown(timeout)
 
 
-class _JsonErrors(RequestHandler):
-    """
-    aiohttp's connection handler, whose own answers (to a request it could not parse:
-    a bad request line, a header over its limits) are the contract's JSON error body
-    too. aiohttp's are text, and echo the request's bytes back. ``heard``: when it last
-    sent or received (the connection limit closes the quietest).
-    """
-
-    heard = 0.0
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.heard = self._loop.time()
-        super().connection_made(transport)
-
-    def data_received(self, data: bytes) -> None:
-        self.heard = self._loop.time()
-        super().data_received(data)
-
-    def handle_error(
-        self,
-        request: web.BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        super().handle_error(request, status, exc, message)  # (logs; raises once answering)
-        code = "INTERNAL" if status >= 500 else "BAD_REQUEST"
-        response = error_response(status, code, _REASONS.get(status, "Error"))
-        response.force_close()  # as aiohttp's: the rest of the connection is unreadable
-        return response
-
-
 class _Connection(asyncio.Protocol):
     """One connection while its requests take the fast path (see the module docstring)."""
 
@@ -246,7 +231,7 @@ class _Connection(asyncio.Protocol):
         # A stream server's (uvloop's transports do not subclass asyncio's).
         self._transport = cast(asyncio.Transport, transport)
         self.heard = self._loop.time()
-        self._server.fast.add(self)
+        self._server.made(self)
         self._time_head()  # the first request's head: from the connection's opening on
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -385,7 +370,7 @@ class _Connection(asyncio.Protocol):
     def _encode(self, reply: Reply) -> bytes:
         extra = "".join(f"{k}: {v}\r\n" for k, v in reply.headers.items()) if reply.headers else ""
         head = (
-            f"HTTP/1.1 {reply.status} {_REASONS.get(reply.status, 'Error')}\r\n"
+            f"HTTP/1.1 {reply.status} {REASONS.get(reply.status, 'Error')}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(reply.body)}\r\n{extra}"
         ).encode()
         return b"%sDate: %s\r\n\r\n%s" % (head, self._server.date(), reply.body)

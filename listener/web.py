@@ -12,16 +12,20 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any, Protocol, TypeVar
 
 import aiohttp
 import orjson
 import structlog
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 __all__ = [
+    "REASONS",
     "FastRoute",
     "Handler",
+    "JsonErrorsHandler",
     "PublicRoutes",
     "Reply",
     "error_reply",
@@ -39,6 +43,7 @@ log = structlog.get_logger("listener.web")
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 _R = TypeVar("_R", bound=web.BaseRequest)
 
+REASONS = {status.value: status.phrase for status in HTTPStatus}
 _CODES = {
     400: "BAD_REQUEST",
     404: "NOT_FOUND",
@@ -115,6 +120,46 @@ def error_response(
 ) -> web.Response:
     """The contract's error body: ``{"success": false, "error": {"code", "message"}}``."""
     return reply_response(error_reply(status, code, message, headers))
+
+
+class JsonErrorsHandler(RequestHandler):
+    """
+    aiohttp's connection handler (the public port's, :mod:`listener.fast_http`), whose
+    own answers to a request it could not parse (a bad request line, a header over its
+    limits) are the contract's JSON error body too: aiohttp's are text, and echo the
+    request's bytes back. Those are logged at debug level, without the bytes: aiohttp
+    logged each with a traceback at error level, a line per bad request anyone could
+    send. ``heard``: when it last sent or received (the connection limit closes the
+    quietest).
+    """
+
+    heard = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.heard = self._loop.time()
+        super().connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.heard = self._loop.time()
+        super().data_received(data)
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status >= 500:
+            super().handle_error(request, status, exc, message)  # (logs; raises if answering)
+        elif request.writer.output_size > 0:  # (as aiohttp: the answer had begun)
+            raise ConnectionError("the response was sent already: no error answer")
+        else:
+            log.debug("request_unreadable", status=status, error=type(exc).__name__)
+        code = "INTERNAL" if status >= 500 else "BAD_REQUEST"
+        response = error_response(status, code, REASONS.get(status, "Error"))
+        response.force_close()  # as aiohttp's: the rest of the connection is unreadable
+        return response
 
 
 @web.middleware

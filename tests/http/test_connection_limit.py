@@ -101,6 +101,33 @@ async def test_idle_connections_on_aiohttps_path_make_room_too() -> None:
             w.close()
 
 
+async def test_a_burst_of_connections_stays_within_the_limit() -> None:
+    """
+    A burst past the limit: every new connection of it "made room" by closing the same
+    aiohttp-path connection again (still listed until its close was seen, and still
+    quiet), and the new ones were counted only once made. 30 at once against a limit of
+    4 left 31 (uvloop) or 43 (asyncio) open, and each burst more, up to the file limit.
+    """
+    async with serve(Route(), max_connections=4) as svc:
+        server = svc.runner.server
+        assert isinstance(server, FastServer)
+        handed = []
+        for name in ("a", "b", "c", "d"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+            writer.write(post(name, **{"Content-Encoding": "identity"}))
+            assert await answers(reader, 1) == [(200, "aiohttp", name)]
+            handed.append((reader, writer))
+        await asyncio.sleep(1.1)
+        burst = await asyncio.gather(
+            *(asyncio.open_connection("127.0.0.1", svc.port) for _ in range(30))
+        )
+        assert all([await closed(r) for r, _ in handed])  # each closed once, for one
+        assert sum([await closed(r, 0.2) for r, _ in burst]) == 26 == server.refused
+        assert len(server.fast) + len(server._connections) == 4
+        for _, w in [*handed, *burst]:
+            w.close()
+
+
 async def test_bodies_that_do_not_come_make_room_too() -> None:
     """Heads sent, bodies never: 4,200 such connections held the port for read_timeout."""
     async with serve(Route(read_timeout=30.0), max_connections=3) as svc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -178,6 +179,40 @@ async def test_other_paths_methods_versions_and_oversized_bodies_go_to_aiohttp()
                 await read_reply(reader)
             writer.close()
         assert svc.route.fast == []
+
+
+async def test_an_unreadable_request_is_a_json_400_logged_quietly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """
+    Each request aiohttp could not parse was logged at error level with a traceback and
+    up to 100 of the client's bytes: a log line per bad request, anyone could send them.
+    """
+    async with serve(Route()) as svc:
+        for raw in (
+            b"POST /hook HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+            request("POST", PATH, b"", {"Transfer-Encoding": "chunked"}) + b"ZZ\r\n",
+        ):
+            reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+            with caplog.at_level(logging.DEBUG):
+                writer.write(raw)
+                reply = await read_reply(reader)
+            writer.close()
+            assert reply.status == 400 and reply.json()["error"]["code"] == "BAD_REQUEST"
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+async def test_aiohttps_path_takes_as_many_header_lines_as_the_fast_path() -> None:
+    """aiohttp took 128 lines of 8 KiB each: a head that never ended held ~2 MiB."""
+    async with serve(Route()) as svc:
+        for count, status in ((fast_http.HEADERS_MAX, 200), (fast_http.HEADERS_MAX + 1, 400)):
+            raw = post("n", **{"Content-Encoding": "identity"})
+            head, body = raw.split(b"\r\n\r\n", 1)
+            lines = [f"X-Line-{i}: v".encode() for i in range(count - head.count(b"\r\n"))]
+            reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+            writer.write(b"\r\n".join([head, *lines]) + b"\r\n\r\n" + body)
+            assert (await read_reply(reader)).status == status, count
+            writer.close()
 
 
 async def test_pipelined_requests_are_answered_in_order_across_the_hand_over() -> None:
