@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 import pytest
+import structlog
 
 from handlers import Event
 from handlers.frames import ErrorFrame
@@ -235,6 +236,52 @@ async def test_a_refused_subscription_is_asked_for_again(
                 await sim.drop_all(1011, "restart")
             await wait_for(lambda: portfolio() == "active", timeout=10, what="asked again")
             assert source.connections == (2 if how == "reconnect" else 1)
+
+
+@pytest.mark.parametrize("how", ["error", "unsubscribed"])
+async def test_a_subscription_refused_for_now_or_ended_by_the_server_comes_back(
+    tmp_path: Path,
+    broker_url: str,
+    exchange_name: str,
+    how: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """
+    A subscribe answered with an error other than FORBIDDEN or INVALID_PARAMS (here a
+    rate limit), or a subscription the server ends (``unsubscribed``), stayed pending
+    for the life of the connection: nothing more came for it, maybe for days, and what
+    the server no longer held by the next connection was lost. It is asked for again
+    on the live connection, from its last seq.
+    """
+    monkeypatch.setattr(subscriptions, "RETRY_BASE", 0.2)
+    async with Layerx402Simulator(rate=200) as sim:
+        if how == "error":
+            sim.refuse_next("portfolio", "RATE_LIMITED")
+        config = stream_config(tmp_path, broker_url, exchange_name, sim.url)
+        async with running(config) as service:
+            source = stream_source(service)
+
+            def portfolio() -> dict[str, Any]:
+                subs = source.state()["subscriptions"]
+                return next(s for s in subs if s["channel"] == "portfolio")
+
+            if how == "error":
+                await wait_for(lambda: portfolio().get("error") is not None, what="refused")
+                assert portfolio()["state"] == "pending"
+            else:
+                await wait_for(lambda: (portfolio()["last_seq"] or 0) > 5, what="events")
+                with structlog.testing.capture_logs() as logs:
+                    assert sim.end_subscriptions("portfolio") == 1
+                    await wait_for(lambda: portfolio()["state"] == "pending", what="ended")
+                assert [e["subscription"] for e in logs if e["event"] == "stream_unsubscribed"]
+            await wait_for(lambda: portfolio()["state"] == "active", timeout=10, what="back")
+            seen = portfolio()["last_seq"] or 0
+            await wait_for(lambda: (portfolio()["last_seq"] or 0) > seen, what="events again")
+            assert source.connections == 1 and "error" not in portfolio()
+            asks = [r for r in sim.requests if r.get("channel") == "portfolio"]
+            assert len(asks) == 2
+            if how == "unsubscribed":
+                assert asks[1]["since_seq"] is not None  # (resumed from its position)
 
 
 async def test_malformed_and_oversize_frames_are_quarantined(

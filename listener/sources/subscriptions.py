@@ -22,7 +22,7 @@ from listener.logs import redact
 from listener.metrics import Metrics
 from listener.sources.websocket_policy import Outcome, Subscription
 
-__all__ = ["FORBIDDEN_RETRY", "Subscriptions"]
+__all__ = ["ACK_WAIT", "FORBIDDEN_RETRY", "Subscriptions"]
 
 log = structlog.get_logger("listener.streams")
 
@@ -30,6 +30,14 @@ log = structlog.get_logger("listener.streams")
 # connection, and on a live one this long after: a plan upgraded, or a key rotated by
 # SIGHUP (it authenticates the next connection), lets it through without a restart.
 FORBIDDEN_RETRY = 600.0
+# A subscription neither acknowledged nor refused this long after its subscribe, refused
+# with another code (a rate limit, a server error), or ended by the server
+# (``unsubscribed``), is asked for again on the live connection: after ACK_WAIT, after
+# RETRY_BASE doubling to RETRY_CAP (or the error's retry_after, if longer), or after
+# RETRY_BASE. It stayed pending until the connection dropped, maybe days later, and the
+# events the server held no longer by then were lost.
+ACK_WAIT = 30.0
+RETRY_BASE, RETRY_CAP = 1.0, 60.0
 
 
 class Subscriptions:
@@ -72,24 +80,32 @@ class Subscriptions:
         What to subscribe now, each set pending: on a new connection (``connecting``)
         all but those refused for their params (the same params fail again until a
         restart applies new ones); on a live one, those refused FORBIDDEN over
-        :data:`FORBIDDEN_RETRY` ago.
+        :data:`FORBIDDEN_RETRY` ago, and pending ones due again (:data:`ACK_WAIT`).
         """
-        due = time.monotonic() - FORBIDDEN_RETRY
+        now = time.monotonic()
+        due = now - FORBIDDEN_RETRY
         chosen = [
             s
             for s in self.all
             if (connecting and s.state != "invalid_params")
             or (s.state == "forbidden" and s.refused_at <= due)
+            or (s.state == "pending" and s.retry_due <= now)
         ]
         for sub in chosen:
             sub.state = "pending"
+            sub.retry_due = now + ACK_WAIT
         if connecting:  # (refused for its params: not asked again, still refused here)
             for sub in self.all:
                 if sub.state == "invalid_params":
                     self._metrics.subscription_failed.labels(self._source, sub.key).set(1)
-        refused = [s.refused_at for s in self.all if s.state == "forbidden"]
-        self.retry_at = min(refused, default=math.inf) + FORBIDDEN_RETRY
+        self._schedule()
         return chosen
+
+    def _schedule(self) -> None:
+        """When :meth:`to_subscribe` next has something on a live connection."""
+        refused = [s.refused_at + FORBIDDEN_RETRY for s in self.all if s.state == "forbidden"]
+        pending = [s.retry_due for s in self.all if s.state == "pending"]
+        self.retry_at = min(refused + pending, default=math.inf)
 
     def stopped(self) -> None:
         """The source stopped: ``listener_subscription_failed`` no longer holds here."""
@@ -104,16 +120,41 @@ class Subscriptions:
         self._by_server.clear()
 
     def unsubscribed(self, server_id: str) -> None:
-        """The server ended one subscription."""
+        """The server ended one subscription: asked for again after :data:`RETRY_BASE`."""
         sub = self._by_server.pop(server_id, None)
-        if sub is not None:
-            sub.state = "pending"
+        if sub is None:
+            return
+        sub.state = "pending"
+        sub.server_id = None
+        sub.retry_due = time.monotonic() + RETRY_BASE
+        self._schedule()
+        log.warning(
+            "stream_unsubscribed",
+            source=self._source,
+            subscription=sub.key,
+            note=f"subscribed again in {RETRY_BASE:g}s, from its last seq",
+        )
 
     def silent_for(self, limit: float) -> float:
         """Seconds until an active subscription has been silent for ``limit``."""
         now = time.monotonic()
         waits = [s.last_heard + limit - now for s in self.all if s.state == "active"]
         return min(waits, default=limit)
+
+    def wait(
+        self, quiet: float, stale_after: float, sub_stale: float | None
+    ) -> tuple[float, str | None]:
+        """
+        How long a connection waits for its next frame, and what it means when none came
+        by then: why the connection is stale, or ``None``: a subscription is due to be
+        asked for again. ``quiet``: seconds until nothing came for ``stale_after``.
+        """
+        waits: list[tuple[float, str | None]] = [(quiet, f"nothing received for {stale_after}s")]
+        if sub_stale is not None:
+            waits.append((self.silent_for(sub_stale), "a subscription went silent"))
+        waits.append((self.retry_at - time.monotonic(), None))
+        wait, meaning = min(waits, key=lambda w: w[0])
+        return max(wait, 0.0), meaning
 
     def find(self, frame: EventFrame) -> Subscription | None:
         """The subscription an event frame belongs to (``None``: none by that id)."""
@@ -168,6 +209,8 @@ class Subscriptions:
         sub.server_id = frame.subscription
         sub.last_heard = time.monotonic()
         sub.error = None
+        sub.retry_due, sub.failures = math.inf, 0
+        self._schedule()
         self._by_server[frame.subscription] = sub
         self._metrics.subscription_failed.labels(self._source, sub.key).set(0)
         log.info(
@@ -190,11 +233,10 @@ class Subscriptions:
             log.warning("stream_error", source=self._source, code=frame.code, message=message)
             return
         if frame.kind in ("forbidden", "invalid_params"):
+            sub.error = message
             sub.state = "forbidden" if frame.kind == "forbidden" else "invalid_params"
             sub.refused_at = time.monotonic()
-            if frame.kind == "forbidden":
-                self.retry_at = min(self.retry_at, sub.refused_at + FORBIDDEN_RETRY)
-            sub.error = message
+            self._schedule()
             self._metrics.subscription_failed.labels(self._source, sub.key).set(1)
             log.warning(
                 "stream_subscription_failed",
@@ -203,3 +245,20 @@ class Subscriptions:
                 code=frame.code,
                 message=message,
             )
+            return
+        if sub.state != "pending":
+            return  # (not an answer to a subscribe: nothing to ask again)
+        sub.error = message
+        sub.failures += 1
+        wait = min(RETRY_BASE * 2 ** min(sub.failures - 1, 16), RETRY_CAP)
+        wait = max(wait, frame.retry_after or 0.0)
+        sub.retry_due = time.monotonic() + wait
+        self._schedule()
+        log.warning(
+            "stream_subscription_error",
+            source=self._source,
+            subscription=sub.key,
+            code=frame.code,
+            message=message,
+            note=f"subscribed again in {wait:g}s",
+        )

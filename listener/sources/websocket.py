@@ -228,9 +228,8 @@ class StreamSource:
         self._max_size = grown
 
     def _process_exception(self, exc: Exception) -> Exception | None:
-        # Decide retry-or-fatal for a failed connection attempt (websockets' hook): the
-        # network, handshake and HTTP status errors are all retried with backoff; a 401
-        # or 403 at the HTTP level also marks the source unauthorized.
+        # websockets' hook for a failed attempt: network, handshake and HTTP status errors
+        # are retried with backoff (a 401 or 403 also marks the source unauthorized).
         self._last_error = redact(f"{type(exc).__name__}: {exc}")
         if isinstance(exc, InvalidStatus) and exc.response.status_code in (401, 403):
             self._set_status("unauthorized")
@@ -325,6 +324,7 @@ class StreamSource:
         sub_stale = self._config.subscription_stale_after
         window = self._config.journal_window
         journal = self._journal
+        heard_at = time.monotonic()
         while True:
             if self._appends.error is not None:
                 # An append failed: end this connection now, so nothing after it is
@@ -336,16 +336,16 @@ class StreamSource:
                 await journal.wait_for_capacity()
             if self._subs.retry_at <= time.monotonic():  # refused ones, now and then
                 await self._subscribe(ws, connecting=False)
-            deadline = stale_after
-            if sub_stale is not None:
-                deadline = min(deadline, self._subs.silent_for(sub_stale))
+            quiet = heard_at + stale_after - time.monotonic()
+            wait, meaning = self._subs.wait(quiet, stale_after, sub_stale)
             try:
-                async with asyncio.timeout(max(deadline, 0.0)):
+                async with asyncio.timeout(wait):
                     raw = await ws.recv()
             except TimeoutError:
-                if deadline < stale_after:
-                    raise _Stale("a subscription went silent") from None
-                raise _Stale(f"nothing received for {stale_after}s") from None
+                if meaning is None:
+                    continue  # (a subscription to ask for again, above)
+                raise _Stale(meaning) from None
+            heard_at = time.monotonic()
             frame = self._provider.parse_frame(raw)
             if isinstance(frame, EventFrame):
                 self._on_event(frame, raw)

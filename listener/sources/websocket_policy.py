@@ -19,6 +19,7 @@ every provider:
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -71,6 +72,10 @@ class Subscription:
     last_heard: float = 0.0
     error: str | None = None
     refused_at: float = 0.0  # monotonic clock of the last FORBIDDEN
+    # Pending: asked for again on a live connection at this monotonic time (no answer
+    # to the subscribe by then, another error, or the server ended it); failures in a row.
+    retry_due: float = math.inf
+    failures: int = 0
     behind: bool = False  # frames at or below last_seq arrive (logged once)
 
     def view(self) -> dict[str, Any]:

@@ -1,12 +1,15 @@
 """
 Fault controls of the Layerx402 simulator: drops, raw and oversize frames, rate
-limiting, silence, refused handshakes. A mixin of :class:`.server.Layerx402Simulator`.
+limiting, silence, refused handshakes, subscriptions refused once or ended by the server.
+A mixin of :class:`.server.Layerx402Simulator`.
 """
 
 from __future__ import annotations
 
 import asyncio
 from typing import TYPE_CHECKING
+
+import orjson
 
 from listener.dev.simulators.layerx402.feed import Close, Conn, Raw, rate_limited_frame
 from listener.dev.simulators.waiting import Waitable
@@ -26,6 +29,7 @@ class Faults(Waitable):
     _frozen: bool
     _rate_limited_until: float
     _handshake_status: int | None
+    refuse_once: dict[str, str]
 
     # --- faults ----------------------------------------------------------------------
 
@@ -49,6 +53,29 @@ class Faults(Waitable):
         await self.wait_until(
             lambda: not self._all.intersection(conns), timeout=15.0, what="all dropped"
         )
+
+    def refuse_next(self, channel: str, code: str = "RATE_LIMITED") -> None:
+        """Answer the next subscribe to ``channel`` with an error frame of ``code``."""
+        self.refuse_once[channel] = code
+
+    def end_subscriptions(self, channel: str) -> int:
+        """
+        End every subscription to ``channel`` from the server's side, each with an
+        ``unsubscribed`` frame (no request id); return how many ended.
+        """
+        ended = 0
+        for conn in self._authed:
+            for sub_id, key in list(conn.subs.items()):
+                if key.channel != channel:
+                    continue
+                del conn.subs[sub_id]
+                key.subscribers.pop(sub_id, None)
+                if not key.subscribers:
+                    key.active.clear()
+                frame = {"type": "unsubscribed", "subscription": sub_id}
+                conn.out.put_nowait(orjson.dumps(frame))
+                ended += 1
+        return ended
 
     def send_raw(self, payload: str | bytes) -> None:
         """Send ``payload`` as is to every authenticated connection (str: text, bytes: binary)."""

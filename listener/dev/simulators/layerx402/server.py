@@ -104,6 +104,8 @@ class Layerx402Simulator(Production, Faults):
         self.buffer_size = buffer_size
         self.ping_interval = ping_interval
         self.forbidden = set(forbidden)
+        #: Channels whose next subscribe gets an error frame of this code (refuse_next).
+        self.refuse_once: dict[str, str] = {}
         self.record = record
         self.time_base_ms = int(time.time() * 1000) if time_base_ms is None else time_base_ms
         self.auth_timeout = auth_timeout
@@ -346,6 +348,9 @@ class Layerx402Simulator(Production, Faults):
         assert isinstance(channel, str)  # check_subscribe proved it
         if channel in self.forbidden or subscription_key(channel, params) in self.forbidden:
             conn.out.put_nowait(error_frame(request_id, "FORBIDDEN", f"not allowed: {channel}"))
+            return
+        if (code := self.refuse_once.pop(channel, None)) is not None:
+            conn.out.put_nowait(error_frame(request_id, code, "try again later"))
             return
         key = self._key(channel, params)
         sub_id = f"sub_{next(self._sub_ids)}"
