@@ -29,6 +29,7 @@ from listener.sources.websocket import StreamSource
 from listener.sources.websocket_policy import Outcome
 from tests.conftest import make_config, running, tap, wait_for
 from tests.process import ListenerProcess
+from tests.test_journal import entry
 
 pytestmark = pytest.mark.usefixtures("cleanup_topology")
 
@@ -371,6 +372,45 @@ async def test_backpressure_pauses_reading_and_recovers(
             every = {i for ids in produced_before.values() for i in ids}
             held = {i for ids in produced_before.values() for i in ids[-90_000:]}
             await t.wait_ids(held & every, timeout=120)
+
+
+async def test_a_frame_read_as_the_journal_fills_waits_for_room(
+    tmp_path: Path, exchange_name: str
+) -> None:
+    """
+    The journal's limit was looked at before each read: one reached while the source
+    waited for a frame refused that frame's append, which ended the connection, and a
+    frame to quarantine (no seq to ask for again) was lost. Now the frame waits for
+    room, on the same connection.
+    """
+    async with Layerx402Simulator() as sim:
+        config = stream_config(
+            tmp_path,
+            "amqp://guest:guest@127.0.0.1:1/",  # (nothing is published: pending stays)
+            exchange_name,
+            sim.url,
+            journal={"max_pending": 3},
+        )
+        async with running(config) as service:
+            source, journal = stream_source(service), service.journal
+            assert journal is not None
+
+            def quarantined() -> float:
+                text = service.metrics.render().decode()
+                lines = [
+                    x for x in text.splitlines() if x.startswith("listener_events_quarantined_t")
+                ]
+                return sum(float(x.split()[-1]) for x in lines)
+
+            await wait_for(lambda: all(s.state == "active" for s in source._subs), what="subs")
+            await journal.append([entry(i, source="elsewhere") for i in range(3)])
+            assert journal.over_limit() == "max_pending"  # (while the source waits to read)
+            sim.send_raw("not a frame")
+            await asyncio.sleep(0.5)  # (the frame is read; nothing is to come of it yet)
+            assert quarantined() == 0 and source.connections == 1 and journal.appending == 0
+            await journal.mark_published([1, 2, 3], wait=True)  # room again
+            await wait_for(lambda: quarantined() == 1, what="the frame quarantined")
+            assert source.connections == 1
 
 
 @pytest.mark.parametrize("window", [1, 8])

@@ -111,8 +111,7 @@ class StreamSource:
         )
         self._appends = Appends(source=config.name, journal=journal, intake=self._intake)
         self._last_error: str | None = None
-        # Frames up to this size are received (max_size, raised after a 1009).
-        self._max_size = config.max_size
+        self._max_size = config.max_size  # frames taken up to (raised after a 1009)
 
     @property
     def unit_key(self) -> str | None:
@@ -330,10 +329,6 @@ class StreamSource:
                 # An append failed: end this connection now, so nothing after it is
                 # taken on a position that is not on disk; the cursors reload.
                 raise JournalError(f"an append failed: {self._appends.error}")
-            if journal.over_limit() is not None:
-                # Backpressure: stop reading; TCP pushes back on the server (CONTRACT §8).
-                await self._settle()
-                await journal.wait_for_capacity()
             if self._subs.retry_at <= time.monotonic():  # refused ones, now and then
                 await self._subscribe(ws, connecting=False)
             quiet = heard_at + stale_after - time.monotonic()
@@ -346,6 +341,11 @@ class StreamSource:
                     continue  # (a subscription to ask for again, above)
                 raise _Stale(meaning) from None
             heard_at = time.monotonic()
+            if journal.over_limit() is not None:
+                # Backpressure: read no more (TCP pushes back, CONTRACT §8). Here, no await
+                # before the append: before the read, a journal filled meanwhile refused it.
+                await self._settle()
+                await journal.wait_for_capacity()
             frame = self._provider.parse_frame(raw)
             if isinstance(frame, EventFrame):
                 self._on_event(frame, raw)
