@@ -122,12 +122,14 @@ _RATE = re.compile(r"^\s*(\d+)\s*/\s*(\S+)\s*$")
 
 def parse_rate(value: object) -> tuple[int, float]:
     """``800/1m`` → (800 requests, 60.0 seconds); also ``90/60s``, ``5/1s``."""
-    if isinstance(value, list | tuple) and len(value) == 2:
-        return int(value[0]), parse_duration(value[1])
-    match = _RATE.match(value) if isinstance(value, str) else None
-    if match is None:
+    if isinstance(value, list | tuple) and len(value) == 2:  # (as dumped: a SIGHUP's check)
+        if isinstance(value[0], bool) or not isinstance(value[0], int | str):
+            raise ValueError("expected requests per window, such as 800/1m or 90/60s")
+        count, window = int(value[0]), parse_duration(value[1])
+    elif isinstance(value, str) and (match := _RATE.match(value)) is not None:
+        count, window = int(match[1]), parse_duration(match[2])
+    else:
         raise ValueError("expected requests per window, such as 800/1m or 90/60s")
-    count, window = int(match[1]), parse_duration(match[2])
     if count < 1 or window <= 0:
         raise ValueError("the budget needs at least 1 request in a window longer than 0s")
     return count, window

@@ -21,9 +21,11 @@ import pytest
 import yaml
 
 from listener import hangups
+from listener.config import Config
 from listener.config_loader import load_config, render_config, secret_values
 from listener.exceptions import ConfigError
 from tests.test_config import BASE, WHSEC, run_cli, write
+from tests.test_poll import tt_source
 
 LX = """
   - name: lx
@@ -155,6 +157,17 @@ def test_values_that_cannot_work_are_refused(
     place[name] = value
     (problem,) = problems_of(tmp_path, yaml.safe_dump(raw, width=1000))
     assert problem.startswith(f"{key}: ") and message in problem, problem
+
+
+@pytest.mark.parametrize("value", [[0, "1m"], [5, "0s"], [-1, "1m"], [True, "1m"], "0/1m"])
+def test_a_rate_limit_that_cannot_work_is_refused(tmp_path: Path, value: object) -> None:
+    """Written as a YAML list it skipped the checks: the daemon then crashed at its start."""
+    source = tt_source("http://127.0.0.1:1", rate_limit=value)
+    text = yaml.safe_dump({"broker": {"url": "amqp://u:p@127.0.0.1/"}, "sources": [source]})
+    (problem,) = problems_of(tmp_path, text)
+    assert problem.startswith("sources[0].rate_limit: "), problem
+    kept = Config.model_validate({"sources": [{**source, "rate_limit": [5, "1m"]}]})
+    assert kept.sources[0].rate_limit == (5, 60.0)  # (as a SIGHUP's check reads it back)
 
 
 def test_clashes_name_each_key(tmp_path: Path) -> None:
