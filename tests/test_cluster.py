@@ -226,6 +226,47 @@ async def test_a_replica_cut_off_from_the_broker_stops_its_units(
                 cut_off.restore()
 
 
+async def test_a_replica_fenced_on_a_connection_that_stayed_open_gives_its_leases_back(
+    tmp_path: Path, broker_url: str, exchange_name: str
+) -> None:
+    """
+    The watchdog fenced a replica whose broker stopped answering while the connection
+    stayed open: its units stopped, but their lease queues stayed on that connection.
+    When the broker answered again it took back only its share, and the other units
+    could be taken by nobody: run by none until that connection closed.
+    """
+    async with Layerx402Simulator(rate=50) as sim:
+        first = replica_config(
+            tmp_path, "a", broker_url, exchange_name, sim.url, broker={"heartbeat": "1s"}
+        )
+        second = replica_config(tmp_path, "b", broker_url, exchange_name, sim.url)
+        async with running(first) as a:
+            coordinator = a.coordinator
+            assert coordinator is not None
+            await wait_for(lambda: len(coordinator.held()) == 3, timeout=10 * UNIT, what="a")
+            answers, silent = coordinator._answers, True
+
+            async def unanswered(conn: Any, within: float) -> bool:
+                if silent:  # (a broker that does not answer: the connection stays)
+                    await asyncio.sleep(within)
+                    return False
+                return await answers(conn, within)
+
+            coordinator._answers = unanswered  # type: ignore[method-assign] # the broker's silence
+            await wait_for(lambda: coordinator.held() == [], timeout=10 * UNIT, what="fenced")
+            async with running(second) as b:
+                assert b.coordinator is not None
+                await asyncio.sleep(1.0)  # b's rounds: every lease is still a's
+                assert b.coordinator.held() == []
+                silent = False
+                await wait_for(
+                    lambda: sorted(len(v) for v in holders([a, b]).values()) == [1, 1, 1],
+                    timeout=15 * UNIT,
+                    what="every unit held again",
+                )
+                await wait_for(lambda: counts(sim) == [1, 1, 1], timeout=10 * UNIT, what="run")
+
+
 def aiormq_port(url: str) -> int:
     return int(url.rsplit(":", 1)[1].split("/", maxsplit=1)[0])
 

@@ -38,6 +38,7 @@ from aiormq.abc import AbstractConnection
 
 from listener.broker.publisher import Publisher
 from listener.cluster import leases
+from listener.cluster.checkpointing import AMQP_ERRORS, Checkpointing, our_cancel
 from listener.cluster.units import Unit, source_views
 from listener.config import BrokerConfig, ClusterConfig
 from listener.journal import Journal
@@ -49,24 +50,13 @@ __all__ = ["Coordinator"]
 
 log = structlog.get_logger("listener.cluster")
 
-CHECKPOINT_INTERVAL = 1.0
 # A replica not heard for this many lease_retry is gone.
 PRESENCE_TTL = 3
 # Waiting for a stopping unit (a stream says goodbye within 2 s).
 STOP_TIMEOUT = 5.0
-_AMQP_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, TimeoutError, RuntimeError)
 
 
-def _our_cancel(exc: BaseException) -> bool:
-    """
-    Whether ``exc`` is this task being cancelled, not aiormq cancelling what waited on
-    a connection that closed (it raises CancelledError into the waiters).
-    """
-    task = asyncio.current_task()
-    return isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling() > 0
-
-
-class Coordinator:
+class Coordinator(Checkpointing):
     """Takes, runs, checkpoints and gives up this replica's units."""
 
     def __init__(
@@ -92,6 +82,9 @@ class Coordinator:
         self._publisher = publisher
         self._metrics = metrics
         self._conn: AbstractConnection | None = None
+        # Lease queues taken on that connection and not released: a fence that leaves
+        # the connection open (the watchdog's) leaves them held; _round gives them back.
+        self._taken: tuple[AbstractConnection | None, set[str]] = (None, set())
         self._presence: leases.Presence | None = None
         self._peers: dict[str, tuple[float, frozenset[str]]] = {}
         self._wake = asyncio.Event()
@@ -154,8 +147,8 @@ class Coordinator:
                     for unit in held:
                         await leases.release(conn, self._names.lease(unit.name))
                     await self._announce(leaving=True)
-        except (*_AMQP_ERRORS, asyncio.CancelledError) as exc:
-            if _our_cancel(exc):
+        except (*AMQP_ERRORS, asyncio.CancelledError) as exc:
+            if our_cancel(exc):
                 raise
             log.warning("lease_release_failed", error=f"{type(exc).__name__}: {exc}")
         log.info("cluster_released", units=[u.name for u in held])
@@ -188,10 +181,10 @@ class Coordinator:
                     await self._join(conn)
                 if conn is not None and self._conn is conn:
                     await self._round(conn)
-            except _AMQP_ERRORS as exc:
+            except AMQP_ERRORS as exc:
                 log.warning("cluster_round_failed", error=f"{type(exc).__name__}: {exc}")
             except asyncio.CancelledError as exc:
-                if _our_cancel(exc):
+                if our_cancel(exc):
                     raise
                 log.warning("cluster_round_failed", error="the connection closed")
             except Exception:  # a bug or the journal failing: logged, tried again next round
@@ -232,8 +225,8 @@ class Coordinator:
                 return True  # a resource alarm: the broker is there (it said so)
             async with asyncio.timeout(within):
                 await leases.probe(conn)
-        except (*_AMQP_ERRORS, asyncio.CancelledError) as exc:
-            if _our_cancel(exc):
+        except (*AMQP_ERRORS, asyncio.CancelledError) as exc:
+            if our_cancel(exc):
                 raise
             return False
         except Exception:  # not a broker answer either; logged, counted as silence
@@ -278,7 +271,7 @@ class Coordinator:
             held = [] if leaving else [u.name for u in self.held()]
             body = {"replica": self.replica, "held": held, "hello": hello, "leaving": leaving}
             await self._presence.say(body)
-        except _AMQP_ERRORS as exc:  # presence is advice; the leases are what count
+        except AMQP_ERRORS as exc:  # presence is advice; the leases are what count
             presence, self._presence = self._presence, None
             if presence is not None:
                 await presence.close()
@@ -297,6 +290,7 @@ class Coordinator:
         return min(count for _, count in alive)
 
     async def _round(self, conn: AbstractConnection) -> None:
+        await self._release_stranded(conn)
         for unit in self.held():  # a lease deleted under us: stop its unit
             if not await leases.still_held(conn, self._names.lease(unit.name)):
                 log.warning("lease_lost", unit=unit.name)
@@ -321,12 +315,36 @@ class Coordinator:
             if unit.task is not None and not unit.task.done():
                 continue  # still stopping from before
             if await leases.take(conn, self._names.lease(unit.name)):
+                self._note_taken(conn, self._names.lease(unit.name))
                 await self._start_unit(conn, unit)
                 await self._announce()
                 if least is not None:
                     least = self._least_loaded_peer()
             else:
                 unit.other_until = now + PRESENCE_TTL * self._retry
+
+    def _note_taken(self, conn: AbstractConnection, lease: str, *, taken: bool = True) -> None:
+        on, names = self._taken
+        if on is not conn:  # (the last connection's went with it)
+            self._taken = on, names = conn, set()
+        (names.add if taken else names.discard)(lease)
+
+    async def _release_stranded(self, conn: AbstractConnection) -> None:
+        """
+        Give back the leases this connection holds for units not running here: fenced
+        while the connection stayed open (the broker silent for two heartbeats), they
+        stayed held, no other replica could take their units, and this one took back
+        only its share: a unit was run by none until the connection closed.
+        """
+        on, names = self._taken
+        if on is not conn:
+            return
+        running = {self._names.lease(u.name) for u in self.units if u.held}
+        for lease in sorted(names - running):
+            with contextlib.suppress(aiormq.exceptions.ChannelLockedResource):  # (not ours)
+                await leases.release(conn, lease)
+            names.discard(lease)
+            log.info("lease_released", lease=lease, reason="held on a fenced connection")
 
     async def _start_unit(self, conn: AbstractConnection, unit: Unit) -> None:
         queue = self._names.cursor(unit.name)
@@ -348,13 +366,15 @@ class Coordinator:
                     conn, queue, self._cursor_body(unit, marker), queue_type=self._queue_type
                 )
         except BaseException:
-            with contextlib.suppress(*_AMQP_ERRORS):  # gone with the connection otherwise
+            with contextlib.suppress(*AMQP_ERRORS):  # gone with the connection otherwise
                 await leases.release(conn, self._names.lease(unit.name))
+                self._note_taken(conn, self._names.lease(unit.name), taken=False)
             raise
         if self._conn is not conn:  # fenced meanwhile: the lease went with the connection
             return
         if self._stopping:  # shutdown began meanwhile: give it back at once
             await leases.release(conn, self._names.lease(unit.name))
+            self._note_taken(conn, self._names.lease(unit.name), taken=False)
             return
         self._set_held(unit, held=True)
         unit.acquired_at = time.monotonic()
@@ -375,6 +395,7 @@ class Coordinator:
         await self._checkpoint(conn, unit)
         await self._stop_unit(unit)
         await leases.release(conn, self._names.lease(unit.name))
+        self._note_taken(conn, self._names.lease(unit.name), taken=False)
         unit.not_before = time.monotonic() + PRESENCE_TTL * self._retry
         log.info("lease_given_up", unit=unit.name, reason="rebalance")
 
@@ -395,55 +416,3 @@ class Coordinator:
     def _set_held(self, unit: Unit, *, held: bool) -> None:
         unit.held = held
         self._metrics.lease_held.labels(unit.name).set(1 if held else 0)
-
-    # -- checkpoints --------------------------------------------------------------------
-
-    async def _checkpoint_loop(self) -> None:
-        while not self._stopping:
-            await asyncio.sleep(CHECKPOINT_INTERVAL)
-            conn = self._conn
-            if conn is None or await leases.blocked(conn):
-                continue
-            for unit in self.held():
-                try:
-                    await self._checkpoint(conn, unit)
-                except (*_AMQP_ERRORS, asyncio.CancelledError) as exc:
-                    if _our_cancel(exc):
-                        raise
-                    log.warning("cursor_write_failed", unit=unit.name, error=repr(exc)[:200])
-                    break
-                except Exception:  # the journal failing: the cursor waits for the next round
-                    log.exception("cursor_write_failed", unit=unit.name)
-                    break
-
-    async def _checkpoint(self, conn: AbstractConnection, unit: Unit) -> None:
-        """Write the unit's checkpoint to RabbitMQ once every event up to it is confirmed."""
-        journal = self._journal
-        if unit.candidate is None:
-            version = await journal.checkpoint_version(unit.source, unit.key)
-            if version == unit.written:
-                return
-            unit.candidate = (version, await journal.checkpoint(unit.source, unit.key))
-        version, checkpoint = unit.candidate
-        if unit.key is not None and checkpoint.state.get("seq") is None:
-            unit.written, unit.candidate = version, None
-            return  # no position yet: the marker written when it was taken stays
-        if not await journal.confirmed_through(unit.source, checkpoint.watermark):
-            return
-        if not unit.held or self._conn is not conn:
-            return  # only the holder writes, on the connection that holds the lease
-        body = self._cursor_body(unit, checkpoint.state)
-        await leases.write_cursor(
-            conn, self._names.cursor(unit.name), body, queue_type=self._queue_type
-        )
-        unit.written, unit.candidate = version, None
-
-    def _cursor_body(self, unit: Unit, state: Mapping[str, Any]) -> dict[str, Any]:
-        return {
-            "unit": unit.name,
-            "source": unit.source,
-            "key": unit.key,
-            "replica": self.replica,
-            "written_at": time.time(),
-            "state": dict(state),
-        }
