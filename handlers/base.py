@@ -262,6 +262,7 @@ class StreamProvider(Protocol):
 
     name: str
     kind: Literal["websocket"]
+    default_url: str  # the production endpoint: a source's url when it gives none
     settings_model: type[BaseModel]
     data_models: Mapping[str, type[BaseModel]]
     channels: Mapping[str, tuple[str, ...]]

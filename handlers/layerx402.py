@@ -423,6 +423,7 @@ class Layerx402:
 
     name: str = NAME
     kind: Literal["websocket"] = "websocket"
+    default_url: str = "wss://api.layerx402.dev/ws"  # (a source's url when it gives none)
     channels: Mapping[str, tuple[str, ...]] = CHANNELS
     data_models: Mapping[str, type[BaseModel]] = DATA_MODELS
     settings_model: type[NoSettings] = NoSettings

@@ -140,6 +140,7 @@ class PollProvider(Protocol):
 
     name: str
     kind: Literal["poll"]
+    default_url: str  # the production endpoint: a source's url when it gives none
     #: The source keys only this provider understands (besides ``resources``).
     settings_model: type[BaseModel]
     #: The model of one entry of the source's ``resources:`` list.

@@ -196,6 +196,7 @@ class Terrapin:
 
     name: str = NAME
     kind: Literal["poll"] = "poll"
+    default_url: str = "https://terrapinfinance.com"  # (a source's url when it gives none)
     # No source keys of its own: what it polls is in each resource (resource_model).
     settings_model: type[BaseModel] = NoSettings
     resource_model: type[BaseModel] = BondReference

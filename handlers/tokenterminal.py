@@ -267,6 +267,7 @@ class TokenTerminal:
 
     name: str = NAME
     kind: Literal["poll"] = "poll"
+    default_url: str = "https://api.tokenterminal.com"  # (a source's url when it gives none)
     # No source keys of its own: what it polls is in each resource (resource_model).
     settings_model: type[BaseModel] = NoSettings
     resource_model: type[BaseModel] = ProjectMetrics

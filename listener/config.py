@@ -11,6 +11,7 @@ in ``settings`` (STYLE: each provider's settings model lives with its handler).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from datetime import date
 from pathlib import Path
@@ -243,10 +244,20 @@ class _SourceBase(_Model):
         # settings model after (an unknown key is reported there, by its name).
         if not isinstance(data, Mapping) or "settings" in data:
             return data
+        data = cls._defaults(data)
         own = set(cls.model_fields) - {"settings"}
         out = {k: v for k, v in data.items() if k in own}
         out["settings"] = {k: v for k, v in data.items() if k not in own}
         return out
+
+    @classmethod
+    def _defaults(cls, data: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The keys left out that have a default of the source's own (its provider's URL)."""
+        if "url" in data or "url" not in cls.model_fields:
+            return data
+        with contextlib.suppress(LookupError, TypeError, AttributeError):  # (reported later)
+            return {**data, "url": load_provider(data["provider"]).default_url}
+        return data
 
     @field_validator("settings")
     @classmethod
@@ -284,8 +295,13 @@ class _SourceBase(_Model):
 
 class WebhookSourceConfig(_SourceBase):
     kind: Literal["webhook"]
-    path: str = Field(pattern=r"^/\S*$")
+    path: str = Field(pattern=r"^/\S*$")  # default: /webhooks/<name>
     signature: SignatureConfig
+
+    @classmethod
+    def _defaults(cls, data: Mapping[str, Any]) -> Mapping[str, Any]:
+        name = data.get("name")
+        return {**data, "path": f"/webhooks/{name}"} if "path" not in data and name else data
 
 
 class SubscriptionConfig(_Model):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from listener.config import parse_duration, parse_size
-from listener.config_loader import load_config, render_config, secret_values
+from listener.config_loader import load_config, recheck, render_config, secret_values
 from listener.exceptions import ConfigError
 
 WHSEC = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -100,6 +100,40 @@ log:
     assert "sources[1].bogus: unknown key" in problems
     assert "sources[1].url" in problems
     assert "log.level" in problems
+
+
+def test_a_source_may_leave_out_its_url_and_path(tmp_path: Path) -> None:
+    """
+    CONTRACT §3: every key shown may be left out where the example shows a default;
+    a webhook's path, a stream's or a poll source's url were required. They default to
+    ``/webhooks/<name>`` and the provider's production endpoint.
+    """
+    text = """
+sources:
+  - {name: gst, kind: webhook, provider: getstoken, signature: {secrets: ["${GST_SECRET}"]}}
+  - {name: lx, kind: websocket, provider: layerx402, api_key: k}
+  - name: tt
+    kind: poll
+    provider: tokenterminal
+    api_key: k
+    resources: [{endpoint: project_metrics, projects: [aave], metrics: [fees]}]
+  - name: bonds
+    kind: poll
+    provider: terrapin
+    api_key: k
+    resources: [{endpoint: bond_reference, isins: [US0378331005]}]
+  - {name: own, kind: websocket, provider: layerx402, api_key: k, url: "ws://127.0.0.1:1/ws"}
+"""
+    config = load_config(write(tmp_path, text), environ={"GST_SECRET": WHSEC})
+    webhook, lx, tt, bonds, own = config.sources
+    assert webhook.path == "/webhooks/gst"  # type: ignore[union-attr] # a webhook source
+    assert [s.url for s in (lx, tt, bonds, own)] == [  # type: ignore[union-attr] # none is
+        "wss://api.layerx402.dev/ws",
+        "https://api.tokenterminal.com",
+        "https://terrapinfinance.com",
+        "ws://127.0.0.1:1/ws",
+    ]
+    assert recheck(config) == []  # (read back as a SIGHUP's check does)
 
 
 def test_unknown_provider(tmp_path: Path) -> None:
