@@ -70,12 +70,16 @@ class Server:
             await runner.cleanup()
 
 
+@pytest.mark.parametrize("scheme", ["ws", "https"])
 async def test_a_redirect_to_another_origin_never_gets_the_api_key(
-    tmp_path: Path, broker_url: str, exchange_name: str
+    tmp_path: Path, broker_url: str, exchange_name: str, scheme: str
 ) -> None:
-    """websockets followed it and the auth frame went there: the key, to another host."""
+    """
+    websockets followed it and the auth frame went there: the key, to another host. One
+    to an ``https://`` URL made websockets raise, and the source crashed at each attempt.
+    """
     async with Server({"/ws": ""}).serving() as elsewhere:
-        redirect = {"/ws": f"ws://127.0.0.1:{elsewhere.port}/ws"}
+        redirect = {"/ws": f"{scheme}://127.0.0.1:{elsewhere.port}/ws"}
         async with Server(redirect).serving() as provider:
             config = stream_config(
                 tmp_path, broker_url, exchange_name, f"ws://127.0.0.1:{provider.port}/ws"
@@ -87,7 +91,8 @@ async def test_a_redirect_to_another_origin_never_gets_the_api_key(
                     assert source.status != "connected"
     assert elsewhere.handshakes == 0 and not elsewhere.frames
     refused = [e for e in logs if e["event"] == "stream_redirect_refused"]
-    assert refused and refused[0]["location"] == f"ws://127.0.0.1:{elsewhere.port}"
+    assert refused and refused[0]["location"] == f"{scheme}://127.0.0.1:{elsewhere.port}"
+    assert not [e for e in logs if e["log_level"] in ("error", "critical")]  # (no crash)
 
 
 async def test_a_redirect_within_the_origin_is_followed(

@@ -322,6 +322,26 @@ async def test_malformed_and_oversize_frames_are_quarantined(
             )
 
 
+async def test_frames_to_quarantine_before_auth_ok_are_kept(
+    tmp_path: Path, broker_url: str, exchange_name: str
+) -> None:
+    """Sent between the auth frame and its auth_ok, they were dropped without a record."""
+    unknown = {"type": "event", "subscription": "nope", "channel": "trades", "seq": 1, "data": {}}
+    async with (
+        Layerx402Simulator(rate=100) as sim,
+        tap(broker_url, f"{exchange_name}.quarantine") as q,
+    ):
+        sim.before_auth_ok = ["{not json", orjson.dumps(unknown).decode()]
+        config = stream_config(tmp_path, broker_url, exchange_name, sim.url)
+        async with running(config) as service:
+            source = stream_source(service)
+            await q.wait_count(2)
+            reasons = [m.headers["x-quarantine-reason"] for m in q.messages]
+            assert sorted(reasons) == ["invalid_json", "unknown_subscription"]
+            await wait_for(lambda: source.events_received > 5, what="the stream goes on")
+            assert source.connections == 1
+
+
 async def test_silent_stream_reconnects(
     tmp_path: Path, broker_url: str, exchange_name: str
 ) -> None:

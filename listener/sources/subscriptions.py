@@ -156,6 +156,12 @@ class Subscriptions:
         wait, meaning = min(waits, key=lambda w: w[0])
         return max(wait, 0.0), meaning
 
+    def active(self) -> list[tuple[str, str]]:
+        """The request id and the server's id of each active subscription."""
+        return [
+            (s.request_id, s.server_id) for s in self.all if s.state == "active" and s.server_id
+        ]
+
     def find(self, frame: EventFrame) -> Subscription | None:
         """The subscription an event frame belongs to (``None``: none by that id)."""
         return self._by_server.get(frame.subscription)

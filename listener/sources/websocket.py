@@ -40,6 +40,7 @@ from handlers.frames import (
     ErrorFrame,
     EventFrame,
     Ping,
+    ServerFrame,
     Subscribed,
     Unparseable,
     Unsubscribed,
@@ -297,18 +298,14 @@ class StreamSource:
             pass  # closed at once (a rate limit at connect): what it said first is read below
         async with asyncio.timeout(self._config.open_timeout):
             while True:
-                frame = self._provider.parse_frame(await ws.recv())
+                raw = await ws.recv()
+                frame = self._provider.parse_frame(raw)
                 if isinstance(frame, AuthOk):
                     break
-                if isinstance(frame, ErrorFrame):
-                    if frame.kind == "unauthorized":
-                        self._last_error = f"UNAUTHORIZED: {redact(frame.message)[:200]}"
-                        raise _Unauthorized
-                    # Before auth_ok too (a rate limit at connect): its retry_after
-                    # holds the next attempt back (CONTRACT §6, close code 4029).
-                    self._subs.error(frame, outcome)
-                if isinstance(frame, Ping):
-                    await ws.send(self._provider.pong_frame(frame.ts))
+                if isinstance(frame, ErrorFrame) and frame.kind == "unauthorized":
+                    self._last_error = f"UNAUTHORIZED: {redact(frame.message)[:200]}"
+                    raise _Unauthorized
+                await self._on_frame(ws, raw, frame, outcome)
         await self._subscribe(ws, connecting=True)
 
     async def _subscribe(self, ws: ClientConnection, *, connecting: bool) -> None:
@@ -321,7 +318,6 @@ class StreamSource:
     async def _receive(self, ws: ClientConnection, outcome: Outcome) -> None:
         stale_after = self._config.stale_after
         sub_stale = self._config.subscription_stale_after
-        window = self._config.journal_window
         journal = self._journal
         heard_at = time.monotonic()
         while True:
@@ -346,26 +342,31 @@ class StreamSource:
                 # before the append: before the read, a journal filled meanwhile refused it.
                 await self._settle()
                 await journal.wait_for_capacity()
-            frame = self._provider.parse_frame(raw)
-            if isinstance(frame, EventFrame):
-                self._on_event(frame, raw)
-            elif isinstance(frame, Ping):
-                await ws.send(self._provider.pong_frame(frame.ts))
-            elif isinstance(frame, Subscribed):
-                self._subs.subscribed(frame)
-            elif isinstance(frame, ErrorFrame):
-                self._subs.error(frame, outcome)
-            elif isinstance(frame, Unsubscribed):
-                self._subs.unsubscribed(frame.subscription)
-            elif isinstance(frame, Unparseable):
-                self._keep_quarantined(raw, frame.verdict)
-            # AuthOk again: harmless, ignored. Quarantined input counts in the window too:
-            # a flood of junk frames queued appends without end (2 GB in 45 s).
-            if len(self._appends) >= window:
-                await self._appends.settle_some(max(window // 2, 1))
+            await self._on_frame(ws, raw, self._provider.parse_frame(raw), outcome)
             if self._max_size > self._config.max_size and _size(raw) > self._config.max_size:
                 # taken on a raised limit: once is enough
                 self._max_size = ws.protocol.max_message_size = self._config.max_size
+
+    async def _on_frame(
+        self, ws: ClientConnection, raw: str | bytes, frame: ServerFrame, outcome: Outcome
+    ) -> None:
+        if isinstance(frame, EventFrame):
+            self._on_event(frame, raw)
+        elif isinstance(frame, Ping):
+            await ws.send(self._provider.pong_frame(frame.ts))
+        elif isinstance(frame, Subscribed):
+            self._subs.subscribed(frame)
+        elif isinstance(frame, ErrorFrame):
+            # (before auth_ok too: its retry_after holds the next attempt back, CONTRACT §6)
+            self._subs.error(frame, outcome)
+        elif isinstance(frame, Unsubscribed):
+            self._subs.unsubscribed(frame.subscription)
+        elif isinstance(frame, Unparseable):
+            self._keep_quarantined(raw, frame.verdict)
+        # AuthOk again: harmless, ignored. Quarantined input counts in the window too:
+        # a flood of junk frames queued appends without end (2 GB in 45 s).
+        if len(self._appends) >= (window := self._config.journal_window):
+            await self._appends.settle_some(max(window // 2, 1))
 
     def _on_event(self, frame: EventFrame, raw: str | bytes) -> None:
         sub = self._subs.find(frame)
@@ -400,11 +401,8 @@ class StreamSource:
         """On shutdown: unsubscribe and close, briefly (CONTRACT §8)."""
         try:
             async with asyncio.timeout(2):
-                for sub in self._subs:
-                    if sub.state == "active" and sub.server_id:
-                        await ws.send(
-                            self._provider.unsubscribe_frame(sub.request_id, sub.server_id)
-                        )
+                for request_id, server_id in self._subs.active():
+                    await ws.send(self._provider.unsubscribe_frame(request_id, server_id))
                 await ws.close(1001, "listener shutting down")
         except (TimeoutError, ConnectionClosed, OSError):
             pass

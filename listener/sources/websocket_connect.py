@@ -15,6 +15,7 @@ import urllib.parse
 
 import structlog
 from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus, InvalidURI
 from websockets.uri import parse_uri
 
 __all__ = ["SameOriginConnect"]
@@ -27,17 +28,24 @@ class SameOriginConnect(connect):
 
     def process_redirect(self, exc: Exception) -> Exception | str:
         """websockets' own check, then the origin's (a new URI, or the error to raise)."""
-        followed = super().process_redirect(exc)
-        if not isinstance(followed, str):
-            return followed
-        old, new = self.ws_uri, parse_uri(followed)
-        if (new.secure, new.host, new.port) == (old.secure, old.host, old.port):
-            return followed
+        try:
+            followed = super().process_redirect(exc)
+        except InvalidURI:  # (not ws:// or wss://: websockets raised it, the source crashed)
+            assert isinstance(exc, InvalidStatus)  # (only a 3xx with a Location gets here)
+            followed = urllib.parse.urljoin(self.uri, exc.response.headers["Location"])
+            port = urllib.parse.urlsplit(followed).port
+        else:
+            if not isinstance(followed, str):
+                return followed
+            old, new = self.ws_uri, parse_uri(followed)
+            if (new.secure, new.host, new.port) == (old.secure, old.host, old.port):
+                return followed
+            port = new.port
         location = urllib.parse.urlsplit(followed)
         log.warning(
             "stream_redirect_refused",
-            url_host=old.host,
-            location=f"{location.scheme}://{location.hostname}:{new.port}",
+            url_host=self.ws_uri.host,
+            location=f"{location.scheme}://{location.hostname}" + (f":{port}" if port else ""),
             note="the handshake was redirected to another origin; the API key is not sent"
             " there: fix the source's url",
         )

@@ -106,6 +106,8 @@ class Layerx402Simulator(Production, Faults):
         self.forbidden = set(forbidden)
         #: Channels whose next subscribe gets an error frame of this code (refuse_next).
         self.refuse_once: dict[str, str] = {}
+        #: Text frames sent to each connection that authenticates, before its auth_ok.
+        self.before_auth_ok: list[str] = []
         self.record = record
         self.time_base_ms = int(time.time() * 1000) if time_base_ms is None else time_base_ms
         self.auth_timeout = auth_timeout
@@ -276,6 +278,8 @@ class Layerx402Simulator(Production, Faults):
             await refuse(ws, 4001, error_frame(None, "UNAUTHORIZED", "invalid or missing api_key"))
             return False
         with contextlib.suppress(ConnectionClosed):
+            for early in self.before_auth_ok:  # (what a server may send before it)
+                await ws.send(early)
             await ws.send(b'{"type":"auth_ok"}', text=True)
             self.auth_ok += 1
             return True
