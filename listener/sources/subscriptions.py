@@ -142,19 +142,20 @@ class Subscriptions:
         return min(waits, default=limit)
 
     def wait(
-        self, quiet: float, stale_after: float, sub_stale: float | None
+        self, quiet: float, sub_stale: float | None, quiet_for: str
     ) -> tuple[float, str | None]:
         """
         How long a connection waits for its next frame, and what it means when none came
-        by then: why the connection is stale, or ``None``: a subscription is due to be
-        asked for again. ``quiet``: seconds until nothing came for ``stale_after``.
+        by then: ``quiet_for`` (nothing for ``stale_after``: ``quiet`` is what is left of
+        it), an active subscription silent for ``sub_stale``, or ``None``: a subscription
+        is due to be asked for again.
         """
-        waits: list[tuple[float, str | None]] = [(quiet, f"nothing received for {stale_after}s")]
-        if sub_stale is not None:
-            waits.append((self.silent_for(sub_stale), "a subscription went silent"))
-        waits.append((self.retry_at - time.monotonic(), None))
-        wait, meaning = min(waits, key=lambda w: w[0])
-        return max(wait, 0.0), meaning
+        wait, why = quiet, quiet_for
+        if sub_stale is not None and (silent := self.silent_for(sub_stale)) < wait:
+            wait, why = silent, "a subscription went silent"
+        if (due := self.retry_at - time.monotonic()) < wait:
+            return max(due, 0.0), None
+        return max(wait, 0.0), why
 
     def active(self) -> list[tuple[str, str]]:
         """The request id and the server's id of each active subscription."""

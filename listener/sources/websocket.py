@@ -319,7 +319,7 @@ class StreamSource:
         stale_after = self._config.stale_after
         sub_stale = self._config.subscription_stale_after
         journal = self._journal
-        heard_at = time.monotonic()
+        heard_at, quiet_for = time.monotonic(), f"nothing received for {stale_after}s"
         while True:
             if self._appends.error is not None:
                 # An append failed: end this connection now, so nothing after it is
@@ -328,14 +328,14 @@ class StreamSource:
             if self._subs.retry_at <= time.monotonic():  # refused ones, now and then
                 await self._subscribe(ws, connecting=False)
             quiet = heard_at + stale_after - time.monotonic()
-            wait, meaning = self._subs.wait(quiet, stale_after, sub_stale)
+            wait, why = self._subs.wait(quiet, sub_stale, quiet_for)
             try:
                 async with asyncio.timeout(wait):
                     raw = await ws.recv()
             except TimeoutError:
-                if meaning is None:
+                if why is None:
                     continue  # (a subscription to ask for again, above)
-                raise _Stale(meaning) from None
+                raise _Stale(why) from None
             heard_at = time.monotonic()
             if journal.over_limit() is not None:
                 # Backpressure: read no more (TCP pushes back, CONTRACT §8). Here, no await
