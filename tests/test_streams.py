@@ -342,19 +342,30 @@ async def test_frames_to_quarantine_before_auth_ok_are_kept(
             assert source.connections == 1
 
 
+@pytest.mark.parametrize("silent", ["connection", "subscription"])
 async def test_silent_stream_reconnects(
-    tmp_path: Path, broker_url: str, exchange_name: str
+    tmp_path: Path, broker_url: str, exchange_name: str, silent: str
 ) -> None:
-    """A connection that carries nothing for stale_after is closed and reopened."""
-    async with Layerx402Simulator(rate=50, ping_interval=None) as sim:
-        config = stream_config(tmp_path, broker_url, exchange_name, sim.url, stale_after="700ms")
+    """
+    A connection that carries nothing for stale_after, or with a subscription that has
+    had no event for subscription_stale_after (pings still coming), is closed and
+    reopened.
+    """
+    pings = 0.1 if silent == "subscription" else None
+    async with Layerx402Simulator(rate=50, ping_interval=pings) as sim:
+        limit = "subscription_stale_after" if silent == "subscription" else "stale_after"
+        config = stream_config(tmp_path, broker_url, exchange_name, sim.url, **{limit: "700ms"})
         async with running(config) as service:
             source = stream_source(service)
             await wait_for(lambda: source.events_received > 5, what="events")
-            sim.pause()
-            await wait_for(lambda: source.connections >= 2, timeout=10, what="a stale reconnect")
+            with structlog.testing.capture_logs() as logs:
+                sim.pause(pings=silent == "subscription")
+                await wait_for(lambda: source.connections >= 2, timeout=10, what="a reconnect")
             sim.resume()
             await wait_for(lambda: source.status == "connected", what="connected again")
+    (gone, *_) = [e for e in logs if e["event"] == "stream_disconnected"]
+    want = "a subscription went silent" if silent == "subscription" else "nothing received for"
+    assert gone["stale"] and gone["reason"].startswith(want), gone
 
 
 async def test_backpressure_pauses_reading_and_recovers(
