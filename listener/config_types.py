@@ -130,9 +130,9 @@ def parse_rate(value: object) -> tuple[int, float]:
         count, window = int(match[1]), parse_duration(match[2])
     else:
         raise ValueError("expected requests per window, such as 800/1m or 90/60s")
-    if count < 1 or window <= 0:
+    if count < 1 or not window > 0:  # (also NaN)
         raise ValueError("the budget needs at least 1 request in a window longer than 0s")
-    return count, window
+    return count, _bounded(window)
 
 
 def check_amqp_url(url: str) -> None:

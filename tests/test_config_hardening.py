@@ -159,7 +159,10 @@ def test_values_that_cannot_work_are_refused(
     assert problem.startswith(f"{key}: ") and message in problem, problem
 
 
-@pytest.mark.parametrize("value", [[0, "1m"], [5, "0s"], [-1, "1m"], [True, "1m"], "0/1m"])
+@pytest.mark.parametrize(
+    "value",
+    [[0, "1m"], [5, "0s"], [-1, "1m"], [True, "1m"], [5, math.inf], [5, math.nan], "0/1m"],
+)
 def test_a_rate_limit_that_cannot_work_is_refused(tmp_path: Path, value: object) -> None:
     """Written as a YAML list it skipped the checks: the daemon then crashed at its start."""
     source = tt_source("http://127.0.0.1:1", rate_limit=value)
