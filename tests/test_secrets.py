@@ -42,8 +42,8 @@ class Server:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.handshakes += 1
         target = self._routes[request.path]
-        if target:
-            raise web.HTTPFound(target.format(port=self.port))
+        if target:  # (not HTTPFound: it refuses a Location with a bad port)
+            return web.Response(status=302, headers={"Location": target.format(port=self.port)})
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         async for message in ws:
@@ -70,7 +70,7 @@ class Server:
             await runner.cleanup()
 
 
-@pytest.mark.parametrize("scheme", ["ws", "https"])
+@pytest.mark.parametrize("scheme", ["ws", "https", "ws-bad-port"])
 async def test_a_redirect_to_another_origin_never_gets_the_api_key(
     tmp_path: Path, broker_url: str, exchange_name: str, scheme: str
 ) -> None:
@@ -79,7 +79,9 @@ async def test_a_redirect_to_another_origin_never_gets_the_api_key(
     to an ``https://`` URL made websockets raise, and the source crashed at each attempt.
     """
     async with Server({"/ws": ""}).serving() as elsewhere:
-        redirect = {"/ws": f"{scheme}://127.0.0.1:{elsewhere.port}/ws"}
+        port = "99999" if scheme == "ws-bad-port" else elsewhere.port  # (out of range)
+        scheme = scheme.removesuffix("-bad-port")
+        redirect = {"/ws": f"{scheme}://127.0.0.1:{port}/ws"}
         async with Server(redirect).serving() as provider:
             config = stream_config(
                 tmp_path, broker_url, exchange_name, f"ws://127.0.0.1:{provider.port}/ws"
@@ -91,7 +93,8 @@ async def test_a_redirect_to_another_origin_never_gets_the_api_key(
                     assert source.status != "connected"
     assert elsewhere.handshakes == 0 and not elsewhere.frames
     refused = [e for e in logs if e["event"] == "stream_redirect_refused"]
-    assert refused and refused[0]["location"] == f"{scheme}://127.0.0.1:{elsewhere.port}"
+    where = f"{scheme}://127.0.0.1" + ("" if port == "99999" else f":{port}")
+    assert refused and refused[0]["location"] == where
     assert not [e for e in logs if e["log_level"] in ("error", "critical")]  # (no crash)
 
 

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import itertools
 import sqlite3
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import pytest
 import structlog
 
 from handlers import Event
-from handlers.frames import ErrorFrame
+from handlers.frames import ErrorFrame, Subscribed
 from handlers.layerx402 import PROVIDER as LAYERX402
 from handlers.layerx402 import EventFrame, parse_frame
 from listener.config import Config, SubscriptionConfig
@@ -359,7 +360,7 @@ async def test_silent_stream_reconnects(
             source = stream_source(service)
             await wait_for(lambda: source.events_received > 5, what="events")
             with structlog.testing.capture_logs() as logs:
-                sim.pause(pings=silent == "subscription")
+                sim.pause(pings=silent == "connection")  # (pings=True: they stop too)
                 await wait_for(lambda: source.connections >= 2, timeout=10, what="a reconnect")
             sim.resume()
             await wait_for(lambda: source.status == "connected", what="connected again")
@@ -403,6 +404,48 @@ async def test_backpressure_pauses_reading_and_recovers(
             every = {i for ids in produced_before.values() for i in ids}
             held = {i for ids in produced_before.values() for i in ids[-90_000:]}
             await t.wait_ids(held & every, timeout=120)
+
+
+async def test_a_subscribe_with_no_answer_ends_the_connection(
+    tmp_path: Path, broker_url: str, exchange_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    A subscribe the server never answered stayed pending for the life of the connection.
+    Asked again on it, a late answer to the first would leave two subscriptions at the
+    server; so the connection ends, and the next subscribes everything again.
+    """
+    monkeypatch.setattr(subscriptions, "ACK_WAIT", 0.5)
+    async with Layerx402Simulator(rate=200) as sim:
+        sim.refuse_next("portfolio", None)
+        config = stream_config(tmp_path, broker_url, exchange_name, sim.url)
+        with structlog.testing.capture_logs() as logs:
+            async with running(config) as service:
+                source = stream_source(service)
+                await wait_for(
+                    lambda: all(s["state"] == "active" for s in source.state()["subscriptions"]),
+                    what="both active",
+                )
+                assert source.connections == 2
+    (gone,) = [e for e in logs if e["event"] == "stream_disconnected"]
+    assert gone["reason"] == "a subscribe had no answer within 0.5s"
+
+
+def test_a_subscription_ended_again_and_again_backs_off() -> None:
+    """Ended by the server right after each answer, it was asked for every second."""
+    config = SubscriptionConfig(channel="trades", params={"mint": MINT})
+    subs = subscriptions.Subscriptions("lx", (config,), LAYERX402, Metrics())
+    (sub,) = subs.to_subscribe(connecting=True)
+    waits = []
+    for n in range(8):
+        subs.subscribed(Subscribed(id=sub.request_id, channel="trades", subscription=f"s{n}"))
+        subs.unsubscribed(f"s{n}")
+        waits.append(round(sub.retry_due - time.monotonic()))
+        assert subs.retry_at == sub.retry_due and subs.to_subscribe(connecting=False) == []
+    assert waits == [1, 2, 4, 8, 16, 32, 60, 60]
+    assert subs.fresh(sub, 1)  # an event: the next one is asked again after a second
+    subs.subscribed(Subscribed(id=sub.request_id, channel="trades", subscription="s9"))
+    subs.unsubscribed("s9")
+    assert round(sub.retry_due - time.monotonic()) == 1
 
 
 async def test_a_frame_read_as_the_journal_fills_waits_for_room(

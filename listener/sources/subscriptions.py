@@ -30,12 +30,14 @@ log = structlog.get_logger("listener.streams")
 # connection, and on a live one this long after: a plan upgraded, or a key rotated by
 # SIGHUP (it authenticates the next connection), lets it through without a restart.
 FORBIDDEN_RETRY = 600.0
-# A subscription neither acknowledged nor refused this long after its subscribe, refused
-# with another code (a rate limit, a server error), or ended by the server
-# (``unsubscribed``), is asked for again on the live connection: after ACK_WAIT, after
-# RETRY_BASE doubling to RETRY_CAP (or the error's retry_after, if longer), or after
-# RETRY_BASE. It stayed pending until the connection dropped, maybe days later, and the
-# events the server held no longer by then were lost.
+# A subscribe refused with another code (a rate limit, a server error), or a
+# subscription the server ends (``unsubscribed``), is asked for again on the live
+# connection after RETRY_BASE doubling to RETRY_CAP (or the error's retry_after, if
+# longer; an event resets it). A subscribe neither acknowledged nor refused within
+# ACK_WAIT ends the connection (the next one subscribes everything again): asking again
+# on it could leave the server holding two subscriptions, every event sent twice. Such
+# a subscription stayed pending until the connection dropped, maybe days later, and
+# what the server held no longer by then was lost.
 ACK_WAIT = 30.0
 RETRY_BASE, RETRY_CAP = 1.0, 60.0
 
@@ -66,6 +68,8 @@ class Subscriptions:
         self.last_error: str | None = None
         #: When a refused subscription is next asked for on a live connection.
         self.retry_at = math.inf
+        #: When the oldest unanswered subscribe on this connection has waited too long.
+        self.answer_by = math.inf
 
     def __iter__(self) -> Iterator[Subscription]:
         return iter(self.all)
@@ -80,7 +84,8 @@ class Subscriptions:
         What to subscribe now, each set pending: on a new connection (``connecting``)
         all but those refused for their params (the same params fail again until a
         restart applies new ones); on a live one, those refused FORBIDDEN over
-        :data:`FORBIDDEN_RETRY` ago, and pending ones due again (:data:`ACK_WAIT`).
+        :data:`FORBIDDEN_RETRY` ago, and pending ones due again (after an error, or
+        ended by the server).
         """
         now = time.monotonic()
         due = now - FORBIDDEN_RETRY
@@ -89,11 +94,10 @@ class Subscriptions:
             for s in self.all
             if (connecting and s.state != "invalid_params")
             or (s.state == "forbidden" and s.refused_at <= due)
-            or (s.state == "pending" and s.retry_due <= now)
+            or (s.state == "pending" and not s.asked and s.retry_due <= now)
         ]
         for sub in chosen:
-            sub.state = "pending"
-            sub.retry_due = now + ACK_WAIT
+            sub.state, sub.asked, sub.retry_due = "pending", True, now + ACK_WAIT
         if connecting:  # (refused for its params: not asked again, still refused here)
             for sub in self.all:
                 if sub.state == "invalid_params":
@@ -104,8 +108,19 @@ class Subscriptions:
     def _schedule(self) -> None:
         """When :meth:`to_subscribe` next has something on a live connection."""
         refused = [s.refused_at + FORBIDDEN_RETRY for s in self.all if s.state == "forbidden"]
-        pending = [s.retry_due for s in self.all if s.state == "pending"]
-        self.retry_at = min(refused + pending, default=math.inf)
+        again = [s.retry_due for s in self.all if s.state == "pending" and not s.asked]
+        self.retry_at = min(refused + again, default=math.inf)
+        asked = [s.retry_due for s in self.all if s.state == "pending" and s.asked]
+        self.answer_by = min(asked, default=math.inf)
+
+    def _again(self, sub: Subscription, at_least: float = 0.0) -> float:
+        """Ask for ``sub`` again after a backoff (:data:`RETRY_BASE`...); return it."""
+        sub.state, sub.asked, sub.failures = "pending", False, sub.failures + 1
+        doubled: float = RETRY_BASE * 2.0 ** min(sub.failures - 1, 16)
+        wait = max(min(doubled, RETRY_CAP), at_least)
+        sub.retry_due = time.monotonic() + wait
+        self._schedule()
+        return wait
 
     def stopped(self) -> None:
         """The source stopped: ``listener_subscription_failed`` no longer holds here."""
@@ -117,22 +132,22 @@ class Subscriptions:
         for sub in self.all:
             if sub.state == "active":
                 sub.state = "pending"
+            sub.asked = False
         self._by_server.clear()
+        self._schedule()
 
     def unsubscribed(self, server_id: str) -> None:
-        """The server ended one subscription: asked for again after :data:`RETRY_BASE`."""
+        """The server ended one subscription: asked for again after a backoff."""
         sub = self._by_server.pop(server_id, None)
         if sub is None:
             return
-        sub.state = "pending"
         sub.server_id = None
-        sub.retry_due = time.monotonic() + RETRY_BASE
-        self._schedule()
+        wait = self._again(sub)
         log.warning(
             "stream_unsubscribed",
             source=self._source,
             subscription=sub.key,
-            note=f"subscribed again in {RETRY_BASE:g}s, from its last seq",
+            note=f"subscribed again in {wait:g}s, from its last seq",
         )
 
     def silent_for(self, limit: float) -> float:
@@ -150,10 +165,13 @@ class Subscriptions:
         it), an active subscription silent for ``sub_stale``, or ``None``: a subscription
         is due to be asked for again.
         """
+        now = time.monotonic()
         wait, why = quiet, quiet_for
         if sub_stale is not None and (silent := self.silent_for(sub_stale)) < wait:
             wait, why = silent, "a subscription went silent"
-        if (due := self.retry_at - time.monotonic()) < wait:
+        if (late := self.answer_by - now) < wait:
+            wait, why = late, f"a subscribe had no answer within {ACK_WAIT:g}s"
+        if (due := self.retry_at - now) < wait:
             return max(due, 0.0), None
         return max(wait, 0.0), why
 
@@ -176,6 +194,7 @@ class Subscriptions:
         or after a wild jump): its event is journaled all the same, and the first such
         frame is logged. Dropping them blinded the subscription for good.
         """
+        sub.failures = 0  # (events come: the next failure is asked again after RETRY_BASE)
         last = sub.last_seq
         if last is None:
             return True
@@ -215,8 +234,7 @@ class Subscriptions:
         sub.state = "active"
         sub.server_id = frame.subscription
         sub.last_heard = time.monotonic()
-        sub.error = None
-        sub.retry_due, sub.failures = math.inf, 0
+        sub.error, sub.asked, sub.retry_due = None, False, math.inf
         self._schedule()
         self._by_server[frame.subscription] = sub
         self._metrics.subscription_failed.labels(self._source, sub.key).set(0)
@@ -240,7 +258,7 @@ class Subscriptions:
             log.warning("stream_error", source=self._source, code=frame.code, message=message)
             return
         if frame.kind in ("forbidden", "invalid_params"):
-            sub.error = message
+            sub.error, sub.asked = message, False
             sub.state = "forbidden" if frame.kind == "forbidden" else "invalid_params"
             sub.refused_at = time.monotonic()
             self._schedule()
@@ -256,11 +274,7 @@ class Subscriptions:
         if sub.state != "pending":
             return  # (not an answer to a subscribe: nothing to ask again)
         sub.error = message
-        sub.failures += 1
-        wait = min(RETRY_BASE * 2 ** min(sub.failures - 1, 16), RETRY_CAP)
-        wait = max(wait, frame.retry_after or 0.0)
-        sub.retry_due = time.monotonic() + wait
-        self._schedule()
+        wait = self._again(sub, frame.retry_after or 0.0)
         log.warning(
             "stream_subscription_error",
             source=self._source,

@@ -318,7 +318,6 @@ class StreamSource:
     async def _receive(self, ws: ClientConnection, outcome: Outcome) -> None:
         stale_after = self._config.stale_after
         sub_stale = self._config.subscription_stale_after
-        journal = self._journal
         heard_at, quiet_for = time.monotonic(), f"nothing received for {stale_after}s"
         while True:
             if self._appends.error is not None:
@@ -337,11 +336,6 @@ class StreamSource:
                     continue  # (a subscription to ask for again, above)
                 raise _Stale(why) from None
             heard_at = time.monotonic()
-            if journal.over_limit() is not None:
-                # Backpressure: read no more (TCP pushes back, CONTRACT §8). Here, no await
-                # before the append: before the read, a journal filled meanwhile refused it.
-                await self._settle()
-                await journal.wait_for_capacity()
             await self._on_frame(ws, raw, self._provider.parse_frame(raw), outcome)
             if self._max_size > self._config.max_size and _size(raw) > self._config.max_size:
                 # taken on a raised limit: once is enough
@@ -350,6 +344,11 @@ class StreamSource:
     async def _on_frame(
         self, ws: ClientConnection, raw: str | bytes, frame: ServerFrame, outcome: Outcome
     ) -> None:
+        if self._journal.over_limit() is not None:
+            # Backpressure: read no more (TCP pushes back, CONTRACT §8). Here, no await
+            # before the append: before the read, a journal filled meanwhile refused it.
+            await self._settle()
+            await self._journal.wait_for_capacity()
         if isinstance(frame, EventFrame):
             self._on_event(frame, raw)
         elif isinstance(frame, Ping):

@@ -11,6 +11,7 @@ failed handshake) and a warning names where it pointed.
 
 from __future__ import annotations
 
+import contextlib
 import urllib.parse
 
 import structlog
@@ -30,10 +31,12 @@ class SameOriginConnect(connect):
         """websockets' own check, then the origin's (a new URI, or the error to raise)."""
         try:
             followed = super().process_redirect(exc)
-        except InvalidURI:  # (not ws:// or wss://: websockets raised it, the source crashed)
+        except (InvalidURI, ValueError):  # (not ws or wss, a bad port: the source crashed)
             assert isinstance(exc, InvalidStatus)  # (only a 3xx with a Location gets here)
             followed = urllib.parse.urljoin(self.uri, exc.response.headers["Location"])
-            port = urllib.parse.urlsplit(followed).port
+            port = None
+            with contextlib.suppress(ValueError):
+                port = urllib.parse.urlsplit(followed).port
         else:
             if not isinstance(followed, str):
                 return followed

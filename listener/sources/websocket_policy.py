@@ -72,10 +72,11 @@ class Subscription:
     last_heard: float = 0.0
     error: str | None = None
     refused_at: float = 0.0  # monotonic clock of the last FORBIDDEN
-    # Pending: asked for again on a live connection at this monotonic time (no answer
-    # to the subscribe by then, another error, or the server ended it); failures in a row.
+    # Pending: asked for again on a live connection at this monotonic time (after an
+    # error or the server ending it), or to be answered by then; failures in a row.
     retry_due: float = math.inf
-    failures: int = 0
+    failures: int = 0  # (reset by an event)
+    asked: bool = False  # a subscribe sent and not answered yet (answered by retry_due)
     behind: bool = False  # frames at or below last_seq arrive (logged once)
 
     def view(self) -> dict[str, Any]:

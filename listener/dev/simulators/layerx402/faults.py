@@ -29,7 +29,7 @@ class Faults(Waitable):
     _frozen: bool
     _rate_limited_until: float
     _handshake_status: int | None
-    refuse_once: dict[str, str]
+    refuse_once: dict[str, str | None]
 
     # --- faults ----------------------------------------------------------------------
 
@@ -54,8 +54,8 @@ class Faults(Waitable):
             lambda: not self._all.intersection(conns), timeout=15.0, what="all dropped"
         )
 
-    def refuse_next(self, channel: str, code: str = "RATE_LIMITED") -> None:
-        """Answer the next subscribe to ``channel`` with an error frame of ``code``."""
+    def refuse_next(self, channel: str, code: str | None = "RATE_LIMITED") -> None:
+        """Answer the next subscribe to ``channel`` with an error of ``code`` (None: not at all)."""
         self.refuse_once[channel] = code
 
     def end_subscriptions(self, channel: str) -> int:

@@ -104,8 +104,9 @@ class Layerx402Simulator(Production, Faults):
         self.buffer_size = buffer_size
         self.ping_interval = ping_interval
         self.forbidden = set(forbidden)
-        #: Channels whose next subscribe gets an error frame of this code (refuse_next).
-        self.refuse_once: dict[str, str] = {}
+        #: Channels whose next subscribe gets an error frame of this code, or no answer
+        #: at all (``None``; refuse_next).
+        self.refuse_once: dict[str, str | None] = {}
         #: Text frames sent to each connection that authenticates, before its auth_ok.
         self.before_auth_ok: list[str] = []
         self.record = record
@@ -353,8 +354,9 @@ class Layerx402Simulator(Production, Faults):
         if channel in self.forbidden or subscription_key(channel, params) in self.forbidden:
             conn.out.put_nowait(error_frame(request_id, "FORBIDDEN", f"not allowed: {channel}"))
             return
-        if (code := self.refuse_once.pop(channel, None)) is not None:
-            conn.out.put_nowait(error_frame(request_id, code, "try again later"))
+        if channel in self.refuse_once:
+            if (code := self.refuse_once.pop(channel)) is not None:
+                conn.out.put_nowait(error_frame(request_id, code, "try again later"))
             return
         key = self._key(channel, params)
         sub_id = f"sub_{next(self._sub_ids)}"
