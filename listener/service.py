@@ -405,7 +405,7 @@ class Service:
                 return
             log.warning(
                 "shutdown_drain_incomplete",
-                pending=journal.pending_count,
+                pending=journal.pending_count + journal.appending,  # (appends still committing)
                 note="the rest is published at the next start",
             )
         else:

@@ -351,5 +351,7 @@ async def test_a_second_stop_with_appends_still_committing_does_not_say_drained(
             assert (await posted)[0] == 200
     events = [e["event"] for e in logs]
     assert "shutdown_drain_incomplete" in events and "shutdown_drained" not in events
+    (incomplete,) = [e for e in logs if e["event"] == "shutdown_drain_incomplete"]
+    assert incomplete["pending"] == 1  # (the one still committing)
     (complete,) = [e for e in logs if e["event"] == "shutdown_complete"]
     assert complete["pending"] == 1 and journal.appending == 0

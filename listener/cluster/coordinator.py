@@ -339,7 +339,11 @@ class Coordinator(Checkpointing):
         on, names = self._taken
         if on is not conn:
             return
-        running = {self._names.lease(u.name) for u in self.units if u.held}
+        running = {  # (one still stopping keeps its lease until it has: never run twice)
+            self._names.lease(u.name)
+            for u in self.units
+            if u.held or (u.task is not None and not u.task.done())
+        }
         for lease in sorted(names - running):
             with contextlib.suppress(aiormq.exceptions.ChannelLockedResource):  # (not ours)
                 await leases.release(conn, lease)
