@@ -21,10 +21,15 @@ import aiormq
 import pytest
 from aiormq.abc import ChannelFrame
 from pamqp.commands import Basic
+from pydantic import SecretStr
 
 from listener.broker import confirms
 from listener.broker.confirms import ConfirmWindow, Outcome, Outgoing, Sent
-from listener.exceptions import PublishNacked, PublishReturned
+from listener.broker.inflight import Kept
+from listener.broker.publisher import Publisher
+from listener.config import BrokerConfig
+from listener.exceptions import JournalError, PublishNacked, PublishReturned
+from listener.metrics import Metrics
 
 # What ConfirmWindow does with an aiormq Channel, besides its public API.
 CHANNEL_INTERNALS = (
@@ -438,3 +443,38 @@ def test_prebuilt_event_properties_are_pamqps_bytes() -> None:
             slow = frames._pamqp_frames(1, 131064, "lx.pre", key, wire.properties(), b"x")
             assert slow == expected, (event_id, key)
     assert 100 < prebuilt < 300  # both paths were taken
+
+
+async def test_returned_messages_the_journal_cannot_set_aside_are_kept_for_the_next_flush(
+    tmp_path: Any,
+) -> None:
+    """
+    A defer that failed (the disk) dropped the returned messages: they stayed pending,
+    behind the session's backlog, so they went out again only at the next session, and
+    the shutdown drain waited for them in vain. Kept, they are set aside at the next flush.
+    """
+
+    class Failing:
+        deferred_count = pending_count = 0
+
+        def __init__(self) -> None:
+            self.deferred: list[list[int]] = []
+
+        def add_commit_listener(self, _: Any) -> None:
+            pass
+
+        async def defer(self, seqs: list[int], **_: Any) -> None:
+            if not self.deferred:
+                self.deferred.append([])
+                raise JournalError("disk I/O error")
+            self.deferred.append(list(seqs))
+
+    journal = Failing()
+    config = BrokerConfig(url=SecretStr("amqp://guest:guest@127.0.0.1:1/"))
+    publisher = Publisher(config=config, journal=journal, metrics=Metrics())  # type: ignore[arg-type] # the part it uses
+    kept = [Kept(seq, False, True, "s", "p.t", f"e{seq}", 0.0) for seq in (1, 2)]
+    publisher._returned = [(k, "returned: NO_ROUTE") for k in kept]
+    await publisher._flush_returned()
+    assert [k.seq for k, _ in publisher._returned] == [1, 2]
+    await publisher._flush_returned()
+    assert journal.deferred == [[], [1, 2]] and publisher._returned == []

@@ -116,6 +116,42 @@ async def test_blackholed_broker_fails_publishes_within_deadline(
             await t.wait_ids(acknowledged, timeout=60)
 
 
+async def test_publishes_given_up_on_leave_their_channel_behind(
+    tmp_path: Path, broker_url: str, exchange_name: str
+) -> None:
+    """
+    Confirms slower than publish_timeout: the session gives up on what is in flight and
+    publishes it again. It did so on the same channel, whose table kept every publish
+    given up on (a late ack finds it; with 200,000 pending, one window more each round)
+    and which saw the same message_ids again (NOTES). A new channel is used now.
+    """
+    async with proxy(BROKER_HOST, BROKER_PORT) as p, tap(broker_url, exchange_name) as t:
+        config = make_config(
+            tmp_path,
+            broker_url=p.url("amqp", "/", "guest:guest"),
+            exchange=exchange_name,
+            sources=[gst_source()],
+            broker={"publish_timeout": "500ms", "heartbeat": "10s"},
+        )
+        async with running(config) as service, aiohttp.ClientSession() as session:
+            sender = Sender(session, f"http://127.0.0.1:{service.public_port}/webhooks/gst")
+            publisher = service.publisher
+            assert publisher is not None
+            first = await post_many(sender, [f"evt_g{i}" for i in range(5)])
+            await t.wait_ids(first, timeout=20)
+            channel, connection = publisher._channel, publisher._connection
+            assert channel is not None
+            p.delay = 0.4  # (each way: a confirm comes 0.8 s after its publish)
+            slow = await post_many(sender, [f"evt_s{i}" for i in range(5)])
+            await wait_for(lambda: channel.is_closed, timeout=20, what="the channel closed")
+            p.delay = 0.0
+            await t.wait_ids(first | slow, timeout=30)
+            journal = service.journal
+            assert journal is not None
+            await wait_for(lambda: journal.pending_count == 0, timeout=30, what="all confirmed")
+            assert publisher._channel is not channel and publisher._connection is connection
+
+
 async def test_a_reconnect_whose_channel_never_opens_is_given_up_for_the_next(
     tmp_path: Path, broker_url: str, exchange_name: str
 ) -> None:

@@ -32,7 +32,8 @@ from handlers import Event
 from handlers.layerx402 import PROVIDER as LAYERX402
 from handlers.layerx402 import EventFrame, Unparseable, parse_frame
 from listener.admin import api as admin_api
-from listener.broker.publisher import DEFERRED_LOG_EVERY, SETTLE_MAX
+from listener.broker.publisher import SETTLE_MAX
+from listener.broker.settling import DEFERRED_LOG_EVERY
 from listener.config import Config
 from listener.dev.devenv import write_dev_env
 from listener.dev.simulators.layerx402 import Layerx402Simulator

@@ -387,9 +387,9 @@ class ConfirmWindow:
         while self._in_flight and self.failure is None:
             await self.wait()
 
-    def cancel_outstanding(self) -> None:
-        """Give up on what has no confirm yet (an unknown outcome); the window is done."""
-        channel = self._channel
+    def cancel_outstanding(self) -> int:
+        """Give up on what has no confirm yet (an unknown outcome), the window done; how many."""
+        channel, given_up = self._channel, len(self._in_flight)
         for sent in self._waiting:
             if not sent.done_:
                 # Settled, unsettled: it stays in confirmations, where a late ack finds it
@@ -401,6 +401,7 @@ class ConfirmWindow:
         self._waiting.clear()
         self._closing.remove_done_callback(self._channel_closed)
         self._closing.cancel()  # (an observer of the channel's closing: only it stops)
+        return given_up
 
     # -- outcomes ------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ import asyncio
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
-__all__ = ["settle", "within"]
+__all__ = ["quietly", "settle", "within"]
 
 _T = TypeVar("_T")
 
@@ -48,6 +48,23 @@ async def within(operation: Awaitable[_T], seconds: float, *, finish: bool = Fal
         _abandon(task, cancel=not finish)
         raise TimeoutError(f"not done within {seconds:g} s")
     return task.result()
+
+
+async def quietly(operation: Awaitable[object], seconds: float) -> bool:
+    """
+    :func:`within`, left to finish at the deadline (a close); ``False``: it failed or is
+    late. A ``CancelledError`` of the operation's own (aiormq cancels what waits on a
+    connection that closed) is a failure too; the caller's task being cancelled is not.
+    """
+    try:
+        await within(operation, seconds, finish=True)
+    except asyncio.CancelledError:
+        if (task := asyncio.current_task()) is not None and task.cancelling():
+            raise
+        return False  # (it ended the publisher: a close cancelled by the connection's loss)
+    except Exception:  # (the deadline, or what the operation raised)
+        return False
+    return True
 
 
 async def settle(seconds: float) -> None:

@@ -34,10 +34,11 @@ import structlog
 from aio_pika.abc import AbstractConnection
 
 from listener.broker.backlog import Backlog
-from listener.broker.confirms import ConfirmWindow, Outcome, Outgoing, Sent
+from listener.broker.confirms import ConfirmWindow, Outgoing
 from listener.broker.connection import close_quietly, confirm_channel, connect_retrying
-from listener.broker.deadline import within
+from listener.broker.deadline import quietly, within
 from listener.broker.inflight import Kept, outgoing
+from listener.broker.settling import DEFER_CAP, Settling
 from listener.broker.topology import (
     CONFLICT_RETRY,
     Topology,
@@ -46,7 +47,7 @@ from listener.broker.topology import (
     raw_connection,
 )
 from listener.config import BrokerConfig, mask_url
-from listener.exceptions import JournalError, PublishNacked, PublishTimeout
+from listener.exceptions import JournalError, PublishTimeout
 from listener.journal import Journal
 from listener.metrics import Metrics
 from listener.retry import backoff, stop_if_cancelled
@@ -55,18 +56,15 @@ __all__ = ["Publisher"]
 
 log = structlog.get_logger("listener.publisher")
 
-# Deferred (returned or nacked) messages: first retry after this long, doubling, capped.
-DEFER_BASE, DEFER_CAP = 1.0, 60.0
 DEFERRED_CHECK = 1.0  # seconds between the session's looks for deferred messages due
 REFILL = 64  # write once this many can go (a quarter of the window if less) or none flies
 FILL_MAX = 512  # entries taken at once (bodies may be 1 MiB each)
 # Settled messages are recorded once this many wait, even mid-write: a drain the broker
 # returned as fast as it went never ran out of room, and all of it stayed in memory.
 SETTLE_MAX = 256
-DEFERRED_LOG_EVERY = 10.0  # seconds: one publish_deferred line at most, with the count
 
 
-class Publisher:
+class Publisher(Settling):
     """Keeps the broker connection and drains the journal into it, forever."""
 
     def __init__(self, *, config: BrokerConfig, journal: Journal, metrics: Metrics) -> None:
@@ -82,17 +80,14 @@ class Publisher:
         self._confirmed_any = False
         self._last_error: str | None = None
         self._topology = TopologyReport()
-        # The underlying connection the topology was last declared on.
-        self._declared_on: object | None = None
+        self._declared_on: object | None = None  # (the connection last declared on)
         self._drained = asyncio.Event()
-        # Set when the shutdown drain starts: retries stop waiting out the backoff.
-        self._hurry = asyncio.Event()
+        self._hurry = asyncio.Event()  # (the shutdown drain: retries stop waiting)
         self._closing, self._blocked = False, False  # (blocked: Connection.Blocked)
         self._node = 0  # (of broker.urls) connected to; after a loss, the next one first
         self._lost = False  # the connection was lost: make another
         self._watchers: list[Callable[[bool], None]] = []  # (:meth:`watch`)
-        # Set by confirms and by journal commits: the drain loop's one wake-up call.
-        self._wake = asyncio.Event()
+        self._wake = asyncio.Event()  # (confirms, commits: the drain loop's one wake-up)
         journal.add_commit_listener(self._wake.set)
 
     # -- state ------------------------------------------------------------------------
@@ -285,6 +280,10 @@ class Publisher:
         except (TimeoutError, aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
             self._record_failure("channel_unavailable", exc)
             return False
+        except asyncio.CancelledError as exc:  # aiormq's, as its connection closed: it ended
+            stop_if_cancelled(exc)  # the publisher, which published nothing from then on
+            self._record_failure("channel_unavailable", exc)
+            return False
         try:
             # A connection the broker blocked (a resource alarm) reads nothing: a window
             # written into it would sit in the socket buffer, one more each retry (memory
@@ -311,7 +310,8 @@ class Publisher:
             taken.close()
             # What has no confirm now has an unknown outcome and is published again next
             # session (consumers deduplicate on message_id).
-            window.cancel_outstanding()
+            if window.cancel_outstanding():
+                await self._leave_channel(underlay)
             for _ in range(8):  # let settled futures run their callbacks (bounded)
                 if not window.outstanding:
                     break
@@ -322,6 +322,21 @@ class Publisher:
             reason = "timeout" if isinstance(window.failure, PublishTimeout) else "connection"
             self._record_failure(reason, window.failure)
         return self._confirmed_any
+
+    async def _leave_channel(self, underlay: aiormq.Channel) -> None:
+        """
+        After publishes were given up on: close the channel, so that the next session
+        publishes them again on another. This one's table keeps each (a late ack finds
+        it): a window more each round of a broker that does not confirm, and their
+        message_ids seen again on it (NOTES). Not on a connection the broker blocked (an
+        alarm: it reads nothing, the close would hang): the next session waits for it.
+        """
+        try:
+            await within(underlay.connection.ready(), 0.01)
+        except TimeoutError:
+            return
+        if not await quietly(underlay.close(), self._config.connect_timeout):
+            self._lost = True  # (it would not close: a new connection, then)
 
     async def _publish_until_failure(self, window: ConfirmWindow, taken: Backlog) -> None:
         journal = self._journal
@@ -338,7 +353,14 @@ class Publisher:
                     due = await journal.due_deferred(
                         now=time.time(), limit=min(size, FILL_MAX), longest=DEFER_CAP + 1
                     )
-                    backlog.extend(due)
+                    # Not those still in flight, or settled and not yet recorded: read again
+                    # a second later, each went out twice (and held up the rest meanwhile).
+                    settled = {k.seq for k in self._confirmed} | {k.seq for k, _ in self._returned}
+                    backlog.extend(
+                        d
+                        for d in due
+                        if d.seq not in settled and not window.in_flight(d.entry.event_id)
+                    )
                 if not backlog:
                     await taken.fill(min(2 * size, FILL_MAX))
             # Refill in chunks (not one message per confirm): one socket write per chunk.
@@ -366,85 +388,3 @@ class Publisher:
                 self._drained.set()
             # Until a confirm, an append, a commit or the oldest publish's deadline.
             await window.wait(DEFERRED_CHECK, clear=False)
-
-    def _settled(self, sent: Sent, outcome: Outcome, seconds: float) -> None:
-        kept: Kept = sent.token
-        if outcome is None:
-            self._confirmed_any = True
-            self._confirmed.append(kept)
-            self._metrics.publish_seconds.observe(seconds)
-            self._metrics.event_lag_seconds.observe(max(time.time() - kept.received_at, 0.0))
-            return
-        reason = "nacked" if isinstance(outcome, PublishNacked) else "returned"
-        self._metrics.publish_failures.labels(reason).inc()
-        self._returned.append((kept, f"{reason}: {outcome}"))
-
-    async def _flush_returned(self) -> None:
-        if not self._returned:
-            return
-        returned, self._returned = self._returned, []
-        try:
-            await self._journal.defer(
-                [k.seq for k, _ in returned], error=returned[0][1], base=DEFER_BASE, cap=DEFER_CAP
-            )
-        except JournalError as exc:
-            # Not recorded: they stay pending (or deferred) and come round again.
-            log.warning("journal_defer_failed", error=str(exc), count=len(returned))
-            return
-        self._last_error = returned[0][1]
-        self._metrics.journal_deferred.set(self._journal.deferred_count)
-        self._unlogged += len(returned)
-        if (now := time.monotonic()) < self._log_deferred_at:
-            return  # (a line per flush was one per event for an unbound routing key)
-        self._log_deferred_at = now + DEFERRED_LOG_EVERY
-        log.warning(
-            "publish_deferred",
-            count=self._unlogged,  # since the last line
-            first_id=returned[0][0].event_id,
-            routing_keys=sorted({k.routing_key for k, _ in returned})[:10],
-            error=returned[0][1],
-            note="retried with backoff; the others go on",
-        )
-        self._unlogged = 0
-
-    async def _flush_confirmed(self, *, wait: bool) -> None:
-        if not self._confirmed:
-            return
-        confirmed, self._confirmed = self._confirmed, []
-        fresh = [k.seq for k in confirmed if not k.retried]
-        retried = [k.seq for k in confirmed if k.retried]
-        try:
-            await self._journal.mark_published(fresh, wait=wait)
-            await self._journal.mark_published(retried, wait=True, deferred=True)
-        except JournalError as exc:
-            # The journal cannot write (disk full, I/O error): keep them to mark at the next
-            # flush instead of ending the publisher, and with it the service. They stay
-            # pending on disk meanwhile (a restart before then publishes them again).
-            self._confirmed = confirmed + self._confirmed
-            log.warning("journal_mark_failed", error=str(exc), confirmed=len(self._confirmed))
-            return
-        for kept in confirmed:
-            if kept.event:
-                self._metrics.published(kept.source, kept.routing_key).inc()
-        if retried:
-            # A deferred message went through: its routing key is routable again, so its
-            # fellows need not wait out their backoff.
-            keys = sorted({k.routing_key for k in confirmed if k.retried})
-            try:
-                await self._journal.retry_now(keys)
-            except JournalError as exc:
-                log.warning("journal_retry_now_failed", error=str(exc))
-        self._metrics.journal_pending.set(self._journal.pending_count)
-        self._metrics.journal_deferred.set(self._journal.deferred_count)
-
-    def _record_failure(self, reason: str, exc: BaseException) -> None:
-        self._last_error = f"{type(exc).__name__}: {exc}"
-        self._blocked |= reason == "blocked"  # (until ready() again, or a new connection)
-        self._metrics.publish_failures.labels(reason).inc()
-        log.warning(
-            "publish_failed",
-            reason=reason,
-            error=self._last_error,
-            message_id=getattr(exc, "message_id", None),
-            pending=self._journal.pending_count,
-        )
