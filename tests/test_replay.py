@@ -420,7 +420,7 @@ async def test_cli_bad_arguments_exit_2_naming_the_argument(
         "--until": [*base, "--since", "1h", "--until", "2h", "--to-queue", "q"],
         "--to-queue": [*base, "--since", "1h", "--to-queue", f"{exchange_name}.missing"],
         "--type": [*base, "--since", "1h", "--type", "getstoken..badge", "--to-queue", "q"],
-        "--rate": [*base, "--since", "1h", "--rate", "0", "--to-queue", "q"],
+        "--rate": [*base, "--since", "1h", "--rate", "0.5", "--to-queue", "q"],
         "--from": [*base, "--since", "1h", "--from", "kafka", "--to-queue", "q"],
         "--to-exchange": [*base, "--since", "1h", "--to-exchange", f"{exchange_name}.missing"],
     }

@@ -63,9 +63,9 @@ __all__ = ["command"]
 @click.option("--dry-run", is_flag=True, help="Count what would be replayed, by type.")
 @click.option(
     "--rate",
-    type=click.FloatRange(min=0, min_open=True),
+    type=click.FloatRange(min=1),
     metavar="N",
-    help="At most N events per second.",
+    help="At most N events per second (at least 1).",
 )
 def command(
     *,
