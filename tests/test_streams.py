@@ -455,15 +455,17 @@ async def test_a_frame_read_as_the_journal_fills_waits_for_room(
     The journal's limit was looked at before each read: one reached while the source
     waited for a frame refused that frame's append, which ended the connection, and a
     frame to quarantine (no seq to ask for again) was lost. Now the frame waits for
-    room, on the same connection.
+    room, on the same connection; and a wait longer than stale_after is not counted as
+    the server's silence (the connection was closed as stale the moment it read again).
     """
-    async with Layerx402Simulator() as sim:
+    async with Layerx402Simulator(ping_interval=None) as sim:
         config = stream_config(
             tmp_path,
             "amqp://guest:guest@127.0.0.1:1/",  # (nothing is published: pending stays)
             exchange_name,
             sim.url,
             journal={"max_pending": 3},
+            stale_after="1s",
         )
         async with running(config) as service:
             source, journal = stream_source(service), service.journal
@@ -480,10 +482,11 @@ async def test_a_frame_read_as_the_journal_fills_waits_for_room(
             await journal.append([entry(i, source="elsewhere") for i in range(3)])
             assert journal.over_limit() == "max_pending"  # (while the source waits to read)
             sim.send_raw("not a frame")
-            await asyncio.sleep(0.5)  # (the frame is read; nothing is to come of it yet)
+            await asyncio.sleep(1.5)  # (the frame is read; nothing is to come of it yet)
             assert quarantined() == 0 and source.connections == 1 and journal.appending == 0
             await journal.mark_published([1, 2, 3], wait=True)  # room again
             await wait_for(lambda: quarantined() == 1, what="the frame quarantined")
+            await asyncio.sleep(0.3)  # (stale 1 s after it read again, not at once)
             assert source.connections == 1
 
 

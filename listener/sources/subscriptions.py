@@ -150,6 +150,17 @@ class Subscriptions:
             note=f"subscribed again in {wait:g}s, from its last seq",
         )
 
+    def paused(self, seconds: float) -> None:
+        """
+        The connection was not read for ``seconds`` (a full journal): what came meanwhile
+        waits unread, so neither a subscribe's answer nor an event is late by that much.
+        """
+        for sub in self.all:
+            if sub.asked:
+                sub.retry_due += seconds
+            sub.last_heard += seconds
+        self._schedule()
+
     def silent_for(self, limit: float) -> float:
         """Seconds until an active subscription has been silent for ``limit``."""
         now = time.monotonic()

@@ -335,8 +335,8 @@ class StreamSource:
                 if why is None:
                     continue  # (a subscription to ask for again, above)
                 raise _Stale(why) from None
-            heard_at = time.monotonic()
             await self._on_frame(ws, raw, self._provider.parse_frame(raw), outcome)
+            heard_at = time.monotonic()  # (after any wait for room: frames waited unread)
             if self._max_size > self._config.max_size and _size(raw) > self._config.max_size:
                 # taken on a raised limit: once is enough
                 self._max_size = ws.protocol.max_message_size = self._config.max_size
@@ -347,8 +347,10 @@ class StreamSource:
         if self._journal.over_limit() is not None:
             # Backpressure: read no more (TCP pushes back, CONTRACT §8). Here, no await
             # before the append: before the read, a journal filled meanwhile refused it.
+            paused = time.monotonic()
             await self._settle()
             await self._journal.wait_for_capacity()
+            self._subs.paused(time.monotonic() - paused)
         if isinstance(frame, EventFrame):
             self._on_event(frame, raw)
         elif isinstance(frame, Ping):
