@@ -476,5 +476,9 @@ async def test_returned_messages_the_journal_cannot_set_aside_are_kept_for_the_n
     publisher._returned = [(k, "returned: NO_ROUTE") for k in kept]
     await publisher._flush_returned()
     assert [k.seq for k, _ in publisher._returned] == [1, 2]
+    publisher._returned.append((kept[0], "returned: NO_ROUTE"))  # (sent again meanwhile)
+    await publisher._flush_returned()  # (not within the second: the disk is not hammered)
+    assert journal.deferred == [[]]
+    publisher._defer_again_at = 0.0
     await publisher._flush_returned()
     assert journal.deferred == [[], [1, 2]] and publisher._returned == []

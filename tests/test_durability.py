@@ -131,7 +131,7 @@ async def test_publishes_given_up_on_leave_their_channel_behind(
             broker_url=p.url("amqp", "/", "guest:guest"),
             exchange=exchange_name,
             sources=[gst_source()],
-            broker={"publish_timeout": "500ms", "heartbeat": "10s"},
+            broker={"publish_timeout": "500ms", "heartbeat": "10s", "connect_timeout": "10s"},
         )
         async with running(config) as service, aiohttp.ClientSession() as session:
             sender = Sender(session, f"http://127.0.0.1:{service.public_port}/webhooks/gst")

@@ -414,7 +414,7 @@ async def test_a_subscribe_with_no_answer_ends_the_connection(
     Asked again on it, a late answer to the first would leave two subscriptions at the
     server; so the connection ends, and the next subscribes everything again.
     """
-    monkeypatch.setattr(subscriptions, "ACK_WAIT", 0.5)
+    monkeypatch.setattr(subscriptions, "ACK_WAIT", 1.0)
     async with Layerx402Simulator(rate=200) as sim:
         sim.refuse_next("portfolio", None)
         config = stream_config(tmp_path, broker_url, exchange_name, sim.url)
@@ -427,7 +427,7 @@ async def test_a_subscribe_with_no_answer_ends_the_connection(
                 )
                 assert source.connections == 2
     (gone,) = [e for e in logs if e["event"] == "stream_disconnected"]
-    assert gone["reason"] == "a subscribe had no answer within 0.5s"
+    assert gone["reason"] == "a subscribe had no answer within 1s"
 
 
 def test_a_subscription_ended_again_and_again_backs_off() -> None:
@@ -458,14 +458,14 @@ async def test_a_frame_read_as_the_journal_fills_waits_for_room(
     room, on the same connection; and a wait longer than stale_after is not counted as
     the server's silence (the connection was closed as stale the moment it read again).
     """
-    async with Layerx402Simulator(ping_interval=None) as sim:
+    async with Layerx402Simulator(ping_interval=0.2) as sim:
         config = stream_config(
             tmp_path,
             "amqp://guest:guest@127.0.0.1:1/",  # (nothing is published: pending stays)
             exchange_name,
             sim.url,
             journal={"max_pending": 3},
-            stale_after="1s",
+            stale_after="2s",
         )
         async with running(config) as service:
             source, journal = stream_source(service), service.journal
@@ -481,13 +481,15 @@ async def test_a_frame_read_as_the_journal_fills_waits_for_room(
             await wait_for(lambda: all(s.state == "active" for s in source._subs), what="subs")
             await journal.append([entry(i, source="elsewhere") for i in range(3)])
             assert journal.over_limit() == "max_pending"  # (while the source waits to read)
+            sim.pause()  # (no ping after the frame: nothing waits unread behind it)
             sim.send_raw("not a frame")
-            await asyncio.sleep(1.5)  # (the frame is read; nothing is to come of it yet)
+            await asyncio.sleep(2.5)  # (the frame is read; nothing is to come of it yet)
             assert quarantined() == 0 and source.connections == 1 and journal.appending == 0
             await journal.mark_published([1, 2, 3], wait=True)  # room again
             await wait_for(lambda: quarantined() == 1, what="the frame quarantined")
-            await asyncio.sleep(0.3)  # (stale 1 s after it read again, not at once)
+            await asyncio.sleep(0.5)  # (stale 2 s after it read again, not at once)
             assert source.connections == 1
+            sim.resume()
 
 
 @pytest.mark.parametrize("window", [1, 8])

@@ -86,6 +86,7 @@ class Publisher(Settling):
         self._closing, self._blocked = False, False  # (blocked: Connection.Blocked)
         self._node = 0  # (of broker.urls) connected to; after a loss, the next one first
         self._lost = False  # the connection was lost: make another
+        self._leave = False  # publishes were given up on: the next session, a new channel
         self._watchers: list[Callable[[bool], None]] = []  # (:meth:`watch`)
         self._wake = asyncio.Event()  # (confirms, commits: the drain loop's one wake-up)
         journal.add_commit_listener(self._wake.set)
@@ -202,6 +203,7 @@ class Publisher(Settling):
                 failed(exc, delay := next(delays), 2)
                 await asyncio.sleep(delay)
         self._connection, self._channel, self._blocked = connection, channel, False
+        self._leave = False  # (a new channel already)
         self._metrics.broker_connected.set(1)
         connection.close_callbacks.add(self._on_lost)
         self._last_error = None
@@ -268,6 +270,8 @@ class Publisher(Settling):
         assert self._connection is not None  # connected first
         assert self._channel is not None
         try:
+            if self._leave:  # (publishes were given up on: see _leave_channel)
+                await self._leave_channel(self._channel)
             if self._channel.is_closed:  # the broker closed it (the connection is up)
                 self._channel = await confirm_channel(
                     self._connection, self._config.publish_timeout
@@ -310,8 +314,7 @@ class Publisher(Settling):
             taken.close()
             # What has no confirm now has an unknown outcome and is published again next
             # session (consumers deduplicate on message_id).
-            if window.cancel_outstanding():
-                await self._leave_channel(underlay)
+            self._leave |= window.cancel_outstanding() > 0  # (left as the next session begins)
             for _ in range(8):  # let settled futures run their callbacks (bounded)
                 if not window.outstanding:
                     break
@@ -323,20 +326,22 @@ class Publisher(Settling):
             self._record_failure(reason, window.failure)
         return self._confirmed_any
 
-    async def _leave_channel(self, underlay: aiormq.Channel) -> None:
+    async def _leave_channel(self, channel: aiormq.Channel) -> None:
         """
-        After publishes were given up on: close the channel, so that the next session
-        publishes them again on another. This one's table keeps each (a late ack finds
-        it): a window more each round of a broker that does not confirm, and their
-        message_ids seen again on it (NOTES). Not on a connection the broker blocked (an
-        alarm: it reads nothing, the close would hang): the next session waits for it.
+        After publishes were given up on, close the channel so that they go again on
+        another. This one's table keeps each (a late ack finds it): a window more each
+        round of a broker that does not confirm, and their message_ids seen again on it
+        (NOTES). Not while the broker blocks the connection (an alarm: it reads nothing,
+        the close would hang); a close that does not finish in time is left to finish,
+        and the channel used meanwhile (never a reconnect for it: a cluster's units
+        would move).
         """
         try:
-            await within(underlay.connection.ready(), 0.01)
+            await within(channel.connection.ready(), 0.01)
         except TimeoutError:
-            return
-        if not await quietly(underlay.close(), self._config.connect_timeout):
-            self._lost = True  # (it would not close: a new connection, then)
+            return  # (blocked: the session waits for it, and the next one leaves)
+        self._leave = False
+        await quietly(channel.close(), self._config.connect_timeout)
 
     async def _publish_until_failure(self, window: ConfirmWindow, taken: Backlog) -> None:
         journal = self._journal

@@ -24,6 +24,7 @@ log = structlog.get_logger("listener.publisher")
 # Deferred (returned or nacked) messages: first retry after this long, doubling, capped.
 DEFER_BASE, DEFER_CAP = 1.0, 60.0
 DEFERRED_LOG_EVERY = 10.0  # seconds: one publish_deferred line at most, with the count
+DEFER_AGAIN = 1.0  # seconds before a defer the journal failed is tried again
 
 
 class Settling:
@@ -38,6 +39,7 @@ class Settling:
     _blocked: bool
     _unlogged: int
     _log_deferred_at: float
+    _defer_again_at = 0.0  # (monotonic) a failed defer is not tried again before then
 
     def _settled(self, sent: Sent, outcome: Outcome, seconds: float) -> None:
         kept: Kept = sent.token
@@ -52,9 +54,11 @@ class Settling:
         self._returned.append((kept, f"{reason}: {outcome}"))
 
     async def _flush_returned(self) -> None:
-        if not self._returned:
+        if not self._returned or time.monotonic() < self._defer_again_at:
             return
-        returned, self._returned = self._returned, []
+        # Once each: a row a new session sent again while its defer failed came back twice.
+        returned = list({k.seq: (k, why) for k, why in self._returned}.values())
+        self._returned = []
         try:
             await self._journal.defer(
                 [k.seq for k, _ in returned], error=returned[0][1], base=DEFER_BASE, cap=DEFER_CAP
@@ -62,7 +66,9 @@ class Settling:
         except JournalError as exc:
             # Not recorded: kept to set aside at the next flush (they stayed pending, and
             # the session's backlog had gone past them: pending until the next session).
+            # Tried again in a second, not at each pass of the drain loop.
             self._returned = returned + self._returned
+            self._defer_again_at = time.monotonic() + DEFER_AGAIN
             log.warning("journal_defer_failed", error=str(exc), count=len(self._returned))
             return
         self._last_error = returned[0][1]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Iterator, Mapping
 
 import structlog
 
@@ -149,6 +149,14 @@ class Subscriptions:
             subscription=sub.key,
             note=f"subscribed again in {wait:g}s, from its last seq",
         )
+
+    async def unread(self, waiting: Awaitable[object]) -> None:
+        """Await ``waiting``, the connection not read meanwhile (:meth:`paused`)."""
+        began = time.monotonic()
+        try:
+            await waiting
+        finally:
+            self.paused(time.monotonic() - began)
 
     def paused(self, seconds: float) -> None:
         """

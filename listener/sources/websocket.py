@@ -347,10 +347,8 @@ class StreamSource:
         if self._journal.over_limit() is not None:
             # Backpressure: read no more (TCP pushes back, CONTRACT §8). Here, no await
             # before the append: before the read, a journal filled meanwhile refused it.
-            paused = time.monotonic()
-            await self._settle()
-            await self._journal.wait_for_capacity()
-            self._subs.paused(time.monotonic() - paused)
+            await self._subs.unread(self._settle())
+            await self._subs.unread(self._journal.wait_for_capacity())
         if isinstance(frame, EventFrame):
             self._on_event(frame, raw)
         elif isinstance(frame, Ping):
@@ -367,7 +365,7 @@ class StreamSource:
         # AuthOk again: harmless, ignored. Quarantined input counts in the window too:
         # a flood of junk frames queued appends without end (2 GB in 45 s).
         if len(self._appends) >= (window := self._config.journal_window):
-            await self._appends.settle_some(max(window // 2, 1))
+            await self._subs.unread(self._appends.settle_some(max(window // 2, 1)))
 
     def _on_event(self, frame: EventFrame, raw: str | bytes) -> None:
         sub = self._subs.find(frame)
