@@ -361,7 +361,6 @@ def _two_hooks(tmp_path: Path, broker_url: str, exchange: str) -> dict[str, Any]
     return data
 
 
-@pytest.mark.usefixtures("cleanup_topology")
 def test_a_cluster_config_with_broker_urls_reloads(tmp_path: Path) -> None:
     """
     With ``broker.urls`` (CONTRACT §10) every reload failed its check, "give broker.url
@@ -382,6 +381,7 @@ def test_a_cluster_config_with_broker_urls_reloads(tmp_path: Path) -> None:
         Config.model_validate(raw)
 
 
+@pytest.mark.usefixtures("cleanup_topology")
 async def test_new_secrets_that_do_not_fit_the_running_settings_change_nothing(
     tmp_path: Path, broker_url: str, exchange_name: str
 ) -> None:
