@@ -32,7 +32,7 @@ from listener.config import BrokerConfig, mask_url
 from listener.exceptions import BrokerUnreachable
 from listener.retry import backoff, stop_if_cancelled
 
-__all__ = ["close_quietly", "confirm_channel", "connect", "connect_retrying"]
+__all__ = ["blocked", "close_quietly", "confirm_channel", "connect", "connect_retrying"]
 
 
 async def connect(config: BrokerConfig, *, name: str) -> AbstractConnection:
@@ -117,6 +117,16 @@ async def close_quietly(connection: AbstractConnection, *, within: float = 5.0) 
     except Exception as exc:  # closing a broken connection may fail in many ways; it is gone
         return f"{type(exc).__name__}: {exc}"
     return None
+
+
+async def blocked(connection: aiormq.abc.AbstractConnection) -> bool:
+    """Whether the broker blocked the connection (a resource alarm: Connection.Blocked)."""
+    try:
+        async with asyncio.timeout(0.001):
+            await connection.ready()
+    except TimeoutError:
+        return True
+    return False
 
 
 async def confirm_channel(connection: AbstractConnection, within: float) -> aiormq.Channel:

@@ -35,7 +35,7 @@ from aio_pika.abc import AbstractConnection
 
 from listener.broker.backlog import Backlog
 from listener.broker.confirms import ConfirmWindow, Outgoing
-from listener.broker.connection import close_quietly, confirm_channel, connect_retrying
+from listener.broker.connection import blocked, close_quietly, confirm_channel, connect_retrying
 from listener.broker.deadline import quietly, within
 from listener.broker.inflight import Kept, outgoing
 from listener.broker.settling import DEFER_CAP, Settling
@@ -336,10 +336,8 @@ class Publisher(Settling):
         and the channel used meanwhile (never a reconnect for it: a cluster's units
         would move).
         """
-        try:
-            await within(channel.connection.ready(), 0.01)
-        except TimeoutError:
-            return  # (blocked: the session waits for it, and the next one leaves)
+        if await blocked(channel.connection):
+            return  # (the session waits for it, and the next one leaves)
         self._leave = False
         await quietly(channel.close(), self._config.connect_timeout)
 

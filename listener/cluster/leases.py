@@ -31,6 +31,8 @@ from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage
 from pamqp import commands as spec
 from pamqp.common import FieldTable
 
+from listener.broker.connection import blocked
+
 __all__ = [
     "Names",
     "Presence",
@@ -242,13 +244,3 @@ class Presence:
             with contextlib.suppress(Exception):  # a closing connection takes it anyway
                 async with asyncio.timeout(_OP_TIMEOUT):
                     await self._channel.close()
-
-
-async def blocked(connection: AbstractConnection) -> bool:
-    """Whether the broker blocked the connection (a resource alarm: Connection.Blocked)."""
-    try:
-        async with asyncio.timeout(0.001):
-            await connection.ready()
-    except TimeoutError:
-        return True
-    return False

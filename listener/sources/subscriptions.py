@@ -176,15 +176,14 @@ class Subscriptions:
         return min(waits, default=limit)
 
     def wait(
-        self, quiet: float, sub_stale: float | None, quiet_for: str
+        self, now: float, quiet: float, sub_stale: float | None, quiet_for: str
     ) -> tuple[float, str | None]:
         """
-        How long a connection waits for its next frame, and what it means when none came
-        by then: ``quiet_for`` (nothing for ``stale_after``: ``quiet`` is what is left of
-        it), an active subscription silent for ``sub_stale``, or ``None``: a subscription
-        is due to be asked for again.
+        How long a connection waits for its next frame from ``now`` (monotonic), and what
+        it means when none came by then: ``quiet_for`` (nothing for ``stale_after``:
+        ``quiet`` is what is left of it), an active subscription silent for ``sub_stale``,
+        or ``None``: a subscription is due to be asked for again.
         """
-        now = time.monotonic()
         wait, why = quiet, quiet_for
         if sub_stale is not None and (silent := self.silent_for(sub_stale)) < wait:
             wait, why = silent, "a subscription went silent"

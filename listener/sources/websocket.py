@@ -324,10 +324,9 @@ class StreamSource:
                 # An append failed: end this connection now, so nothing after it is
                 # taken on a position that is not on disk; the cursors reload.
                 raise JournalError(f"an append failed: {self._appends.error}")
-            if self._subs.retry_at <= time.monotonic():  # refused ones, now and then
+            if self._subs.retry_at <= (now := time.monotonic()):  # refused ones, now and then
                 await self._subscribe(ws, connecting=False)
-            quiet = heard_at + stale_after - time.monotonic()
-            wait, why = self._subs.wait(quiet, sub_stale, quiet_for)
+            wait, why = self._subs.wait(now, heard_at + stale_after - now, sub_stale, quiet_for)
             try:
                 async with asyncio.timeout(wait):
                     raw = await ws.recv()
