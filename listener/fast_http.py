@@ -33,7 +33,10 @@ requests being answered get ``shutdown_timeout`` to finish (:meth:`FastServer.sh
 
 At most ``max_connections`` are open at once (``http.max_connections``): one more closes
 the one quiet the longest (nothing in or out for over a second: idle, or a head or a
-body that does not come; not one being answered), on either path, else it is refused;
+body that does not come), else the one whose last answer (or opening) is the oldest, if
+over a second: a head or body dripped a byte at a time is never quiet, and a client
+holding every slot so kept out every real sender until ``read_timeout``. Never one being
+answered; on either path; else the new one is refused;
 and unfinished requests hold at most ``routes.held.budget`` bytes in all
 (:class:`listener.web.Held`). Any client could otherwise open connections and keep
 them, each with a head (and up to ``max_body`` of a body) sent, until the process ran
@@ -44,7 +47,6 @@ its requests.
 from __future__ import annotations
 
 import asyncio
-import math
 import re
 import time
 import weakref
@@ -132,32 +134,39 @@ class FastServer(web.Server):
 
     def _make_room(self) -> bool:
         """
-        Close the connection quiet the longest, over a second, unless its request is
-        being answered (its body all came) or it is closing already (one of aiohttp's is
-        listed until its close is seen: every connection of a burst closed the same one
-        again, and was let in); ``False``: none is.
+        Close the connection quiet the longest, over a second, else the one whose last
+        answer (or opening) is the oldest, over a second; never one whose request is
+        being answered (its body all came) or that is closing already (one of aiohttp's
+        is listed until its close is seen: every connection of a burst closed the same
+        one again, and was let in); ``False``: none may be.
         """
         answering = self.held.answering
+        since = self._loop.time() - 1.0
 
-        def since(conn: _Connection | JsonErrorsHandler | None) -> float:  # (inf: not to close)
+        def rank(conn: _Connection | JsonErrorsHandler) -> tuple[int, float] | None:
             if isinstance(conn, _Connection):
-                return math.inf if conn.answering else conn.heard
-            if conn is None or conn.transport is None or conn.transport in answering:
-                return math.inf
-            return conn.heard
+                if conn.answering is not None:
+                    return None
+            elif conn.transport is None or conn.transport in answering:
+                return None
+            if conn.heard < since:
+                return (0, conn.heard)
+            return (1, conn.progress) if conn.progress < since else None
 
-        fast = min(self.fast, key=since, default=None)
-        handlers = (h for h in self._connections if isinstance(h, JsonErrorsHandler))
-        slow = min(handlers, key=since, default=None)
-        if min(since(fast), since(slow)) >= self._loop.time() - 1.0:
+        ranked = (
+            (key, conn)
+            for conn in (*self.fast, *self._connections)
+            if isinstance(conn, _Connection | JsonErrorsHandler) and (key := rank(conn)) is not None
+        )
+        chosen = min(ranked, key=lambda pair: pair[0], default=None)
+        if chosen is None:
             return False
-        if since(fast) <= since(slow):
-            assert fast is not None  # (its time is finite)
-            self.fast.discard(fast)
-            fast.close()
+        conn = chosen[1]
+        if isinstance(conn, _Connection):
+            self.fast.discard(conn)
+            conn.close()
         else:
-            assert slow is not None
-            slow.force_close()
+            conn.force_close()
         return True
 
     def at_limit(self) -> None:
@@ -175,7 +184,7 @@ class FastServer(web.Server):
                 note="every connection is busy: raise http.max_connections (and the file limit)",
             )
 
-    def aiohttp_handler(self) -> asyncio.Protocol:
+    def aiohttp_handler(self) -> JsonErrorsHandler:
         """A connection handler of aiohttp's own (what the fast path hands over to)."""
         return JsonErrorsHandler(self, loop=self._loop, **self._kwargs)
 
@@ -220,6 +229,7 @@ class _Connection(asyncio.Protocol):
         self._paused = False
         self._writing_held = False  # the client does not read its answers
         self.heard = 0.0  # when a byte last came or an answer went
+        self.progress = 0.0  # when it opened or an answer last went
         self._timer: asyncio.TimerHandle | None = None
         self._body = False  # whether the timer is a body's (else a head's)
         #: The head of the request whose body is still coming (parsed once).
@@ -230,7 +240,7 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream server's (uvloop's transports do not subclass asyncio's).
         self._transport = cast(asyncio.Transport, transport)
-        self.heard = self._loop.time()
+        self.heard = self.progress = self._loop.time()
         self._server.made(self)
         self._time_head()  # the first request's head: from the connection's opening on
 
@@ -363,7 +373,7 @@ class _Connection(asyncio.Protocol):
         if transport is not None:
             transport.write(self._encode(reply))
         self.answering = None
-        self.heard = self._loop.time()
+        self.heard = self.progress = self._loop.time()
         if not self._writing_held:
             self._go_on()
 
@@ -404,6 +414,7 @@ class _Connection(asyncio.Protocol):
         handler = self._server.aiohttp_handler()
         transport.set_protocol(handler)
         handler.connection_made(transport)
+        handler.progress = self.progress  # (a head dripped on aiohttp's path is no newer)
         if self._paused:
             transport.resume_reading()
         data, self._buffer = bytes(self._buffer), bytearray()

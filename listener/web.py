@@ -129,15 +129,23 @@ class JsonErrorsHandler(RequestHandler):
     limits) are the contract's JSON error body too: aiohttp's are text, and echo the
     request's bytes back. Those are logged at debug level, without the bytes: aiohttp
     logged each with a traceback at error level, a line per bad request anyone could
-    send. ``heard``: when it last sent or received (the connection limit closes the
-    quietest).
+    send. ``heard``: when it last sent or received, and ``progress``: when it opened or
+    last answered (the connection limit closes the quietest, else the one with the
+    oldest progress).
     """
 
     heard = 0.0
+    progress = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.heard = self._loop.time()
+        self.heard = self.progress = self._loop.time()
         super().connection_made(transport)
+
+    def log_access(  # (aiohttp calls it once each answer is written, or failed to be)
+        self, request: web.BaseRequest, response: web.StreamResponse, time: Any
+    ) -> None:
+        self.heard = self.progress = self._loop.time()
+        super().log_access(request, response, time)
 
     def data_received(self, data: bytes) -> None:
         self.heard = self._loop.time()

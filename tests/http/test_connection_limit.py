@@ -1,7 +1,8 @@
 """
 The public port holds at most ``http.max_connections``: a connection past it closes the
 one quiet the longest (over a second: idle, or a head or body that does not come), else
-it is refused; and unfinished requests hold at most ``held.budget`` bytes in all.
+the one whose last answer (or opening) is the oldest, over a second, else it is refused;
+and unfinished requests hold at most ``held.budget`` bytes in all.
 Before, any client could keep connections open an hour each (one request on each)
 until the process had no file descriptor left for anything.
 """
@@ -55,6 +56,54 @@ async def test_heads_that_do_not_come_make_room_for_one_that_does() -> None:
         assert await answers(reader, 1) == [(200, "fast", "late")]
         assert sum([await closed(r, 0.5) for r, _ in silent]) == 1
         for _, w in [*silent, (reader, writer)]:
+            w.close()
+
+
+async def drip(writer: asyncio.StreamWriter, head: bytes, every: float = 0.2) -> None:
+    """Send ``head`` a byte every ``every`` seconds: never quiet, never done."""
+    for byte in head:
+        writer.write(bytes([byte]))
+        await asyncio.sleep(every)
+
+
+async def test_heads_dripped_a_byte_at_a_time_make_room_for_real_senders() -> None:
+    """
+    A client holding every slot with heads dripped a byte every 0.2 s (on either path):
+    none was ever quiet for a second, so every real sender was refused until
+    read_timeout (30 s here) closed them. A sender that keeps sending is never the one
+    closed for a new connection: its last answer is recent.
+    """
+    async with serve(Route(), max_connections=4) as svc:
+        server = svc.runner.server
+        assert isinstance(server, FastServer)
+        heads = [post("slow", b"x" * 10)] * 2 + [b"GET /hook HTTP/1.1\r\nHost: x\r\n" * 20]
+        drippers = []
+        for head in heads:
+            reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+            drippers.append((reader, writer, asyncio.create_task(drip(writer, head))))
+        reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+        sender = (reader, writer)
+        deadline = asyncio.get_running_loop().time() + 1.3
+        while asyncio.get_running_loop().time() < deadline:  # (a request every 0.1 s)
+            writer.write(post("real"))
+            assert await answers(reader, 1) == [(200, "fast", "real")]
+            await asyncio.sleep(0.1)
+        assert len(server._connections) == 1  # (the GET went to aiohttp's path)
+        new = []
+        for ident in ("new-1", "new-2", "new-3"):  # (each kept open: each needs a slot)
+            reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+            writer.write(post(ident))
+            assert await answers(reader, 1) == [(200, "fast", ident)]
+            new.append((reader, writer))
+        assert server.refused == 0
+        assert [await closed(r, 0.5) for r, _, _ in drippers] == [True, True, True]
+        for reader, writer in [sender, *new]:
+            writer.write(post("still"))
+            assert await answers(reader, 1) == [(200, "fast", "still")]
+        for _, w, task in drippers:
+            task.cancel()
+            w.close()
+        for _, w in [sender, *new]:
             w.close()
 
 
