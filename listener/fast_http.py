@@ -145,7 +145,7 @@ class FastServer(web.Server):
 
         def rank(conn: _Connection | JsonErrorsHandler) -> tuple[int, float] | None:
             if isinstance(conn, _Connection):
-                if conn.answering is not None:
+                if conn.answering is not None or conn.closing:
                     return None
             elif conn.transport is None or conn.transport in answering:
                 return None
@@ -299,6 +299,11 @@ class _Connection(asyncio.Protocol):
     def close(self) -> None:
         if self._transport is not None:
             self._transport.close()
+
+    @property
+    def closing(self) -> bool:
+        """Closed (a timeout, the byte budget), and still listed until its close is seen."""
+        return self._transport is None or self._transport.is_closing()
 
     def _next(self) -> None:
         """Answer the next buffered request, wait for the rest of it, or hand over."""
