@@ -33,10 +33,9 @@ requests being answered get ``shutdown_timeout`` to finish (:meth:`FastServer.sh
 
 At most ``max_connections`` are open at once (``http.max_connections``): one more closes
 the one quiet the longest (nothing in or out for over a second: idle, or a head or a
-body that does not come), else the one whose last answer (or opening) is the oldest, if
-over a second: a head or body dripped a byte at a time is never quiet, and a client
-holding every slot so kept out every real sender until ``read_timeout``. Never one being
-answered; on either path; else the new one is refused;
+body that does not come), else the one whose request began the longest ago, over a
+second (a head dripped a byte at a time is never quiet), never one being answered, on
+either path (:mod:`listener.http_room`); else the new one is refused;
 and unfinished requests hold at most ``routes.held.budget`` bytes in all
 (:class:`listener.web.Held`). Any client could otherwise open connections and keep
 them, each with a head (and up to ``max_body`` of a body) sent, until the process ran
@@ -58,6 +57,7 @@ import structlog
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from listener.http_room import Room, shut
 from listener.web import REASONS, FastRoute, JsonErrorsHandler, PublicRoutes, Reply, error_reply
 
 __all__ = ["FastServer"]
@@ -110,6 +110,7 @@ class FastServer(web.Server):
         self.on_refused = on_refused  # (the service's metric)
         self._warned_at = -60.0
         self.fast: set[_Connection] = set()
+        self.room = Room()  # every open connection, on either path
         # Made by __call__ but not yet connection_made: counted too (a burst's connections
         # are all made before the first connection_made runs, on asyncio's loop).
         self._unmade: weakref.WeakSet[_Connection] = weakref.WeakSet()
@@ -120,54 +121,18 @@ class FastServer(web.Server):
     def __call__(self) -> Any:  # aiohttp's type is RequestHandler; this is a Protocol
         if self._sweeper is None:
             self._sweeper = self._loop.call_later(SWEEP, self._sweep)
-        open_ = len(self.fast) + len(self._connections) + len(self._unmade)
-        if open_ >= self.max_connections and not self._make_room():
+        open_ = len(self.room) + len(self._unmade)
+        if open_ >= self.max_connections and not self.room.make_room(self._loop.time()):
             return _Refused(self)
         connection = _Connection(self)
         self._unmade.add(connection)
         return connection
 
-    def made(self, connection: _Connection) -> None:
-        """``connection`` is open: counted in :attr:`fast` from now on."""
+    def made(self, connection: _Connection, transport: asyncio.BaseTransport) -> None:
+        """``connection`` is open: counted in :attr:`room` from now on."""
         self._unmade.discard(connection)
         self.fast.add(connection)
-
-    def _make_room(self) -> bool:
-        """
-        Close the connection quiet the longest, over a second, else the one whose last
-        answer (or opening) is the oldest, over a second; never one whose request is
-        being answered (its body all came) or that is closing already (one of aiohttp's
-        is listed until its close is seen: every connection of a burst closed the same
-        one again, and was let in); ``False``: none may be.
-        """
-        answering = self.held.answering
-        since = self._loop.time() - 1.0
-
-        def rank(conn: _Connection | JsonErrorsHandler) -> tuple[int, float] | None:
-            if isinstance(conn, _Connection):
-                if conn.answering is not None or conn.closing:
-                    return None
-            elif conn.transport is None or conn.transport in answering:
-                return None
-            if conn.heard < since:
-                return (0, conn.heard)
-            return (1, conn.progress) if conn.progress < since else None
-
-        ranked = (
-            (key, conn)
-            for conn in (*self.fast, *self._connections)
-            if isinstance(conn, _Connection | JsonErrorsHandler) and (key := rank(conn)) is not None
-        )
-        chosen = min(ranked, key=lambda pair: pair[0], default=None)
-        if chosen is None:
-            return False
-        conn = chosen[1]
-        if isinstance(conn, _Connection):
-            self.fast.discard(conn)
-            conn.close()
-        else:
-            conn.force_close()
-        return True
+        self.room.join(transport, connection, connection.heard)
 
     def at_limit(self) -> None:
         """A connection was refused: count it, and say so at most once a minute."""
@@ -186,7 +151,9 @@ class FastServer(web.Server):
 
     def aiohttp_handler(self) -> JsonErrorsHandler:
         """A connection handler of aiohttp's own (what the fast path hands over to)."""
-        return JsonErrorsHandler(self, loop=self._loop, **self._kwargs)
+        handler = JsonErrorsHandler(self, loop=self._loop, **self._kwargs)
+        handler.room, handler.held = self.room, self.held
+        return handler
 
     def date(self) -> bytes:
         """The ``Date`` header's value, formatted once a second."""
@@ -229,7 +196,6 @@ class _Connection(asyncio.Protocol):
         self._paused = False
         self._writing_held = False  # the client does not read its answers
         self.heard = 0.0  # when a byte last came or an answer went
-        self.progress = 0.0  # when it opened or an answer last went
         self._timer: asyncio.TimerHandle | None = None
         self._body = False  # whether the timer is a body's (else a head's)
         #: The head of the request whose body is still coming (parsed once).
@@ -240,12 +206,14 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream server's (uvloop's transports do not subclass asyncio's).
         self._transport = cast(asyncio.Transport, transport)
-        self.heard = self.progress = self._loop.time()
-        self._server.made(self)
+        self.heard = self._loop.time()
+        self._server.made(self, transport)
         self._time_head()  # the first request's head: from the connection's opening on
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._server.fast.discard(self)
+        if self._transport is not None:
+            self._server.room.leave(self._transport)
         self._server.held.set(self._transport, 0)
         self._transport = None
         self._cancel_timer()
@@ -263,8 +231,13 @@ class _Connection(asyncio.Protocol):
             self._go_on()
 
     def data_received(self, data: bytes) -> None:
+        self.heard = now = self._loop.time()
+        if self._transport is not None:
+            room = self._server.room
+            room.heard(self._transport, now)
+            if not self._buffer and self.answering is None:
+                room.begun(self._transport, now)  # (a request begins)
         self._buffer += data
-        self.heard = self._loop.time()
         self._count()  # (over the port's budget, the biggest holder is closed: maybe this)
         if self.answering is None and not self._writing_held:
             self._next()
@@ -298,12 +271,14 @@ class _Connection(asyncio.Protocol):
 
     def close(self) -> None:
         if self._transport is not None:
-            self._transport.close()
+            shut(self._transport)
 
-    @property
-    def closing(self) -> bool:
-        """Closed (a timeout, the byte budget), and still listed until its close is seen."""
-        return self._transport is None or self._transport.is_closing()
+    def can_close(self) -> bool:
+        """Whether it may be closed for room: not while its request is being answered."""
+        return self.answering is None
+
+    def close_for_room(self) -> None:
+        self._server.fast.discard(self)
 
     def _next(self) -> None:
         """Answer the next buffered request, wait for the rest of it, or hand over."""
@@ -378,7 +353,10 @@ class _Connection(asyncio.Protocol):
         if transport is not None:
             transport.write(self._encode(reply))
         self.answering = None
-        self.heard = self.progress = self._loop.time()
+        self.heard = now = self._loop.time()
+        if transport is not None:
+            self._server.room.heard(transport, now)
+            self._server.room.begun(transport, now)
         if not self._writing_held:
             self._go_on()
 
@@ -419,7 +397,7 @@ class _Connection(asyncio.Protocol):
         handler = self._server.aiohttp_handler()
         transport.set_protocol(handler)
         handler.connection_made(transport)
-        handler.progress = self.progress  # (a head dripped on aiohttp's path is no newer)
+        self._server.room.rebind(transport, handler)  # (its times and place kept)
         if self._paused:
             transport.resume_reading()
         data, self._buffer = bytes(self._buffer), bytearray()

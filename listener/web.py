@@ -21,6 +21,8 @@ import structlog
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from listener.http_room import Room, shut
+
 __all__ = [
     "REASONS",
     "FastRoute",
@@ -129,27 +131,51 @@ class JsonErrorsHandler(RequestHandler):
     limits) are the contract's JSON error body too: aiohttp's are text, and echo the
     request's bytes back. Those are logged at debug level, without the bytes: aiohttp
     logged each with a traceback at error level, a line per bad request anyone could
-    send. ``heard``: when it last sent or received, and ``progress``: when it opened or
-    last answered (the connection limit closes the quietest, else the one with the
-    oldest progress).
+    send. It keeps its place in the port's :class:`~listener.http_room.Room` (set by
+    the server that hands the connection over, a request begun).
     """
 
-    heard = 0.0
-    progress = 0.0
+    room: Room | None = None
+    held: Held | None = None
+    _key: asyncio.BaseTransport | None = None  # (aiohttp clears its transport on close)
+    _between = False  # no request is coming: the next byte begins one
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.heard = self.progress = self._loop.time()
+        self._key = transport
         super().connection_made(transport)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self.room is not None and self._key is not None:
+            self.room.leave(self._key)
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self.room is not None and self._key is not None:
+            now = self._loop.time()
+            self.room.heard(self._key, now)
+            if self._between:
+                self._between = False
+                self.room.begun(self._key, now)
+        super().data_received(data)
 
     def log_access(  # (aiohttp calls it once each answer is written, or failed to be)
         self, request: web.BaseRequest, response: web.StreamResponse, time: Any
     ) -> None:
-        self.heard = self.progress = self._loop.time()
+        if self.room is not None and self._key is not None:
+            now = self._loop.time()
+            self.room.heard(self._key, now)
+            self.room.begun(self._key, now)
+        self._between = True
         super().log_access(request, response, time)
 
-    def data_received(self, data: bytes) -> None:
-        self.heard = self._loop.time()
-        super().data_received(data)
+    def can_close(self) -> bool:
+        """Whether it may be closed for room: not while a request whose body all came
+        is being answered (one aiohttp closed already may: it is on its way out)."""
+        held = self.held
+        return self.transport is None or held is None or self.transport not in held.answering
+
+    def close_for_room(self) -> None:
+        self.force_close()
 
     def handle_error(
         self,
@@ -221,7 +247,7 @@ class Held:
         while self.total > self.budget and self._by:
             biggest = max(self._by, key=self._by.__getitem__)
             self.total -= self._by.pop(biggest)
-            biggest.close()
+            shut(biggest)
 
 
 class PublicRoutes:
