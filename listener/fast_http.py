@@ -173,7 +173,7 @@ class FastServer(web.Server):
         if self._sweeper is not None:
             self._sweeper.cancel()
         for conn in list(self.fast):
-            conn.close_if_idle()
+            conn.close_if_idle()  # (gently: answers written are sent first)
         super().pre_shutdown()
 
     async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - aiohttp's signature
@@ -181,7 +181,7 @@ class FastServer(web.Server):
         if answering:
             await asyncio.wait(answering, timeout=timeout)
         for conn in list(self.fast):
-            conn.close()
+            conn.close(gently=True)
         await super().shutdown(timeout)
 
 
@@ -267,11 +267,15 @@ class _Connection(asyncio.Protocol):
     def close_if_idle(self) -> None:
         """Close the connection unless a request is being answered (shutdown)."""
         if self.answering is None:
-            self.close()
+            self.close(gently=True)
 
-    def close(self) -> None:
+    def close(self, *, gently: bool = False) -> None:
+        """Close it; at once if answers not read are still buffered, unless ``gently``."""
         if self._transport is not None:
-            shut(self._transport)
+            if gently:
+                self._transport.close()
+            else:
+                shut(self._transport)
 
     def can_close(self) -> bool:
         """Whether it may be closed for room: not while its request is being answered."""
@@ -310,6 +314,8 @@ class _Connection(asyncio.Protocol):
         del buffer[:end]
         self._count()
         self.answering = self._loop.create_task(self._answer(route, headers, body))
+        if self._transport is not None:
+            self._server.room.busy(self._transport)
 
     def _parse(
         self,
@@ -355,8 +361,7 @@ class _Connection(asyncio.Protocol):
         self.answering = None
         self.heard = now = self._loop.time()
         if transport is not None:
-            self._server.room.heard(transport, now)
-            self._server.room.begun(transport, now)
+            self._server.room.answered(transport, now)
         if not self._writing_held:
             self._go_on()
 

@@ -13,11 +13,14 @@ aiohttp's), in two orders, each updated in O(1) as bytes come and answers go:
   holding every slot kept out every real sender until ``read_timeout``; a sender whose
   requests each come within a second is never the one closed.
 
-Never one being answered (its body all came). A scan passes over those only; when it
-finds none to close, no other can be before a second has passed since the first it
-stopped at (the orders are by time), and until then the next connection is refused
-without a scan: at 4,096 connections a scan of them all took ~2 ms, so a flood of
-connections at the limit could have taken the whole event loop.
+Never one being answered (its body all came): on the fast path such a connection is out
+of both orders until its answer goes (:meth:`Room.busy`), so a scan does not pass over
+them one by one; on aiohttp's path it is skipped. When a scan finds none to close, none
+can be (give or take an aiohttp-path answer that ends before it is written) before a
+second has passed since the first it stopped at (the orders are by time), and until
+then the next connection is refused without a scan: at 4,096 connections a scan of them
+all took ~2 ms, so a flood of connections at the limit could have taken the whole event
+loop.
 
 A connection closed for room is aborted when answers it did not read are still
 buffered: a close waits for them to be sent, and a client that never reads kept its
@@ -87,8 +90,20 @@ class Room:
 
     def leave(self, transport: asyncio.BaseTransport) -> None:
         """The connection is gone (or closed for room)."""
-        if self._members.pop(transport, None) is not None:
-            del self._heard[transport], self._begun[transport]
+        self._members.pop(transport, None)
+        self.busy(transport)
+
+    def busy(self, transport: asyncio.BaseTransport) -> None:
+        """Its request is being answered: out of both orders until :meth:`answered`."""
+        self._heard.pop(transport, None)
+        self._begun.pop(transport, None)
+
+    def answered(self, transport: asyncio.BaseTransport, now: float) -> None:
+        """An answer went at ``now``: last in both orders (back in them, if it was busy)."""
+        if transport in self._members:
+            for order in (self._heard, self._begun):
+                order.pop(transport, None)
+                order[transport] = now
 
     def heard(self, transport: asyncio.BaseTransport, now: float) -> None:
         """A byte came, or an answer went, at ``now``."""

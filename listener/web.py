@@ -150,7 +150,7 @@ class JsonErrorsHandler(RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self.room is not None and self._key is not None:
+        if data and self.room is not None and self._key is not None:  # (aiohttp feeds b"")
             now = self._loop.time()
             self.room.heard(self._key, now)
             if self._between:
@@ -162,9 +162,7 @@ class JsonErrorsHandler(RequestHandler):
         self, request: web.BaseRequest, response: web.StreamResponse, time: Any
     ) -> None:
         if self.room is not None and self._key is not None:
-            now = self._loop.time()
-            self.room.heard(self._key, now)
-            self.room.begun(self._key, now)
+            self.room.answered(self._key, self._loop.time())
         self._between = True
         super().log_access(request, response, time)
 

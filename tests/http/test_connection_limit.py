@@ -145,10 +145,16 @@ async def test_a_connection_closed_for_room_that_reads_nothing_is_closed_at_once
         assert isinstance(server, FastServer)
         _, hoarder = await asyncio.open_connection("127.0.0.1", svc.port)
         hoarder.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        hoarder.write(post("p") * 100_000)  # (answers far past what the kernel buffers)
+        while not server.fast:
+            await asyncio.sleep(0.01)
         (conn,) = server.fast
-        for _ in range(100):  # (until its answers back up: then it stops reading)
-            if conn._transport is not None and conn._transport.get_write_buffer_size():
+        assert conn._transport is not None
+        conn._transport.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDBUF, 4096
+        )
+        hoarder.write(post("p") * 100_000)  # (answers far past what the kernel buffers)
+        for _ in range(200):  # (until its answers back up: then it stops reading)
+            if conn._writing_held:
                 break
             await asyncio.sleep(0.05)
         await asyncio.sleep(1.3)  # (quiet since)
@@ -185,6 +191,40 @@ def test_a_scan_that_found_none_to_close_is_not_repeated_within_the_second() -> 
     assert {m.asked for m in members} == {2}  # not asked again
     assert not room.make_room(now=106.01)
     assert {m.asked for m in members} == {4}
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.closed = False
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class _Closable:
+    def can_close(self) -> bool:
+        return True
+
+    def close_for_room(self) -> None:
+        pass
+
+
+def test_a_connection_being_answered_is_out_of_the_orders_until_its_answer() -> None:
+    """Answers pending for over a second sat at the front: every scan passed them over."""
+    room = Room()
+    oldest, older, newer = _Transport(), _Transport(), _Transport()
+    for at, transport in ((100.0, oldest), (100.1, older), (100.2, newer)):
+        room.join(transport, _Closable(), now=at)  # type: ignore[arg-type] # its methods only
+    room.busy(oldest)  # type: ignore[arg-type]
+    assert room.make_room(now=105.0)
+    assert (oldest.closed, older.closed, newer.closed) == (False, True, False)
+    room.answered(oldest, now=105.0)  # type: ignore[arg-type] # last now: the newest
+    assert room.make_room(now=106.5)
+    assert (oldest.closed, newer.closed) == (False, True)
+    assert len(room) == 1
 
 
 async def test_when_every_connection_is_busy_the_next_is_refused() -> None:
