@@ -248,8 +248,8 @@ def _latency(
     )
     print(
         f"  ({paced.ok:,} 2xx, {paced.errors:,} errors at {paced.rate:,.0f}/s; "
-        f"{paced.behind:,} started over 1 ms late; p99 of how late the generator's "
-        f"scheduler thread queued them: {fmt_ms(paced.tick_p99_ms)})"
+        f"{paced.behind:,} started over 1 ms late; p99 of how late the generator "
+        f"saw them due: {fmt_ms(paced.tick_p99_ms)})"
     )
     print(
         f"  the listener's event loop thread over the run: on a CPU {paced.on_cpu:.0%}, "
