@@ -16,8 +16,9 @@ wakes: on a timer (the loop's timers are 1 ms granular) or on an answer (every f
 of a millisecond at these rates), and go out at once on an idle connection. The latency
 is measured from the *due* time to the end of the response, not from the send, so time
 a request waited for a free connection behind a slow server counts, and so does the
-generator's own lateness (up to a timer's millisecond when no answer wakes it first):
-the p99 of how late each index was seen due is reported apart as ``tick_p99_ms``.
+generator's own lateness (a timer's millisecond when no answer wakes it first, more
+when its loop is busy; requests then go out a few at once): the p99 of how late each
+index was seen due is reported apart as ``tick_p99_ms``.
 Requests that started more than 1 ms after their due time (plus those due during the
 run that never started) are reported as ``behind``: the generator or the server could
 not keep the pace. After ``seconds`` no request is started any more, and outstanding
@@ -60,6 +61,7 @@ __all__ = ["PacedResult", "paced_load"]
 
 LATE = 0.001  # a request started later than this after its due time is "behind"
 DRAIN = 10.0  # how long to wait for outstanding responses after the run
+RECONNECT = 0.05  # seconds between attempts to replace a connection lost
 _clock = time.perf_counter
 
 
@@ -76,8 +78,10 @@ class PacedResult:
     p999_ms: float
     max_ms: float
     behind: int
-    tick_p99_ms: float = math.nan  # the scheduler thread's own lateness (see above)
+    tick_p99_ms: float = math.nan  # the generator's own lateness (see above)
     unsent: int = 0  # due during the run, never sent (in the quantiles as waiting)
+    connect_failures: int = 0  # connections that could not be opened again (retried)
+    stray: int = 0  # answers with no request in flight (their connections closed)
     # Quantiles of the listener's own histograms over the run, in ms (bench.webhooks).
     inside: dict[str, float] = field(default_factory=dict)
     commits: float = 0.0  # the journal's commits over the run (bench.webhooks)
@@ -188,6 +192,11 @@ class _Connection(asyncio.Protocol):
         self.run.ready(self)
 
     def data_received(self, data: bytes) -> None:
+        if self.index < 0:  # (no request in flight: not an answer of ours; never trusted)
+            self.run.stray += 1
+            if self.transport is not None:
+                self.transport.close()
+            return
         buffer = self.buffer
         buffer += data
         while self.index >= 0:
@@ -241,7 +250,10 @@ class _Run:
         self.waiting: collections.deque[int] = collections.deque()
         self.idle: collections.deque[_Connection] = collections.deque()
         self.in_flight = 0
+        self.live: set[_Connection] = set()  # (every open connection, reconnected ones too)
         self.reconnects: set[asyncio.Task[Any]] = set()
+        self.connect_failures = 0  # (each tried again after RECONNECT, until the deadline)
+        self.stray = 0  # bytes from a connection with no request in flight (it is closed)
         self.quiet = asyncio.Event()  # nothing in flight
         self.closing = False  # (the run is over: a connection lost is not opened again)
 
@@ -258,8 +270,8 @@ class _Run:
             if now >= self.deadline:
                 return  # due during the run but could not start in time: unsent
             conn = idle.popleft()
-            if conn.transport is None:
-                continue
+            if conn.transport is None or conn.transport.is_closing():
+                continue  # (lost or closing: its lost() opens the next)
             index = waiting.popleft()
             if now - (self.t0 + index / self.rate) > LATE:
                 self.behind += 1
@@ -270,6 +282,7 @@ class _Run:
             conn.send(index, self.records[index])
 
     def ready(self, conn: _Connection) -> None:
+        self.live.add(conn)
         self.idle.append(conn)
         if self.t0:
             self.due(_clock())
@@ -277,7 +290,6 @@ class _Run:
     def answered(self, conn: _Connection, status: int, _length: int, close: bool) -> None:
         done = _clock()
         index, conn.index = conn.index, -1
-        self._settled()
         self.last_done = max(self.last_done, done)
         if 200 <= status < 300:
             self.ok += 1
@@ -289,9 +301,11 @@ class _Run:
                 conn.transport.close()  # (lost() opens the next)
         else:
             self.idle.append(conn)
-        self.due(done)
+        self.due(done)  # (before the drain may see nothing in flight)
+        self._settled()
 
     def lost(self, conn: _Connection) -> None:
+        self.live.discard(conn)
         if conn.index >= 0:
             conn.index = -1
             self.errors += 1
@@ -308,15 +322,21 @@ class _Run:
             self.quiet.set()
 
     async def _connect(self) -> None:
-        with contextlib.suppress(OSError):  # (the next answer or timer tries nothing new)
-            await asyncio.get_running_loop().create_connection(
-                lambda: _Connection(self), self.host, self.port
-            )
+        """A new connection in place of one lost, tried again until the run's end."""
+        loop = asyncio.get_running_loop()
+        while not self.closing and _clock() < self.deadline:
+            try:
+                await loop.create_connection(lambda: _Connection(self), self.host, self.port)
+            except OSError:
+                self.connect_failures += 1
+                await asyncio.sleep(RECONNECT)
+            else:
+                return
 
     async def run(self, connections: int) -> dict[str, Any]:
         """Open the connections, run the schedule, wait (bounded) for the last answers."""
         loop = asyncio.get_running_loop()
-        conns = await asyncio.gather(
+        await asyncio.gather(
             *(
                 loop.create_connection(lambda: _Connection(self), self.host, self.port)
                 for _ in range(connections)
@@ -329,15 +349,17 @@ class _Run:
             # Until the next is due (the loop's timers are 1 ms granular; answers wake it
             # sooner, and due() runs on each).
             await asyncio.sleep(max(self.t0 + self.next / self.rate - _clock(), 0.001))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.quiet.wait(), self.deadline + DRAIN - _clock())
-        self.errors += self.in_flight  # unanswered: errors
+        if self.in_flight:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.quiet.wait(), self.deadline + DRAIN - _clock())
         self.closing = True
-        for _, protocol in conns:
-            if protocol.transport is not None:
-                protocol.transport.close()
+        self.errors += self.in_flight  # unanswered: errors
         for task in list(self.reconnects):
             task.cancel()
+        for conn in list(self.live):
+            conn.index = -1  # (counted above: its close adds nothing)
+            if conn.transport is not None:
+                conn.transport.close()
         ended = _clock()
         span = max(self.last_done, self.t0 + self.planned / self.rate) - self.t0
         unsent = self.planned - self.sent
@@ -363,6 +385,8 @@ class _Run:
             "unsent": unsent,
             "planned": self.planned,
             "exhausted": self.exhausted,
+            "connect_failures": self.connect_failures,
+            "stray": self.stray,
         }
 
 
