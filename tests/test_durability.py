@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import signal
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +22,8 @@ from listener.config_loader import secret_values
 from listener.journal import Journal
 from listener.logs import configure_logging
 from listener.service import REPEAT_IGNORED, Service
-from tests.conftest import BROKER_HOST, BROKER_PORT, make_config, running, tap, wait_for
-from tests.faults import proxy
+from tests.conftest import BROKER_HOST, BROKER_PORT, Tap, make_config, running, tap, wait_for
+from tests.faults import TcpProxy, proxy
 from tests.process import ListenerProcess
 from tests.test_webhooks import gst_source
 from tests.webhook_sender import WHSEC, Sender, gst_event
@@ -47,73 +50,86 @@ async def post_many(sender: Sender, ids: list[str], concurrency: int = 16) -> se
     return acknowledged
 
 
-async def test_broker_cut_loses_nothing(
-    tmp_path: Path, broker_url: str, exchange_name: str
-) -> None:
-    """Cutting the broker connection mid-load loses no acknowledged event; they arrive after."""
+@dataclass
+class Proxied:
+    """The daemon with a webhook source, its broker behind a proxy, and a tap on its exchange."""
+
+    proxy: TcpProxy
+    tap: Tap
+    service: Service
+    sender: Sender
+
+
+@contextlib.asynccontextmanager
+async def proxied(
+    tmp_path: Path, broker_url: str, exchange_name: str, **broker: str
+) -> AsyncIterator[Proxied]:
+    """The daemon publishing through a proxy to the broker (``broker``: its settings)."""
     async with proxy(BROKER_HOST, BROKER_PORT) as p, tap(broker_url, exchange_name) as t:
         config = make_config(
             tmp_path,
             broker_url=p.url("amqp", "/", "guest:guest"),
             exchange=exchange_name,
             sources=[gst_source()],
+            **({"broker": broker} if broker else {}),
         )
         async with running(config) as service, aiohttp.ClientSession() as session:
             sender = Sender(session, f"http://127.0.0.1:{service.public_port}/webhooks/gst")
-            first = await post_many(sender, [f"evt_a{i}" for i in range(150)])
-            p.refuse()
-            during = await post_many(sender, [f"evt_b{i}" for i in range(150)])
-            assert service.publisher is not None
-            await wait_for(lambda: not service.publisher.connected, what="disconnect")  # type: ignore[union-attr]
-            away = await post_many(sender, [f"evt_d{i}" for i in range(50)])
-            # With no publish session on, the journal does not hold them in memory too.
-            assert service.journal is not None
-            await wait_for(lambda: not service.journal.fresh, what="handoff let go")  # type: ignore[union-attr]
-            p.restore()
-            after = await post_many(sender, [f"evt_c{i}" for i in range(50)])
-            acknowledged = first | during | away | after
-            assert len(acknowledged) == 400
-            await t.wait_ids(acknowledged, timeout=60)
-            assert service.journal is not None
-            await wait_for(lambda: service.journal.pending_count == 0, what="journal drained")  # type: ignore[union-attr]
+            yield Proxied(p, t, service, sender)
+
+
+async def test_broker_cut_loses_nothing(
+    tmp_path: Path, broker_url: str, exchange_name: str
+) -> None:
+    """Cutting the broker connection mid-load loses no acknowledged event; they arrive after."""
+    async with proxied(tmp_path, broker_url, exchange_name) as run:
+        p, t, service, sender = run.proxy, run.tap, run.service, run.sender
+        first = await post_many(sender, [f"evt_a{i}" for i in range(150)])
+        p.refuse()
+        during = await post_many(sender, [f"evt_b{i}" for i in range(150)])
+        assert service.publisher is not None
+        await wait_for(lambda: not service.publisher.connected, what="disconnect")  # type: ignore[union-attr]
+        away = await post_many(sender, [f"evt_d{i}" for i in range(50)])
+        # With no publish session on, the journal does not hold them in memory too.
+        assert service.journal is not None
+        await wait_for(lambda: not service.journal.fresh, what="handoff let go")  # type: ignore[union-attr]
+        p.restore()
+        after = await post_many(sender, [f"evt_c{i}" for i in range(50)])
+        acknowledged = first | during | away | after
+        assert len(acknowledged) == 400
+        await t.wait_ids(acknowledged, timeout=60)
+        assert service.journal is not None
+        await wait_for(lambda: service.journal.pending_count == 0, what="journal drained")  # type: ignore[union-attr]
 
 
 async def test_blackholed_broker_fails_publishes_within_deadline(
     tmp_path: Path, broker_url: str, exchange_name: str
 ) -> None:
     """A broker that stops answering fails publishes within the deadline; all arrive after."""
-    async with proxy(BROKER_HOST, BROKER_PORT) as p, tap(broker_url, exchange_name) as t:
-        config = make_config(
-            tmp_path,
-            broker_url=p.url("amqp", "/", "guest:guest"),
-            exchange=exchange_name,
-            sources=[gst_source()],
-            broker={"publish_timeout": "1s", "heartbeat": "1s"},
+    async with proxied(tmp_path, broker_url, exchange_name, publish_timeout="1s", heartbeat="1s") as run:
+        p, t, service, sender = run.proxy, run.tap, run.service, run.sender
+        assert service.publisher is not None
+        await wait_for(lambda: service.publisher.connected, what="connected")  # type: ignore[union-attr]
+        p.blackhole()
+        acknowledged = await post_many(sender, [f"evt_h{i}" for i in range(40)])
+        assert len(acknowledged) == 40
+        failures = service.metrics.publish_failures
+        await wait_for(
+            lambda: (
+                sum(
+                    s.value
+                    for m in failures.collect()
+                    for s in m.samples
+                    if s.name.endswith("_total")
+                )
+                > 0
+            ),
+            timeout=10,
+            what="a publish failure",
         )
-        async with running(config) as service, aiohttp.ClientSession() as session:
-            sender = Sender(session, f"http://127.0.0.1:{service.public_port}/webhooks/gst")
-            assert service.publisher is not None
-            await wait_for(lambda: service.publisher.connected, what="connected")  # type: ignore[union-attr]
-            p.blackhole()
-            acknowledged = await post_many(sender, [f"evt_h{i}" for i in range(40)])
-            assert len(acknowledged) == 40
-            failures = service.metrics.publish_failures
-            await wait_for(
-                lambda: (
-                    sum(
-                        s.value
-                        for m in failures.collect()
-                        for s in m.samples
-                        if s.name.endswith("_total")
-                    )
-                    > 0
-                ),
-                timeout=10,
-                what="a publish failure",
-            )
-            p.cut()
-            p.restore()
-            await t.wait_ids(acknowledged, timeout=60)
+        p.cut()
+        p.restore()
+        await t.wait_ids(acknowledged, timeout=60)
 
 
 async def test_publishes_given_up_on_leave_their_channel_behind(
@@ -125,31 +141,23 @@ async def test_publishes_given_up_on_leave_their_channel_behind(
     given up on (a late ack finds it; with 200,000 pending, one window more each round)
     and which saw the same message_ids again (NOTES). A new channel is used now.
     """
-    async with proxy(BROKER_HOST, BROKER_PORT) as p, tap(broker_url, exchange_name) as t:
-        config = make_config(
-            tmp_path,
-            broker_url=p.url("amqp", "/", "guest:guest"),
-            exchange=exchange_name,
-            sources=[gst_source()],
-            broker={"publish_timeout": "500ms", "heartbeat": "10s", "connect_timeout": "10s"},
-        )
-        async with running(config) as service, aiohttp.ClientSession() as session:
-            sender = Sender(session, f"http://127.0.0.1:{service.public_port}/webhooks/gst")
-            publisher = service.publisher
-            assert publisher is not None
-            first = await post_many(sender, [f"evt_g{i}" for i in range(5)])
-            await t.wait_ids(first, timeout=20)
-            channel, connection = publisher._channel, publisher._connection
-            assert channel is not None
-            p.delay = 0.4  # (each way: a confirm comes 0.8 s after its publish)
-            slow = await post_many(sender, [f"evt_s{i}" for i in range(5)])
-            await wait_for(lambda: channel.is_closed, timeout=20, what="the channel closed")
-            p.delay = 0.0
-            await t.wait_ids(first | slow, timeout=30)
-            journal = service.journal
-            assert journal is not None
-            await wait_for(lambda: journal.pending_count == 0, timeout=30, what="all confirmed")
-            assert publisher._channel is not channel and publisher._connection is connection
+    async with proxied(tmp_path, broker_url, exchange_name, publish_timeout="500ms", heartbeat="10s", connect_timeout="10s") as run:
+        p, t, service, sender = run.proxy, run.tap, run.service, run.sender
+        publisher = service.publisher
+        assert publisher is not None
+        first = await post_many(sender, [f"evt_g{i}" for i in range(5)])
+        await t.wait_ids(first, timeout=20)
+        channel, connection = publisher._channel, publisher._connection
+        assert channel is not None
+        p.delay = 0.4  # (each way: a confirm comes 0.8 s after its publish)
+        slow = await post_many(sender, [f"evt_s{i}" for i in range(5)])
+        await wait_for(lambda: channel.is_closed, timeout=20, what="the channel closed")
+        p.delay = 0.0
+        await t.wait_ids(first | slow, timeout=30)
+        journal = service.journal
+        assert journal is not None
+        await wait_for(lambda: journal.pending_count == 0, timeout=30, what="all confirmed")
+        assert publisher._channel is not channel and publisher._connection is connection
 
 
 async def test_a_reconnect_whose_channel_never_opens_is_given_up_for_the_next(
@@ -160,28 +168,20 @@ async def test_a_reconnect_whose_channel_never_opens_is_given_up_for_the_next(
     abandoned within the connect deadline and the next one is used (the heartbeat, 30 s
     here, would take over a minute to notice it).
     """
-    async with proxy(BROKER_HOST, BROKER_PORT) as p, tap(broker_url, exchange_name) as t:
-        config = make_config(
-            tmp_path,
-            broker_url=p.url("amqp", "/", "guest:guest"),
-            exchange=exchange_name,
-            sources=[gst_source()],
-            broker={"heartbeat": "30s", "connect_timeout": "1s", "retry_max": "1s"},
-        )
-        async with running(config) as service, aiohttp.ClientSession() as session:
-            sender = Sender(session, f"http://127.0.0.1:{service.public_port}/webhooks/gst")
-            assert service.publisher is not None
-            await wait_for(lambda: service.publisher.connected, what="connected")  # type: ignore[union-attr]
-            before = await post_many(sender, [f"evt_s{i}" for i in range(20)])
-            await t.wait_ids(before, timeout=30)
-            first = p.connections
-            p.stall_after_frames = 3  # Connection.Start, Tune and OpenOk; no Channel.OpenOk
-            p.cut()
-            during = await post_many(sender, [f"evt_t{i}" for i in range(20)])
-            await wait_for(lambda: p.connections >= first + 2, timeout=15, what="stalled attempts")
-            p.stall_after_frames = None
-            assert len(before | during) == 40
-            await t.wait_ids(before | during, timeout=20)
+    async with proxied(tmp_path, broker_url, exchange_name, heartbeat="30s", connect_timeout="1s", retry_max="1s") as run:
+        p, t, service, sender = run.proxy, run.tap, run.service, run.sender
+        assert service.publisher is not None
+        await wait_for(lambda: service.publisher.connected, what="connected")  # type: ignore[union-attr]
+        before = await post_many(sender, [f"evt_s{i}" for i in range(20)])
+        await t.wait_ids(before, timeout=30)
+        first = p.connections
+        p.stall_after_frames = 3  # Connection.Start, Tune and OpenOk; no Channel.OpenOk
+        p.cut()
+        during = await post_many(sender, [f"evt_t{i}" for i in range(20)])
+        await wait_for(lambda: p.connections >= first + 2, timeout=15, what="stalled attempts")
+        p.stall_after_frames = None
+        assert len(before | during) == 40
+        await t.wait_ids(before | during, timeout=20)
 
 
 async def test_sigkill_with_backlog_then_restart_delivers_everything(
