@@ -25,6 +25,9 @@ from bench.common import (
     CONFIRM_WINDOW,
     MESSAGE_SIZE,
     NOISE,
+    TAP_QUEUE_DEFAULT,
+    TAP_QUEUE_ENV,
+    TAP_QUEUES,
     background_load,
     broker_reachable,
     describe_cores,
@@ -33,6 +36,7 @@ from bench.common import (
     fmt_ratio,
     say,
     table,
+    tap_queue,
 )
 from bench.loadgen import LoadResult, generate, wrk_path
 from bench.naive import naive_peer
@@ -87,6 +91,13 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         "four-subscription stream window into <name>-streams<suffix>; needs py-spy",
     )
     parser.add_argument(
+        "--tap-queue",
+        choices=sorted(TAP_QUEUES),
+        default=tap_queue(),
+        help="the kind of every queue the bench routes to, ceiling B's included: classic "
+        f"version 1 or 2, or quorum ({TAP_QUEUE_DEFAULT}); it sets the broker's confirm latency",
+    )
+    parser.add_argument(
         "--soak",
         metavar="DURATION",
         default=None,
@@ -101,6 +112,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
+    os.environ[TAP_QUEUE_ENV] = args.tap_queue  # for this process and every child it starts
     if not broker_reachable():
         print("RabbitMQ not reachable on 127.0.0.1:5672; start one with: rabbitmq-server -detached")
         return 2
@@ -444,7 +456,8 @@ def _report(
     )
     print(
         f"webhook body {body_size} B -> CloudEvent {event_size} B; journal synchronous=full; "
-        f"stream archive {'on' if args.archive else 'off'}; host busy before start "
+        f"stream archive {'on' if args.archive else 'off'}; queues routed to: "
+        f"{args.tap_queue}; host busy before start "
         f"{background:.2f} cores{' (NOISY)' if background > BUSY else ''}"
     )
     print()

@@ -49,6 +49,7 @@ from bench.common import (
     run_uvloop,
     say,
     serve_post,
+    tap_arguments,
     unique,
     wait_port,
     with_loadgen,
@@ -214,7 +215,7 @@ async def _publish(
         exchange = await channel.declare_exchange(
             exchange_name, aio_pika.ExchangeType.TOPIC, durable=True
         )
-        queue = await channel.declare_queue(queue_name, durable=True)
+        queue = await channel.declare_queue(queue_name, durable=True, arguments=tap_arguments())
         await queue.bind(exchange, "#")
         underlay = await channel.get_underlay_channel()
         body = b"x" * size

@@ -27,7 +27,7 @@ import aiormq
 import yaml
 
 from bench.ceilings import ceiling_b
-from bench.common import fmt_rate, fmt_ratio, python_module, say, table, unique
+from bench.common import fmt_rate, fmt_ratio, python_module, say, table, tap_arguments, unique
 from handlers import Event
 from listener.broker.confirms import ConfirmWindow, Outgoing
 from listener.broker.topology import declare_topology, properties_for, raw_connection
@@ -102,7 +102,7 @@ async def _queue(name: str, *, delete: bool = False, exchange: str | None = None
                 for ex in (exchange, f"{exchange}.quarantine"):
                     await channel.exchange_delete(ex)
         else:
-            queue = await channel.declare_queue(name, durable=True)
+            queue = await channel.declare_queue(name, durable=True, arguments=tap_arguments())
             await queue.purge()
     finally:
         await connection.close()

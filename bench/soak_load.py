@@ -25,7 +25,7 @@ import aio_pika
 import orjson
 import psutil
 
-from bench.common import BROKER_URL, CONCURRENCY, python_module, say, unique
+from bench.common import BROKER_URL, CONCURRENCY, python_module, say, tap_arguments, unique
 from bench.loadgen import RequestSet, generate
 from bench.paced import PacedResult, paced_load
 from bench.streams import API_KEY, SOURCE, SUBSCRIPTIONS
@@ -287,7 +287,7 @@ async def _queue(name: str, *, delete: bool) -> None:
         if delete:
             await channel.queue_delete(name)
         else:
-            await channel.declare_queue(name, durable=True)
+            await channel.declare_queue(name, durable=True, arguments=tap_arguments())
     finally:
         await connection.close()
 
