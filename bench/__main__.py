@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return main_for(args.soak)
     parts = PARTS if args.only is None else (args.only,)
+    print(f"queues the bench routes to: {args.tap_queue} (--tap-queue)")
     started = time.monotonic()
     background = background_load()
     if background > BUSY:

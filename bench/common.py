@@ -410,8 +410,13 @@ TAP_QUEUE_DEFAULT = "v2"
 
 
 def tap_queue() -> str:
-    """The kind of queue this run routes to (:data:`TAP_QUEUES`)."""
-    return os.environ.get(TAP_QUEUE_ENV, TAP_QUEUE_DEFAULT)
+    """The kind of queue this run routes to (:data:`TAP_QUEUES`); exits on an unknown one."""
+    kind = os.environ.get(TAP_QUEUE_ENV) or TAP_QUEUE_DEFAULT
+    if kind not in TAP_QUEUES:
+        raise SystemExit(
+            f"{TAP_QUEUE_ENV}={kind!r}: expected one of {', '.join(sorted(TAP_QUEUES))}"
+        )
+    return kind
 
 
 def tap_arguments(**extra: Any) -> dict[str, Any]:

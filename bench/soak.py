@@ -42,6 +42,7 @@ from bench.common import (
     say,
     stop_child,
     table,
+    tap_queue,
     unique,
     wait_ready,
 )
@@ -212,7 +213,8 @@ def report(
     print(
         f"soak: {opts.minutes} min, webhooks {opts.webhook_rate:,.0f}/s, stream "
         f"{opts.stream_rate:,.0f}/s (4 subscriptions, aborted every {opts.drop_every:g} s), "
-        f"Terrapin and Token Terminal polls; journal retention {opts.retention:g} s"
+        f"Terrapin and Token Terminal polls; journal retention {opts.retention:g} s; "
+        f"queues routed to: {tap_queue()}"
     )
     print(table(rows, HEAD))
     post = [s for s in samples if s.minute > opts.warmup_minutes]
