@@ -457,8 +457,7 @@ def _report(
     )
     print(
         f"webhook body {body_size} B -> CloudEvent {event_size} B; journal synchronous=full; "
-        f"stream archive {'on' if args.archive else 'off'}; queues routed to: "
-        f"{args.tap_queue}; host busy before start "
+        f"stream archive {'on' if args.archive else 'off'}; host busy before start "
         f"{background:.2f} cores{' (NOISY)' if background > BUSY else ''}"
     )
     print()

@@ -6,11 +6,11 @@ publishes in flight over one socket: plain asyncio streams to the broker, ``pamq
 for the handshake and the control frames, no aio-pika or aiormq. One persistent
 ~1 KiB message, shaped as the daemon's (``mandatory``, its six properties;
 :data:`SHAPES`), is marshalled once (method frame, content header, body frame) and
-that same bytes object is written again and again, 256 publishes per ``write``. A reader task parses
-the confirms (``Basic.Ack``/``Basic.Nack``, ``multiple`` honoured) and the writer
-waits whenever the window is full. Almost no client work is left per message, so the
-rate is the broker's own publishing ceiling on this machine: the figure the
-listener's publisher drain is compared to.
+that same bytes object is written again and again, 256 publishes per ``write``. A
+reader task parses the confirms (``Basic.Ack``/``Basic.Nack``, ``multiple``
+honoured) and the writer waits whenever the window is full. Almost no client work is
+left per message, so the rate is the broker's own publishing ceiling on this machine:
+the figure the listener's publisher drain is compared to.
 
 The rate counts from the first publish until the last confirm, of ``count`` messages
 or of whatever was published within ``seconds``. :func:`ceiling_r` runs the client in

@@ -104,7 +104,6 @@ from bench.common import (
     say,
     stop_child,
     table,
-    tap_queue,
     unique,
     wait_port,
     wait_ready,
@@ -736,7 +735,6 @@ def report(part: StreamPart, b: PublishResult, *, archive: bool) -> list[str]:
     print(
         f"CloudEvent ~{max(sizes) if sizes else 0} B (B publishes {MESSAGE_SIZE} B); "
         f"journal synchronous=full; stream archive {'on' if archive else 'off'}; "
-        f"queues routed to: {tap_queue()}; "
         "1 = trades(SOL); 4 = trades(SOL), trades(BONK), token(USDC), portfolio(wallet)"
     )
     if part.paced is not None:
