@@ -41,6 +41,7 @@ from bench.common import (
 from bench.loadgen import LoadResult, generate, wrk_path
 from bench.naive import naive_peer
 from bench.paced import PacedResult
+from bench.pinning import NotPinned
 from bench.replay import run as replay_run
 from bench.webhooks import EndToEnd, accept_latency, end_to_end
 
@@ -226,6 +227,14 @@ def _webhooks(args: argparse.Namespace, background: float) -> PublishResult:
         alone = accept_latency(
             paced_requests, rate=pace, seconds=seconds, concurrency=args.concurrency, broker=False
         )
+        say(f"accept latency: the listener on a core of its own paced at {pace:,.0f}/s")
+        own: PacedResult | str
+        try:
+            own = accept_latency(
+                paced_requests, rate=pace, seconds=seconds, concurrency=args.concurrency, pin=True
+            )
+        except NotPinned as exc:
+            own = str(exc)
     _report(
         args,
         background,
@@ -236,18 +245,22 @@ def _webhooks(args: argparse.Namespace, background: float) -> PublishResult:
         naive,
         (e2e_requests.body_size, e2e_requests.event_size),
     )
-    _latency(pace, paced, (floor, journaled, alone))
+    _latency(pace, paced, (floor, journaled, alone), own)
     return b
 
 
 def _latency(
-    pace: float, paced: PacedResult, beside: tuple[PacedResult, PacedResult, PacedResult]
+    pace: float,
+    paced: PacedResult,
+    beside: tuple[PacedResult, PacedResult, PacedResult],
+    own: PacedResult | str,
 ) -> None:
     """
     Goal 3: accept latency at half the sustained maximum, from each request's due time;
     beside it the same load against ceiling A, the floor of the generator and the host;
-    against A journaling each body before its 200 (J), the floor of a durable 2xx; and
-    against the listener with no broker, its share of the cores left out.
+    against A journaling each body before its 200 (J), the floor of a durable 2xx;
+    against the listener with no broker, its share of the cores left out; and against
+    the listener on a core of its own (or why that was not measured).
     """
     floor, journaled, alone = beside
     # (every planned request counts: one never sent as waiting until the end, a failed
@@ -299,6 +312,15 @@ def _latency(
         f"the cores), same load: p50 {fmt_ms(alone.p50_ms)}, p99 {fmt_ms(alone.p99_ms)}, "
         f"p99.9 {fmt_ms(alone.p999_ms)} ({alone.ok:,} 2xx, {alone.errors:,} errors); its loop "
         f"on a CPU {alone.on_cpu:.0%}, waiting for one {alone.run_queue:.0%}"
+    )
+    if isinstance(own, str):
+        print(f"  the listener on a core of its own: not measured ({own})")
+        return
+    print(
+        f"  the listener on a core of its own (the broker and the generator on the others), "
+        f"same load: p50 {fmt_ms(own.p50_ms)}, p99 {fmt_ms(own.p99_ms)}, p99.9 "
+        f"{fmt_ms(own.p999_ms)} ({own.ok:,} 2xx, {own.errors:,} errors); its loop on a CPU "
+        f"{own.on_cpu:.0%}, waiting for one {own.run_queue:.0%}"
     )
 
 

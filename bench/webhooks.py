@@ -64,6 +64,7 @@ from bench.common import (
 )
 from bench.loadgen import LoadResult, RequestSet, run_load
 from bench.paced import PacedResult, paced_load
+from bench.pinning import NotPinned, own_core
 
 __all__ = ["EndToEnd", "accept_latency", "end_to_end", "listener_config"]
 
@@ -288,23 +289,27 @@ async def _paced(
     concurrency: int,
     directory: Path,
     broker: bool,
+    pin: bool,
 ) -> PacedResult:
     async with (
         _listener(directory, archive=False, broker=broker) as running,
         aiohttp.ClientSession() as session,
     ):
-        before = await fetch_metrics_text(session, running.admin)
-        loop_before, began = thread_schedstat(running.proc.pid), time.monotonic()
-        result = await asyncio.to_thread(
-            paced_load,
-            running.url,
-            requests,
-            rate=rate,
-            seconds=seconds,
-            connections=concurrency,
-        )
-        loop_after, window = thread_schedstat(running.proc.pid), time.monotonic() - began
-        after = await fetch_metrics_text(session, running.admin)
+        with own_core(running.proc.pid) if pin else contextlib.nullcontext() as why:
+            if why is not None:
+                raise NotPinned(why)
+            before = await fetch_metrics_text(session, running.admin)
+            loop_before, began = thread_schedstat(running.proc.pid), time.monotonic()
+            result = await asyncio.to_thread(
+                paced_load,
+                running.url,
+                requests,
+                rate=rate,
+                seconds=seconds,
+                connections=concurrency,
+            )
+            loop_after, window = thread_schedstat(running.proc.pid), time.monotonic() - began
+            after = await fetch_metrics_text(session, running.admin)
     # (over the generator's whole call, its start and drain included, when the loop is
     # nearly idle: the shares read somewhat low, the waiting more than the running)
     result.on_cpu, result.run_queue = (
@@ -329,13 +334,18 @@ def accept_latency(
     seconds: float,
     concurrency: int = CONCURRENCY,
     broker: bool = True,
+    pin: bool = False,
 ) -> PacedResult:
     """
     The listener under an open-loop load of ``rate`` requests per second (the
     performance issue's goal 3: at half its sustained maximum, p99 < 10 ms): latency
     from each request's due time to its 2xx, so queueing counts. ``broker=False``: with
     no broker reachable, so it journals and publishes nothing (the broker's share of the
-    cores and the publisher's work both left out).
+    cores and the publisher's work both left out). ``pin=True``: the listener on a core
+    of its own, the broker and the generator on the others (:mod:`bench.pinning`).
+
+    Raises:
+        NotPinned: ``pin`` and the cores could not be split here (it says why).
     """
     with tempfile.TemporaryDirectory(prefix="bench-paced-") as tmp:
         return asyncio.run(
@@ -346,6 +356,7 @@ def accept_latency(
                 concurrency=concurrency,
                 directory=Path(tmp),
                 broker=broker,
+                pin=pin,
             )
         )
 
