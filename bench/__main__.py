@@ -41,7 +41,7 @@ from bench.common import (
 from bench.loadgen import LoadResult, generate, wrk_path
 from bench.naive import naive_peer
 from bench.paced import PacedResult
-from bench.pinning import NotPinned
+from bench.pinning import NotPinned, unavailable
 from bench.replay import run as replay_run
 from bench.webhooks import EndToEnd, accept_latency, end_to_end
 
@@ -227,14 +227,19 @@ def _webhooks(args: argparse.Namespace, background: float) -> PublishResult:
         alone = accept_latency(
             paced_requests, rate=pace, seconds=seconds, concurrency=args.concurrency, broker=False
         )
-        say(f"accept latency: the listener on a core of its own paced at {pace:,.0f}/s")
-        own: PacedResult | str
-        try:
-            own = accept_latency(
-                paced_requests, rate=pace, seconds=seconds, concurrency=args.concurrency, pin=True
-            )
-        except NotPinned as exc:
-            own = str(exc)
+        own: PacedResult | str | None = unavailable()
+        if own is None:
+            say(f"accept latency: the listener on a core of its own paced at {pace:,.0f}/s")
+            try:
+                own = accept_latency(
+                    paced_requests,
+                    rate=pace,
+                    seconds=seconds,
+                    concurrency=args.concurrency,
+                    pin=True,
+                )
+            except NotPinned as exc:
+                own = str(exc)
     _report(
         args,
         background,

@@ -123,7 +123,7 @@ def stop_child(proc: subprocess.Popen[Any], timeout: float = 30.0) -> int | None
 
 
 def broker_pid() -> int | None:
-    """The RabbitMQ VM's pid (read-only lookup, for CPU accounting), if visible."""
+    """The RabbitMQ VM's pid (for CPU accounting, and bench.pinning), if visible."""
     for proc in psutil.process_iter(["name", "cmdline"]):
         try:
             name = proc.info["name"] or ""

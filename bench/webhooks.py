@@ -64,7 +64,7 @@ from bench.common import (
 )
 from bench.loadgen import LoadResult, RequestSet, run_load
 from bench.paced import PacedResult, paced_load
-from bench.pinning import NotPinned, own_core
+from bench.pinning import own_core
 
 __all__ = ["EndToEnd", "accept_latency", "end_to_end", "listener_config"]
 
@@ -295,9 +295,8 @@ async def _paced(
         _listener(directory, archive=False, broker=broker) as running,
         aiohttp.ClientSession() as session,
     ):
-        with own_core(running.proc.pid) if pin else contextlib.nullcontext() as why:
-            if why is not None:
-                raise NotPinned(why)
+        cores = own_core(running.proc.pid) if pin else contextlib.nullcontext()
+        with cores:
             before = await fetch_metrics_text(session, running.admin)
             loop_before, began = thread_schedstat(running.proc.pid), time.monotonic()
             result = await asyncio.to_thread(
@@ -345,7 +344,7 @@ def accept_latency(
     of its own, the broker and the generator on the others (:mod:`bench.pinning`).
 
     Raises:
-        NotPinned: ``pin`` and the cores could not be split here (it says why).
+        bench.pinning.NotPinned: ``pin``, and the cores could not be split here.
     """
     with tempfile.TemporaryDirectory(prefix="bench-paced-") as tmp:
         return asyncio.run(
