@@ -38,8 +38,8 @@ class NotPinned(Exception):
     """The cores could not be split here; the message says why."""
 
 
-def unavailable() -> str | None:
-    """Why the listener cannot be given a core of its own here, or ``None``."""
+def _broker() -> int | str:
+    """The local broker's pid, or why the listener cannot be given a core of its own."""
     if not hasattr(os, "sched_setaffinity"):
         return "no CPU affinity on this platform"
     cpus = os.sched_getaffinity(0)
@@ -54,7 +54,13 @@ def unavailable() -> str | None:
         return f"the broker's process cannot be read ({exc})"
     if os.geteuid() not in (0, owner):
         return "moving the broker's threads needs root or the broker's user"
-    return None
+    return broker
+
+
+def unavailable() -> str | None:
+    """Why the listener cannot be given a core of its own here, or ``None``."""
+    found = _broker()
+    return found if isinstance(found, str) else None
 
 
 def _threads(pid: int) -> list[int]:
@@ -98,11 +104,11 @@ def own_core(listener: int) -> Iterator[None]:
         NotPinned: it cannot be done here (what :func:`unavailable` checks, a listener
             that is gone, or a move the kernel refused); nothing stays moved.
     """
-    if (why := unavailable()) is not None:
-        raise NotPinned(why)
-    broker = broker_pid()
-    if broker is None or not _threads(listener):
-        raise NotPinned("the broker or the listener is no longer running")
+    broker = _broker()
+    if isinstance(broker, str):
+        raise NotPinned(broker)
+    if not _threads(listener):
+        raise NotPinned("the listener is no longer running")
     others = os.sched_getaffinity(0) - {0}
     saved: Masks = {}
     try:
